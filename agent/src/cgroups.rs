@@ -1,0 +1,92 @@
+//! cgroup v2: where it is mounted and which path a cgroup id (its directory's inode number, what
+//! `bpf_get_current_cgroup_id` returns) stands for.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+/// Finds the cgroup v2 mount: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid ones.
+pub fn find_v2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let (_, dir, fstype) = (parts.next()?, parts.next()?, parts.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// Maps cgroup ids to paths relative to the cgroup v2 root ("/kubepods/...").
+///
+/// Paths are remembered after their cgroup is removed, so a tenant that has exited keeps its name.
+#[derive(Debug)]
+pub struct CgroupIndex {
+    root: PathBuf,
+    paths: HashMap<u64, String>,
+}
+
+impl CgroupIndex {
+    pub fn new(root: PathBuf) -> Self {
+        let mut index = Self {
+            root,
+            paths: HashMap::new(),
+        };
+        index.rescan();
+        index
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path of `id`, rescanning the hierarchy once if it is not known yet.
+    pub fn resolve(&mut self, id: u64) -> Option<&str> {
+        if !self.paths.contains_key(&id) {
+            self.rescan();
+        }
+        self.paths.get(&id).map(String::as_str)
+    }
+
+    /// Walks the hierarchy and records every cgroup's id. Cgroups removed meanwhile are skipped.
+    pub fn rescan(&mut self) {
+        let mut pending = vec![self.root.clone()];
+        while let Some(dir) = pending.pop() {
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            let relative = dir.strip_prefix(&self.root).unwrap_or(Path::new(""));
+            self.paths
+                .insert(meta.ino(), format!("/{}", relative.display()));
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    pending.push(entry.path());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_ids_of_directories_and_keeps_removed_ones() {
+        let root = std::env::temp_dir().join(format!("vmtrace-cgroups-{}", std::process::id()));
+        let child = root.join("tenant-a/vm");
+        fs::create_dir_all(&child).unwrap();
+        let mut index = CgroupIndex::new(root.clone());
+        let id = fs::metadata(&child).unwrap().ino();
+        assert_eq!(index.resolve(id), Some("/tenant-a/vm"));
+        let root_id = fs::metadata(&root).unwrap().ino();
+        assert_eq!(index.resolve(root_id), Some("/"));
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(index.resolve(id), Some("/tenant-a/vm"));
+        assert_eq!(index.resolve(u64::MAX), None);
+    }
+}

@@ -1,0 +1,150 @@
+//! Reading the in-kernel counters: per-CPU values summed, keyed by cgroup and reported kind name.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use thiserror::Error;
+use vmtrace_common::{DROPS_MAP, Drop, EXIT_COUNTS_MAP, ExitKey, ExitKind, MmioType};
+
+use crate::exit_names::{MMIO_WRITE_IN_KERNEL, kind_name};
+
+#[derive(Debug, Error)]
+pub enum CountsError {
+    #[error("the eBPF object has no map `{0}`")]
+    MissingMap(&'static str),
+    #[error("reading map `{0}`: {1}")]
+    Map(&'static str, aya::maps::MapError),
+}
+
+/// Counts of one cgroup by kind name, since the probes were attached.
+pub type KindCounts = BTreeMap<String, u64>;
+
+/// Everything the probes have counted so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub by_cgroup: BTreeMap<u64, KindCounts>,
+    /// Events lost, by reason.
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+/// Read access to the counter maps.
+pub struct Counters {
+    exits: PerCpuHashMap<MapData, ExitKey, u64>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
+    pub fn new(ebpf: &mut aya::Ebpf) -> Result<Self, CountsError> {
+        let exits = ebpf
+            .take_map(EXIT_COUNTS_MAP)
+            .ok_or(CountsError::MissingMap("EXIT_COUNTS"))?;
+        let drops = ebpf
+            .take_map(DROPS_MAP)
+            .ok_or(CountsError::MissingMap("DROPS"))?;
+        Ok(Self {
+            exits: PerCpuHashMap::try_from(exits)
+                .map_err(|e| CountsError::Map("EXIT_COUNTS", e))?,
+            drops: PerCpuArray::try_from(drops).map_err(|e| CountsError::Map("DROPS", e))?,
+        })
+    }
+
+    pub fn read(
+        &self,
+        kvm_exit_reason_name: &dyn Fn(u32) -> String,
+    ) -> Result<Snapshot, CountsError> {
+        let mut raw = Vec::new();
+        for entry in self.exits.iter() {
+            let (key, per_cpu) = entry.map_err(|e| CountsError::Map("EXIT_COUNTS", e))?;
+            raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
+        }
+        let mut snapshot = Snapshot {
+            by_cgroup: aggregate(&raw, kvm_exit_reason_name),
+            ..Snapshot::default()
+        };
+        for (reason, name) in [
+            (Drop::ExitCountsFull, "exit_counts_full"),
+            (Drop::LastMmioFull, "last_mmio_full"),
+            (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
+        ] {
+            let per_cpu = self
+                .drops
+                .get(&(reason as u32), 0)
+                .map_err(|e| CountsError::Map("DROPS", e))?;
+            snapshot.drops.insert(name, per_cpu.iter().sum());
+        }
+        Ok(snapshot)
+    }
+}
+
+/// Turns raw (key, total) pairs into named counts per cgroup, adding the derived in-kernel MMIO writes.
+pub fn aggregate(
+    raw: &[(ExitKey, u64)],
+    kvm_exit_reason_name: &dyn Fn(u32) -> String,
+) -> BTreeMap<u64, KindCounts> {
+    let mut by_cgroup: BTreeMap<u64, KindCounts> = BTreeMap::new();
+    let mut writes_to_userspace: BTreeMap<u64, u64> = BTreeMap::new();
+    for (key, total) in raw {
+        let Ok(kind) = ExitKind::try_from(key.kind) else {
+            continue;
+        };
+        if kind == ExitKind::MmioToUserspace {
+            if key.detail == MmioType::Write as u32 {
+                *writes_to_userspace.entry(key.cgroup_id).or_default() += total;
+            }
+            continue;
+        }
+        if let Some(name) = kind_name(kind, key.detail, kvm_exit_reason_name) {
+            *by_cgroup
+                .entry(key.cgroup_id)
+                .or_default()
+                .entry(name)
+                .or_default() += total;
+        }
+    }
+    for (cgroup_id, counts) in &mut by_cgroup {
+        let Some(&writes) = counts.get("mmio.write") else {
+            continue;
+        };
+        let to_userspace = writes_to_userspace.get(cgroup_id).copied().unwrap_or(0);
+        // A write can be seen exiting after the snapshot read its kvm_mmio count; never go below zero.
+        let in_kernel = writes.saturating_sub(to_userspace);
+        if in_kernel > 0 {
+            counts.insert(MMIO_WRITE_IN_KERNEL.to_owned(), in_kernel);
+        }
+    }
+    by_cgroup
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(cgroup_id: u64, kind: ExitKind, detail: u32) -> ExitKey {
+        ExitKey {
+            cgroup_id,
+            kind: kind as u32,
+            detail,
+        }
+    }
+
+    #[test]
+    fn in_kernel_writes_are_the_writes_that_did_not_exit() {
+        let raw = [
+            (key(7, ExitKind::Mmio, MmioType::Write as u32), 150),
+            (
+                key(7, ExitKind::MmioToUserspace, MmioType::Write as u32),
+                100,
+            ),
+            (key(7, ExitKind::Userspace, 6), 100),
+            (key(8, ExitKind::Mmio, MmioType::Write as u32), 40),
+            (key(8, ExitKind::Cpuid, 0), 3),
+        ];
+        let by_cgroup = aggregate(&raw, &|r| r.to_string());
+        assert_eq!(by_cgroup[&7]["mmio.write"], 150);
+        assert_eq!(by_cgroup[&7][MMIO_WRITE_IN_KERNEL], 50);
+        assert_eq!(by_cgroup[&7]["exit.mmio"], 100);
+        assert_eq!(by_cgroup[&8][MMIO_WRITE_IN_KERNEL], 40);
+        assert_eq!(by_cgroup[&8]["cpuid"], 3);
+        assert_eq!(by_cgroup[&8].get("exit.mmio"), None);
+    }
+}

@@ -1,0 +1,13 @@
+//! vmtrace: an eBPF observability agent for KVM hosts. It counts every tenant's VM exits in the kernel,
+//! attributes them to tenants (cgroups resolved to pods, VMs, units) and reports them.
+
+pub mod cgroups;
+pub mod counts;
+pub mod doctor;
+pub mod exit_names;
+pub mod host;
+pub mod probes;
+pub mod tenant;
+pub mod tenants;
+pub mod tracefs;
+pub mod watch;

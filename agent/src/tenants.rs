@@ -1,0 +1,75 @@
+//! Per-tenant view of a counter snapshot: cgroups resolved to tenants, counts summed per tenant,
+//! and rates against the previous snapshot.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::{cgroups::CgroupIndex, counts::KindCounts, tenant::Tenant};
+
+/// One cgroup that belongs to a tenant.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CgroupRef {
+    pub id: u64,
+    /// Path below the cgroup v2 root; `None` when the cgroup vanished before it could be named.
+    pub path: Option<String>,
+}
+
+/// A tenant's counts since the agent started and its rates over the last interval.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantCounts {
+    /// Short label: `pod/<uid>`, `vm/<name>`, `unit/<unit>`, or the cgroup path.
+    pub tenant: String,
+    pub identity: Option<Tenant>,
+    pub cgroups: Vec<CgroupRef>,
+    pub counts: KindCounts,
+    /// Events per second over the last interval, by kind.
+    pub rates: BTreeMap<String, f64>,
+}
+
+/// Groups per-cgroup counts by tenant. `previous` is the last interval's result, for the rates.
+pub fn by_tenant(
+    by_cgroup: &BTreeMap<u64, KindCounts>,
+    index: &mut CgroupIndex,
+    previous: &[TenantCounts],
+    interval_secs: f64,
+) -> Vec<TenantCounts> {
+    let mut tenants: BTreeMap<String, TenantCounts> = BTreeMap::new();
+    for (&id, counts) in by_cgroup {
+        let path = index.resolve(id).map(str::to_owned);
+        let identity = path.as_deref().map(Tenant::from_cgroup_path);
+        let label = identity
+            .as_ref()
+            .map_or_else(|| format!("cgroup-id/{id}"), Tenant::label);
+        let entry = tenants
+            .entry(label.clone())
+            .or_insert_with(|| TenantCounts {
+                tenant: label,
+                identity,
+                cgroups: Vec::new(),
+                counts: KindCounts::new(),
+                rates: BTreeMap::new(),
+            });
+        entry.cgroups.push(CgroupRef { id, path });
+        for (kind, count) in counts {
+            *entry.counts.entry(kind.clone()).or_default() += count;
+        }
+    }
+    let mut tenants: Vec<TenantCounts> = tenants.into_values().collect();
+    for tenant in &mut tenants {
+        let before = previous.iter().find(|p| p.tenant == tenant.tenant);
+        for (kind, &count) in &tenant.counts {
+            let prior = before
+                .and_then(|b| b.counts.get(kind))
+                .copied()
+                .unwrap_or(0);
+            let rate = if interval_secs > 0.0 {
+                count.saturating_sub(prior) as f64 / interval_secs
+            } else {
+                0.0
+            };
+            tenant.rates.insert(kind.clone(), rate);
+        }
+    }
+    tenants
+}

@@ -1,0 +1,92 @@
+//! Probes on KVM exits. On hosts whose KVM emits `kvm:kvm_exit` (VMX, SVM) every exit is counted by
+//! reason; on hosts where it is silent (PVM) the exits are seen through the events that do fire: the
+//! return to the VMM (`kvm_userspace_exit`) and the port, MMIO and CPUID handlers.
+//!
+//! Raw tracepoints are used where the arguments suffice: they hand the tracepoint's arguments over
+//! without building a trace record, which costs a guest far less per event.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use vmtrace_common::{Drop, ExitKind, KVM_EXIT_MMIO};
+
+use crate::maps::{LAST_MMIO, count, count_drop};
+
+/// Offset of `exit_reason` in the `kvm:kvm_exit` record, from the host's format file; set by the agent.
+#[unsafe(no_mangle)]
+static KVM_EXIT_REASON_OFFSET: u32 = 8;
+
+/// The current thread's id (the low half of pid_tgid).
+#[inline(always)]
+fn current_tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+/// `kvm_userspace_exit(__u32 reason, int errno)`: KVM_RUN is returning to the VMM.
+#[raw_tracepoint(tracepoint = "kvm_userspace_exit")]
+pub fn kvm_userspace_exit(ctx: RawTracePointContext) -> i32 {
+    let reason: u64 = ctx.arg(0);
+    let errno: u64 = ctx.arg(1);
+    on_userspace_exit(reason as u32, errno as i32);
+    0
+}
+
+#[inline(always)]
+fn on_userspace_exit(reason: u32, errno: i32) {
+    if errno < 0 {
+        count(ExitKind::UserspaceError, errno.unsigned_abs());
+        return;
+    }
+    count(ExitKind::Userspace, reason);
+    if reason == KVM_EXIT_MMIO {
+        let tid = current_tid();
+        // SAFETY: the value is a plain u32 copied out at once.
+        if let Some(mmio_type) = unsafe { LAST_MMIO.get(tid) } {
+            count(ExitKind::MmioToUserspace, *mmio_type);
+        }
+    }
+}
+
+/// `kvm_pio(unsigned int rw, unsigned int port, unsigned int size, unsigned int count, const void *data)`.
+#[raw_tracepoint(tracepoint = "kvm_pio")]
+pub fn kvm_pio(ctx: RawTracePointContext) -> i32 {
+    let rw: u64 = ctx.arg(0);
+    count(ExitKind::Pio, rw as u32);
+    0
+}
+
+/// `kvm_mmio(int type, int len, u64 gpa, void *val)`.
+#[raw_tracepoint(tracepoint = "kvm_mmio")]
+pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
+    let mmio_type: u64 = ctx.arg(0);
+    let mmio_type = mmio_type as u32;
+    count(ExitKind::Mmio, mmio_type);
+    if LAST_MMIO.insert(current_tid(), mmio_type, 0).is_err() {
+        count_drop(Drop::LastMmioFull);
+    }
+    0
+}
+
+/// `kvm_cpuid(function, index, rax, rbx, rcx, rdx, found, used_max_basic)`.
+#[raw_tracepoint(tracepoint = "kvm_cpuid")]
+pub fn kvm_cpuid(_ctx: RawTracePointContext) -> i32 {
+    count(ExitKind::Cpuid, 0);
+    0
+}
+
+/// `kvm:kvm_exit`, a classic tracepoint: its arguments are the vCPU and ISA only, while the reason is
+/// in the record the kernel builds. Silent on PVM hosts.
+#[tracepoint(category = "kvm", name = "kvm_exit")]
+pub fn kvm_exit(ctx: TracePointContext) -> i32 {
+    // SAFETY: a volatile read of a constant the loader may have rewritten.
+    let offset = unsafe { core::ptr::read_volatile(&KVM_EXIT_REASON_OFFSET) };
+    // SAFETY: the offset was checked against the host's format file by the agent; read_at is bounded
+    // by the kernel's probe-read helper.
+    match unsafe { ctx.read_at::<u32>(offset as usize) } {
+        Ok(reason) => count(ExitKind::KvmExit, reason),
+        Err(_) => count_drop(Drop::KvmExitUnreadable),
+    }
+    0
+}

@@ -1,0 +1,234 @@
+//! Helpers for the end-to-end tests: the binaries under test, tenant cgroups, a running agent, and
+//! what the agent should report for a set of reference-VMM runs.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{OnceLock, mpsc},
+    time::Duration,
+};
+
+use vmtrace_vmm::{Report, Scenario};
+
+/// Set to 1 on machines that have every capability (CI): a test that would skip fails instead.
+pub const REQUIRE_CAPS: &str = "VMTRACE_REQUIRE_CAPS";
+
+/// Whether this machine can run tests that need root, /dev/kvm, BPF and cgroup v2. When it cannot,
+/// says so and returns false, or panics when [`REQUIRE_CAPS`] is set.
+pub fn privileged_host(test: &str) -> bool {
+    let missing = missing_capability();
+    let Some(missing) = missing else { return true };
+    if std::env::var(REQUIRE_CAPS).is_ok_and(|v| v == "1") {
+        panic!("{test}: {missing}, and {REQUIRE_CAPS}=1 requires every capability");
+    }
+    eprintln!("SKIP: {test}: {missing}");
+    false
+}
+
+fn missing_capability() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (loading BPF programs and moving into cgroups need it)".to_owned());
+    }
+    if let Err(e) = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Some(format!("/dev/kvm unavailable ({e})"));
+    }
+    if cgroup2_root().is_none() {
+        return Some("no cgroup v2 hierarchy mounted".to_owned());
+    }
+    None
+}
+
+/// The cgroup v2 mount point.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
+}
+
+/// Path of a workspace binary (`vmtrace`, `vmtrace-vmm`), built first so that it is current.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // The test executable lives in target/<profile>/deps; the binaries one level up.
+        let exe = std::env::current_exe().expect("current_exe");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_owned();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "vmtrace", "-p", "vmtrace-vmm"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(status.success(), "building vmtrace and vmtrace-vmm failed");
+        dir
+    });
+    dir.join(name)
+}
+
+/// A cgroup v2 directory for one test tenant, removed (with its children) on drop.
+pub struct TenantCgroup {
+    /// Path relative to the cgroup v2 root, without a leading slash, as `vmtrace-vmm --cgroup` takes it.
+    pub relative: String,
+    pub path: PathBuf,
+}
+
+impl TenantCgroup {
+    pub fn new(relative: &str) -> Self {
+        let path = cgroup2_root().expect("cgroup v2").join(relative);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self {
+            relative: relative.to_owned(),
+            path,
+        }
+    }
+
+    /// The path the agent reports: relative to the cgroup v2 root, with a leading slash.
+    pub fn agent_path(&self) -> String {
+        format!("/{}", self.relative)
+    }
+}
+
+impl Drop for TenantCgroup {
+    fn drop(&mut self) {
+        // The VMMs in it have exited by now; a cgroup can be removed once it has no tasks.
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Runs a reference VMM to completion and returns its ground-truth report.
+pub fn run_vmm(args: &[&str]) -> Report {
+    let output = Command::new(binary("vmtrace-vmm"))
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .expect("running vmtrace-vmm");
+    assert!(
+        output.status.success(),
+        "vmtrace-vmm {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("vmtrace-vmm report")
+}
+
+/// A running `vmtrace watch --json`, stopped with SIGINT by [`Agent::stop`].
+pub struct Agent {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Agent {
+    /// Starts the agent and waits until its probes are attached.
+    pub fn start(extra_args: &[&str]) -> Self {
+        let mut child = Command::new(binary("vmtrace"))
+            .args(["watch", "--json", "--interval", "200ms"])
+            .args(extra_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting vmtrace");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[vmtrace] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let mut agent = Self { child, stderr: rx };
+        loop {
+            match agent.stderr.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.starts_with("vmtrace: watching") => return agent,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = agent.child.kill();
+                    panic!("vmtrace did not start watching ({e}); its stderr is above");
+                }
+            }
+        }
+    }
+
+    /// Stops the agent with SIGINT and returns its JSON reports, the final one last.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let mut stdout = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut stdout)
+            .expect("reading vmtrace's output");
+        let status = self.child.wait().expect("waiting for vmtrace");
+        assert!(status.success(), "vmtrace exited with {status}");
+        let reports: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect();
+        let last = reports.last().expect("at least one report");
+        assert_eq!(last["last"], true, "the final report is marked last");
+        reports
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The counts the agent must report for a tenant whose guests produced `reports`, by kind, derived
+/// from the VMM's ground truth: the exits it saw, the guests' own operation counters and the
+/// doorbell eventfd.
+pub fn expected_agent_counts(reports: &[Report]) -> BTreeMap<String, u64> {
+    let mut expected = BTreeMap::new();
+    let mut add = |kind: &str, n: u64| {
+        if n > 0 {
+            *expected.entry(kind.to_owned()).or_insert(0) += n;
+        }
+    };
+    for report in reports {
+        for (reason, &n) in &report.total.exits {
+            add(&format!("exit.{reason}"), n);
+        }
+        // Every port access of these guests is an OUT that exits to the VMM.
+        add(
+            "pio.out",
+            report.total.exits.get("io").copied().unwrap_or(0),
+        );
+        match report.scenario {
+            Scenario::Mmio => add("mmio.write", report.total.guest_ops),
+            Scenario::Doorbell => {
+                let signals = report.doorbell_signals.expect("doorbell signals");
+                add("mmio.write", signals);
+                add("mmio.write.kernel", signals);
+            }
+            Scenario::Cpuid => add("cpuid", report.total.guest_ops),
+            Scenario::Pio | Scenario::Hlt => {}
+        }
+    }
+    expected
+}
+
+/// The counts the agent reported for the tenant at `path` in `report`, by kind.
+pub fn agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<String, u64>> {
+    let tenant = report["tenants"]
+        .as_array()?
+        .iter()
+        .find(|t| t["tenant"] == path)?;
+    serde_json::from_value(tenant["counts"].clone()).ok()
+}

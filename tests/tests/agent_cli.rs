@@ -1,0 +1,134 @@
+//! The agent's command line: doctor on this host, and clear errors for bad input.
+
+use std::process::Command;
+
+use vmtrace_tests::{binary, privileged_host};
+
+#[test]
+fn doctor_reports_this_hosts_kvm_flavour_and_exit_source() {
+    if !privileged_host("doctor_reports_this_hosts_kvm_flavour_and_exit_source") {
+        return;
+    }
+    let output = Command::new(binary("vmtrace"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "doctor failed here: {stderr}");
+    let diagnosis: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // What the host says, read independently of the agent.
+    let module = |name: &str| std::path::Path::new("/sys/module").join(name).exists();
+    let expected = if module("kvm_intel") {
+        "vmx"
+    } else if module("kvm_amd") {
+        "svm"
+    } else {
+        assert!(
+            module("kvm_pvm"),
+            "a KVM host without kvm_intel, kvm_amd or kvm_pvm"
+        );
+        "pvm"
+    };
+    assert_eq!(diagnosis["kvm"]["flavour"], expected);
+    let (source, kvm_exit_word) = if expected == "pvm" {
+        ("derived", "silent")
+    } else {
+        ("kvm_exit", "fires")
+    };
+    assert_eq!(diagnosis["exit_source"], source);
+    assert!(
+        diagnosis["kvm_exit"]
+            .as_str()
+            .unwrap()
+            .contains(kvm_exit_word),
+        "{diagnosis}"
+    );
+    let probes = diagnosis["probes"].as_array().unwrap();
+    for raw in [
+        "kvm:kvm_userspace_exit",
+        "kvm:kvm_pio",
+        "kvm:kvm_mmio",
+        "kvm:kvm_cpuid",
+    ] {
+        let probe = probes
+            .iter()
+            .find(|p| p["tracepoint"] == raw)
+            .unwrap_or_else(|| panic!("{raw} missing"));
+        assert!(probe["error"].is_null(), "{raw} did not attach: {probe}");
+    }
+    assert_eq!(diagnosis["blockers"].as_array().unwrap().len(), 0);
+
+    let text = Command::new(binary("vmtrace"))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&expected.to_uppercase()), "{text}");
+    assert!(
+        text.contains("ready: vmtrace can run on this host"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_flags_and_values_get_one_clear_error() {
+    for (args, needle) in [
+        (&["watch", "--bogus"][..], "unexpected argument '--bogus'"),
+        (&["watch", "--interval", "1ms"][..], "at least 10ms"),
+        (&["watch", "--duration", "soon"][..], "invalid value 'soon'"),
+        (&["frobnicate"][..], "unrecognized subcommand"),
+    ] {
+        let output = Command::new(binary("vmtrace")).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_lists_every_command_and_flag() {
+    let output = Command::new(binary("vmtrace"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for word in ["doctor", "watch"] {
+        assert!(help.contains(word), "{help}");
+    }
+    let output = Command::new(binary("vmtrace"))
+        .args(["watch", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in ["--interval", "--duration", "--json", "mmio.write.kernel"] {
+        assert!(help.contains(flag), "{help}");
+    }
+}
+
+#[test]
+fn without_privileges_the_agent_says_what_to_do() {
+    if !privileged_host("without_privileges_the_agent_says_what_to_do") {
+        return;
+    }
+    // Drop to an unprivileged user: the agent must refuse with advice, not panic.
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(binary("vmtrace"))
+        .args(["watch", "--duration", "1s"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("vmtrace: error:") && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

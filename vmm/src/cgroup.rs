@@ -1,0 +1,275 @@
+//! cgroup v2: finding the hierarchy, resolving `--cgroup`, joining a cgroup and naming the one
+//! the process is in. A cgroup's id is its directory's inode number, which is what
+//! `bpf_get_current_cgroup_id()` returns for tasks in it.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::Error;
+use crate::report::CgroupReport;
+
+/// A cgroup2 mount found in `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    /// Where it is mounted, e.g. `/sys/fs/cgroup` or `/sys/fs/cgroup/unified`.
+    pub mount_point: PathBuf,
+    /// The cgroup the mount shows at its mount point (`/` unless bind-mounted or namespaced).
+    pub root: PathBuf,
+}
+
+impl Cgroup2Mount {
+    /// The directory of cgroup `relative` (a path inside the hierarchy such as `/a/b`, as
+    /// `/proc/PID/cgroup` shows it).
+    pub fn dir_of(&self, relative: &Path) -> PathBuf {
+        let inside = relative.strip_prefix(&self.root).unwrap_or(relative);
+        let inside = inside.strip_prefix("/").unwrap_or(inside);
+        if inside.as_os_str().is_empty() {
+            self.mount_point.clone()
+        } else {
+            self.mount_point.join(inside)
+        }
+    }
+
+    /// The path inside the hierarchy of cgroup directory `dir` (the inverse of [`Self::dir_of`]).
+    pub fn relative_of(&self, dir: &Path) -> PathBuf {
+        let inside = dir.strip_prefix(&self.mount_point).unwrap_or(dir);
+        self.root.join(inside)
+    }
+}
+
+/// Undoes the octal escapes (`\040` for space, ...) of `/proc/self/mountinfo` fields.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(digits) = bytes.get(i + 1..i + 4)
+            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
+        {
+            let value = digits.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+            out.push(value as u8);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The first cgroup2 mount listed in `mountinfo` (the text of `/proc/self/mountinfo`).
+pub fn parse_mountinfo(mountinfo: &str) -> Option<Cgroup2Mount> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        Some(Cgroup2Mount {
+            root: PathBuf::from(unescape(fields.get(3)?)),
+            mount_point: PathBuf::from(unescape(fields.get(4)?)),
+        })
+    })
+}
+
+/// The cgroup2 mount of this process's mount namespace, if there is one.
+pub fn find_mount() -> Result<Option<Cgroup2Mount>, Error> {
+    let path = "/proc/self/mountinfo";
+    let text = fs::read_to_string(path).map_err(|e| Error::Cgroup {
+        path: path.into(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// The cgroup v2 path (`0::/path` line) in `proc_cgroup`, the text of `/proc/PID/cgroup`.
+pub fn parse_proc_cgroup(proc_cgroup: &str) -> Option<PathBuf> {
+    proc_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(|p| PathBuf::from(p.trim_end_matches(" (deleted)")))
+}
+
+/// The id of cgroup directory `dir`: its inode number.
+pub fn id_of(dir: &Path) -> Result<u64, Error> {
+    fs::metadata(dir)
+        .map(|m| m.ino())
+        .map_err(|e| Error::Cgroup {
+            path: dir.into(),
+            msg: format!("cannot stat: {e}"),
+        })
+}
+
+/// The cgroup v2 cgroup this process is in, or `None` if no cgroup2 hierarchy is mounted.
+pub fn current() -> Result<Option<CgroupReport>, Error> {
+    let Some(mount) = find_mount()? else {
+        return Ok(None);
+    };
+    current_in(&mount)
+}
+
+fn current_in(mount: &Cgroup2Mount) -> Result<Option<CgroupReport>, Error> {
+    let path = "/proc/self/cgroup";
+    let text = fs::read_to_string(path).map_err(|e| Error::Cgroup {
+        path: path.into(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    let Some(relative) = parse_proc_cgroup(&text) else {
+        return Ok(None);
+    };
+    let dir = mount.dir_of(&relative);
+    Ok(Some(CgroupReport {
+        id: id_of(&dir)?,
+        path: dir,
+        relative_path: relative,
+    }))
+}
+
+/// The directory `--cgroup requested` names: an absolute directory inside `mount`, or a path
+/// relative to its mount point.
+pub fn resolve(requested: &Path, mount: &Cgroup2Mount) -> Result<PathBuf, Error> {
+    let bad = |msg: String| Error::Cgroup {
+        path: requested.into(),
+        msg,
+    };
+    if requested
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(bad("use a path without '.' or '..' components".into()));
+    }
+    if requested.is_absolute() {
+        if !requested.starts_with(&mount.mount_point) {
+            return Err(bad(format!(
+                "not inside the cgroup v2 hierarchy, which is mounted at {}; give a directory \
+                 under it or a path relative to it (without the leading '/')",
+                mount.mount_point.display()
+            )));
+        }
+        Ok(requested.to_path_buf())
+    } else {
+        Ok(mount.mount_point.join(requested))
+    }
+}
+
+/// Creates cgroup directory `dir` if absent and moves this whole process into it (by writing
+/// its pid to `cgroup.procs`), then checks `/proc/self/cgroup` agrees. Call it before creating
+/// threads that must be in the cgroup (moving the process moves existing threads too, but
+/// doing it first leaves no window where they run elsewhere).
+pub fn join(dir: &Path, mount: &Cgroup2Mount) -> Result<CgroupReport, Error> {
+    let fail = |path: &Path, msg: String| Error::Cgroup {
+        path: path.into(),
+        msg,
+    };
+    fs::create_dir_all(dir).map_err(|e| {
+        fail(
+            dir,
+            format!("cannot create it: {e} (run as root or choose a cgroup you may create)"),
+        )
+    })?;
+    let procs = dir.join("cgroup.procs");
+    if !procs.exists() {
+        return Err(fail(
+            dir,
+            "it has no cgroup.procs, so it is not a cgroup v2 directory".into(),
+        ));
+    }
+    let pid = std::process::id();
+    fs::write(&procs, format!("{pid}\n")).map_err(|e| {
+        let hint = match e.kind() {
+            ErrorKind::PermissionDenied => {
+                "run as root or as the owner of this cgroup and of its parent's cgroup.procs"
+            }
+            ErrorKind::ResourceBusy => {
+                "it has controllers enabled for children (cgroup.subtree_control): use a leaf cgroup"
+            }
+            _ => "check that it is a live cgroup v2 directory you may write",
+        };
+        fail(
+            &procs,
+            format!("cannot move process {pid} into it: {e} ({hint})"),
+        )
+    })?;
+    let want = id_of(dir)?;
+    let now = current_in(mount)?;
+    match now {
+        Some(report) if report.id == want => Ok(report),
+        other => Err(fail(
+            dir,
+            format!(
+                "after joining it /proc/self/cgroup names {} instead",
+                other.map_or_else(
+                    || "no cgroup v2 cgroup".to_string(),
+                    |r| r.path.display().to_string()
+                )
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:27 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:28 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:29 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,memory
+";
+
+    #[test]
+    fn finds_hybrid_mount() {
+        let m = parse_mountinfo(HYBRID).unwrap();
+        assert_eq!(m.mount_point, Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(m.root, Path::new("/"));
+        assert_eq!(
+            m.dir_of(Path::new("/")),
+            Path::new("/sys/fs/cgroup/unified")
+        );
+        assert_eq!(
+            m.dir_of(Path::new("/t/a")),
+            Path::new("/sys/fs/cgroup/unified/t/a")
+        );
+        assert_eq!(
+            m.relative_of(Path::new("/sys/fs/cgroup/unified/t/a")),
+            Path::new("/t/a")
+        );
+    }
+
+    #[test]
+    fn unescapes_and_skips_v1() {
+        let text = "40 1 0:40 / /mnt/my\\040cg rw - cgroup2 none rw\n";
+        let m = parse_mountinfo(text).unwrap();
+        assert_eq!(m.mount_point, Path::new("/mnt/my cg"));
+        assert!(parse_mountinfo("33 31 0:29 / /x rw - cgroup cgroup rw,memory\n").is_none());
+    }
+
+    #[test]
+    fn proc_cgroup() {
+        let text = "12:memory:/user.slice\n1:name=systemd:/x\n0::/t/a\n";
+        assert_eq!(parse_proc_cgroup(text).unwrap(), Path::new("/t/a"));
+        assert!(parse_proc_cgroup("1:cpu:/\n").is_none());
+    }
+
+    #[test]
+    fn resolves() {
+        let m = Cgroup2Mount {
+            mount_point: "/sys/fs/cgroup".into(),
+            root: "/".into(),
+        };
+        assert_eq!(
+            resolve(Path::new("t/a"), &m).unwrap(),
+            Path::new("/sys/fs/cgroup/t/a")
+        );
+        assert_eq!(
+            resolve(Path::new("/sys/fs/cgroup/t"), &m).unwrap(),
+            Path::new("/sys/fs/cgroup/t")
+        );
+        assert!(resolve(Path::new("/tmp/t"), &m).is_err());
+        assert!(resolve(Path::new("t/../../etc"), &m).is_err());
+    }
+}

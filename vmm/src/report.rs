@@ -1,0 +1,194 @@
+//! The JSON report of ground truth the VMM prints at exit. Other crates parse it with
+//! `serde_json::from_str::<vmtrace_vmm::report::Report>(..)`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Scenario;
+pub use crate::exits::ExitCounts;
+
+/// Everything known for certain about one VMM run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// What the guest did per operation.
+    pub scenario: Scenario,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// Requested operations per vCPU.
+    pub count: u64,
+    /// Requested rate, operations per second per vCPU.
+    pub rate: Option<f64>,
+    /// The cgroup v2 cgroup the VMM (all its threads) ran in; `None` without a cgroup2 mount.
+    pub cgroup: Option<CgroupReport>,
+    /// The KVM VM file descriptor number in the VMM process.
+    pub vm_fd: i32,
+    /// Every ioeventfd registered with KVM_IOEVENTFD.
+    pub ioeventfds: Vec<IoEventFdReport>,
+    /// One entry per vCPU, by index.
+    pub vcpus: Vec<VcpuReport>,
+    /// Sums over the vCPUs.
+    pub total: TotalReport,
+    /// The doorbell eventfd's counter at the end (doorbell scenario only).
+    pub doorbell_signals: Option<u64>,
+    /// Wall time from starting the first vCPU to the last vCPU stopping.
+    pub duration_secs: f64,
+}
+
+/// A cgroup v2 cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupReport {
+    /// Its directory, e.g. `/sys/fs/cgroup/unified/t/a`.
+    pub path: PathBuf,
+    /// Its path inside the hierarchy, as `/proc/PID/cgroup` shows it, e.g. `/t/a`.
+    pub relative_path: PathBuf,
+    /// Its id: the directory's inode number, as `bpf_get_current_cgroup_id()` returns it.
+    pub id: u64,
+}
+
+/// One KVM_IOEVENTFD registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoEventFdReport {
+    /// `mmio` or `pio`.
+    pub space: String,
+    /// Guest-physical address or port.
+    pub addr: u64,
+    /// Access length in bytes (0 = any).
+    pub len: u32,
+    /// Value the write must carry to signal, if any.
+    pub datamatch: Option<u64>,
+}
+
+/// What one vCPU did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuReport {
+    /// vCPU index (also its KVM vCPU id).
+    pub index: u32,
+    /// Thread id of the host thread that ran it (the one that issued KVM_RUN).
+    pub tid: u32,
+    /// Operations counted by the guest itself, read back from guest memory.
+    pub guest_ops: u64,
+    /// Operations the VMM saw as exits (io on port 0x10, mmio at 0xE0000, hlt); `None` where
+    /// they do not reach the VMM (doorbell, cpuid).
+    pub vmm_observed_ops: Option<u64>,
+    /// Every KVM_RUN return by exit reason name.
+    pub exits: ExitCounts,
+}
+
+/// Sums over all vCPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TotalReport {
+    /// Sum of the vCPUs' `guest_ops`.
+    pub guest_ops: u64,
+    /// Sum of the vCPUs' `exits`.
+    pub exits: ExitCounts,
+}
+
+impl Report {
+    /// Parses a report from its JSON text.
+    pub fn from_json(text: &str) -> serde_json::Result<Report> {
+        serde_json::from_str(text)
+    }
+
+    /// The report as one line of JSON.
+    pub fn to_json(&self) -> String {
+        // A Report has string keys and plain values only, so serialising cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The report as indented JSON.
+    pub fn to_json_pretty(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The vCPU that ran on thread `tid`, if any.
+    pub fn vcpu_by_tid(&self, tid: u32) -> Option<&VcpuReport> {
+        self.vcpus.iter().find(|v| v.tid == tid)
+    }
+
+    /// Microseconds of wall time per operation of one vCPU.
+    pub fn micros_per_op(&self) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        self.duration_secs * 1e6 / self.count as f64
+    }
+}
+
+/// The exits one vCPU makes when it runs `scenario` for `count` operations, paced or not: what
+/// a correct KVM and VMM produce (the VMM checks it never differs in the counts it observes).
+pub fn expected_vcpu_exits(scenario: Scenario, count: u64, paced: bool) -> ExitCounts {
+    let mut exits = ExitCounts::new();
+    let mut add = |reason: &str, n: u64| {
+        if n > 0 {
+            *exits.entry(reason.to_string()).or_default() += n;
+        }
+    };
+    add("io", 1); // DONE
+    if paced {
+        add("io", count);
+    }
+    match scenario {
+        Scenario::Pio => add("io", count),
+        Scenario::Mmio => add("mmio", count),
+        Scenario::Hlt => add("hlt", count),
+        Scenario::Doorbell | Scenario::Cpuid => {}
+    }
+    exits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_json() {
+        let vcpu = VcpuReport {
+            index: 0,
+            tid: 124,
+            guest_ops: 1000,
+            vmm_observed_ops: Some(1000),
+            exits: ExitCounts::from([("io".into(), 1001)]),
+        };
+        let report = Report {
+            scenario: Scenario::Pio,
+            pid: 123,
+            count: 1000,
+            rate: None,
+            cgroup: Some(CgroupReport {
+                path: "/sys/fs/cgroup/unified/t/a".into(),
+                relative_path: "/t/a".into(),
+                id: 4242,
+            }),
+            vm_fd: 4,
+            ioeventfds: vec![],
+            total: TotalReport {
+                guest_ops: 1000,
+                exits: vcpu.exits.clone(),
+            },
+            vcpus: vec![vcpu],
+            doorbell_signals: None,
+            duration_secs: 0.5,
+        };
+        let json = report.to_json();
+        assert!(
+            json.starts_with(r#"{"scenario":"pio","pid":123,"#),
+            "{json}"
+        );
+        assert!(json.contains(r#""exits":{"io":1001}"#), "{json}");
+        assert_eq!(Report::from_json(&json).unwrap(), report);
+        assert_eq!(report.vcpu_by_tid(124).unwrap().index, 0);
+    }
+
+    #[test]
+    fn expectations() {
+        assert_eq!(
+            expected_vcpu_exits(Scenario::Pio, 5, true),
+            ExitCounts::from([("io".into(), 11)])
+        );
+        assert_eq!(
+            expected_vcpu_exits(Scenario::Hlt, 5, false),
+            ExitCounts::from([("io".into(), 1), ("hlt".into(), 5)])
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! One vCPU: its initial real-mode state and the run loop its host thread executes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvm_bindings::kvm_regs;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::config::Scenario;
+use crate::error::Error;
+use crate::exits::{self, ExitCounts};
+use crate::layout::{CODE_GPA, DONE_PORT, MMIO_GPA, OP_PORT, PACE_PORT, counter_gpa};
+use crate::pace::Pacer;
+
+/// RFLAGS with only the always-one bit 1 set (interrupts disabled).
+const RFLAGS_RESERVED: u64 = 0x2;
+
+/// Puts a fresh vCPU into real mode at CS:IP 0:[`CODE_GPA`] with flat zero-based segments,
+/// ESI = `count` operations to do and EDI = the address of its operation counter.
+pub fn configure(vcpu: &VcpuFd, index: u32, count: u64) -> Result<(), Error> {
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+    for seg in [
+        &mut sregs.cs,
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        seg.base = 0;
+        seg.selector = 0;
+    }
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+    let regs = kvm_regs {
+        rip: CODE_GPA,
+        rflags: RFLAGS_RESERVED,
+        rsi: count,
+        rdi: counter_gpa(index),
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+}
+
+/// What one vCPU thread observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuOutcome {
+    /// vCPU index.
+    pub index: u32,
+    /// Thread id of the thread that ran it.
+    pub tid: u32,
+    /// Every KVM_RUN return by reason.
+    pub exits: ExitCounts,
+    /// Operations seen as exits (pio, mmio, hlt), `None` for scenarios where they are invisible.
+    pub observed_ops: Option<u64>,
+    /// PACE port exits.
+    pub pace_exits: u64,
+}
+
+/// The state one vCPU thread runs with.
+#[derive(Debug)]
+pub struct VcpuRunner {
+    /// vCPU index.
+    pub index: u32,
+    /// The KVM vCPU, configured by [`configure`].
+    pub vcpu: VcpuFd,
+    /// What the guest does.
+    pub scenario: Scenario,
+    /// Requested ops per second, if paced.
+    pub rate: Option<f64>,
+    /// Set when another vCPU failed: stop at the next exit.
+    pub abort: Arc<AtomicBool>,
+}
+
+/// What to do after one exit, decided while the exit still borrows the vCPU.
+enum Step {
+    Op,
+    Pace,
+    Done,
+    Interrupted,
+    Fail(String),
+}
+
+/// The id of the calling thread.
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    tid as u32
+}
+
+impl VcpuRunner {
+    /// Runs the guest on the calling thread until it writes the DONE port.
+    pub fn run(mut self) -> Result<VcpuOutcome, Error> {
+        let mut outcome = VcpuOutcome {
+            index: self.index,
+            tid: gettid(),
+            exits: ExitCounts::new(),
+            observed_ops: match self.scenario {
+                Scenario::Pio | Scenario::Mmio | Scenario::Hlt => Some(0),
+                Scenario::Doorbell | Scenario::Cpuid => None,
+            },
+            pace_exits: 0,
+        };
+        let mut pacer = self.rate.map(Pacer::new);
+        loop {
+            if self.abort.load(Ordering::Relaxed) {
+                return Err(Error::Aborted(self.index));
+            }
+            let step = match self.vcpu.run() {
+                Ok(exit) => {
+                    *outcome
+                        .exits
+                        .entry(exits::name(&exit).into_owned())
+                        .or_default() += 1;
+                    classify(self.scenario, exit)
+                }
+                Err(e) if e.errno() == libc::EINTR => {
+                    *outcome.exits.entry(exits::INTR.into()).or_default() += 1;
+                    Step::Interrupted
+                }
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            };
+            match step {
+                Step::Interrupted => {}
+                Step::Op => {
+                    if let Some(n) = outcome.observed_ops.as_mut() {
+                        *n += 1;
+                    }
+                }
+                Step::Pace => match pacer.as_mut() {
+                    Some(p) => p.tick(),
+                    None => return Err(self.guest_error("PACE port written without a rate")),
+                },
+                Step::Done => break,
+                Step::Fail(msg) => return Err(self.guest_error(&msg)),
+            }
+        }
+        outcome.pace_exits = pacer.map_or(0, |p| p.ticks());
+        let regs = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?;
+        if regs.rsi & 0xffff_ffff != 0 {
+            return Err(Error::Mismatch(format!(
+                "vCPU {} wrote DONE with ESI = {} operations left",
+                self.index,
+                regs.rsi & 0xffff_ffff
+            )));
+        }
+        Ok(outcome)
+    }
+
+    fn guest_error(&mut self, msg: &str) -> Error {
+        let rip = self.vcpu.get_regs().map_or(u64::MAX, |r| r.rip);
+        let mut msg = msg.to_string();
+        if msg.starts_with("internal_error") {
+            // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+            // member of the kvm_run exit union.
+            let internal = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal };
+            msg.push_str(&format!(
+                " (suberror {}: {})",
+                internal.suberror,
+                match internal.suberror {
+                    1 => "instruction emulation failed",
+                    2 => "simultaneous exception",
+                    3 => "delivery event",
+                    4 => "unexpected exit reason",
+                    _ => "unknown",
+                }
+            ));
+        }
+        Error::Guest {
+            index: self.index,
+            rip,
+            msg,
+        }
+    }
+}
+
+fn classify(scenario: Scenario, exit: VcpuExit<'_>) -> Step {
+    match exit {
+        VcpuExit::IoOut(port, _) => match port {
+            OP_PORT if scenario == Scenario::Pio => Step::Op,
+            DONE_PORT => Step::Done,
+            PACE_PORT => Step::Pace,
+            _ => Step::Fail(format!("unexpected write to port {port:#x}")),
+        },
+        VcpuExit::IoIn(port, data) => {
+            data.fill(0xff);
+            Step::Fail(format!("unexpected read of port {port:#x}"))
+        }
+        VcpuExit::MmioWrite(addr, data) if scenario == Scenario::Mmio && addr == MMIO_GPA => {
+            if data.len() == 1 {
+                Step::Op
+            } else {
+                Step::Fail(format!("{}-byte MMIO write at {addr:#x}", data.len()))
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => Step::Fail(format!(
+            "unexpected {}-byte MMIO write at {addr:#x}",
+            data.len()
+        )),
+        VcpuExit::MmioRead(addr, data) => {
+            data.fill(0xff);
+            Step::Fail(format!("unexpected MMIO read at {addr:#x}"))
+        }
+        VcpuExit::Hlt if scenario == Scenario::Hlt => Step::Op,
+        VcpuExit::Intr => Step::Interrupted,
+        VcpuExit::Shutdown => Step::Fail("shutdown (triple fault)".into()),
+        VcpuExit::InternalError => Step::Fail("internal_error".into()),
+        VcpuExit::FailEntry(reason, cpu) => Step::Fail(format!(
+            "fail_entry (hardware entry failure reason {reason:#x} on CPU {cpu})"
+        )),
+        VcpuExit::SystemEvent(kind, data) => {
+            Step::Fail(format!("system_event type {kind} data {data:x?}"))
+        }
+        other => Step::Fail(format!("unexpected exit {}", exits::name(&other))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_exits() {
+        assert!(matches!(
+            classify(Scenario::Pio, VcpuExit::IoOut(OP_PORT, &[0])),
+            Step::Op
+        ));
+        assert!(matches!(
+            classify(Scenario::Mmio, VcpuExit::IoOut(OP_PORT, &[0])),
+            Step::Fail(_)
+        ));
+        assert!(matches!(
+            classify(Scenario::Cpuid, VcpuExit::IoOut(DONE_PORT, &[0])),
+            Step::Done
+        ));
+        assert!(matches!(
+            classify(Scenario::Mmio, VcpuExit::MmioWrite(MMIO_GPA, &[0])),
+            Step::Op
+        ));
+        assert!(matches!(
+            classify(Scenario::Pio, VcpuExit::Hlt),
+            Step::Fail(_)
+        ));
+        assert!(matches!(classify(Scenario::Hlt, VcpuExit::Hlt), Step::Op));
+        assert!(matches!(
+            classify(Scenario::Hlt, VcpuExit::Shutdown),
+            Step::Fail(_)
+        ));
+    }
+}

@@ -1,0 +1,85 @@
+//! `cargo xtask demo`: the reference VMM runs in three tenant cgroups while the agent shows its live
+//! per-tenant view.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+};
+
+use anyhow::{Context, Result};
+
+use crate::setup;
+
+/// (tenant cgroup, scenario, vCPUs, operations per second per vCPU).
+const TENANTS: [(&str, &str, u32, u32); 3] = [
+    ("vmtrace-demo/tenant-a", "pio", 2, 3000),
+    ("vmtrace-demo/tenant-b", "doorbell", 1, 5000),
+    ("vmtrace-demo/tenant-c", "hlt", 1, 2000),
+];
+
+pub fn run(seconds: u64) -> Result<()> {
+    setup::run()?;
+    eprintln!("demo: building vmtrace and vmtrace-vmm (release)");
+    setup::exec(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "vmtrace",
+        "-p",
+        "vmtrace-vmm",
+    ]))?;
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+    let mut agent = Command::new(bin.join("vmtrace"))
+        .args(["watch", "--interval", "2s", "--duration"])
+        .arg(format!("{seconds}s"))
+        .spawn()
+        .context("starting the agent")?;
+    // The agent attaches its probes within a fraction of a second; the guests start after that.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut guests = Guests(Vec::new());
+    for (cgroup, scenario, vcpus, rate) in TENANTS {
+        let count = u64::from(rate) * (seconds + 5);
+        let child = Command::new(bin.join("vmtrace-vmm"))
+            .args(["--scenario", scenario, "--cgroup", cgroup, "--quiet"])
+            .args(["--vcpus", &vcpus.to_string(), "--rate", &rate.to_string()])
+            .args(["--count", &count.to_string(), "--report", "/dev/null"])
+            .spawn()
+            .with_context(|| format!("starting the reference VMM in {cgroup}"))?;
+        guests.0.push(child);
+        eprintln!("demo: {cgroup}: {scenario} guest, {vcpus} vCPU(s) at {rate} ops/s each");
+    }
+    let status = agent.wait().context("waiting for the agent")?;
+    drop(guests);
+    remove_demo_cgroups();
+    anyhow::ensure!(status.success(), "the agent failed ({status})");
+    Ok(())
+}
+
+/// The guests' VMM processes, stopped when the demo ends however it ends.
+struct Guests(Vec<Child>);
+
+impl Drop for Guests {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn remove_demo_cgroups() {
+    let Some(root) = cgroup2_mount() else { return };
+    let demo = root.join("vmtrace-demo");
+    for (cgroup, ..) in TENANTS {
+        let _ = std::fs::remove_dir(root.join(cgroup));
+    }
+    let _ = std::fs::remove_dir(demo);
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
+}

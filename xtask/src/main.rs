@@ -1,0 +1,54 @@
+//! Project tasks: `cargo xtask setup | test | demo`. Run `cargo xtask --help`.
+
+mod demo;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// vmtrace's project tasks. Each one installs what it needs first (idempotently).
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install and start what building and running vmtrace needs on this machine: Debian's Rust
+    /// toolchain with library sources (rustc-web, rust-web-src) for the BPF target, bpf-linker built
+    /// against LLVM 22, bpftool, and a mounted tracefs. Takes seconds when nothing is missing.
+    Setup,
+    /// Set up, then run every check: rustfmt, clippy (every crate, the eBPF crate included) and all
+    /// tests. With VMTRACE_REQUIRE_CAPS=1 a test that lacks KVM, BPF or root fails instead of skipping.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Set up, build, then run the reference VMM in three tenant cgroups while the agent shows its
+    /// live per-tenant view.
+    Demo {
+        /// How long the demo runs, in seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Task::Demo { seconds } => demo::run(seconds),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Installs what the build and the agent need, skipping whatever is already there.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages: a rustc with the core library sources (the BPF target needs `-Z build-std=core`;
+/// rustup cannot add rust-src here) and its clippy; LLVM 22 to build bpf-linker; bpftool for people.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "rust-web-clippy",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "bpftool",
+];
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    install_packages()?;
+    install_bpf_linker()?;
+    mount_tracefs()?;
+    check_cgroup_v2()?;
+    eprintln!("setup: ready ({:.1}s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    exec(Command::new("apt-get").args(["update", "-q"]))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn is_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// bpf-linker links the BPF object; it is built against Debian's LLVM 22.
+fn install_bpf_linker() -> Result<()> {
+    if Command::new(bpf_linker_path())
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker against LLVM 22 (about a minute)");
+    let llvm = Path::new("/usr/lib/llvm-22");
+    let path = format!(
+        "{}:{}",
+        llvm.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    exec(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", llvm)
+            .env("PATH", path),
+    )
+}
+
+fn bpf_linker_path() -> PathBuf {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    cargo_home.join("bin/bpf-linker")
+}
+
+/// Classic tracepoints (kvm:kvm_exit) are attached through tracefs, which some hosts do not mount.
+fn mount_tracefs() -> Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: mounting tracefs at /sys/kernel/tracing");
+    exec(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+}
+
+fn check_cgroup_v2() -> Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+    {
+        bail!(
+            "no cgroup v2 hierarchy is mounted; tenants are cgroup v2 groups (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)"
+        );
+    }
+    Ok(())
+}
+
+pub fn exec(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
