@@ -106,12 +106,7 @@ pub fn render(d: &Diagnosis) -> String {
         "KVM",
         format!(
             "{} ({}; /dev/kvm {})",
-            match d.kvm.flavour {
-                KvmFlavour::Vmx => "VMX",
-                KvmFlavour::Svm => "SVM",
-                KvmFlavour::Pvm => "PVM",
-                KvmFlavour::None => "none",
-            },
+            d.kvm.flavour.name(),
             d.kvm.evidence,
             if d.kvm.dev_kvm { "present" } else { "absent" }
         ),

@@ -20,6 +20,16 @@ pub enum KvmFlavour {
 }
 
 impl KvmFlavour {
+    /// The name people know it by: VMX, SVM, PVM, none.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vmx => "VMX",
+            Self::Svm => "SVM",
+            Self::Pvm => "PVM",
+            Self::None => "none",
+        }
+    }
+
     /// Whether this flavour emits `kvm:kvm_exit` for guest exits.
     pub fn emits_kvm_exit(self) -> bool {
         matches!(self, Self::Vmx | Self::Svm)

@@ -40,6 +40,13 @@ pub enum ExitSource {
 }
 
 impl ExitSource {
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::KvmExit => "kvm_exit",
+            Self::Derived => "derived",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Self::KvmExit => "kvm:kvm_exit (every exit, with its hardware reason)",

@@ -54,8 +54,8 @@ pub async fn run(options: &WatchOptions) -> Result<()> {
         }
     }
     eprintln!(
-        "vmtrace: watching; KVM {:?}; exit source: {}",
-        kvm.flavour,
+        "vmtrace: watching; KVM {}; exit source: {}",
+        kvm.flavour.name(),
         probes.exit_source.describe()
     );
 
@@ -115,9 +115,9 @@ pub async fn run(options: &WatchOptions) -> Result<()> {
 /// The table people read: one block per tenant, one line per kind.
 fn render_table(report: &Report) -> String {
     let mut out = format!(
-        "\n── vmtrace · {:.0}s · exit source: {:?}{} ──\n{:<44} {:<20} {:>12} {:>12}\n",
+        "\n── vmtrace · {:.0}s · exit source: {}{} ──\n{:<44} {:<20} {:>12} {:>12}\n",
         report.elapsed_secs,
-        report.exit_source,
+        report.exit_source.short_name(),
         if report.last { " · final" } else { "" },
         "TENANT",
         "KIND",

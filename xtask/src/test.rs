@@ -35,7 +35,9 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
     setup::exec(
         Command::new("cargo")
             .args(["test", "--workspace"])
-            .args(cargo_test_args),
+            .args(cargo_test_args)
+            // The end-to-end tests print what they checked (exits, kinds, tenants); show it.
+            .args(["--", "--show-output"]),
     )
 }
 
