@@ -4,9 +4,16 @@ use std::collections::BTreeMap;
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use thiserror::Error;
-use vmtrace_common::{DROPS_MAP, Drop, EXIT_COUNTS_MAP, ExitKey, ExitKind, MmioType};
+use vmtrace_common::{
+    DROPS_MAP, Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, LatencyHistogram,
+    LatencyKey, MmioType,
+};
 
-use crate::exit_names::{MMIO_WRITE_IN_KERNEL, kind_name};
+use crate::{
+    exit_names::{MMIO_WRITE_IN_KERNEL, kind_name, kvm_exit_kind},
+    exit_reasons::ExitReasonNames,
+    latency::merge,
+};
 
 #[derive(Debug, Error)]
 pub enum CountsError {
@@ -18,11 +25,14 @@ pub enum CountsError {
 
 /// Counts of one cgroup by kind name, since the probes were attached.
 pub type KindCounts = BTreeMap<String, u64>;
+/// Latency histograms of one cgroup by kind name, since the probes were attached.
+pub type KindLatencies = BTreeMap<String, LatencyHistogram>;
 
 /// Everything the probes have counted so far.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub by_cgroup: BTreeMap<u64, KindCounts>,
+    pub latency_by_cgroup: BTreeMap<u64, KindLatencies>,
     /// Events lost, by reason.
     pub drops: BTreeMap<&'static str, u64>,
 }
@@ -30,6 +40,7 @@ pub struct Snapshot {
 /// Read access to the counter maps.
 pub struct Counters {
     exits: PerCpuHashMap<MapData, ExitKey, u64>,
+    latency: PerCpuHashMap<MapData, LatencyKey, LatencyHistogram>,
     drops: PerCpuArray<MapData, u64>,
 }
 
@@ -38,33 +49,50 @@ impl Counters {
         let exits = ebpf
             .take_map(EXIT_COUNTS_MAP)
             .ok_or(CountsError::MissingMap("EXIT_COUNTS"))?;
+        let latency = ebpf
+            .take_map(EXIT_LATENCY_MAP)
+            .ok_or(CountsError::MissingMap("EXIT_LATENCY"))?;
         let drops = ebpf
             .take_map(DROPS_MAP)
             .ok_or(CountsError::MissingMap("DROPS"))?;
         Ok(Self {
             exits: PerCpuHashMap::try_from(exits)
                 .map_err(|e| CountsError::Map("EXIT_COUNTS", e))?,
+            latency: PerCpuHashMap::try_from(latency)
+                .map_err(|e| CountsError::Map("EXIT_LATENCY", e))?,
             drops: PerCpuArray::try_from(drops).map_err(|e| CountsError::Map("DROPS", e))?,
         })
     }
 
-    pub fn read(
-        &self,
-        kvm_exit_reason_name: &dyn Fn(u32) -> String,
-    ) -> Result<Snapshot, CountsError> {
+    pub fn read(&self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
         let mut raw = Vec::new();
         for entry in self.exits.iter() {
             let (key, per_cpu) = entry.map_err(|e| CountsError::Map("EXIT_COUNTS", e))?;
             raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
         }
         let mut snapshot = Snapshot {
-            by_cgroup: aggregate(&raw, kvm_exit_reason_name),
+            by_cgroup: aggregate(&raw, names),
             ..Snapshot::default()
         };
+        for entry in self.latency.iter() {
+            let (key, per_cpu) = entry.map_err(|e| CountsError::Map("EXIT_LATENCY", e))?;
+            let kind = kvm_exit_kind(key.isa, key.reason, names);
+            let histogram = snapshot
+                .latency_by_cgroup
+                .entry(key.cgroup_id)
+                .or_default()
+                .entry(kind)
+                .or_insert(LatencyHistogram::EMPTY);
+            for cpu in per_cpu.iter() {
+                merge(histogram, cpu);
+            }
+        }
         for (reason, name) in [
             (Drop::ExitCountsFull, "exit_counts_full"),
             (Drop::LastMmioFull, "last_mmio_full"),
             (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
+            (Drop::ExitLatencyFull, "exit_latency_full"),
+            (Drop::ExitStartsFull, "exit_starts_full"),
         ] {
             let per_cpu = self
                 .drops
@@ -77,10 +105,7 @@ impl Counters {
 }
 
 /// Turns raw (key, total) pairs into named counts per cgroup, adding the derived in-kernel MMIO writes.
-pub fn aggregate(
-    raw: &[(ExitKey, u64)],
-    kvm_exit_reason_name: &dyn Fn(u32) -> String,
-) -> BTreeMap<u64, KindCounts> {
+pub fn aggregate(raw: &[(ExitKey, u64)], names: &ExitReasonNames) -> BTreeMap<u64, KindCounts> {
     let mut by_cgroup: BTreeMap<u64, KindCounts> = BTreeMap::new();
     let mut writes_to_userspace: BTreeMap<u64, u64> = BTreeMap::new();
     for (key, total) in raw {
@@ -93,7 +118,7 @@ pub fn aggregate(
             }
             continue;
         }
-        if let Some(name) = kind_name(kind, key.detail, kvm_exit_reason_name) {
+        if let Some(name) = kind_name(kind, key.isa, key.detail, names) {
             *by_cgroup
                 .entry(key.cgroup_id)
                 .or_default()
@@ -124,6 +149,8 @@ mod tests {
             cgroup_id,
             kind: kind as u32,
             detail,
+            isa: 0,
+            reserved: 0,
         }
     }
 
@@ -139,7 +166,7 @@ mod tests {
             (key(8, ExitKind::Mmio, MmioType::Write as u32), 40),
             (key(8, ExitKind::Cpuid, 0), 3),
         ];
-        let by_cgroup = aggregate(&raw, &|r| r.to_string());
+        let by_cgroup = aggregate(&raw, &ExitReasonNames::builtin());
         assert_eq!(by_cgroup[&7]["mmio.write"], 150);
         assert_eq!(by_cgroup[&7][MMIO_WRITE_IN_KERNEL], 50);
         assert_eq!(by_cgroup[&7]["exit.mmio"], 100);

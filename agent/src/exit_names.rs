@@ -2,6 +2,8 @@
 
 use vmtrace_common::{ExitKind, MmioType};
 
+use crate::exit_reasons::ExitReasonNames;
+
 /// Name of the derived kind: MMIO writes the kernel completed itself (ioeventfd doorbells and other
 /// in-kernel devices), i.e. `mmio.write` minus the writes that exited to the VMM.
 pub const MMIO_WRITE_IN_KERNEL: &str = "mmio.write.kernel";
@@ -78,12 +80,13 @@ fn mmio_type(detail: u32) -> String {
     }
 }
 
+/// The kind name of a `kvm:kvm_exit` reason, e.g. `kvm_exit.IO_INSTRUCTION`.
+pub fn kvm_exit_kind(isa: u32, reason: u32, names: &ExitReasonNames) -> String {
+    format!("kvm_exit.{}", names.name(isa, reason))
+}
+
 /// The reported name of a counter, or `None` for counters that only feed a derived kind.
-pub fn kind_name(
-    kind: ExitKind,
-    detail: u32,
-    kvm_exit_reason_name: &dyn Fn(u32) -> String,
-) -> Option<String> {
+pub fn kind_name(kind: ExitKind, isa: u32, detail: u32, names: &ExitReasonNames) -> Option<String> {
     Some(match kind {
         ExitKind::Userspace => format!("exit.{}", kvm_exit_reason(detail)),
         ExitKind::UserspaceError => format!("run_error.{}", errno_name(detail)),
@@ -92,7 +95,7 @@ pub fn kind_name(
         ExitKind::Mmio => format!("mmio.{}", mmio_type(detail)),
         ExitKind::Cpuid => "cpuid".to_owned(),
         ExitKind::MmioToUserspace => return None,
-        ExitKind::KvmExit => format!("kvm_exit.{}", kvm_exit_reason_name(detail)),
+        ExitKind::KvmExit => kvm_exit_kind(isa, detail, names),
     })
 }
 
@@ -108,21 +111,24 @@ mod tests {
         assert_eq!(kvm_exit_reason(17), "internal_error");
         assert_eq!(kvm_exit_reason(24), "system_event");
         assert_eq!(kvm_exit_reason(999), "reason_999");
-        let reason = |r: u32| format!("r{r}");
+        let reason = ExitReasonNames::builtin();
         assert_eq!(
-            kind_name(ExitKind::Userspace, 2, &reason).unwrap(),
+            kind_name(ExitKind::Userspace, 0, 2, &reason).unwrap(),
             "exit.io"
         );
-        assert_eq!(kind_name(ExitKind::Pio, 1, &reason).unwrap(), "pio.out");
-        assert_eq!(kind_name(ExitKind::Mmio, 2, &reason).unwrap(), "mmio.write");
+        assert_eq!(kind_name(ExitKind::Pio, 0, 1, &reason).unwrap(), "pio.out");
         assert_eq!(
-            kind_name(ExitKind::UserspaceError, 4, &reason).unwrap(),
+            kind_name(ExitKind::Mmio, 0, 2, &reason).unwrap(),
+            "mmio.write"
+        );
+        assert_eq!(
+            kind_name(ExitKind::UserspaceError, 0, 4, &reason).unwrap(),
             "run_error.eintr"
         );
         assert_eq!(
-            kind_name(ExitKind::KvmExit, 30, &reason).unwrap(),
-            "kvm_exit.r30"
+            kind_name(ExitKind::KvmExit, 2, 0x400, &reason).unwrap(),
+            "kvm_exit.npf"
         );
-        assert_eq!(kind_name(ExitKind::MmioToUserspace, 2, &reason), None);
+        assert_eq!(kind_name(ExitKind::MmioToUserspace, 0, 2, &reason), None);
     }
 }

@@ -1,11 +1,18 @@
 //! Per-tenant view of a counter snapshot: cgroups resolved to tenants, counts summed per tenant,
 //! and rates against the previous snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::{cgroups::CgroupIndex, counts::KindCounts, tenant::Tenant};
+use vmtrace_common::LatencyHistogram;
+
+use crate::{
+    cgroups::CgroupIndex,
+    counts::{KindCounts, Snapshot},
+    latency::{LatencySummary, merge},
+    tenant::Tenant,
+};
 
 /// One cgroup that belongs to a tenant.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -25,17 +32,26 @@ pub struct TenantCounts {
     pub counts: KindCounts,
     /// Events per second over the last interval, by kind.
     pub rates: BTreeMap<String, f64>,
+    /// Exit latency (exit to the vCPU's next entry) by kind, where the host emits kvm_exit.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency: BTreeMap<String, LatencySummary>,
 }
 
 /// Groups per-cgroup counts by tenant. `previous` is the last interval's result, for the rates.
 pub fn by_tenant(
-    by_cgroup: &BTreeMap<u64, KindCounts>,
+    snapshot: &Snapshot,
     index: &mut CgroupIndex,
     previous: &[TenantCounts],
     interval_secs: f64,
 ) -> Vec<TenantCounts> {
     let mut tenants: BTreeMap<String, TenantCounts> = BTreeMap::new();
-    for (&id, counts) in by_cgroup {
+    let mut histograms: BTreeMap<String, BTreeMap<String, LatencyHistogram>> = BTreeMap::new();
+    let cgroup_ids = snapshot
+        .by_cgroup
+        .keys()
+        .chain(snapshot.latency_by_cgroup.keys());
+    let cgroup_ids: BTreeSet<u64> = cgroup_ids.copied().collect();
+    for id in cgroup_ids {
         let path = index.resolve(id).map(str::to_owned);
         let identity = path.as_deref().map(Tenant::from_cgroup_path);
         let label = identity
@@ -49,10 +65,27 @@ pub fn by_tenant(
                 cgroups: Vec::new(),
                 counts: KindCounts::new(),
                 rates: BTreeMap::new(),
+                latency: BTreeMap::new(),
             });
         entry.cgroups.push(CgroupRef { id, path });
-        for (kind, count) in counts {
+        for (kind, count) in snapshot.by_cgroup.get(&id).into_iter().flatten() {
             *entry.counts.entry(kind.clone()).or_default() += count;
+        }
+        for (kind, histogram) in snapshot.latency_by_cgroup.get(&id).into_iter().flatten() {
+            let merged = histograms
+                .entry(entry.tenant.clone())
+                .or_default()
+                .entry(kind.clone())
+                .or_insert(LatencyHistogram::EMPTY);
+            merge(merged, histogram);
+        }
+    }
+    for (label, kinds) in histograms {
+        if let Some(tenant) = tenants.get_mut(&label) {
+            tenant.latency = kinds
+                .iter()
+                .map(|(k, h)| (k.clone(), LatencySummary::of(h)))
+                .collect();
         }
     }
     let mut tenants: Vec<TenantCounts> = tenants.into_values().collect();

@@ -75,9 +75,9 @@ pub async fn run(options: &WatchOptions) -> Result<()> {
             _ = terminate.recv() => true,
         };
         let now = Instant::now();
-        let snapshot = counters.read(&|reason| reason.to_string())?;
+        let snapshot = counters.read(&probes.reason_names)?;
         let tenants = by_tenant(
-            &snapshot.by_cgroup,
+            &snapshot,
             &mut index,
             &previous,
             now.duration_since(last_tick).as_secs_f64(),
@@ -112,17 +112,20 @@ pub async fn run(options: &WatchOptions) -> Result<()> {
     }
 }
 
-/// The table people read: one block per tenant, one line per kind.
+/// The table people read: one block per tenant, one line per kind, with latency percentiles where
+/// the kind has them.
 fn render_table(report: &Report) -> String {
     let mut out = format!(
-        "\n── vmtrace · {:.0}s · exit source: {}{} ──\n{:<44} {:<20} {:>12} {:>12}\n",
+        "\n── vmtrace · {:.0}s · exit source: {}{} ──\n{:<40} {:<26} {:>11} {:>10} {:>9} {:>9}\n",
         report.elapsed_secs,
         report.exit_source.short_name(),
         if report.last { " · final" } else { "" },
         "TENANT",
         "KIND",
         "COUNT",
-        "RATE/s"
+        "RATE/s",
+        "p50 µs",
+        "p99 µs"
     );
     if report.tenants.is_empty() {
         out.push_str("(no KVM activity yet)\n");
@@ -131,7 +134,16 @@ fn render_table(report: &Report) -> String {
         for (i, (kind, count)) in tenant.counts.iter().enumerate() {
             let name = if i == 0 { tenant.tenant.as_str() } else { "" };
             let rate = tenant.rates.get(kind).copied().unwrap_or(0.0);
-            out.push_str(&format!("{name:<44} {kind:<20} {count:>12} {rate:>12.1}\n"));
+            let (p50, p99) = tenant
+                .latency
+                .get(kind)
+                .map_or((String::new(), String::new()), |l| {
+                    let us = |ns: u64| format!("{:.1}", ns as f64 / 1000.0);
+                    (us(l.p50_ns), us(l.p99_ns))
+                });
+            out.push_str(&format!(
+                "{name:<40} {kind:<26} {count:>11} {rate:>10.1} {p50:>9} {p99:>9}\n"
+            ));
         }
     }
     let dropped: u64 = report.drops.values().sum();

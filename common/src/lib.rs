@@ -88,6 +88,83 @@ pub struct ExitKey {
     pub kind: u32,
     /// Kind-specific detail, see [`ExitKind`].
     pub detail: u32,
+    /// For [`ExitKind::KvmExit`], the `isa` of the record (1 VMX, 2 SVM, 3 PVM); else 0.
+    pub isa: u32,
+    /// Keeps the size a multiple of 8 without implicit padding; always 0.
+    pub reserved: u32,
+}
+
+/// Name of the per-CPU hash map of exit latency histograms, keyed by [`LatencyKey`].
+pub const EXIT_LATENCY_MAP: &str = "EXIT_LATENCY";
+/// Capacity of [`EXIT_LATENCY_MAP`].
+pub const EXIT_LATENCY_CAPACITY: u32 = 4096;
+/// Capacity of the per-thread "exit in progress" map: vCPU threads tracked at once.
+pub const EXIT_STARTS_CAPACITY: u32 = 16384;
+/// Number of log2 buckets: bucket `i` counts latencies in [2^i, 2^(i+1)) ns (bucket 0 also holds 0
+/// and 1 ns); the last bucket holds everything from 2^39 ns (about 9 minutes) on.
+pub const LATENCY_BUCKETS: usize = 40;
+
+/// Key of [`EXIT_LATENCY_MAP`]: one histogram per tenant cgroup, ISA and exit reason.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LatencyKey {
+    pub cgroup_id: u64,
+    /// 1 VMX, 2 SVM, 3 PVM, as in `kvm:kvm_exit`.
+    pub isa: u32,
+    pub reason: u32,
+}
+
+/// A log2 histogram of exit latencies (exit to the next entry of the same vCPU thread), in ns.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub count: u64,
+    pub sum_ns: u64,
+    pub max_ns: u64,
+}
+
+impl LatencyHistogram {
+    pub const EMPTY: Self = Self {
+        buckets: [0; LATENCY_BUCKETS],
+        count: 0,
+        sum_ns: 0,
+        max_ns: 0,
+    };
+
+    /// The bucket of a latency: floor(log2(ns)), clamped to the last bucket.
+    #[inline(always)]
+    pub fn bucket(ns: u64) -> usize {
+        let log2 = 63 - (ns | 1).leading_zeros() as usize;
+        if log2 < LATENCY_BUCKETS {
+            log2
+        } else {
+            LATENCY_BUCKETS - 1
+        }
+    }
+
+    #[inline(always)]
+    pub fn record(&mut self, ns: u64) {
+        let bucket = Self::bucket(ns);
+        if let Some(slot) = self.buckets.get_mut(bucket) {
+            *slot += 1;
+        }
+        self.count += 1;
+        self.sum_ns += ns;
+        if ns > self.max_ns {
+            self.max_ns = ns;
+        }
+    }
+}
+
+/// A vCPU thread's exit that has not seen its entry yet.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ExitStart {
+    pub time_ns: u64,
+    pub cgroup_id: u64,
+    pub isa: u32,
+    pub reason: u32,
 }
 
 /// Why an event could not be counted; the index into [`DROPS_MAP`].
@@ -100,13 +177,43 @@ pub enum Drop {
     LastMmioFull = 1,
     /// A `kvm:kvm_exit` record could not be read.
     KvmExitUnreadable = 2,
+    /// [`EXIT_LATENCY_MAP`] was full, so a latency could not be recorded.
+    ExitLatencyFull = 3,
+    /// The per-thread exit-start map could not take an entry, so that exit's latency is unknown.
+    ExitStartsFull = 4,
 }
 
 /// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
-pub const DROP_REASONS: u32 = 3;
+pub const DROP_REASONS: u32 = 5;
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: ExitKey is repr(C), Copy, made of integers only, with no padding (8 + 4 + 4 bytes).
+    // SAFETY: repr(C), Copy, integers only, no padding (8 + 4 * 4 bytes).
     unsafe impl aya::Pod for super::ExitKey {}
+    // SAFETY: repr(C), Copy, integers only, no padding (8 + 4 + 4 bytes).
+    unsafe impl aya::Pod for super::LatencyKey {}
+    // SAFETY: repr(C), Copy, u64s only, no padding.
+    unsafe impl aya::Pod for super::LatencyHistogram {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_floor_log2_clamped() {
+        assert_eq!(LatencyHistogram::bucket(0), 0);
+        assert_eq!(LatencyHistogram::bucket(1), 0);
+        assert_eq!(LatencyHistogram::bucket(2), 1);
+        assert_eq!(LatencyHistogram::bucket(1023), 9);
+        assert_eq!(LatencyHistogram::bucket(1024), 10);
+        assert_eq!(LatencyHistogram::bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        let mut h = LatencyHistogram::EMPTY;
+        h.record(1500);
+        h.record(700);
+        assert_eq!(
+            (h.count, h.sum_ns, h.max_ns, h.buckets[10], h.buckets[9]),
+            (2, 2200, 1500, 1, 1)
+        );
+    }
 }

@@ -1,26 +1,20 @@
-//! Probes on KVM exits. On hosts whose KVM emits `kvm:kvm_exit` (VMX, SVM) every exit is counted by
-//! reason; on hosts where it is silent (PVM) the exits are seen through the events that do fire: the
-//! return to the VMM (`kvm_userspace_exit`) and the port, MMIO and CPUID handlers.
+//! Exits seen through the events that fire on every host, including those where `kvm:kvm_exit` is
+//! silent (PVM): the return to the VMM (`kvm_userspace_exit`) and the port, MMIO and CPUID handlers.
+//! `kvm_exit.rs` has the `kvm:kvm_exit` probes of VMX and SVM hosts.
 //!
 //! Raw tracepoints are used where the arguments suffice: they hand the tracepoint's arguments over
 //! without building a trace record, which costs a guest far less per event.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
 };
 use vmtrace_common::{Drop, ExitKind, KVM_EXIT_MMIO};
 
 use crate::maps::{LAST_MMIO, count, count_drop};
 
-/// Offset of `exit_reason` in the `kvm:kvm_exit` record, from the host's format file; set by the agent.
-#[unsafe(no_mangle)]
-static KVM_EXIT_REASON_OFFSET: u32 = 8;
-
 /// The current thread's id (the low half of pid_tgid).
 #[inline(always)]
-fn current_tid() -> u32 {
+pub fn current_tid() -> u32 {
     bpf_get_current_pid_tgid() as u32
 }
 
@@ -73,20 +67,5 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "kvm_cpuid")]
 pub fn kvm_cpuid(_ctx: RawTracePointContext) -> i32 {
     count(ExitKind::Cpuid, 0);
-    0
-}
-
-/// `kvm:kvm_exit`, a classic tracepoint: its arguments are the vCPU and ISA only, while the reason is
-/// in the record the kernel builds. Silent on PVM hosts.
-#[tracepoint(category = "kvm", name = "kvm_exit")]
-pub fn kvm_exit(ctx: TracePointContext) -> i32 {
-    // SAFETY: a volatile read of a constant the loader may have rewritten.
-    let offset = unsafe { core::ptr::read_volatile(&KVM_EXIT_REASON_OFFSET) };
-    // SAFETY: the offset was checked against the host's format file by the agent; read_at is bounded
-    // by the kernel's probe-read helper.
-    match unsafe { ctx.read_at::<u32>(offset as usize) } {
-        Ok(reason) => count(ExitKind::KvmExit, reason),
-        Err(_) => count_drop(Drop::KvmExitUnreadable),
-    }
     0
 }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod exits;
+mod kvm_exit;
 mod maps;
 
 #[cfg(not(test))]

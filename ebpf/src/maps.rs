@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use vmtrace_common::{
-    DROP_REASONS, Drop, EXIT_COUNTS_CAPACITY, ExitKey, ExitKind, LAST_MMIO_CAPACITY,
+    DROP_REASONS, Drop, EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, ExitKey,
+    ExitKind, ExitStart, LAST_MMIO_CAPACITY, LatencyHistogram, LatencyKey,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -14,6 +15,11 @@ use vmtrace_common::{
 #[map]
 static EXIT_COUNTS: PerCpuHashMap<ExitKey, u64> =
     PerCpuHashMap::with_max_entries(EXIT_COUNTS_CAPACITY, 0);
+
+/// Exit latency histograms per (cgroup, ISA, reason), per CPU.
+#[map]
+static EXIT_LATENCY: PerCpuHashMap<LatencyKey, LatencyHistogram> =
+    PerCpuHashMap::with_max_entries(EXIT_LATENCY_CAPACITY, 0);
 
 /// Events that could not be counted, by [`Drop`] reason.
 #[map]
@@ -24,15 +30,33 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
 #[map]
 pub static LAST_MMIO: LruHashMap<u32, u32> = LruHashMap::with_max_entries(LAST_MMIO_CAPACITY, 0);
 
+/// Each vCPU thread's exit in progress (from `kvm_exit` to its next `kvm_entry`), by thread id.
+#[map]
+pub static EXIT_STARTS: LruHashMap<u32, ExitStart> =
+    LruHashMap::with_max_entries(EXIT_STARTS_CAPACITY, 0);
+
+/// The current task's cgroup v2 id, the tenant key.
+#[inline(always)]
+pub fn current_cgroup_id() -> u64 {
+    // SAFETY: the helper only reads the current task's cgroup.
+    unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() }
+}
+
 /// Adds one to the current task's counter for `kind` and `detail`.
 #[inline(always)]
 pub fn count(kind: ExitKind, detail: u32) {
-    let key = ExitKey {
-        // SAFETY: the helper only reads the current task's cgroup.
-        cgroup_id: unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() },
+    count_key(ExitKey {
+        cgroup_id: current_cgroup_id(),
         kind: kind as u32,
         detail,
-    };
+        isa: 0,
+        reserved: 0,
+    });
+}
+
+/// Adds one to the counter of `key`.
+#[inline(always)]
+pub fn count_key(key: ExitKey) {
     if let Some(value) = EXIT_COUNTS.get_ptr_mut(key) {
         // SAFETY: per-CPU value of this CPU; tracepoint programs run with preemption disabled.
         unsafe { *value += 1 };
@@ -47,6 +71,24 @@ pub fn count(kind: ExitKind, detail: u32) {
         // SAFETY: as above.
         Some(value) => unsafe { *value += 1 },
         None => count_drop(Drop::ExitCountsFull),
+    }
+}
+
+/// Records one latency in the histogram of `key`.
+#[inline(always)]
+pub fn record_latency(key: LatencyKey, ns: u64) {
+    if EXIT_LATENCY.get_ptr_mut(key).is_none()
+        && EXIT_LATENCY
+            .insert(key, LatencyHistogram::EMPTY, BPF_NOEXIST as u64)
+            .is_err()
+        && EXIT_LATENCY.get_ptr_mut(key).is_none()
+    {
+        count_drop(Drop::ExitLatencyFull);
+        return;
+    }
+    if let Some(histogram) = EXIT_LATENCY.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of this CPU; tracepoint programs run with preemption disabled.
+        unsafe { (*histogram).record(ns) };
     }
 }
 
