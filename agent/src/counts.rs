@@ -3,14 +3,15 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use serde::Serialize;
 use thiserror::Error;
 use vmtrace_common::{
-    DROPS_MAP, Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, LatencyHistogram,
-    LatencyKey, MmioType,
+    ANY_QUEUE, DROPS_MAP, Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, KICKS_MAP,
+    KickKey, LatencyHistogram, LatencyKey, LatencyKind, MmioType, SPACE_PIO,
 };
 
 use crate::{
-    exit_names::{MMIO_WRITE_IN_KERNEL, kind_name, kvm_exit_kind},
+    exit_names::{MMIO_WRITE_IN_KERNEL, kind_name, kvm_exit_kind, userspace_exit_kind},
     exit_reasons::ExitReasonNames,
     latency::merge,
 };
@@ -28,11 +29,26 @@ pub type KindCounts = BTreeMap<String, u64>;
 /// Latency histograms of one cgroup by kind name, since the probes were attached.
 pub type KindLatencies = BTreeMap<String, LatencyHistogram>;
 
+/// Kicks of one doorbell queue of one VMM process, within one cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct DoorbellKicks {
+    /// The VMM's process id: the VM's owner.
+    pub pid: u32,
+    /// "mmio" or "pio".
+    pub space: &'static str,
+    /// Guest-physical address or port of the doorbell.
+    pub addr: u64,
+    /// The queue (the doorbell's datamatch); `None` for a doorbell without datamatch.
+    pub queue: Option<u32>,
+    pub kicks: u64,
+}
+
 /// Everything the probes have counted so far.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub by_cgroup: BTreeMap<u64, KindCounts>,
     pub latency_by_cgroup: BTreeMap<u64, KindLatencies>,
+    pub kicks_by_cgroup: BTreeMap<u64, Vec<DoorbellKicks>>,
     /// Events lost, by reason.
     pub drops: BTreeMap<&'static str, u64>,
 }
@@ -41,33 +57,38 @@ pub struct Snapshot {
 pub struct Counters {
     exits: PerCpuHashMap<MapData, ExitKey, u64>,
     latency: PerCpuHashMap<MapData, LatencyKey, LatencyHistogram>,
+    kicks: PerCpuHashMap<MapData, KickKey, u64>,
     drops: PerCpuArray<MapData, u64>,
 }
 
+/// Every drop reason with its reported name.
+const DROP_NAMES: [(Drop, &str); 9] = [
+    (Drop::ExitCountsFull, "exit_counts_full"),
+    (Drop::LastMmioFull, "last_mmio_full"),
+    (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
+    (Drop::ExitLatencyFull, "exit_latency_full"),
+    (Drop::ExitStartsFull, "exit_starts_full"),
+    (Drop::ServiceStartsFull, "service_starts_full"),
+    (Drop::DoorbellsFull, "doorbells_full"),
+    (Drop::IoeventfdUnreadable, "ioeventfd_unreadable"),
+    (Drop::KicksFull, "kicks_full"),
+];
+
 impl Counters {
     pub fn new(ebpf: &mut aya::Ebpf) -> Result<Self, CountsError> {
-        let exits = ebpf
-            .take_map(EXIT_COUNTS_MAP)
-            .ok_or(CountsError::MissingMap("EXIT_COUNTS"))?;
-        let latency = ebpf
-            .take_map(EXIT_LATENCY_MAP)
-            .ok_or(CountsError::MissingMap("EXIT_LATENCY"))?;
-        let drops = ebpf
-            .take_map(DROPS_MAP)
-            .ok_or(CountsError::MissingMap("DROPS"))?;
         Ok(Self {
-            exits: PerCpuHashMap::try_from(exits)
-                .map_err(|e| CountsError::Map("EXIT_COUNTS", e))?,
-            latency: PerCpuHashMap::try_from(latency)
-                .map_err(|e| CountsError::Map("EXIT_LATENCY", e))?,
-            drops: PerCpuArray::try_from(drops).map_err(|e| CountsError::Map("DROPS", e))?,
+            exits: take(ebpf, EXIT_COUNTS_MAP)?,
+            latency: take(ebpf, EXIT_LATENCY_MAP)?,
+            kicks: take(ebpf, KICKS_MAP)?,
+            drops: take(ebpf, DROPS_MAP)?,
         })
     }
 
     pub fn read(&self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
+        let map_error = |name| move |e| CountsError::Map(name, e);
         let mut raw = Vec::new();
         for entry in self.exits.iter() {
-            let (key, per_cpu) = entry.map_err(|e| CountsError::Map("EXIT_COUNTS", e))?;
+            let (key, per_cpu) = entry.map_err(map_error(EXIT_COUNTS_MAP))?;
             raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
         }
         let mut snapshot = Snapshot {
@@ -75,8 +96,12 @@ impl Counters {
             ..Snapshot::default()
         };
         for entry in self.latency.iter() {
-            let (key, per_cpu) = entry.map_err(|e| CountsError::Map("EXIT_LATENCY", e))?;
-            let kind = kvm_exit_kind(key.isa, key.reason, names);
+            let (key, per_cpu) = entry.map_err(map_error(EXIT_LATENCY_MAP))?;
+            let kind = match LatencyKind::try_from(key.kind) {
+                Ok(LatencyKind::KvmExit) => kvm_exit_kind(key.isa, key.reason, names),
+                Ok(LatencyKind::ServiceTime) => userspace_exit_kind(key.reason),
+                Err(_) => continue,
+            };
             let histogram = snapshot
                 .latency_by_cgroup
                 .entry(key.cgroup_id)
@@ -87,21 +112,45 @@ impl Counters {
                 merge(histogram, cpu);
             }
         }
-        for (reason, name) in [
-            (Drop::ExitCountsFull, "exit_counts_full"),
-            (Drop::LastMmioFull, "last_mmio_full"),
-            (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
-            (Drop::ExitLatencyFull, "exit_latency_full"),
-            (Drop::ExitStartsFull, "exit_starts_full"),
-        ] {
+        for entry in self.kicks.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(KICKS_MAP))?;
+            let kicks = per_cpu.iter().sum();
+            let queue = (key.queue != ANY_QUEUE).then_some(key.queue);
+            let counts = snapshot.by_cgroup.entry(key.cgroup_id).or_default();
+            let kind = queue.map_or_else(|| "kick.any".to_owned(), |q| format!("kick.q{q}"));
+            *counts.entry(kind).or_default() += kicks;
+            let doorbells = snapshot.kicks_by_cgroup.entry(key.cgroup_id).or_default();
+            doorbells.push(DoorbellKicks {
+                pid: key.tgid,
+                space: if key.space == SPACE_PIO {
+                    "pio"
+                } else {
+                    "mmio"
+                },
+                addr: key.addr,
+                queue,
+                kicks,
+            });
+            doorbells.sort();
+        }
+        for (reason, name) in DROP_NAMES {
             let per_cpu = self
                 .drops
                 .get(&(reason as u32), 0)
-                .map_err(|e| CountsError::Map("DROPS", e))?;
+                .map_err(map_error(DROPS_MAP))?;
             snapshot.drops.insert(name, per_cpu.iter().sum());
         }
         Ok(snapshot)
     }
+}
+
+/// Takes a map out of the loaded object as the type the agent reads it with.
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, CountsError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(CountsError::MissingMap(name))?;
+    T::try_from(map).map_err(|e| CountsError::Map(name, e))
 }
 
 /// Turns raw (key, total) pairs into named counts per cgroup, adding the derived in-kernel MMIO writes.

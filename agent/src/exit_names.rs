@@ -80,6 +80,11 @@ fn mmio_type(detail: u32) -> String {
     }
 }
 
+/// The kind name of a return to the VMM with a `KVM_EXIT_*` reason, e.g. `exit.io`.
+pub fn userspace_exit_kind(reason: u32) -> String {
+    format!("exit.{}", kvm_exit_reason(reason))
+}
+
 /// The kind name of a `kvm:kvm_exit` reason, e.g. `kvm_exit.IO_INSTRUCTION`.
 pub fn kvm_exit_kind(isa: u32, reason: u32, names: &ExitReasonNames) -> String {
     format!("kvm_exit.{}", names.name(isa, reason))
@@ -88,7 +93,7 @@ pub fn kvm_exit_kind(isa: u32, reason: u32, names: &ExitReasonNames) -> String {
 /// The reported name of a counter, or `None` for counters that only feed a derived kind.
 pub fn kind_name(kind: ExitKind, isa: u32, detail: u32, names: &ExitReasonNames) -> Option<String> {
     Some(match kind {
-        ExitKind::Userspace => format!("exit.{}", kvm_exit_reason(detail)),
+        ExitKind::Userspace => userspace_exit_kind(detail),
         ExitKind::UserspaceError => format!("run_error.{}", errno_name(detail)),
         ExitKind::Pio if detail == 0 => "pio.in".to_owned(),
         ExitKind::Pio => "pio.out".to_owned(),

@@ -1,5 +1,7 @@
 //! Loading the embedded eBPF object and attaching its probes on this host.
 
+use std::path::PathBuf;
+
 use aya::{
     Ebpf, EbpfLoader,
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
@@ -89,25 +91,22 @@ pub struct Probes {
 impl Probes {
     /// Loads the programs and attaches every probe this host supports.
     pub fn attach(kvm: &KvmDetection) -> Result<Self, ProbeError> {
-        let tracefs = tracefs::find_or_mount();
-        let kvm_exit_format = match &tracefs {
-            Ok(dir) => {
-                tracefs::EventFormat::read(dir, "kvm", "kvm_exit").map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        let kvm_exit_offsets = kvm_exit_format
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(kvm_exit_offsets);
+        let tracefs = tracefs::find_or_mount().map_err(|e| e.to_string());
+        let kvm_exit_format = read_format(&tracefs, "kvm", "kvm_exit");
         let reason_names = match &kvm_exit_format {
             Ok(format) => ExitReasonNames::from_print_fmt(&format.print_fmt),
             Err(_) => ExitReasonNames::builtin(),
         };
+        let kvm_exit_offsets = kvm_exit_format.and_then(|f| offsets(&f, KVM_EXIT_FIELDS));
+        let ioctl_offsets = read_format(&tracefs, "syscalls", "sys_enter_ioctl")
+            .and_then(|f| offsets(&f, IOCTL_FIELDS));
         let mut loader = EbpfLoader::new();
-        if let Ok((reason, isa)) = &kvm_exit_offsets {
-            loader.override_global("KVM_EXIT_REASON_OFFSET", reason, true);
-            loader.override_global("KVM_EXIT_ISA_OFFSET", isa, true);
+        for (global, offset) in kvm_exit_offsets
+            .iter()
+            .chain(ioctl_offsets.iter())
+            .flatten()
+        {
+            loader.override_global(global, offset, true);
         }
         let mut ebpf = loader.load(OBJECT)?;
         let mut status = Vec::new();
@@ -120,20 +119,19 @@ impl Probes {
                 error: result.err().map(|e| error_chain(&e)),
             });
         }
-        let kvm_exit_result = kvm_exit_offsets.and_then(|_| {
-            let program: &mut TracePoint =
-                program(&mut ebpf, "kvm_exit").map_err(|e| e.to_string())?;
-            program
-                .load()
-                .and_then(|()| program.attach("kvm", "kvm_exit").map(drop))
-                .map_err(|e| error_chain(&e))
-        });
-        let kvm_exit_attached = kvm_exit_result.is_ok();
-        status.push(ProbeStatus {
-            tracepoint: "kvm:kvm_exit".to_owned(),
-            attach_type: "tracepoint",
-            error: kvm_exit_result.err(),
-        });
+        status.push(attach_classic(
+            &mut ebpf,
+            "kvm",
+            "kvm_exit",
+            kvm_exit_offsets.map(drop),
+        ));
+        let kvm_exit_attached = status.last().is_some_and(|s| s.error.is_none());
+        status.push(attach_classic(
+            &mut ebpf,
+            "syscalls",
+            "sys_enter_ioctl",
+            ioctl_offsets.map(drop),
+        ));
         if status.iter().all(|s| s.error.is_some()) {
             let reasons: Vec<String> = status
                 .iter()
@@ -176,14 +174,61 @@ impl Probes {
     }
 }
 
-/// The offsets of `exit_reason` and `isa` in this host's `kvm:kvm_exit` record, checked against its
-/// format file: a kernel whose record differs gets a clear error, not wrong numbers.
-fn kvm_exit_offsets(format: &tracefs::EventFormat) -> Result<(u32, u32), String> {
-    let reason = format
-        .offset_of("exit_reason", 4)
-        .map_err(|e| e.to_string())?;
-    let isa = format.offset_of("isa", 4).map_err(|e| e.to_string())?;
-    Ok((reason, isa))
+/// Fields the `kvm:kvm_exit` program reads: (field, width, the program's offset global).
+const KVM_EXIT_FIELDS: &[(&str, u32, &str)] = &[
+    ("exit_reason", 4, "KVM_EXIT_REASON_OFFSET"),
+    ("isa", 4, "KVM_EXIT_ISA_OFFSET"),
+];
+/// Fields the `syscalls:sys_enter_ioctl` program reads.
+const IOCTL_FIELDS: &[(&str, u32, &str)] = &[
+    ("fd", 8, "IOCTL_FD_OFFSET"),
+    ("cmd", 8, "IOCTL_CMD_OFFSET"),
+    ("arg", 8, "IOCTL_ARG_OFFSET"),
+];
+
+fn read_format(
+    tracefs: &Result<PathBuf, String>,
+    category: &str,
+    event: &str,
+) -> Result<tracefs::EventFormat, String> {
+    let dir = tracefs.as_ref().map_err(Clone::clone)?;
+    tracefs::EventFormat::read(dir, category, event).map_err(|e| e.to_string())
+}
+
+/// The offsets of `fields` in a classic tracepoint's record, checked against its format file: a
+/// kernel whose record differs gets a clear error, not wrong numbers.
+fn offsets(
+    format: &tracefs::EventFormat,
+    fields: &[(&str, u32, &'static str)],
+) -> Result<Vec<(&'static str, u32)>, String> {
+    fields
+        .iter()
+        .map(|&(field, width, global)| {
+            let offset = format.offset_of(field, width).map_err(|e| e.to_string())?;
+            Ok((global, offset))
+        })
+        .collect()
+}
+
+/// Loads and attaches the classic tracepoint program named like its event, once its offsets are known.
+fn attach_classic(
+    ebpf: &mut Ebpf,
+    category: &str,
+    event: &'static str,
+    offsets: Result<(), String>,
+) -> ProbeStatus {
+    let result = offsets.and_then(|()| {
+        let program: &mut TracePoint = program(ebpf, event).map_err(|e| e.to_string())?;
+        program
+            .load()
+            .and_then(|()| program.attach(category, event).map(drop))
+            .map_err(|e| error_chain(&e))
+    });
+    ProbeStatus {
+        tracepoint: format!("{category}:{event}"),
+        attach_type: "tracepoint",
+        error: result.err(),
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProbeError>
@@ -209,8 +254,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
 
     const LINUX_6_18: &str = include_str!(concat!(
@@ -221,19 +264,26 @@ mod tests {
     #[test]
     fn kvm_exit_offsets_come_from_the_format_file_and_are_checked() {
         let format = tracefs::EventFormat::parse(PathBuf::from("kvm_exit/format"), LINUX_6_18);
-        assert_eq!(kvm_exit_offsets(&format), Ok((8, 24)));
+        let offsets = |f: &tracefs::EventFormat| offsets(f, KVM_EXIT_FIELDS);
+        assert_eq!(
+            offsets(&format),
+            Ok(vec![
+                ("KVM_EXIT_REASON_OFFSET", 8),
+                ("KVM_EXIT_ISA_OFFSET", 24)
+            ])
+        );
         // A kernel whose record has a wider isa field is refused, not misread.
         let changed = LINUX_6_18.replace(
             "u32 isa;\toffset:24;\tsize:4;",
             "u64 isa;\toffset:24;\tsize:8;",
         );
         let format = tracefs::EventFormat::parse(PathBuf::from("kvm_exit/format"), &changed);
-        let err = kvm_exit_offsets(&format).unwrap_err();
+        let err = offsets(&format).unwrap_err();
         assert!(err.contains("`isa` is 8 bytes wide, expected 4"), "{err}");
         let missing = LINUX_6_18.replace("exit_reason;", "reason;");
         let format = tracefs::EventFormat::parse(PathBuf::from("kvm_exit/format"), &missing);
         assert!(
-            kvm_exit_offsets(&format)
+            offsets(&format)
                 .unwrap_err()
                 .contains("`exit_reason` not found")
         );

@@ -9,7 +9,7 @@ use vmtrace_common::LatencyHistogram;
 
 use crate::{
     cgroups::CgroupIndex,
-    counts::{KindCounts, Snapshot},
+    counts::{DoorbellKicks, KindCounts, Snapshot},
     latency::{LatencySummary, merge},
     tenant::Tenant,
 };
@@ -32,9 +32,13 @@ pub struct TenantCounts {
     pub counts: KindCounts,
     /// Events per second over the last interval, by kind.
     pub rates: BTreeMap<String, f64>,
-    /// Exit latency (exit to the vCPU's next entry) by kind, where the host emits kvm_exit.
+    /// Latency by kind: for `kvm_exit.*` kinds, exit to the vCPU's next entry (VMX, SVM); for
+    /// `exit.*` kinds, the VMM's service time, from the return to the VMM to its next KVM_RUN.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub latency: BTreeMap<String, LatencySummary>,
+    /// Kicks per VMM process, doorbell and queue.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub doorbells: Vec<DoorbellKicks>,
 }
 
 /// Groups per-cgroup counts by tenant. `previous` is the last interval's result, for the rates.
@@ -66,10 +70,14 @@ pub fn by_tenant(
                 counts: KindCounts::new(),
                 rates: BTreeMap::new(),
                 latency: BTreeMap::new(),
+                doorbells: Vec::new(),
             });
         entry.cgroups.push(CgroupRef { id, path });
         for (kind, count) in snapshot.by_cgroup.get(&id).into_iter().flatten() {
             *entry.counts.entry(kind.clone()).or_default() += count;
+        }
+        if let Some(kicks) = snapshot.kicks_by_cgroup.get(&id) {
+            entry.doorbells.extend(kicks.iter().cloned());
         }
         for (kind, histogram) in snapshot.latency_by_cgroup.get(&id).into_iter().flatten() {
             let merged = histograms

@@ -104,14 +104,40 @@ pub const EXIT_STARTS_CAPACITY: u32 = 16384;
 /// and 1 ns); the last bucket holds everything from 2^39 ns (about 9 minutes) on.
 pub const LATENCY_BUCKETS: usize = 40;
 
-/// Key of [`EXIT_LATENCY_MAP`]: one histogram per tenant cgroup, ISA and exit reason.
+/// What a latency histogram measures; [`LatencyKey::kind`].
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LatencyKind {
+    /// `kvm:kvm_exit` to the same vCPU thread's next `kvm:kvm_entry` (VMX, SVM). Reason: the ISA's.
+    KvmExit = 1,
+    /// A return to the VMM (`kvm_userspace_exit`) to the same thread's next `KVM_RUN` ioctl: the time
+    /// the VMM took to serve the exit. Reason: the `KVM_EXIT_*` value.
+    ServiceTime = 2,
+}
+
+impl TryFrom<u32> for LatencyKind {
+    type Error = u32;
+    fn try_from(value: u32) -> Result<Self, u32> {
+        match value {
+            1 => Ok(Self::KvmExit),
+            2 => Ok(Self::ServiceTime),
+            other => Err(other),
+        }
+    }
+}
+
+/// Key of [`EXIT_LATENCY_MAP`]: one histogram per tenant cgroup, kind, ISA and reason.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LatencyKey {
     pub cgroup_id: u64,
-    /// 1 VMX, 2 SVM, 3 PVM, as in `kvm:kvm_exit`.
+    /// A [`LatencyKind`] as `u32`.
+    pub kind: u32,
+    /// 1 VMX, 2 SVM, 3 PVM, as in `kvm:kvm_exit`; 0 for [`LatencyKind::ServiceTime`].
     pub isa: u32,
     pub reason: u32,
+    /// Keeps the size a multiple of 8 without implicit padding; always 0.
+    pub reserved: u32,
 }
 
 /// A log2 histogram of exit latencies (exit to the next entry of the same vCPU thread), in ns.
@@ -157,6 +183,89 @@ impl LatencyHistogram {
     }
 }
 
+/// `KVM_RUN`, `_IO(KVMIO, 0x80)`: the VMM enters the guest.
+pub const KVM_RUN: u32 = 0xAE80;
+/// `KVM_IOEVENTFD`, `_IOW(KVMIO, 0x79, struct kvm_ioeventfd)` (64 bytes): a VMM (de)registers a doorbell.
+pub const KVM_IOEVENTFD: u32 = 0x4040_AE79;
+/// `struct kvm_ioeventfd` flags (include/uapi/linux/kvm.h).
+pub const KVM_IOEVENTFD_FLAG_DATAMATCH: u32 = 1 << 0;
+pub const KVM_IOEVENTFD_FLAG_PIO: u32 = 1 << 1;
+pub const KVM_IOEVENTFD_FLAG_DEASSIGN: u32 = 1 << 2;
+
+/// `struct kvm_ioeventfd` from include/uapi/linux/kvm.h, as the VMM passes it to `KVM_IOEVENTFD`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct KvmIoeventfd {
+    pub datamatch: u64,
+    pub addr: u64,
+    pub len: u32,
+    pub fd: i32,
+    pub flags: u32,
+    pub pad: [u8; 36],
+}
+
+/// Name of the hash map of doorbells learnt from `KVM_IOEVENTFD`, keyed by [`DoorbellKey`].
+pub const DOORBELLS_MAP: &str = "DOORBELLS";
+pub const DOORBELLS_CAPACITY: u32 = 16384;
+/// Name of the per-CPU hash map of kicks, keyed by [`KickKey`].
+pub const KICKS_MAP: &str = "KICKS";
+pub const KICKS_CAPACITY: u32 = 16384;
+/// Address spaces of doorbells.
+pub const SPACE_MMIO: u32 = 0;
+pub const SPACE_PIO: u32 = 1;
+/// [`Doorbell::queue`] of a doorbell registered without datamatch.
+pub const ANY_QUEUE: u32 = u32::MAX;
+
+/// A doorbell of one VMM process: a guest write here is completed in the kernel by an ioeventfd.
+/// Doorbells with datamatch are keyed by their value; those without by `wildcard` = 1 and value 0.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DoorbellKey {
+    /// Process id (tgid) of the VMM that registered it: the VM's owner.
+    pub tgid: u32,
+    /// [`SPACE_MMIO`] or [`SPACE_PIO`].
+    pub space: u32,
+    pub addr: u64,
+    pub datamatch: u64,
+    pub wildcard: u32,
+    pub reserved: u32,
+}
+
+/// What is known of a doorbell.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Doorbell {
+    /// Access length the ioeventfd matches (0: any).
+    pub len: u32,
+    /// The queue it kicks (its datamatch), or [`ANY_QUEUE`].
+    pub queue: u32,
+    /// The VM's file descriptor in the VMM, for people.
+    pub vm_fd: u32,
+    pub reserved: u32,
+}
+
+/// Key of [`KICKS_MAP`]: kicks per tenant, VMM process, doorbell and queue.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KickKey {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub space: u32,
+    pub addr: u64,
+    pub queue: u32,
+    pub reserved: u32,
+}
+
+/// A thread's return to the VMM that has not seen its next `KVM_RUN` yet.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ServiceStart {
+    pub time_ns: u64,
+    pub cgroup_id: u64,
+    pub reason: u32,
+    pub reserved: u32,
+}
+
 /// A vCPU thread's exit that has not seen its entry yet.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -181,10 +290,18 @@ pub enum Drop {
     ExitLatencyFull = 3,
     /// The per-thread exit-start map could not take an entry, so that exit's latency is unknown.
     ExitStartsFull = 4,
+    /// The per-thread service-start map could not take an entry, so that service time is unknown.
+    ServiceStartsFull = 5,
+    /// The doorbell map was full, so a doorbell was not learnt and its kicks will not be counted.
+    DoorbellsFull = 6,
+    /// A `struct kvm_ioeventfd` could not be read from the VMM's memory.
+    IoeventfdUnreadable = 7,
+    /// [`KICKS_MAP`] was full, so a kick was not counted.
+    KicksFull = 8,
 }
 
 /// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
-pub const DROP_REASONS: u32 = 5;
+pub const DROP_REASONS: u32 = 9;
 
 #[cfg(feature = "user")]
 mod user {
@@ -194,6 +311,12 @@ mod user {
     unsafe impl aya::Pod for super::LatencyKey {}
     // SAFETY: repr(C), Copy, u64s only, no padding.
     unsafe impl aya::Pod for super::LatencyHistogram {}
+    // SAFETY: repr(C), Copy, integers only, no padding (4 + 4 + 8 + 8 + 4 + 4 bytes).
+    unsafe impl aya::Pod for super::DoorbellKey {}
+    // SAFETY: repr(C), Copy, four u32s.
+    unsafe impl aya::Pod for super::Doorbell {}
+    // SAFETY: repr(C), Copy, integers only, no padding (8 + 4 + 4 + 8 + 4 + 4 bytes).
+    unsafe impl aya::Pod for super::KickKey {}
 }
 
 #[cfg(test)]

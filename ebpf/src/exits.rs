@@ -6,11 +6,19 @@
 //! without building a trace record, which costs a guest far less per event.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
-use vmtrace_common::{Drop, ExitKind, KVM_EXIT_MMIO};
+use vmtrace_common::{
+    Drop, ExitKind, KVM_EXIT_MMIO, LatencyKey, LatencyKind, MmioType, SPACE_MMIO, SPACE_PIO,
+    ServiceStart,
+};
 
-use crate::maps::{LAST_MMIO, count, count_drop};
+use crate::{
+    maps::{LAST_MMIO, SERVICE_STARTS, count, count_drop, current_cgroup_id, record_latency},
+    virtio::on_guest_write,
+};
 
 /// The current thread's id (the low half of pid_tgid).
 #[inline(always)]
@@ -34,6 +42,16 @@ fn on_userspace_exit(reason: u32, errno: i32) {
         return;
     }
     count(ExitKind::Userspace, reason);
+    let start = ServiceStart {
+        // SAFETY: the helper has no preconditions.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: current_cgroup_id(),
+        reason,
+        reserved: 0,
+    };
+    if SERVICE_STARTS.insert(current_tid(), start, 0).is_err() {
+        count_drop(Drop::ServiceStartsFull);
+    }
     if reason == KVM_EXIT_MMIO {
         let tid = current_tid();
         // SAFETY: the value is a plain u32 copied out at once.
@@ -43,11 +61,39 @@ fn on_userspace_exit(reason: u32, errno: i32) {
     }
 }
 
+/// The thread enters `KVM_RUN`: the VMM has served its last exit, if any.
+#[inline(always)]
+pub fn on_kvm_run() {
+    let tid = current_tid();
+    // SAFETY: the value is copied out at once.
+    let Some(start) = (unsafe { SERVICE_STARTS.get(tid) }).copied() else {
+        // The vCPU's first KVM_RUN, or one after an exit the probes did not see.
+        return;
+    };
+    let _ = SERVICE_STARTS.remove(tid);
+    let key = LatencyKey {
+        cgroup_id: start.cgroup_id,
+        kind: LatencyKind::ServiceTime as u32,
+        isa: 0,
+        reason: start.reason,
+        reserved: 0,
+    };
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    record_latency(key, now.saturating_sub(start.time_ns));
+}
+
 /// `kvm_pio(unsigned int rw, unsigned int port, unsigned int size, unsigned int count, const void *data)`.
 #[raw_tracepoint(tracepoint = "kvm_pio")]
 pub fn kvm_pio(ctx: RawTracePointContext) -> i32 {
     let rw: u64 = ctx.arg(0);
     count(ExitKind::Pio, rw as u32);
+    if rw == 1 {
+        let port: u64 = ctx.arg(1);
+        let size: u64 = ctx.arg(2);
+        let data: u64 = ctx.arg(4);
+        on_guest_write(SPACE_PIO, port, size as u32, data);
+    }
     0
 }
 
@@ -57,6 +103,12 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     let mmio_type: u64 = ctx.arg(0);
     let mmio_type = mmio_type as u32;
     count(ExitKind::Mmio, mmio_type);
+    if mmio_type == MmioType::Write as u32 {
+        let len: u64 = ctx.arg(1);
+        let gpa: u64 = ctx.arg(2);
+        let data: u64 = ctx.arg(3);
+        on_guest_write(SPACE_MMIO, gpa, len as u32, data);
+    }
     if LAST_MMIO.insert(current_tid(), mmio_type, 0).is_err() {
         count_drop(Drop::LastMmioFull);
     }

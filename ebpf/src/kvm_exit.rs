@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use vmtrace_common::{Drop, ExitKey, ExitKind, ExitStart, LatencyKey};
+use vmtrace_common::{Drop, ExitKey, ExitKind, ExitStart, LatencyKey, LatencyKind};
 
 use crate::{
     exits::current_tid,
@@ -115,8 +115,10 @@ fn on_entry(tid: u32, time_ns: u64) {
     let _ = EXIT_STARTS.remove(tid);
     let key = LatencyKey {
         cgroup_id: start.cgroup_id,
+        kind: LatencyKind::KvmExit as u32,
         isa: start.isa,
         reason: start.reason,
+        reserved: 0,
     };
     record_latency(key, time_ns.saturating_sub(start.time_ns));
 }

@@ -4,8 +4,10 @@
 #![no_main]
 
 mod exits;
+mod ioctl;
 mod kvm_exit;
 mod maps;
+mod virtio;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,11 +3,12 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use vmtrace_common::{
-    DROP_REASONS, Drop, EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, ExitKey,
-    ExitKind, ExitStart, LAST_MMIO_CAPACITY, LatencyHistogram, LatencyKey,
+    DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellKey, Drop, EXIT_COUNTS_CAPACITY,
+    EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, ExitKey, ExitKind, ExitStart, KICKS_CAPACITY,
+    KickKey, LAST_MMIO_CAPACITY, LatencyHistogram, LatencyKey, ServiceStart,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -35,6 +36,21 @@ pub static LAST_MMIO: LruHashMap<u32, u32> = LruHashMap::with_max_entries(LAST_M
 pub static EXIT_STARTS: LruHashMap<u32, ExitStart> =
     LruHashMap::with_max_entries(EXIT_STARTS_CAPACITY, 0);
 
+/// Each thread's return to the VMM in progress (until its next KVM_RUN), by thread id.
+#[map]
+pub static SERVICE_STARTS: LruHashMap<u32, ServiceStart> =
+    LruHashMap::with_max_entries(EXIT_STARTS_CAPACITY, 0);
+
+/// Doorbells learnt from the VMMs' `KVM_IOEVENTFD` calls. Written only on (de)registration, read on
+/// every guest write, so a plain hash map.
+#[map]
+pub static DOORBELLS: HashMap<DoorbellKey, Doorbell> =
+    HashMap::with_max_entries(DOORBELLS_CAPACITY, 0);
+
+/// Kicks per (tenant, VMM process, doorbell, queue), per CPU.
+#[map]
+static KICKS: PerCpuHashMap<KickKey, u64> = PerCpuHashMap::with_max_entries(KICKS_CAPACITY, 0);
+
 /// The current task's cgroup v2 id, the tenant key.
 #[inline(always)]
 pub fn current_cgroup_id() -> u64 {
@@ -57,20 +73,32 @@ pub fn count(kind: ExitKind, detail: u32) {
 /// Adds one to the counter of `key`.
 #[inline(always)]
 pub fn count_key(key: ExitKey) {
-    if let Some(value) = EXIT_COUNTS.get_ptr_mut(key) {
+    increment(&EXIT_COUNTS, key, Drop::ExitCountsFull);
+}
+
+/// Adds one to the kick counter of `key`.
+#[inline(always)]
+pub fn count_kick(key: KickKey) {
+    increment(&KICKS, key, Drop::KicksFull);
+}
+
+/// Adds one to this CPU's slot of `key` in `map`, adding the key if needed.
+#[inline(always)]
+fn increment<K>(map: &PerCpuHashMap<K, u64>, key: K, full: Drop) {
+    if let Some(value) = map.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU; tracepoint programs run with preemption disabled.
         unsafe { *value += 1 };
         return;
     }
     // First event of this key on this CPU. NOEXIST: if another CPU added the key meanwhile, the
     // insert fails and this CPU's (zeroed) slot of that entry is incremented instead.
-    if EXIT_COUNTS.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
+    if map.insert(&key, 1, BPF_NOEXIST as u64).is_ok() {
         return;
     }
-    match EXIT_COUNTS.get_ptr_mut(key) {
+    match map.get_ptr_mut(&key) {
         // SAFETY: as above.
         Some(value) => unsafe { *value += 1 },
-        None => count_drop(Drop::ExitCountsFull),
+        None => count_drop(full),
     }
 }
 

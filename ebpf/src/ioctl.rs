@@ -1,0 +1,51 @@
+//! `syscalls:sys_enter_ioctl`, for the two KVM ioctls vmtrace follows: `KVM_RUN` (the VMM enters the
+//! guest again, ending the service time of its last exit) and `KVM_IOEVENTFD` (a doorbell is
+//! registered or removed). A classic tracepoint on this one syscall costs only ioctl callers, where a
+//! raw `sys_enter` probe would run on every system call of the host.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use vmtrace_common::{KVM_IOEVENTFD, KVM_RUN};
+
+use crate::{exits::on_kvm_run, virtio::on_ioeventfd};
+
+/// Offsets of `fd`, `cmd` and `arg` in the `syscalls:sys_enter_ioctl` record, from the host's format
+/// file; the agent sets them at load after checking the fields' widths.
+#[unsafe(no_mangle)]
+static IOCTL_FD_OFFSET: u32 = 16;
+#[unsafe(no_mangle)]
+static IOCTL_CMD_OFFSET: u32 = 24;
+#[unsafe(no_mangle)]
+static IOCTL_ARG_OFFSET: u32 = 32;
+
+#[tracepoint(category = "syscalls", name = "sys_enter_ioctl")]
+pub fn sys_enter_ioctl(ctx: TracePointContext) -> i32 {
+    // SAFETY: volatile reads of constants the loader may have rewritten.
+    let (fd_offset, cmd_offset, arg_offset) = unsafe {
+        (
+            core::ptr::read_volatile(&IOCTL_FD_OFFSET),
+            core::ptr::read_volatile(&IOCTL_CMD_OFFSET),
+            core::ptr::read_volatile(&IOCTL_ARG_OFFSET),
+        )
+    };
+    // SAFETY: offsets checked against the format file; read_at fails rather than faults.
+    let Ok(cmd) = (unsafe { ctx.read_at::<u64>(cmd_offset as usize) }) else {
+        return 0;
+    };
+    match cmd as u32 {
+        KVM_RUN => on_kvm_run(),
+        KVM_IOEVENTFD => {
+            // SAFETY: as above.
+            let fields = unsafe {
+                (
+                    ctx.read_at::<u64>(fd_offset as usize),
+                    ctx.read_at::<u64>(arg_offset as usize),
+                )
+            };
+            if let (Ok(fd), Ok(arg)) = fields {
+                on_ioeventfd(fd as u32, arg);
+            }
+        }
+        _ => {}
+    }
+    0
+}
