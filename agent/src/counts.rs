@@ -34,6 +34,8 @@ pub type KindLatencies = BTreeMap<String, LatencyHistogram>;
 pub struct DoorbellKicks {
     /// The VMM's process id: the VM's owner.
     pub pid: u32,
+    /// The VM's file descriptor in that process.
+    pub vm_fd: u32,
     /// "mmio" or "pio".
     pub space: &'static str,
     /// Guest-physical address or port of the doorbell.
@@ -122,6 +124,7 @@ impl Counters {
             let doorbells = snapshot.kicks_by_cgroup.entry(key.cgroup_id).or_default();
             doorbells.push(DoorbellKicks {
                 pid: key.tgid,
+                vm_fd: key.vm_fd,
                 space: if key.space == SPACE_PIO {
                     "pio"
                 } else {

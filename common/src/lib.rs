@@ -244,7 +244,7 @@ pub struct Doorbell {
     pub reserved: u32,
 }
 
-/// Key of [`KICKS_MAP`]: kicks per tenant, VMM process, doorbell and queue.
+/// Key of [`KICKS_MAP`]: kicks per tenant, VM (VMM process and VM fd), doorbell and queue.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KickKey {
@@ -253,7 +253,8 @@ pub struct KickKey {
     pub space: u32,
     pub addr: u64,
     pub queue: u32,
-    pub reserved: u32,
+    /// The VM's file descriptor in the VMM process.
+    pub vm_fd: u32,
 }
 
 /// A thread's return to the VMM that has not seen its next `KVM_RUN` yet.

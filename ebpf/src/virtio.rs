@@ -95,7 +95,7 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) {
         space,
         addr,
         queue: doorbell.queue,
-        reserved: 0,
+        vm_fd: doorbell.vm_fd,
     });
 }
 
