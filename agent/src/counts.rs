@@ -11,7 +11,7 @@ use vmtrace_common::{
 };
 
 use crate::{
-    exit_names::{MMIO_WRITE_IN_KERNEL, kind_name, kvm_exit_kind, userspace_exit_kind},
+    exit_names::{MMIO_WRITE_IN_KERNEL, kick_kind, kind_name, kvm_exit_kind, userspace_exit_kind},
     exit_reasons::ExitReasonNames,
     latency::merge,
 };
@@ -64,7 +64,7 @@ pub struct Counters {
 }
 
 /// Every drop reason with its reported name.
-const DROP_NAMES: [(Drop, &str); 9] = [
+const DROP_NAMES: [(Drop, &str); 10] = [
     (Drop::ExitCountsFull, "exit_counts_full"),
     (Drop::LastMmioFull, "last_mmio_full"),
     (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
@@ -74,6 +74,7 @@ const DROP_NAMES: [(Drop, &str); 9] = [
     (Drop::DoorbellsFull, "doorbells_full"),
     (Drop::IoeventfdUnreadable, "ioeventfd_unreadable"),
     (Drop::KicksFull, "kicks_full"),
+    (Drop::PendingKicksFull, "pending_kicks_full"),
 ];
 
 impl Counters {
@@ -102,6 +103,7 @@ impl Counters {
             let kind = match LatencyKind::try_from(key.kind) {
                 Ok(LatencyKind::KvmExit) => kvm_exit_kind(key.isa, key.reason, names),
                 Ok(LatencyKind::ServiceTime) => userspace_exit_kind(key.reason),
+                Ok(LatencyKind::KickService) => kick_kind(key.reason),
                 Err(_) => continue,
             };
             let histogram = snapshot
@@ -119,8 +121,7 @@ impl Counters {
             let kicks = per_cpu.iter().sum();
             let queue = (key.queue != ANY_QUEUE).then_some(key.queue);
             let counts = snapshot.by_cgroup.entry(key.cgroup_id).or_default();
-            let kind = queue.map_or_else(|| "kick.any".to_owned(), |q| format!("kick.q{q}"));
-            *counts.entry(kind).or_default() += kicks;
+            *counts.entry(kick_kind(key.queue)).or_default() += kicks;
             let doorbells = snapshot.kicks_by_cgroup.entry(key.cgroup_id).or_default();
             doorbells.push(DoorbellKicks {
                 pid: key.tgid,

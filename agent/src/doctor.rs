@@ -5,7 +5,7 @@ use serde::Serialize;
 use crate::{
     cgroups::find_v2_mount,
     host::{self, KvmDetection, KvmFlavour, Privileges},
-    probes::{ExitSource, ProbeStatus, Probes},
+    probes::{ExitSource, ProbeOptions, ProbeStatus, Probes},
     tracefs,
 };
 
@@ -55,7 +55,7 @@ pub fn diagnose() -> Diagnosis {
         );
     }
     let (probes, exit_source) = if privileges.can_trace() {
-        match Probes::attach(&kvm) {
+        match Probes::attach(&kvm, &ProbeOptions::default()) {
             Ok(p) => (p.status.clone(), Some(p.exit_source)),
             Err(e) => {
                 blockers.push(format!("the probes cannot be attached: {e}"));

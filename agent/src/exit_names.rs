@@ -80,6 +80,15 @@ fn mmio_type(detail: u32) -> String {
     }
 }
 
+/// The kind name of a queue's kicks, e.g. `kick.q1`; `kick.any` for doorbells without datamatch.
+pub fn kick_kind(queue: u32) -> String {
+    if queue == vmtrace_common::ANY_QUEUE {
+        "kick.any".to_owned()
+    } else {
+        format!("kick.q{queue}")
+    }
+}
+
 /// The kind name of a return to the VMM with a `KVM_EXIT_*` reason, e.g. `exit.io`.
 pub fn userspace_exit_kind(reason: u32) -> String {
     format!("exit.{}", kvm_exit_reason(reason))

@@ -4,7 +4,7 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use vmtrace::{doctor, watch};
+use vmtrace::{doctor, probes::ProbeOptions, watch};
 
 /// vmtrace: which tenant's VMs are exiting, why, and what it costs them.
 ///
@@ -44,6 +44,11 @@ enum Command {
         /// One JSON object per report and line, for scripts.
         #[arg(long)]
         json: bool,
+        /// Also measure kick service latency (a queue's first kick to its VMM's read of the
+        /// doorbell eventfd), reported under `kick.q<N>`. Attaches syscalls:sys_enter_read, which
+        /// runs on every read() of the host, so it is off by default.
+        #[arg(long)]
+        kick_latency: bool,
     },
 }
 
@@ -92,6 +97,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             interval,
             duration,
             json,
+            kick_latency,
         } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -100,6 +106,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 interval,
                 duration,
                 json,
+                probes: ProbeOptions { kick_latency },
             }))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -79,6 +79,14 @@ pub struct ProbeStatus {
     pub error: Option<String>,
 }
 
+/// Optional probes, off by default for what they cost the host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProbeOptions {
+    /// Kick service latency: attaches `syscalls:sys_enter_read`, which runs on every read() of the
+    /// host, to see VMMs read their doorbell eventfds.
+    pub kick_latency: bool,
+}
+
 /// The loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
     pub ebpf: Ebpf,
@@ -90,7 +98,7 @@ pub struct Probes {
 
 impl Probes {
     /// Loads the programs and attaches every probe this host supports.
-    pub fn attach(kvm: &KvmDetection) -> Result<Self, ProbeError> {
+    pub fn attach(kvm: &KvmDetection, options: &ProbeOptions) -> Result<Self, ProbeError> {
         let tracefs = tracefs::find_or_mount().map_err(|e| e.to_string());
         let kvm_exit_format = read_format(&tracefs, "kvm", "kvm_exit");
         let reason_names = match &kvm_exit_format {
@@ -100,12 +108,17 @@ impl Probes {
         let kvm_exit_offsets = kvm_exit_format.and_then(|f| offsets(&f, KVM_EXIT_FIELDS));
         let ioctl_offsets = read_format(&tracefs, "syscalls", "sys_enter_ioctl")
             .and_then(|f| offsets(&f, IOCTL_FIELDS));
+        let read_offsets = if options.kick_latency {
+            read_format(&tracefs, "syscalls", "sys_enter_read")
+                .and_then(|f| offsets(&f, READ_FIELDS))
+        } else {
+            Err("off (enable with --kick-latency)".to_owned())
+        };
+        let kick_latency = u32::from(read_offsets.is_ok());
         let mut loader = EbpfLoader::new();
-        for (global, offset) in kvm_exit_offsets
-            .iter()
-            .chain(ioctl_offsets.iter())
-            .flatten()
-        {
+        loader.override_global("KICK_LATENCY", &kick_latency, true);
+        let all_offsets = [&kvm_exit_offsets, &ioctl_offsets, &read_offsets];
+        for (global, offset) in all_offsets.into_iter().flatten().flatten() {
             loader.override_global(global, offset, true);
         }
         let mut ebpf = loader.load(OBJECT)?;
@@ -131,6 +144,12 @@ impl Probes {
             "syscalls",
             "sys_enter_ioctl",
             ioctl_offsets.map(drop),
+        ));
+        status.push(attach_classic(
+            &mut ebpf,
+            "syscalls",
+            "sys_enter_read",
+            read_offsets.map(drop),
         ));
         if status.iter().all(|s| s.error.is_some()) {
             let reasons: Vec<String> = status
@@ -179,6 +198,8 @@ const KVM_EXIT_FIELDS: &[(&str, u32, &str)] = &[
     ("exit_reason", 4, "KVM_EXIT_REASON_OFFSET"),
     ("isa", 4, "KVM_EXIT_ISA_OFFSET"),
 ];
+/// Fields the `syscalls:sys_enter_read` program reads.
+const READ_FIELDS: &[(&str, u32, &str)] = &[("fd", 8, "READ_FD_OFFSET")];
 /// Fields the `syscalls:sys_enter_ioctl` program reads.
 const IOCTL_FIELDS: &[(&str, u32, &str)] = &[
     ("fd", 8, "IOCTL_FD_OFFSET"),

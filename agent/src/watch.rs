@@ -13,7 +13,7 @@ use crate::{
     cgroups::{CgroupIndex, find_v2_mount},
     counts::Counters,
     host,
-    probes::{ExitSource, Probes},
+    probes::{ExitSource, ProbeOptions, Probes},
     tenants::{TenantCounts, by_tenant},
 };
 
@@ -23,6 +23,7 @@ pub struct WatchOptions {
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub json: bool,
+    pub probes: ProbeOptions,
 }
 
 /// One interval's view, as printed in JSON mode.
@@ -42,14 +43,17 @@ pub struct Report<'a> {
 
 pub async fn run(options: &WatchOptions) -> Result<()> {
     let kvm = host::detect_kvm();
-    let mut probes = Probes::attach(&kvm).context("cannot start the probes")?;
+    let mut probes = Probes::attach(&kvm, &options.probes).context("cannot start the probes")?;
     let counters = Counters::new(&mut probes.ebpf)?;
     let root = find_v2_mount().context(
         "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
     )?;
     let mut index = CgroupIndex::new(root);
     for failed in probes.status.iter().filter(|s| s.error.is_some()) {
-        if failed.tracepoint != "kvm:kvm_exit" || kvm.flavour.emits_kvm_exit() {
+        // kvm_exit is expected to be missing where it never fires, and optional probes when off.
+        let expected = (failed.tracepoint == "kvm:kvm_exit" && !kvm.flavour.emits_kvm_exit())
+            || (failed.tracepoint == "syscalls:sys_enter_read" && !options.probes.kick_latency);
+        if !expected {
             tracing::warn!(tracepoint = %failed.tracepoint, error = ?failed.error, "probe not attached");
         }
     }

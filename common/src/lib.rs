@@ -113,6 +113,9 @@ pub enum LatencyKind {
     /// A return to the VMM (`kvm_userspace_exit`) to the same thread's next `KVM_RUN` ioctl: the time
     /// the VMM took to serve the exit. Reason: the `KVM_EXIT_*` value.
     ServiceTime = 2,
+    /// A queue's first unserved kick to the VMM's next read of that queue's eventfd: how long the
+    /// VMM took to pick the kick up. Reason: the queue ([`ANY_QUEUE`] without datamatch).
+    KickService = 3,
 }
 
 impl TryFrom<u32> for LatencyKind {
@@ -121,6 +124,7 @@ impl TryFrom<u32> for LatencyKind {
         match value {
             1 => Ok(Self::KvmExit),
             2 => Ok(Self::ServiceTime),
+            3 => Ok(Self::KickService),
             other => Err(other),
         }
     }
@@ -241,8 +245,30 @@ pub struct Doorbell {
     pub queue: u32,
     /// The VM's file descriptor in the VMM, for people.
     pub vm_fd: u32,
+    /// The eventfd KVM signals, as a file descriptor of the VMM: its reads mark the kick served.
+    pub eventfd: u32,
+}
+
+/// Key of the pending-kick map: an eventfd of a VMM process.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EventfdKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// The first kick of a queue that its VMM has not read from the eventfd yet.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PendingKick {
+    pub time_ns: u64,
+    pub cgroup_id: u64,
+    pub queue: u32,
     pub reserved: u32,
 }
+
+/// Capacity of the pending-kick map: eventfds tracked at once.
+pub const PENDING_KICKS_CAPACITY: u32 = 16384;
 
 /// Key of [`KICKS_MAP`]: kicks per tenant, VM (VMM process and VM fd), doorbell and queue.
 #[repr(C)]
@@ -299,10 +325,12 @@ pub enum Drop {
     IoeventfdUnreadable = 7,
     /// [`KICKS_MAP`] was full, so a kick was not counted.
     KicksFull = 8,
+    /// The pending-kick map could not take an entry, so that kick's service latency is unknown.
+    PendingKicksFull = 9,
 }
 
 /// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
-pub const DROP_REASONS: u32 = 9;
+pub const DROP_REASONS: u32 = 10;
 
 #[cfg(feature = "user")]
 mod user {

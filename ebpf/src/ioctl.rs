@@ -1,4 +1,4 @@
-//! `syscalls:sys_enter_ioctl`, for the two KVM ioctls vmtrace follows: `KVM_RUN` (the VMM enters the
+//! System call probes. `syscalls:sys_enter_ioctl`, for the two KVM ioctls vmtrace follows: `KVM_RUN` (the VMM enters the
 //! guest again, ending the service time of its last exit) and `KVM_IOEVENTFD` (a doorbell is
 //! registered or removed). A classic tracepoint on this one syscall costs only ioctl callers, where a
 //! raw `sys_enter` probe would run on every system call of the host.
@@ -6,7 +6,10 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use vmtrace_common::{KVM_IOEVENTFD, KVM_RUN};
 
-use crate::{exits::on_kvm_run, virtio::on_ioeventfd};
+use crate::{
+    exits::on_kvm_run,
+    virtio::{on_ioeventfd, on_read},
+};
 
 /// Offsets of `fd`, `cmd` and `arg` in the `syscalls:sys_enter_ioctl` record, from the host's format
 /// file; the agent sets them at load after checking the fields' widths.
@@ -46,6 +49,23 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> i32 {
             }
         }
         _ => {}
+    }
+    0
+}
+
+/// Offset of `fd` in the `syscalls:sys_enter_read` record; set by the agent from the format file.
+#[unsafe(no_mangle)]
+static READ_FD_OFFSET: u32 = 16;
+
+/// `syscalls:sys_enter_read`, attached only when kick service latency is wanted: a VMM reading a
+/// doorbell's eventfd has picked up the kicks signalled on it.
+#[tracepoint(category = "syscalls", name = "sys_enter_read")]
+pub fn sys_enter_read(ctx: TracePointContext) -> i32 {
+    // SAFETY: a volatile read of a constant the loader may have rewritten.
+    let offset = unsafe { core::ptr::read_volatile(&READ_FD_OFFSET) };
+    // SAFETY: offset checked against the format file; read_at fails rather than faults.
+    if let Ok(fd) = unsafe { ctx.read_at::<u64>(offset as usize) } {
+        on_read(fd as u32);
     }
     0
 }

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellKey, Drop, EXIT_COUNTS_CAPACITY,
-    EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, ExitKey, ExitKind, ExitStart, KICKS_CAPACITY,
-    KickKey, LAST_MMIO_CAPACITY, LatencyHistogram, LatencyKey, ServiceStart,
+    EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, EventfdKey, ExitKey, ExitKind, ExitStart,
+    KICKS_CAPACITY, KickKey, LAST_MMIO_CAPACITY, LatencyHistogram, LatencyKey,
+    PENDING_KICKS_CAPACITY, PendingKick, ServiceStart,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -46,6 +47,11 @@ pub static SERVICE_STARTS: LruHashMap<u32, ServiceStart> =
 #[map]
 pub static DOORBELLS: HashMap<DoorbellKey, Doorbell> =
     HashMap::with_max_entries(DOORBELLS_CAPACITY, 0);
+
+/// Each doorbell eventfd's first kick not yet read by its VMM, for kick service latency.
+#[map]
+pub static PENDING_KICKS: LruHashMap<EventfdKey, PendingKick> =
+    LruHashMap::with_max_entries(PENDING_KICKS_CAPACITY, 0);
 
 /// Kicks per (tenant, VMM process, doorbell, queue), per CPU.
 #[map]

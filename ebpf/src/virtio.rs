@@ -5,14 +5,21 @@
 //! Doorbells registered before the probes were attached are unknown: writes to them are still
 //! counted as in-kernel MMIO writes (`mmio.write.kernel`), but not as kicks.
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
+};
 use vmtrace_common::{
-    ANY_QUEUE, Doorbell, DoorbellKey, Drop, KVM_IOEVENTFD_FLAG_DATAMATCH,
-    KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KickKey, KvmIoeventfd, SPACE_MMIO,
-    SPACE_PIO,
+    ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KickKey, KvmIoeventfd, LatencyKey,
+    LatencyKind, PendingKick, SPACE_MMIO, SPACE_PIO,
 };
 
-use crate::maps::{DOORBELLS, count_drop, count_kick, current_cgroup_id};
+use crate::maps::{
+    DOORBELLS, PENDING_KICKS, count_drop, count_kick, current_cgroup_id, record_latency,
+};
 
 /// The VMM process (thread group) of the current thread.
 #[inline(always)]
@@ -54,7 +61,7 @@ pub fn on_ioeventfd(vm_fd: u32, arg: u64) {
             ANY_QUEUE
         },
         vm_fd,
-        reserved: 0,
+        eventfd: request.fd as u32,
     };
     if DOORBELLS.insert(key, doorbell, 0).is_err() {
         count_drop(Drop::DoorbellsFull);
@@ -89,15 +96,74 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) {
     if doorbell.len != 0 && doorbell.len != len {
         return;
     }
+    let cgroup_id = current_cgroup_id();
     count_kick(KickKey {
-        cgroup_id: current_cgroup_id(),
+        cgroup_id,
         tgid: key.tgid,
         space,
         addr,
         queue: doorbell.queue,
         vm_fd: doorbell.vm_fd,
     });
+    // SAFETY: a volatile read of a constant the loader may have rewritten.
+    if unsafe { core::ptr::read_volatile(&KICK_LATENCY) } != 0 {
+        remember_kick(key.tgid, doorbell, cgroup_id);
+    }
 }
+
+/// Set to 1 by the agent when kick service latency is wanted; it needs `sys_enter_read`, which costs
+/// every read() on the host, so it is off by default.
+#[unsafe(no_mangle)]
+static KICK_LATENCY: u32 = 0;
+
+/// Keeps the time of a queue's first kick that its VMM has not read yet.
+#[inline(always)]
+fn remember_kick(tgid: u32, doorbell: Doorbell, cgroup_id: u64) {
+    let key = EventfdKey {
+        tgid,
+        fd: doorbell.eventfd,
+    };
+    let pending = PendingKick {
+        // SAFETY: the helper has no preconditions.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id,
+        queue: doorbell.queue,
+        reserved: 0,
+    };
+    // NOEXIST keeps the first unserved kick: later kicks before the read are served by that read.
+    if let Err(err) = PENDING_KICKS.insert(key, pending, BPF_NOEXIST as u64)
+        && err != -EEXIST
+    {
+        count_drop(Drop::PendingKicksFull);
+    }
+}
+
+/// `read(fd)` by a VMM thread: if `fd` is a doorbell's eventfd with a kick pending, the kick is served.
+#[inline(always)]
+pub fn on_read(fd: u32) {
+    let key = EventfdKey {
+        tgid: current_tgid(),
+        fd,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(pending) = (unsafe { PENDING_KICKS.get(key) }).copied() else {
+        return;
+    };
+    let _ = PENDING_KICKS.remove(key);
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let latency = LatencyKey {
+        cgroup_id: pending.cgroup_id,
+        kind: LatencyKind::KickService as u32,
+        isa: 0,
+        reason: pending.queue,
+        reserved: 0,
+    };
+    record_latency(latency, now.saturating_sub(pending.time_ns));
+}
+
+/// errno EEXIST: the key is already in the map.
+const EEXIST: i32 = 17;
 
 /// The value written, zero-extended, as KVM compares it with a doorbell's datamatch.
 #[inline(always)]

@@ -226,11 +226,18 @@ pub fn expected_agent_counts(reports: &[Report]) -> BTreeMap<String, u64> {
     expected
 }
 
-/// The counts the agent reported for the tenant at `path` in `report`, by kind.
-pub fn agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<String, u64>> {
-    let tenant = report["tenants"]
+/// The agent's report of the tenant at `path` in one `watch --json` line.
+pub fn agent_report<'a>(
+    report: &'a serde_json::Value,
+    path: &str,
+) -> Option<&'a serde_json::Value> {
+    report["tenants"]
         .as_array()?
         .iter()
-        .find(|t| t["tenant"] == path)?;
-    serde_json::from_value(tenant["counts"].clone()).ok()
+        .find(|t| t["tenant"] == path)
+}
+
+/// The counts the agent reported for the tenant at `path` in `report`, by kind.
+pub fn agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<String, u64>> {
+    serde_json::from_value(agent_report(report, path)?["counts"].clone()).ok()
 }

@@ -8,7 +8,7 @@ use vmtrace::{
     cgroups::CgroupIndex,
     counts::Counters,
     host,
-    probes::Probes,
+    probes::{ProbeOptions, Probes},
     tenants::{TenantCounts, by_tenant},
 };
 use vmtrace_tests::{TenantCgroup, cgroup2_root, privileged_host};
@@ -64,7 +64,8 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
     records.push([1, 0, 0x4000_0004, 5, 0, 0]);
     records.push([0, id(&tenants[2]), 0x4000_0005, 7, PVM, 14]);
 
-    let mut probes = Probes::attach(&host::detect_kvm()).expect("attaching the probes");
+    let mut probes = Probes::attach(&host::detect_kvm(), &ProbeOptions::default())
+        .expect("attaching the probes");
     let counters = Counters::new(&mut probes.ebpf).unwrap();
     probes.replay_kvm_exit(&records).expect("BPF_PROG_TEST_RUN");
     let snapshot = counters.read(&probes.reason_names).unwrap();

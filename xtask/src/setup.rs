@@ -9,7 +9,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// Debian packages: a rustc with the core library sources (the BPF target needs `-Z build-std=core`;
-/// rustup cannot add rust-src here) and its clippy; LLVM 22 to build bpf-linker; bpftool for people.
+/// rustup cannot add rust-src here) and its clippy; LLVM 22 to build bpf-linker; bpftool for people;
+/// a C compiler and the kernel headers for the tests' foreign VMM.
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -20,6 +21,10 @@ const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
     "bpftool",
+    // The end-to-end tests build a small C VMM.
+    "gcc",
+    "libc6-dev",
+    "linux-libc-dev",
 ];
 
 pub fn run() -> Result<()> {
