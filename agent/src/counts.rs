@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmtrace_common::{
     ANY_QUEUE, DROPS_MAP, Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, KICKS_MAP,
@@ -30,14 +30,14 @@ pub type KindCounts = BTreeMap<String, u64>;
 pub type KindLatencies = BTreeMap<String, LatencyHistogram>;
 
 /// Kicks of one doorbell queue of one VMM process, within one cgroup.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DoorbellKicks {
     /// The VMM's process id: the VM's owner.
     pub pid: u32,
     /// The VM's file descriptor in that process.
     pub vm_fd: u32,
     /// "mmio" or "pio".
-    pub space: &'static str,
+    pub space: String,
     /// Guest-physical address or port of the doorbell.
     pub addr: u64,
     /// The queue (the doorbell's datamatch); `None` for a doorbell without datamatch.
@@ -130,7 +130,8 @@ impl Counters {
                     "pio"
                 } else {
                     "mmio"
-                },
+                }
+                .to_owned(),
                 addr: key.addr,
                 queue,
                 kicks,

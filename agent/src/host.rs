@@ -3,10 +3,10 @@
 
 use std::{fs, path::Path};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which KVM backend runs guests here, which decides whether `kvm:kvm_exit` fires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvmFlavour {
     /// Intel VT-x (kvm_intel): kvm_exit fires on every exit, VMX reason codes.

@@ -1,7 +1,7 @@
 //! Exit latency histograms as the agent reports them: merged across CPUs and cgroups, summarised as
 //! percentiles.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmtrace_common::{LATENCY_BUCKETS, LatencyHistogram};
 
 /// Adds `other` into `into` (per-CPU copies, or the cgroups of one tenant).
@@ -16,7 +16,7 @@ pub fn merge(into: &mut LatencyHistogram, other: &LatencyHistogram) {
 
 /// A histogram's summary. Percentiles are the upper bound of the log2 bucket that holds them (so
 /// within a factor of two above the true value), capped at the largest latency seen.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
     pub count: u64,
     pub mean_ns: u64,

@@ -2,6 +2,7 @@
 //! attributes them to tenants (cgroups resolved to pods, VMs, units) and reports them.
 
 pub mod cgroups;
+pub mod cli;
 pub mod counts;
 pub mod doctor;
 pub mod exit_names;
@@ -9,6 +10,7 @@ pub mod exit_reasons;
 pub mod host;
 pub mod latency;
 pub mod probes;
+pub mod sampler;
 pub mod tenant;
 pub mod tenants;
 pub mod tracefs;

@@ -1,10 +1,10 @@
 //! The `vmtrace` command.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use vmtrace::{doctor, probes::ProbeOptions, watch};
+use vmtrace::{doctor, watch};
 
 /// vmtrace: which tenant's VMs are exiting, why, and what it costs them.
 ///
@@ -28,36 +28,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Live per-tenant view: exit counts since start and rates per tenant and kind, every interval.
-    ///
-    /// Kinds: `exit.<reason>` are KVM_RUN returns to the VMM (io, mmio, hlt, ...); `pio.in`/`pio.out`
-    /// port accesses; `mmio.write`/`mmio.read` MMIO accesses; `mmio.write.kernel` MMIO writes the
-    /// kernel completed itself (ioeventfd doorbells); `cpuid`; `kvm_exit.<reason>` on VMX/SVM hosts.
-    /// Stops after --duration, or on Ctrl-C/SIGTERM, printing a last report marked final.
-    Watch {
-        /// Time between reports, e.g. `1s`, `500ms`.
-        #[arg(long, default_value = "1s", value_parser = parse_interval)]
-        interval: Duration,
-        /// Stop after this long, e.g. `30s`, `5m`. Runs until interrupted when absent.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        duration: Option<Duration>,
-        /// One JSON object per report and line, for scripts.
-        #[arg(long)]
-        json: bool,
-        /// Also measure kick service latency (a queue's first kick to its VMM's read of the
-        /// doorbell eventfd), reported under `kick.q<N>`. Attaches syscalls:sys_enter_read, which
-        /// runs on every read() of the host, so it is off by default.
-        #[arg(long)]
-        kick_latency: bool,
-    },
-}
-
-fn parse_interval(text: &str) -> Result<Duration, String> {
-    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if interval < Duration::from_millis(10) {
-        return Err("the interval must be at least 10ms".to_owned());
-    }
-    Ok(interval)
+    Watch(watch::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,22 +64,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Watch {
-            interval,
-            duration,
-            json,
-            kick_latency,
-        } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(watch::run(&watch::WatchOptions {
-                interval,
-                duration,
-                json,
-                probes: ProbeOptions { kick_latency },
-            }))?;
+        Command::Watch(args) => {
+            runtime()?.block_on(watch::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The agent's event loop: one thread is plenty, the work is a map read per tick.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }

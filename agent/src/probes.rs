@@ -6,7 +6,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{exit_reasons::ExitReasonNames, host::KvmDetection, tracefs};
@@ -41,7 +41,7 @@ pub enum ProbeError {
 }
 
 /// Where the agent's exit counts come from on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExitSource {
     /// `kvm:kvm_exit`, every exit with its hardware reason (VMX, SVM).

@@ -2,10 +2,10 @@
 //! samples keyed by cgroup can be grouped per pod, VM or unit rather than per
 //! raw path. Pure string work on the path: no filesystem, no runtime lookups.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Who a cgroup belongs to; this is the unit every sample is attributed to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Tenant {
     /// Kubernetes pod. Checked first, because KubeVirt VMs and nested runtimes

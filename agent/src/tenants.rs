@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use vmtrace_common::LatencyHistogram;
 
@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// One cgroup that belongs to a tenant.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CgroupRef {
     pub id: u64,
     /// Path below the cgroup v2 root; `None` when the cgroup vanished before it could be named.
@@ -23,7 +23,7 @@ pub struct CgroupRef {
 }
 
 /// A tenant's counts since the agent started and its rates over the last interval.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantCounts {
     /// Short label: `pod/<uid>`, `vm/<name>`, `unit/<unit>`, or the cgroup path.
     pub tenant: String,
@@ -34,10 +34,10 @@ pub struct TenantCounts {
     pub rates: BTreeMap<String, f64>,
     /// Latency by kind: for `kvm_exit.*` kinds, exit to the vCPU's next entry (VMX, SVM); for
     /// `exit.*` kinds, the VMM's service time, from the return to the VMM to its next KVM_RUN.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub latency: BTreeMap<String, LatencySummary>,
     /// Kicks per VMM process, doorbell and queue.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub doorbells: Vec<DoorbellKicks>,
 }
 

@@ -2,67 +2,49 @@
 
 use std::{
     io::Write,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
+use clap::Args;
+
 use crate::{
-    cgroups::{CgroupIndex, find_v2_mount},
-    counts::Counters,
-    host,
-    probes::{ExitSource, ProbeOptions, Probes},
-    tenants::{TenantCounts, by_tenant},
+    cli::{ProbeArgs, parse_interval},
+    sampler::{Sample, Sampler},
 };
 
-/// How `watch` runs.
-#[derive(Debug, Clone)]
-pub struct WatchOptions {
+/// Live per-tenant view: exit counts since start and rates per tenant and kind, every interval.
+///
+/// Kinds: `exit.<reason>` are KVM_RUN returns to the VMM (io, mmio, hlt, ...); `pio.in`/`pio.out`
+/// port accesses; `mmio.write`/`mmio.read` MMIO accesses; `mmio.write.kernel` MMIO writes the kernel
+/// completed itself (ioeventfd doorbells); `cpuid`; `kick.q<N>` virtio queue kicks; `kvm_exit.<reason>`
+/// on VMX/SVM hosts. Latency percentiles are shown for `exit.*` (the VMM's service time),
+/// `kvm_exit.*` (exit to entry) and, with --kick-latency, `kick.*`.
+/// Stops after --duration, or on Ctrl-C/SIGTERM, printing a last report marked final.
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// Time between reports, e.g. `1s`, `500ms`.
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
+    /// Stop after this long, e.g. `30s`, `5m`. Runs until interrupted when absent.
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
+    /// One JSON object per report and line, for scripts.
+    #[arg(long)]
     pub json: bool,
-    pub probes: ProbeOptions,
+    #[command(flatten)]
+    pub probes: ProbeArgs,
 }
 
-/// One interval's view, as printed in JSON mode.
-#[derive(Debug, Serialize)]
-pub struct Report<'a> {
-    /// Seconds since the Unix epoch.
-    pub timestamp: f64,
-    /// Seconds since the probes were attached; counts are totals since then.
-    pub elapsed_secs: f64,
-    pub exit_source: ExitSource,
-    pub tenants: &'a [TenantCounts],
-    /// Events the probes could not count, by reason.
-    pub drops: &'a std::collections::BTreeMap<&'static str, u64>,
-    /// True on the last report, printed when the agent stops.
-    pub last: bool,
-}
-
-pub async fn run(options: &WatchOptions) -> Result<()> {
-    let kvm = host::detect_kvm();
-    let mut probes = Probes::attach(&kvm, &options.probes).context("cannot start the probes")?;
-    let counters = Counters::new(&mut probes.ebpf)?;
-    let root = find_v2_mount().context(
-        "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
-    )?;
-    let mut index = CgroupIndex::new(root);
-    for failed in probes.status.iter().filter(|s| s.error.is_some()) {
-        // kvm_exit is expected to be missing where it never fires, and optional probes when off.
-        let expected = (failed.tracepoint == "kvm:kvm_exit" && !kvm.flavour.emits_kvm_exit())
-            || (failed.tracepoint == "syscalls:sys_enter_read" && !options.probes.kick_latency);
-        if !expected {
-            tracing::warn!(tracepoint = %failed.tracepoint, error = ?failed.error, "probe not attached");
-        }
-    }
+pub async fn run(options: &WatchArgs) -> Result<()> {
+    let mut sampler = Sampler::start(&options.probes.into())?;
     eprintln!(
         "vmtrace: watching; KVM {}; exit source: {}",
-        kvm.flavour.name(),
-        probes.exit_source.describe()
+        sampler.kvm().flavour.name(),
+        sampler.probes().exit_source.describe()
     );
-
     let started = Instant::now();
     let mut ticker = tokio::time::interval(options.interval);
     ticker.tick().await;
@@ -70,36 +52,20 @@ pub async fn run(options: &WatchOptions) -> Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = options.duration.map(|d| started + d);
-    let mut previous: Vec<TenantCounts> = Vec::new();
-    let mut last_tick = started;
     loop {
         let last = tokio::select! {
             _ = ticker.tick() => deadline.is_some_and(|d| Instant::now() >= d),
             _ = interrupt.recv() => true,
             _ = terminate.recv() => true,
         };
-        let now = Instant::now();
-        let snapshot = counters.read(&probes.reason_names)?;
-        let tenants = by_tenant(
-            &snapshot,
-            &mut index,
-            &previous,
-            now.duration_since(last_tick).as_secs_f64(),
-        );
-        let report = Report {
-            timestamp: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-            elapsed_secs: now.duration_since(started).as_secs_f64(),
-            exit_source: probes.exit_source,
-            tenants: &tenants,
-            drops: &snapshot.drops,
+        let sample = Sample {
             last,
+            ..sampler.sample()?
         };
         let text = if options.json {
-            serde_json::to_string(&report)? + "\n"
+            serde_json::to_string(&sample)? + "\n"
         } else {
-            render_table(&report)
+            render_table(&sample)
         };
         let mut stdout = std::io::stdout().lock();
         // A closed pipe (`vmtrace watch | head`) ends the view quietly.
@@ -111,14 +77,12 @@ pub async fn run(options: &WatchOptions) -> Result<()> {
         {
             return Ok(());
         }
-        previous = tenants;
-        last_tick = now;
     }
 }
 
 /// The table people read: one block per tenant, one line per kind, with latency percentiles where
 /// the kind has them.
-fn render_table(report: &Report) -> String {
+fn render_table(report: &Sample) -> String {
     let mut out = format!(
         "\n── vmtrace · {:.0}s · exit source: {}{} ──\n{:<40} {:<26} {:>11} {:>10} {:>9} {:>9}\n",
         report.elapsed_secs,
@@ -134,7 +98,7 @@ fn render_table(report: &Report) -> String {
     if report.tenants.is_empty() {
         out.push_str("(no KVM activity yet)\n");
     }
-    for tenant in report.tenants {
+    for tenant in &report.tenants {
         for (i, (kind, count)) in tenant.counts.iter().enumerate() {
             let name = if i == 0 { tenant.tenant.as_str() } else { "" };
             let rate = tenant.rates.get(kind).copied().unwrap_or(0.0);

@@ -1,0 +1,115 @@
+//! The agent's one source of data: attaches the probes and, on each call, turns the in-kernel
+//! counters into a [`Sample`] per tenant. `watch`, the exporters, `top` and recordings all consume
+//! samples, so they all report the same numbers.
+
+use std::{
+    collections::BTreeMap,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cgroups::{CgroupIndex, find_v2_mount},
+    counts::Counters,
+    host::{self, KvmDetection, KvmFlavour},
+    probes::{ExitSource, ProbeOptions, Probes},
+    tenants::{TenantCounts, by_tenant},
+};
+
+/// Everything known at one instant: totals since the probes were attached, and rates over the
+/// interval since the previous sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the Unix epoch.
+    pub timestamp: f64,
+    /// Seconds since the probes were attached; counts are totals since then.
+    pub elapsed_secs: f64,
+    /// Seconds since the previous sample, over which the rates are computed.
+    pub interval_secs: f64,
+    pub kvm: KvmFlavour,
+    pub exit_source: ExitSource,
+    pub tenants: Vec<TenantCounts>,
+    /// Events the probes could not count, by reason.
+    pub drops: BTreeMap<String, u64>,
+    /// True on the last sample, taken when the agent stops.
+    #[serde(default)]
+    pub last: bool,
+}
+
+/// Attached probes and what is needed to read them.
+pub struct Sampler {
+    probes: Probes,
+    counters: Counters,
+    index: CgroupIndex,
+    kvm: KvmDetection,
+    started: Instant,
+    previous: Option<(Instant, Vec<TenantCounts>)>,
+}
+
+impl Sampler {
+    /// Attaches the probes; counting starts now.
+    pub fn start(options: &ProbeOptions) -> Result<Self> {
+        let kvm = host::detect_kvm();
+        let mut probes = Probes::attach(&kvm, options).context("cannot start the probes")?;
+        let counters = Counters::new(&mut probes.ebpf)?;
+        let root = find_v2_mount().context(
+            "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
+        )?;
+        for failed in probes.status.iter().filter(|s| s.error.is_some()) {
+            // kvm_exit is expected to be missing where it never fires, and optional probes when off.
+            let expected = (failed.tracepoint == "kvm:kvm_exit" && !kvm.flavour.emits_kvm_exit())
+                || (failed.tracepoint == "syscalls:sys_enter_read" && !options.kick_latency);
+            if !expected {
+                tracing::warn!(tracepoint = %failed.tracepoint, error = ?failed.error, "probe not attached");
+            }
+        }
+        Ok(Self {
+            probes,
+            counters,
+            index: CgroupIndex::new(root),
+            kvm,
+            started: Instant::now(),
+            previous: None,
+        })
+    }
+
+    pub fn kvm(&self) -> &KvmDetection {
+        &self.kvm
+    }
+
+    pub fn probes(&self) -> &Probes {
+        &self.probes
+    }
+
+    /// Reads the counters now.
+    pub fn sample(&mut self) -> Result<Sample> {
+        let now = Instant::now();
+        let snapshot = self.counters.read(&self.probes.reason_names)?;
+        let (since, previous) = match &self.previous {
+            Some((at, tenants)) => (*at, tenants.as_slice()),
+            None => (self.started, &[][..]),
+        };
+        let interval_secs = now.duration_since(since).as_secs_f64();
+        let tenants = by_tenant(&snapshot, &mut self.index, previous, interval_secs);
+        let sample = Sample {
+            timestamp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            elapsed_secs: now.duration_since(self.started).as_secs_f64(),
+            interval_secs,
+            kvm: self.kvm.flavour,
+            exit_source: self.probes.exit_source,
+            tenants: tenants.clone(),
+            drops: snapshot
+                .drops
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            last: false,
+        };
+        self.previous = Some((now, tenants));
+        Ok(sample)
+    }
+}
