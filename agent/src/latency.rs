@@ -19,6 +19,9 @@ pub fn merge(into: &mut LatencyHistogram, other: &LatencyHistogram) {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
     pub count: u64,
+    /// Sum of all latencies, for exact means over any window.
+    #[serde(default)]
+    pub sum_ns: u64,
     pub mean_ns: u64,
     pub p50_ns: u64,
     pub p90_ns: u64,
@@ -44,6 +47,7 @@ impl LatencySummary {
         };
         Self {
             count: h.count,
+            sum_ns: h.sum_ns,
             mean_ns: h.sum_ns.checked_div(h.count).unwrap_or(0),
             p50_ns: percentile(0.50),
             p90_ns: percentile(0.90),

@@ -3,12 +3,17 @@
 
 pub mod cgroups;
 pub mod cli;
+pub mod config;
 pub mod counts;
+pub mod daemon;
 pub mod doctor;
 pub mod exit_names;
 pub mod exit_reasons;
+pub mod export;
+pub mod health;
 pub mod host;
 pub mod latency;
+pub mod metrics;
 pub mod probes;
 pub mod sampler;
 pub mod tenant;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use vmtrace::{doctor, watch};
+use vmtrace::{config, daemon, doctor, watch};
 
 /// vmtrace: which tenant's VMs are exiting, why, and what it costs them.
 ///
@@ -29,6 +29,13 @@ enum Command {
         json: bool,
     },
     Watch(watch::WatchArgs),
+    /// Run as the agent: sample the probes every interval and export the metrics through a
+    /// Prometheus endpoint (/metrics, /healthz, /readyz; 127.0.0.1:9464 unless --listen says
+    /// otherwise) and, when an endpoint is configured, OTLP push (gRPC or HTTP/protobuf, the
+    /// standard OTEL_EXPORTER_OTLP_* and OTEL_RESOURCE_ATTRIBUTES variables). Settings come from
+    /// flags, then environment, then --config FILE, then defaults (docs/configuration.md).
+    /// Stops on SIGINT/SIGTERM after a last export.
+    Agent(config::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +45,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -66,6 +74,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Watch(args) => {
             runtime()?.block_on(watch::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => {
+            runtime()?.block_on(daemon::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -82,7 +82,7 @@ pub async fn run(options: &WatchArgs) -> Result<()> {
 
 /// The table people read: one block per tenant, one line per kind, with latency percentiles where
 /// the kind has them.
-fn render_table(report: &Sample) -> String {
+pub fn render_table(report: &Sample) -> String {
     let mut out = format!(
         "\n── vmtrace · {:.0}s · exit source: {}{} ──\n{:<40} {:<26} {:>11} {:>10} {:>9} {:>9}\n",
         report.elapsed_secs,

@@ -12,6 +12,8 @@ use std::{
 
 use vmtrace_vmm::{Report, Scenario};
 
+pub mod otlp_receiver;
+
 /// Set to 1 on machines that have every capability (CI): a test that would skip fails instead.
 pub const REQUIRE_CAPS: &str = "VMTRACE_REQUIRE_CAPS";
 
@@ -220,6 +222,19 @@ pub fn expected_agent_counts(reports: &[Report]) -> BTreeMap<String, u64> {
                 add("kick.any", signals);
             }
             Scenario::Cpuid => add("cpuid", report.total.guest_ops),
+            Scenario::Virtio => {
+                let virtio = report.virtio.as_ref().expect("virtio report");
+                let kicks: u64 = virtio.queues.iter().map(|q| q.kicks).sum();
+                for queue in &virtio.queues {
+                    add(&format!("kick.q{}", queue.index), queue.kicks);
+                }
+                // QueueNotify writes complete in the kernel; other register writes exit to the VMM.
+                add("mmio.write.kernel", kicks);
+                add(
+                    "mmio.write",
+                    kicks + report.total.exits.get("mmio").copied().unwrap_or(0),
+                );
+            }
             Scenario::Pio | Scenario::Hlt => {}
         }
     }

@@ -34,7 +34,7 @@ pub fn check(config: &VmmConfig) -> Result<CheckedKvm, Error> {
         (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
         (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
     ];
-    if config.scenario == Scenario::Doorbell {
+    if matches!(config.scenario, Scenario::Doorbell | Scenario::Virtio) {
         needed.push((Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"));
     }
     for (cap, name) in needed {

@@ -2,12 +2,15 @@
 //! validated description of the VM that [`crate::Vmm::try_from`] turns into live KVM objects.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::layout::MAX_VCPUS_BY_LAYOUT;
+use crate::layout::{
+    MAX_VCPUS_BY_LAYOUT, VIRTIO_BUFFERS_END, VIRTIO_BUFFERS_GPA, VIRTIO_MAX_QUEUES,
+};
 
 /// What the guest does once per operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
@@ -24,16 +27,22 @@ pub enum Scenario {
     Cpuid,
     /// `hlt`: one KVM_EXIT_HLT to the VMM per operation (there is no in-kernel irqchip).
     Hlt,
+    /// One virtio-blk request per operation on a virtio-mmio device at GPA 0xD0000: the guest
+    /// driver fills a descriptor chain, publishes it on the available ring, kicks QueueNotify
+    /// (a 4-byte write completed in the kernel by the queue's ioeventfd, datamatch = queue
+    /// index) and polls the used ring; a VMM worker thread moves the data.
+    Virtio,
 }
 
 impl Scenario {
     /// Every scenario, in a fixed order.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Pio,
         Scenario::Mmio,
         Scenario::Doorbell,
         Scenario::Cpuid,
         Scenario::Hlt,
+        Scenario::Virtio,
     ];
 
     /// The lowercase name used on the command line and in reports.
@@ -44,6 +53,7 @@ impl Scenario {
             Scenario::Doorbell => "doorbell",
             Scenario::Cpuid => "cpuid",
             Scenario::Hlt => "hlt",
+            Scenario::Virtio => "virtio",
         }
     }
 }
@@ -60,6 +70,27 @@ guest's own counter at 0x8000 + 4*vCPU), `dec esi`, loop; at the end it writes p
 and the VMM stops that vCPU. With --rate the guest also writes port 0x12 (PACE) after every
 operation and the VMM sleeps there to hold the rate.
 
+VIRTIO SCENARIO (--scenario virtio): one operation is one virtio-blk request. The device is a
+virtio-mmio transport (virtio 1.x \"modern\", version 2) at GPA 0xD0000 whose block device is a
+disk in VMM memory; it has --queues split virtqueues of 16 entries. Queue q belongs to vCPU
+q mod --vcpus, so --queues must be at least --vcpus and no two vCPUs ever share a ring; each
+vCPU goes round-robin over its own queues. The VMM does the driver's initialisation itself,
+from the host side but through the same register handlers the guest's MMIO exits reach, as the
+driver would: reset, ACKNOWLEDGE, DRIVER, features VERSION_1 + MQ, FEATURES_OK, then per queue
+QueueSel, QueueNum, descriptor/driver/device ring addresses (in guest RAM at 0x10000 +
+0x400*q), QueueReady, and finally DRIVER_OK. It registers one ioeventfd per queue on
+QueueNotify (0xD0050, MMIO, length 4, datamatch = queue index). Each vCPU's driver program
+(its own copy, packed from 0x1000) first reads MagicValue, Version, DeviceID and Status (four
+MMIO read exits the VMM serves), then per request: writes the header (even requests OUT =
+write, odd requests IN = read back of the same sectors), a chain of three descriptors (header,
+--request-size data bytes, status byte), puts the head on the available ring, bumps avail.idx,
+writes the queue index to QueueNotify (a 4-byte MMIO write the ioeventfd completes in the
+kernel: no exit), counts the kick, polls used.idx, then checks the used entry, the status byte
+and, after a read, that the data came back (it writes port 0x14 with a reason code if not). A
+VMM worker thread waits in epoll on the queues' eventfds, reads each one (the value is the
+number of kicks since the last read), serves every available descriptor chain with rust-vmm's
+virtio-queue and writes the used ring. There are no interrupts (no irqchip): the guest polls.
+
 REPORT (JSON, one line unless --pretty; written only if all ground truth agrees):
   scenario           the scenario name
   pid                the VMM's process id
@@ -68,23 +99,49 @@ REPORT (JSON, one line unless --pretty; written only if all ground truth agrees)
                      inside the hierarchy and its id (the directory's inode number, what
                      bpf_get_current_cgroup_id() returns); null if no cgroup v2 is mounted
   vm_fd              the KVM VM file descriptor number in the VMM process
-  ioeventfds         [{space, addr, len, datamatch}] registered with KVM_IOEVENTFD
+  ioeventfds         [{space, addr, len, datamatch}] registered with KVM_IOEVENTFD (virtio:
+                     one per queue, addr 0xD0050, len 4, datamatch = queue index)
   vcpus[]            {index, tid, guest_ops, vmm_observed_ops, exits}: tid is the vCPU thread's
                      id (it issues KVM_RUN), guest_ops the guest's own counter read back from
                      guest memory, vmm_observed_ops the operations the VMM saw as exits (null
-                     where they are not visible to it: doorbell, cpuid), exits the count of
-                     every KVM_RUN return by reason (io, mmio, hlt, intr, shutdown, ...),
-                     including the DONE and PACE port writes
+                     where they are not visible to it: doorbell, cpuid, virtio), exits the count
+                     of every KVM_RUN return by reason (io, mmio, hlt, intr, shutdown, ...),
+                     including the DONE and PACE port writes and the virtio probe reads
   total              {guest_ops, exits} summed over the vCPUs
   doorbell_signals   the doorbell eventfd's counter at the end (doorbell scenario), else null
   duration_secs      wall time from the first vCPU start to the last vCPU stop
+  exit_delay_us      the --exit-delay-us the run loop slept after every exit (0 = none)
+  vm_setup_delay_ms  the --vm-setup-delay-ms slept before the vCPUs started (0 = none)
+  virtio             (virtio scenario, else null) {device, mmio_base, mmio_len, notify_addr,
+                     queue_size, request_size, disk_bytes, queues[]}; queues[] is {index, vcpu,
+                     notify_addr, datamatch, kicks, guest_kicks, requests, writes, reads, bytes}
+                     per queue: kicks is the sum of the values read from the queue's eventfd
+                     (by the worker, plus any left at the end), guest_kicks the guest's own count
+                     of its QueueNotify writes, requests the descriptor chains the device
+                     served (writes + reads), bytes the data moved (requests x request_size)
 
 The VMM fails (exit status 1, no report) if a guest counter differs from the requested count or
-from what the VMM observed, or on an unexpected exit; usage errors exit with status 2.";
+from what the VMM observed, or on an unexpected exit; for virtio also if, for any queue, kicks,
+guest_kicks and requests differ from each other or from the plan, if bytes differ from requests
+x request_size, or if any byte of the disk or of the guest's buffers differs from the pattern
+the requests must have left. Usage errors exit with status 2.";
+
+/// Default `--queues`.
+pub const DEFAULT_QUEUES: u32 = 2;
+/// Default `--request-size`.
+pub const DEFAULT_REQUEST_SIZE: u32 = 4096;
+/// Sector size: `--request-size` must be a multiple of it.
+pub const SECTOR_SIZE: u32 = 512;
+/// Largest `--request-size`.
+pub const MAX_REQUEST_SIZE: u32 = 0x1_0000;
+/// Largest `--exit-delay-us` (1 s).
+pub const MAX_EXIT_DELAY_US: u64 = 1_000_000;
+/// Largest `--vm-setup-delay-ms` (1 h).
+pub const MAX_VM_SETUP_DELAY_MS: u64 = 3_600_000;
 
 /// Reference VMM for vmtrace: runs a tiny real-mode KVM guest that performs a known number of
 /// operations, then prints a JSON report of the ground truth (guest operations, exits by reason,
-/// vCPU thread ids, cgroup id) for checking what a tracer saw.
+/// vCPU thread ids, cgroup id, virtio kicks per queue) for checking what a tracer saw.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "vmtrace-vmm", version, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -96,7 +153,8 @@ pub struct Cli {
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub vcpus: u32,
 
-    /// Operations per vCPU (1 to 4294967295); here each guest instruction costs about 1 µs
+    /// Operations per vCPU (1 to 4294967295); here each guest instruction costs about 1 µs.
+    /// For virtio: requests per vCPU
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub count: u64,
 
@@ -104,6 +162,37 @@ pub struct Cli {
     /// operation, counted in the report like any other exit)
     #[arg(long, value_name = "OPS", allow_negative_numbers = true)]
     pub rate: Option<f64>,
+
+    /// virtio only: number of virtqueues, 1 to 32 and at least --vcpus; queue q belongs to
+    /// vCPU q mod --vcpus [default: 2]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub queues: Option<u32>,
+
+    /// virtio only: data bytes per request, a multiple of 512 from 512 to 65536 (the vCPUs'
+    /// buffers, 2 x BYTES each, must fit in the 704 KiB below the device) [default: 4096]
+    #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
+    pub request_size: Option<u32>,
+
+    /// A slow VMM: after every exit to userspace the vCPU thread sleeps N µs (at least; up to
+    /// 1000000) before it re-enters KVM_RUN
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
+    pub exit_delay_us: u64,
+
+    /// Sleep N ms after creating the VM and registering its ioeventfds, before starting the
+    /// vCPUs (e.g. to start a tracer after setup); unless --quiet, a line on stderr says when
+    /// the sleep starts
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
+    pub vm_setup_delay_ms: u64,
 
     /// Run in this cgroup v2 cgroup, created if absent: an absolute directory inside the cgroup2
     /// mount, or a path relative to the cgroup2 mount point found in /proc/self/mountinfo. The
@@ -138,10 +227,19 @@ pub struct VmmConfig {
     pub rate: Option<f64>,
     /// Optional cgroup v2 path to move the process into (see [`Cli::cgroup`]).
     pub cgroup: Option<PathBuf>,
+    /// Virtqueues of the virtio device (virtio scenario only).
+    pub queues: u32,
+    /// Data bytes per virtio-blk request (virtio scenario only).
+    pub request_size: u32,
+    /// Microseconds the run loop sleeps after every exit before re-entering KVM_RUN.
+    pub exit_delay_us: u64,
+    /// Milliseconds to sleep between VM setup and starting the vCPUs.
+    pub vm_setup_delay_ms: u64,
 }
 
 impl VmmConfig {
-    /// The defaults of the command line: 1 vCPU, 10000 operations, no rate, no cgroup.
+    /// The defaults of the command line: 1 vCPU, 10000 operations, no rate, no cgroup, 2
+    /// queues of 4096-byte requests (virtio), no delays.
     pub fn new(scenario: Scenario) -> Self {
         VmmConfig {
             scenario,
@@ -149,6 +247,10 @@ impl VmmConfig {
             count: 10_000,
             rate: None,
             cgroup: None,
+            queues: DEFAULT_QUEUES,
+            request_size: DEFAULT_REQUEST_SIZE,
+            exit_delay_us: 0,
+            vm_setup_delay_ms: 0,
         }
     }
 
@@ -185,7 +287,67 @@ impl VmmConfig {
         {
             return Err(Error::Config("--cgroup must not be empty".into()));
         }
+        if self.exit_delay_us > MAX_EXIT_DELAY_US {
+            return Err(Error::Config(format!(
+                "--exit-delay-us {} is too large: use at most {MAX_EXIT_DELAY_US} (1 s)",
+                self.exit_delay_us
+            )));
+        }
+        if self.vm_setup_delay_ms > MAX_VM_SETUP_DELAY_MS {
+            return Err(Error::Config(format!(
+                "--vm-setup-delay-ms {} is too large: use at most {MAX_VM_SETUP_DELAY_MS} (1 h)",
+                self.vm_setup_delay_ms
+            )));
+        }
+        if self.scenario == Scenario::Virtio {
+            self.validate_virtio()?;
+        }
         Ok(())
+    }
+
+    fn validate_virtio(&self) -> Result<(), Error> {
+        if self.queues == 0 || self.queues > VIRTIO_MAX_QUEUES {
+            return Err(Error::Config(format!(
+                "--queues {} is out of range: use 1 to {VIRTIO_MAX_QUEUES}",
+                self.queues
+            )));
+        }
+        if self.queues < self.vcpus {
+            return Err(Error::Config(format!(
+                "--queues {} is fewer than --vcpus {}: every vCPU needs a queue of its own",
+                self.queues, self.vcpus
+            )));
+        }
+        let size = self.request_size;
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) || size > MAX_REQUEST_SIZE {
+            return Err(Error::Config(format!(
+                "--request-size {size} is not a multiple of {SECTOR_SIZE} from {SECTOR_SIZE} to \
+                 {MAX_REQUEST_SIZE}"
+            )));
+        }
+        let room = VIRTIO_BUFFERS_END - VIRTIO_BUFFERS_GPA;
+        let needed = 2 * u64::from(self.vcpus) * u64::from(size);
+        if needed > room {
+            return Err(Error::Config(format!(
+                "--request-size {size} with --vcpus {} needs {} KiB of guest buffers (2 per \
+                 vCPU), more than the {} KiB real mode leaves: use a smaller --request-size or \
+                 fewer vCPUs",
+                self.vcpus,
+                needed / 1024,
+                room / 1024
+            )));
+        }
+        Ok(())
+    }
+
+    /// The delay after every exit, if any.
+    pub fn exit_delay(&self) -> Option<Duration> {
+        (self.exit_delay_us > 0).then(|| Duration::from_micros(self.exit_delay_us))
+    }
+
+    /// The delay between VM setup and the vCPUs' start, if any.
+    pub fn vm_setup_delay(&self) -> Option<Duration> {
+        (self.vm_setup_delay_ms > 0).then(|| Duration::from_millis(self.vm_setup_delay_ms))
     }
 }
 
@@ -193,12 +355,29 @@ impl TryFrom<&Cli> for VmmConfig {
     type Error = Error;
 
     fn try_from(cli: &Cli) -> Result<Self, Error> {
+        if cli.scenario != Scenario::Virtio {
+            for (flag, given) in [
+                ("--queues", cli.queues.is_some()),
+                ("--request-size", cli.request_size.is_some()),
+            ] {
+                if given {
+                    return Err(Error::Config(format!(
+                        "{flag} applies to --scenario virtio only, not {}",
+                        cli.scenario
+                    )));
+                }
+            }
+        }
         let config = VmmConfig {
             scenario: cli.scenario,
             vcpus: cli.vcpus,
             count: cli.count,
             rate: cli.rate,
             cgroup: cli.cgroup.clone(),
+            queues: cli.queues.unwrap_or(DEFAULT_QUEUES),
+            request_size: cli.request_size.unwrap_or(DEFAULT_REQUEST_SIZE),
+            exit_delay_us: cli.exit_delay_us,
+            vm_setup_delay_ms: cli.vm_setup_delay_ms,
         };
         config.validate()?;
         Ok(config)
@@ -230,6 +409,51 @@ mod tests {
         assert!(parse(&["--scenario", "pio", "--rate", "NaN"]).is_err());
         assert!(parse(&["--scenario", "nope"]).is_err());
         assert!(parse(&[]).is_err());
+        assert!(parse(&["--scenario", "pio", "--exit-delay-us", "1000001"]).is_err());
+        assert!(parse(&["--scenario", "pio", "--vm-setup-delay-ms", "3600001"]).is_err());
+    }
+
+    #[test]
+    fn virtio_flags() {
+        let c = parse(&["--scenario", "virtio"]).unwrap();
+        assert_eq!((c.queues, c.request_size), (2, 4096));
+        let c = parse(&[
+            "--scenario",
+            "virtio",
+            "--vcpus",
+            "2",
+            "--queues",
+            "4",
+            "--request-size",
+            "512",
+            "--exit-delay-us",
+            "20",
+            "--vm-setup-delay-ms",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!((c.vcpus, c.queues, c.request_size), (2, 4, 512));
+        assert_eq!(c.exit_delay(), Some(Duration::from_micros(20)));
+        assert_eq!(c.vm_setup_delay(), Some(Duration::from_millis(5)));
+        let bad: [&[&str]; 8] = [
+            &["--queues", "0"],
+            &["--queues", "33"],
+            &["--vcpus", "3", "--queues", "2"],
+            &["--request-size", "0"],
+            &["--request-size", "1000"],
+            &["--request-size", "65537"],
+            &["--request-size", "131072"],
+            &["--vcpus", "8", "--queues", "8", "--request-size", "65536"],
+        ];
+        for args in bad {
+            let mut all = vec!["--scenario", "virtio"];
+            all.extend(args);
+            assert!(parse(&all).is_err(), "{args:?} was accepted");
+        }
+        for flag in ["--queues", "--request-size"] {
+            let err = parse(&["--scenario", "pio", flag, "1024"]).unwrap_err();
+            assert!(err.contains("virtio only"), "{err}");
+        }
     }
 
     #[test]

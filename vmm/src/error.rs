@@ -56,6 +56,9 @@ pub enum Error {
     /// a bug in the guest program, the VMM or KVM.
     #[error("ground truth mismatch: {0}")]
     Mismatch(String),
+    /// The virtio device (its transport, queues or worker thread) failed.
+    #[error("virtio-blk device: {0}")]
+    Device(String),
     /// A vCPU thread could not be started or died.
     #[error("vCPU thread {0}")]
     Thread(String),

@@ -1,5 +1,6 @@
 //! The guest programs: a few real-mode instructions per scenario, assembled in-process with
-//! iced-x86's code assembler in 16-bit mode.
+//! iced-x86's code assembler in 16-bit mode. The `virtio` scenario's driver programs are in
+//! [`virtio`].
 //!
 //! On entry (set by the VMM) ESI holds the number of operations left and EDI the address of the
 //! vCPU's 32-bit operation counter. CPUID clobbers EAX/EBX/ECX/EDX, so the loop keeps its state
@@ -17,6 +18,8 @@
 //!         jmp halt
 //! ```
 
+pub mod virtio;
+
 use iced_x86::code_asm::{CodeAssembler, al, ax, byte_ptr, dword_ptr, eax, edi, es, esi};
 
 use crate::config::Scenario;
@@ -25,14 +28,29 @@ use crate::layout::{
     CODE_GPA, DONE_PORT, DOORBELL_GPA, MMIO_GPA, MMIO_SEGMENT, OP_PORT, PACE_PORT,
 };
 
+/// A guest program and where it is loaded (and where the vCPUs that run it start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Program {
+    /// Load address and entry point.
+    pub entry: u64,
+    /// The machine code.
+    pub bytes: Vec<u8>,
+}
+
 /// Offset of the MMIO address inside [`MMIO_SEGMENT`].
 const MMIO_OFFSET: u64 = MMIO_GPA - ((MMIO_SEGMENT as u64) << 4);
 /// Offset of the doorbell inside [`MMIO_SEGMENT`].
 const DOORBELL_OFFSET: u64 = DOORBELL_GPA - ((MMIO_SEGMENT as u64) << 4);
 
 /// Assembles the guest program for `scenario`, to be loaded at [`CODE_GPA`]. With `paced` the
-/// guest writes the PACE port after every operation.
+/// guest writes the PACE port after every operation. The `virtio` scenario has one program per
+/// vCPU instead: see [`virtio::programs`].
 pub fn program(scenario: Scenario, paced: bool) -> Result<Vec<u8>, Error> {
+    if scenario == Scenario::Virtio {
+        return Err(Error::Config(
+            "the virtio scenario has one program per vCPU (guest::virtio::programs)".into(),
+        ));
+    }
     assemble(scenario, paced).map_err(|e| Error::Assemble(scenario.name(), e))
 }
 
@@ -53,6 +71,8 @@ fn assemble(scenario: Scenario, paced: bool) -> Result<Vec<u8>, iced_x86::IcedEr
             a.cpuid()?;
         }
         Scenario::Hlt => a.hlt()?,
+        // Refused by `program`.
+        Scenario::Virtio => {}
     }
     if paced {
         a.out(u32::from(PACE_PORT), al)?;

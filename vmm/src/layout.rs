@@ -29,3 +29,59 @@ pub const DOORBELL_LEN: u32 = 1;
 pub fn counter_gpa(index: u32) -> u64 {
     COUNTERS_GPA + 4 * u64::from(index)
 }
+
+/// Port the virtio guest driver writes, with a reason code in AL, when it finds something wrong
+/// (see [`crate::guest::virtio::FailCode`]); the VMM turns it into an error.
+pub const FAIL_PORT: u16 = 0x14;
+
+/// Guest RAM of the `virtio` scenario: everything below the device window (real mode reaches
+/// 1 MiB through segments; the other scenarios use [`MEM_SIZE`]).
+pub const VIRTIO_MEM_SIZE: usize = 0xD_0000;
+/// Guest-physical base of the virtio-mmio register window (unbacked: accesses exit to the VMM,
+/// except QueueNotify writes, which the queues' ioeventfds complete in the kernel).
+pub const VIRTIO_MMIO_GPA: u64 = 0xD_0000;
+/// Real-mode segment through which the guest reaches the virtio-mmio window.
+pub const VIRTIO_MMIO_SEGMENT: u16 = 0xD000;
+/// Size of the virtio-mmio window (registers 0x000-0x0FF, device config from 0x100).
+pub const VIRTIO_MMIO_LEN: u64 = 0x1000;
+/// Offset of the QueueNotify register in the virtio-mmio window.
+pub const VIRTIO_QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+/// Guest-physical address of QueueNotify: the doorbell, one ioeventfd per queue on it.
+pub const VIRTIO_NOTIFY_GPA: u64 = VIRTIO_MMIO_GPA + VIRTIO_QUEUE_NOTIFY_OFFSET;
+/// Length of the QueueNotify write and of its ioeventfds.
+pub const VIRTIO_NOTIFY_LEN: u32 = 4;
+
+/// Code area of the `virtio` scenario: one driver program per vCPU, packed from [`CODE_GPA`].
+pub const VIRTIO_CODE_END: u64 = COUNTERS_GPA;
+/// Start of the per-queue blocks (rings, request header, status byte, guest kick counter).
+pub const VIRTIO_QUEUES_GPA: u64 = 0x1_0000;
+/// Size of one queue block; queue `q`'s block starts at `VIRTIO_QUEUES_GPA + q * stride`.
+pub const VIRTIO_QUEUE_STRIDE: u64 = 0x400;
+/// The most queues the layout (and the `--queues` flag) allows.
+pub const VIRTIO_MAX_QUEUES: u32 = 32;
+/// Start of the per-vCPU data buffers (write buffer then read buffer, `--request-size` each).
+pub const VIRTIO_BUFFERS_GPA: u64 = 0x2_0000;
+/// End of the data buffer area: the device window.
+pub const VIRTIO_BUFFERS_END: u64 = VIRTIO_MMIO_GPA;
+
+/// Offsets inside a queue block. The rings are laid out as a virtio 1.x split virtqueue of
+/// [`VIRTIO_QUEUE_SIZE`] entries; the rest is the guest driver's own per-queue state.
+pub mod queue_block {
+    /// Descriptor table: 16 bytes per descriptor, 16-byte aligned.
+    pub const DESC: u64 = 0x000;
+    /// Available (driver) ring: flags, idx, `ring[size]`, used_event.
+    pub const AVAIL: u64 = 0x100;
+    /// Used (device) ring: flags, idx, `ring[size]` of {id, len}, avail_event; 4-byte aligned.
+    pub const USED: u64 = 0x180;
+    /// The virtio-blk request header {type, reserved, sector} the driver fills per request.
+    pub const HEADER: u64 = 0x280;
+    /// The status byte the device writes.
+    pub const STATUS: u64 = 0x290;
+    /// The guest's own count of its QueueNotify writes for this queue (32 bits).
+    pub const GUEST_KICKS: u64 = 0x2A0;
+}
+
+/// Entries per virtqueue (what the VMM-side driver writes to QueueNum).
+pub const VIRTIO_QUEUE_SIZE: u16 = 16;
+/// QueueNumMax the device offers.
+pub const VIRTIO_QUEUE_MAX_SIZE: u16 = 256;

@@ -1,9 +1,10 @@
 //! The vmtrace reference VMM: a minimal KVM virtual machine monitor whose guest performs a known
-//! number of operations of one kind (port I/O, MMIO, ioeventfd doorbell writes, CPUID, HLT), so
-//! that everything a tracer observes about it can be checked against ground truth.
+//! number of operations of one kind (port I/O, MMIO, ioeventfd doorbell writes, CPUID, HLT,
+//! virtio-blk requests on a virtio-mmio device served by a worker thread), so that everything a
+//! tracer observes about it can be checked against ground truth.
 //!
 //! The guest is a few real-mode (16-bit) instructions assembled in-process ([`guest`]), loaded
-//! at [`layout::CODE_GPA`] in 64 KiB of guest memory, and run on one host thread per vCPU
+//! at [`layout::CODE_GPA`] in 64 KiB of guest memory (832 KiB for virtio, see [`virtio`]), and run on one host thread per vCPU
 //! ([`vcpu`]). At the end the VMM reads the guest's own operation counters back from guest
 //! memory, cross-checks them against what it saw itself and returns a [`report::Report`].
 //!
@@ -22,12 +23,14 @@ pub mod config;
 pub mod error;
 pub mod exits;
 pub mod guest;
+mod ioeventfd;
 mod kick;
 pub mod layout;
 pub mod memory;
 mod pace;
 pub mod report;
 pub mod vcpu;
+pub mod virtio;
 pub mod vmm;
 
 pub use config::{Cli, Scenario, VmmConfig};

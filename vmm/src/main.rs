@@ -62,6 +62,18 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None => Box::new(std::io::stdout().lock()),
     };
     let vmm = Vmm::try_from(config)?;
+    if !cli.quiet && cli.vm_setup_delay_ms > 0 {
+        // The VM exists and its ioeventfds are registered: a tracer started now sees the run
+        // but not the setup.
+        eprintln!(
+            "vmtrace-vmm: VM set up (pid {}, vm fd {}, {} ioeventfd(s)); starting the vCPUs in \
+             {} ms",
+            std::process::id(),
+            vmm.vm_fd(),
+            vmm.ioeventfds().len(),
+            cli.vm_setup_delay_ms
+        );
+    }
     let report = vmm.run()?;
     let json = if cli.pretty {
         report.to_json_pretty()
@@ -73,13 +85,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .context("cannot write the report")?;
     if !cli.quiet {
         eprintln!(
-            "vmtrace-vmm: {}: {} vCPU(s) x {} ops in {:.3} s ({:.2} us/op per vCPU), exits {:?}",
+            "vmtrace-vmm: {}: {} vCPU(s) x {} ops in {:.3} s ({:.2} us/op per vCPU), exits {:?}{}",
             report.scenario,
             report.vcpus.len(),
             report.count,
             report.duration_secs,
             report.micros_per_op(),
-            report.total.exits
+            report.total.exits,
+            match &report.virtio {
+                Some(v) => format!(
+                    ", kicks per queue {:?}",
+                    v.queues.iter().map(|q| q.kicks).collect::<Vec<_>>()
+                ),
+                None => String::new(),
+            }
         );
     }
     Ok(())

@@ -5,15 +5,15 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::error::Error;
-use crate::layout::MEM_SIZE;
 
-/// Creates [`MEM_SIZE`] bytes of guest RAM at GPA 0 and registers them with `vm`.
+/// Creates `size` bytes of guest RAM at GPA 0 and registers them with `vm`
+/// ([`crate::layout::MEM_SIZE`], or [`crate::layout::VIRTIO_MEM_SIZE`] for virtio).
 ///
 /// The returned memory must outlive every vCPU of `vm` that may touch it; [`crate::Vmm`]
 /// keeps it until the vCPU threads have been joined.
-pub fn create(vm: &VmFd) -> Result<GuestMemoryMmap, Error> {
-    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-        .map_err(|e| Error::Memory(format!("cannot map {MEM_SIZE} bytes: {e}")))?;
+pub fn create(vm: &VmFd, size: usize) -> Result<GuestMemoryMmap, Error> {
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| Error::Memory(format!("cannot map {size} bytes: {e}")))?;
     let host = memory
         .get_host_address(GuestAddress(0))
         .map_err(|e| Error::Memory(format!("no host address for GPA 0: {e}")))?;
@@ -21,10 +21,10 @@ pub fn create(vm: &VmFd) -> Result<GuestMemoryMmap, Error> {
         slot: 0,
         flags: 0,
         guest_phys_addr: 0,
-        memory_size: MEM_SIZE as u64,
+        memory_size: size as u64,
         userspace_addr: host as u64,
     };
-    // SAFETY: `region` describes exactly the MEM_SIZE-byte mapping owned by `memory`, which the
+    // SAFETY: `region` describes exactly the `size`-byte mapping owned by `memory`, which the
     // caller keeps alive for as long as the VM can run; the slot is not registered twice.
     unsafe { vm.set_user_memory_region(region) }
         .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;

@@ -33,6 +33,61 @@ pub struct Report {
     pub doorbell_signals: Option<u64>,
     /// Wall time from starting the first vCPU to the last vCPU stopping.
     pub duration_secs: f64,
+    /// Microseconds the run loop slept after every exit before re-entering KVM_RUN (0 = none).
+    #[serde(default)]
+    pub exit_delay_us: u64,
+    /// Milliseconds slept between VM setup and starting the vCPUs (0 = none).
+    #[serde(default)]
+    pub vm_setup_delay_ms: u64,
+    /// The virtio device and its queues (virtio scenario only).
+    #[serde(default)]
+    pub virtio: Option<VirtioReport>,
+}
+
+/// The virtio-blk device of the `virtio` scenario.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioReport {
+    /// Device type and transport: `virtio-blk` over `virtio-mmio`.
+    pub device: String,
+    /// Guest-physical base of the virtio-mmio register window.
+    pub mmio_base: u64,
+    /// Size of the window.
+    pub mmio_len: u64,
+    /// Guest-physical address of QueueNotify, the doorbell of every queue.
+    pub notify_addr: u64,
+    /// Entries per virtqueue.
+    pub queue_size: u16,
+    /// Data bytes per request.
+    pub request_size: u32,
+    /// Size of the memory-backed disk.
+    pub disk_bytes: u64,
+    /// One entry per queue, by index.
+    pub queues: Vec<VirtioQueueReport>,
+}
+
+/// One virtqueue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioQueueReport {
+    /// Queue index (also the value the guest writes to QueueNotify, the ioeventfd's datamatch).
+    pub index: u32,
+    /// The vCPU whose guest driver uses this queue (and no other vCPU does).
+    pub vcpu: u32,
+    /// Where the guest kicks this queue.
+    pub notify_addr: u64,
+    /// The datamatch of the queue's ioeventfd.
+    pub datamatch: u64,
+    /// Sum of the values read from the queue's eventfd: every QueueNotify write for it.
+    pub kicks: u64,
+    /// The guest's own count of its QueueNotify writes for this queue.
+    pub guest_kicks: u64,
+    /// Descriptor chains (requests) the device served.
+    pub requests: u64,
+    /// Of which writes (VIRTIO_BLK_T_OUT).
+    pub writes: u64,
+    /// Of which reads (VIRTIO_BLK_T_IN).
+    pub reads: u64,
+    /// Data bytes moved between guest memory and the disk.
+    pub bytes: u64,
 }
 
 /// A cgroup v2 cgroup.
@@ -132,6 +187,7 @@ pub fn expected_vcpu_exits(scenario: Scenario, count: u64, paced: bool) -> ExitC
         Scenario::Pio => add("io", count),
         Scenario::Mmio => add("mmio", count),
         Scenario::Hlt => add("hlt", count),
+        Scenario::Virtio => add("mmio", crate::guest::virtio::PROBE_READS),
         Scenario::Doorbell | Scenario::Cpuid => {}
     }
     exits
@@ -169,6 +225,9 @@ mod tests {
             vcpus: vec![vcpu],
             doorbell_signals: None,
             duration_secs: 0.5,
+            exit_delay_us: 0,
+            vm_setup_delay_ms: 0,
+            virtio: None,
         };
         let json = report.to_json();
         assert!(
@@ -178,6 +237,13 @@ mod tests {
         assert!(json.contains(r#""exits":{"io":1001}"#), "{json}");
         assert_eq!(Report::from_json(&json).unwrap(), report);
         assert_eq!(report.vcpu_by_tid(124).unwrap().index, 0);
+        // Reports written before the delays and virtio existed still parse.
+        let old = json
+            .replace(r#","exit_delay_us":0"#, "")
+            .replace(r#","vm_setup_delay_ms":0"#, "")
+            .replace(r#","virtio":null"#, "");
+        assert!(!old.contains("virtio"), "{old}");
+        assert_eq!(Report::from_json(&old).unwrap(), report);
     }
 
     #[test]
@@ -189,6 +255,10 @@ mod tests {
         assert_eq!(
             expected_vcpu_exits(Scenario::Hlt, 5, false),
             ExitCounts::from([("io".into(), 1), ("hlt".into(), 5)])
+        );
+        assert_eq!(
+            expected_vcpu_exits(Scenario::Virtio, 5, true),
+            ExitCounts::from([("io".into(), 6), ("mmio".into(), 4)])
         );
     }
 }

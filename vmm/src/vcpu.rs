@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -9,15 +10,18 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::config::Scenario;
 use crate::error::Error;
 use crate::exits::{self, ExitCounts};
-use crate::layout::{CODE_GPA, DONE_PORT, MMIO_GPA, OP_PORT, PACE_PORT, counter_gpa};
+use crate::guest::virtio::FailCode;
+use crate::layout::{DONE_PORT, FAIL_PORT, MMIO_GPA, OP_PORT, PACE_PORT, counter_gpa};
 use crate::pace::Pacer;
+use crate::virtio::MmioHandle;
 
 /// RFLAGS with only the always-one bit 1 set (interrupts disabled).
 const RFLAGS_RESERVED: u64 = 0x2;
 
-/// Puts a fresh vCPU into real mode at CS:IP 0:[`CODE_GPA`] with flat zero-based segments,
-/// ESI = `count` operations to do and EDI = the address of its operation counter.
-pub fn configure(vcpu: &VcpuFd, index: u32, count: u64) -> Result<(), Error> {
+/// Puts a fresh vCPU into real mode at CS:IP 0:`entry` (below 64 KiB; normally
+/// [`crate::layout::CODE_GPA`]) with flat zero-based segments, ESI = `count` operations to do
+/// and EDI = the address of its operation counter.
+pub fn configure(vcpu: &VcpuFd, index: u32, count: u64, entry: u64) -> Result<(), Error> {
     let mut sregs = vcpu
         .get_sregs()
         .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
@@ -35,7 +39,7 @@ pub fn configure(vcpu: &VcpuFd, index: u32, count: u64) -> Result<(), Error> {
     vcpu.set_sregs(&sregs)
         .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
     let regs = kvm_regs {
-        rip: CODE_GPA,
+        rip: entry,
         rflags: RFLAGS_RESERVED,
         rsi: count,
         rdi: counter_gpa(index),
@@ -73,11 +77,17 @@ pub struct VcpuRunner {
     pub rate: Option<f64>,
     /// Set when another vCPU failed: stop at the next exit.
     pub abort: Arc<AtomicBool>,
+    /// The virtio device whose MMIO exits this vCPU serves (virtio scenario).
+    pub device: Option<MmioHandle>,
+    /// Sleep this long after every exit before re-entering KVM_RUN (a slow VMM).
+    pub exit_delay: Option<Duration>,
 }
 
 /// What to do after one exit, decided while the exit still borrows the vCPU.
 enum Step {
     Op,
+    /// An exit served without counting an operation (virtio register access).
+    Served,
     Pace,
     Done,
     Interrupted,
@@ -100,12 +110,22 @@ impl VcpuRunner {
             exits: ExitCounts::new(),
             observed_ops: match self.scenario {
                 Scenario::Pio | Scenario::Mmio | Scenario::Hlt => Some(0),
-                Scenario::Doorbell | Scenario::Cpuid => None,
+                Scenario::Doorbell | Scenario::Cpuid | Scenario::Virtio => None,
             },
             pace_exits: 0,
         };
         let mut pacer = self.rate.map(Pacer::new);
+        if self.exit_delay.is_some() {
+            precise_sleeps();
+        }
+        let mut first = true;
         loop {
+            if let Some(delay) = self.exit_delay
+                && !std::mem::take(&mut first)
+            {
+                // The slow VMM: every exit takes at least this long to serve.
+                std::thread::sleep(delay);
+            }
             if self.abort.load(Ordering::Relaxed) {
                 return Err(Error::Aborted(self.index));
             }
@@ -115,7 +135,7 @@ impl VcpuRunner {
                         .exits
                         .entry(exits::name(&exit).into_owned())
                         .or_default() += 1;
-                    classify(self.scenario, exit)
+                    classify(self.scenario, exit, self.device.as_ref())
                 }
                 Err(e) if e.errno() == libc::EINTR => {
                     *outcome.exits.entry(exits::INTR.into()).or_default() += 1;
@@ -124,7 +144,7 @@ impl VcpuRunner {
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
             };
             match step {
-                Step::Interrupted => {}
+                Step::Interrupted | Step::Served => {}
                 Step::Op => {
                     if let Some(n) = outcome.observed_ops.as_mut() {
                         *n += 1;
@@ -180,14 +200,42 @@ impl VcpuRunner {
     }
 }
 
-fn classify(scenario: Scenario, exit: VcpuExit<'_>) -> Step {
+/// Makes this thread's sleeps end on time: the default timer slack (50 µs) would stretch every
+/// short `--exit-delay-us` sleep by up to that much.
+fn precise_sleeps() {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer argument and only changes the calling
+    // thread's timer slack; failure leaves the default, which only makes sleeps longer.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
+fn classify(scenario: Scenario, exit: VcpuExit<'_>, device: Option<&MmioHandle>) -> Step {
+    let served = |result: Result<(), String>| match result {
+        Ok(()) => Step::Served,
+        Err(e) => Step::Fail(format!("virtio-mmio: {e}")),
+    };
+    // The device's registers (QueueNotify writes reach them only if no ioeventfd matched).
+    let exit = match (exit, device) {
+        (VcpuExit::MmioRead(addr, data), Some(d)) if MmioHandle::contains(addr) => {
+            return served(d.read(addr, data));
+        }
+        (VcpuExit::MmioWrite(addr, data), Some(d)) if MmioHandle::contains(addr) => {
+            return served(d.write(addr, data));
+        }
+        (exit, _) => exit,
+    };
     match exit {
-        VcpuExit::IoOut(port, _) => match port {
+        VcpuExit::IoOut(port, data) => match port {
             OP_PORT if scenario == Scenario::Pio => Step::Op,
             DONE_PORT => Step::Done,
             PACE_PORT => Step::Pace,
+            FAIL_PORT if scenario == Scenario::Virtio => {
+                Step::Fail(FailCode::describe(data.first().copied().unwrap_or(0)))
+            }
             _ => Step::Fail(format!("unexpected write to port {port:#x}")),
         },
+
         VcpuExit::IoIn(port, data) => {
             data.fill(0xff);
             Step::Fail(format!("unexpected read of port {port:#x}"))
@@ -225,32 +273,49 @@ fn classify(scenario: Scenario, exit: VcpuExit<'_>) -> Step {
 mod tests {
     use super::*;
 
+    fn classify_(scenario: Scenario, exit: VcpuExit<'_>) -> Step {
+        classify(scenario, exit, None)
+    }
+
     #[test]
     fn classifies_exits() {
         assert!(matches!(
-            classify(Scenario::Pio, VcpuExit::IoOut(OP_PORT, &[0])),
+            classify_(Scenario::Pio, VcpuExit::IoOut(OP_PORT, &[0])),
             Step::Op
         ));
         assert!(matches!(
-            classify(Scenario::Mmio, VcpuExit::IoOut(OP_PORT, &[0])),
+            classify_(Scenario::Mmio, VcpuExit::IoOut(OP_PORT, &[0])),
             Step::Fail(_)
         ));
         assert!(matches!(
-            classify(Scenario::Cpuid, VcpuExit::IoOut(DONE_PORT, &[0])),
+            classify_(Scenario::Cpuid, VcpuExit::IoOut(DONE_PORT, &[0])),
             Step::Done
         ));
         assert!(matches!(
-            classify(Scenario::Mmio, VcpuExit::MmioWrite(MMIO_GPA, &[0])),
+            classify_(Scenario::Mmio, VcpuExit::MmioWrite(MMIO_GPA, &[0])),
             Step::Op
         ));
         assert!(matches!(
-            classify(Scenario::Pio, VcpuExit::Hlt),
+            classify_(Scenario::Pio, VcpuExit::Hlt),
             Step::Fail(_)
         ));
-        assert!(matches!(classify(Scenario::Hlt, VcpuExit::Hlt), Step::Op));
+        assert!(matches!(classify_(Scenario::Hlt, VcpuExit::Hlt), Step::Op));
         assert!(matches!(
-            classify(Scenario::Hlt, VcpuExit::Shutdown),
+            classify_(Scenario::Hlt, VcpuExit::Shutdown),
             Step::Fail(_)
+        ));
+        assert!(matches!(
+            classify_(Scenario::Virtio, VcpuExit::IoOut(FAIL_PORT, &[5])),
+            Step::Fail(m) if m.contains("data read back differs")
+        ));
+        assert!(matches!(
+            classify_(Scenario::Pio, VcpuExit::IoOut(FAIL_PORT, &[5])),
+            Step::Fail(m) if m.contains("unexpected write to port 0x14")
+        ));
+        // Without a device the virtio window is just an unexpected address.
+        assert!(matches!(
+            classify_(Scenario::Virtio, VcpuExit::MmioWrite(0xD0070, &[0; 4])),
+            Step::Fail(m) if m.contains("unexpected 4-byte MMIO write")
         ));
     }
 }

@@ -9,12 +9,9 @@ use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVMIO, kvm_ioeventfd};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iow_nr;
 
 use crate::caps;
 use crate::cgroup;
@@ -22,18 +19,28 @@ use crate::config::{Scenario, VmmConfig};
 use crate::error::Error;
 use crate::exits::{self, ExitCounts};
 use crate::guest;
+use crate::ioeventfd;
 use crate::kick;
-use crate::layout::{CODE_GPA, DOORBELL_GPA, DOORBELL_LEN, counter_gpa};
+use crate::layout::{CODE_GPA, DOORBELL_GPA, DOORBELL_LEN, MEM_SIZE, VIRTIO_MEM_SIZE, counter_gpa};
 use crate::memory;
 use crate::report::{CgroupReport, IoEventFdReport, Report, TotalReport, VcpuReport};
 use crate::vcpu::{self, VcpuOutcome, VcpuRunner};
-
-ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+use crate::virtio::VirtioBlk;
+use crate::virtio::plan::Plan;
 
 /// How often vCPU threads are kicked again while they are being stopped.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
 
-/// A VM ready to run: KVM checked, cgroup joined, memory loaded, vCPUs configured.
+/// What the threads of a running VM tell [`Vmm::run`].
+enum Event {
+    /// A vCPU thread ended.
+    Vcpu(u32, Result<VcpuOutcome, Error>),
+    /// The virtio worker gave up.
+    Device(Error),
+}
+
+/// A VM ready to run: KVM checked, cgroup joined, memory loaded, devices initialised, vCPUs
+/// configured.
 ///
 /// Fields drop in order: the VM and vCPU fds close before the guest memory is unmapped.
 #[derive(Debug)]
@@ -41,6 +48,7 @@ pub struct Vmm {
     config: VmmConfig,
     cgroup: Option<CgroupReport>,
     doorbell: Option<EventFd>,
+    virtio: Option<VirtioBlk>,
     ioeventfds: Vec<IoEventFdReport>,
     vcpus: Vec<VcpuFd>,
     vm: VmFd,
@@ -52,11 +60,26 @@ impl TryFrom<VmmConfig> for Vmm {
     type Error = Error;
 
     /// Checks the configuration and KVM's capabilities, moves the process into the requested
-    /// cgroup, then creates the VM, its memory (with the guest program loaded) and its vCPUs.
+    /// cgroup, then creates the VM, its memory (with the guest program loaded), its devices
+    /// and ioeventfds, and its vCPUs.
     fn try_from(config: VmmConfig) -> Result<Self, Error> {
         config.validate()?;
         let checked = caps::check(&config)?;
-        let program = guest::program(config.scenario, config.rate.is_some())?;
+        let paced = config.rate.is_some();
+        let plan = (config.scenario == Scenario::Virtio).then_some(Plan {
+            vcpus: config.vcpus,
+            queues: config.queues,
+            count: config.count,
+            request_size: config.request_size,
+        });
+        // One program at CODE_GPA for every vCPU, or one per vCPU for virtio.
+        let programs = match &plan {
+            Some(plan) => guest::virtio::programs(plan, paced)?,
+            None => vec![guest::Program {
+                entry: CODE_GPA,
+                bytes: guest::program(config.scenario, paced)?,
+            }],
+        };
 
         // Join the cgroup before the VM exists, so that its memory and threads are charged
         // there from the start.
@@ -78,8 +101,15 @@ impl TryFrom<VmmConfig> for Vmm {
         let vm = kvm
             .create_vm()
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
-        let memory = memory::create(&vm)?;
-        memory::load(&memory, CODE_GPA, &program)?;
+        let mem_size = if plan.is_some() {
+            VIRTIO_MEM_SIZE
+        } else {
+            MEM_SIZE
+        };
+        let memory = memory::create(&vm, mem_size)?;
+        for program in &programs {
+            memory::load(&memory, program.entry, &program.bytes)?;
+        }
         for index in 0..config.vcpus {
             memory::load(&memory, counter_gpa(index), &0u32.to_le_bytes())?;
         }
@@ -87,16 +117,24 @@ impl TryFrom<VmmConfig> for Vmm {
         let mut ioeventfds = Vec::new();
         let doorbell = if config.scenario == Scenario::Doorbell {
             let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::EventFd("creation", e))?;
-            register_mmio_ioeventfd(&vm, &fd, DOORBELL_GPA, DOORBELL_LEN)?;
-            ioeventfds.push(IoEventFdReport {
-                space: "mmio".into(),
-                addr: DOORBELL_GPA,
-                len: DOORBELL_LEN,
-                datamatch: None,
-            });
+            ioeventfds.push(ioeventfd::register_mmio(
+                &vm,
+                &fd,
+                DOORBELL_GPA,
+                DOORBELL_LEN,
+                None,
+            )?);
             Some(fd)
         } else {
             None
+        };
+        let virtio = match plan {
+            Some(plan) => {
+                let device = VirtioBlk::create(&vm, &memory, plan)?;
+                ioeventfds.extend_from_slice(device.ioeventfds());
+                Some(device)
+            }
+            None => None,
         };
 
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
@@ -104,7 +142,8 @@ impl TryFrom<VmmConfig> for Vmm {
             let vcpu = vm
                 .create_vcpu(u64::from(index))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-            vcpu::configure(&vcpu, index, config.count)?;
+            let entry = programs[(index as usize).min(programs.len() - 1)].entry;
+            vcpu::configure(&vcpu, index, config.count, entry)?;
             vcpus.push(vcpu);
         }
 
@@ -112,6 +151,7 @@ impl TryFrom<VmmConfig> for Vmm {
             config,
             cgroup,
             doorbell,
+            virtio,
             ioeventfds,
             vcpus,
             vm,
@@ -121,39 +161,31 @@ impl TryFrom<VmmConfig> for Vmm {
     }
 }
 
-/// Registers `fd` as an ioeventfd for `len`-byte MMIO writes at `addr`, with no datamatch.
-///
-/// kvm-ioctls' `register_ioevent` ties the length to the datamatch type (no datamatch means
-/// length 0, "any length"), so the ioctl is issued directly to get the length a device model
-/// would register.
-fn register_mmio_ioeventfd(vm: &VmFd, fd: &EventFd, addr: u64, len: u32) -> Result<(), Error> {
-    let request = kvm_ioeventfd {
-        datamatch: 0,
-        addr,
-        len,
-        fd: fd.as_raw_fd(),
-        flags: 0,
-        ..Default::default()
-    };
-    // SAFETY: `vm` is a KVM VM fd and `request` is a fully initialised kvm_ioeventfd that the
-    // kernel only reads; the return value is checked.
-    let ret = unsafe { ioctl_with_ref(vm, KVM_IOEVENTFD(), &request) };
-    if ret != 0 {
-        return Err(Error::Kvm("KVM_IOEVENTFD", kvm_ioctls::Error::last()));
-    }
-    Ok(())
-}
-
 impl Vmm {
     /// The configuration this VM was built from.
     pub fn config(&self) -> &VmmConfig {
         &self.config
     }
 
-    /// Runs every vCPU on its own thread until each guest writes DONE, then reads the guest
-    /// counters back, checks them against the VMM's own observations and the requested count,
-    /// and returns the report. If one vCPU fails the others are stopped and its error returned.
+    /// The KVM VM file descriptor number.
+    pub fn vm_fd(&self) -> i32 {
+        self.vm.as_raw_fd()
+    }
+
+    /// Every ioeventfd registered with KVM_IOEVENTFD so far.
+    pub fn ioeventfds(&self) -> &[IoEventFdReport] {
+        &self.ioeventfds
+    }
+
+    /// Sleeps `--vm-setup-delay-ms` (if any), then runs every vCPU on its own thread until
+    /// each guest writes DONE (with the virtio worker serving the queues meanwhile), then reads
+    /// the guest counters back, checks them against the VMM's own observations and the
+    /// requested count, and returns the report. If one vCPU (or the virtio worker) fails, the
+    /// vCPUs are stopped and its error returned.
     pub fn run(mut self) -> Result<Report, Error> {
+        if let Some(delay) = self.config.vm_setup_delay() {
+            thread::sleep(delay);
+        }
         let abort = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let vcpus = std::mem::take(&mut self.vcpus);
@@ -162,6 +194,16 @@ impl Vmm {
         let mut first_error: Option<Error> = None;
         // Install the kick handler before any vCPU thread exists.
         kick::kick_signal();
+        let worker = match self.virtio.as_mut() {
+            Some(device) => {
+                let tx = tx.clone();
+                Some(device.start(move |e| {
+                    let _ = tx.send(Event::Device(e));
+                })?)
+            }
+            None => None,
+        };
+        let device = self.virtio.as_ref().map(VirtioBlk::handle);
         let start = Instant::now();
         for (index, vcpu) in (0u32..).zip(vcpus) {
             let runner = VcpuRunner {
@@ -170,12 +212,14 @@ impl Vmm {
                 scenario: self.config.scenario,
                 rate: self.config.rate,
                 abort: Arc::clone(&abort),
+                device: device.clone(),
+                exit_delay: self.config.exit_delay(),
             };
             let tx = tx.clone();
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let _ = tx.send((index, runner.run()));
+                    let _ = tx.send(Event::Vcpu(index, runner.run()));
                 });
             match spawned {
                 Ok(handle) => handles.push(handle),
@@ -203,7 +247,7 @@ impl Vmm {
                 rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
             };
             match received {
-                Ok((index, result)) => {
+                Ok(Event::Vcpu(index, result)) => {
                     remaining -= 1;
                     finished[index as usize] = true;
                     match result {
@@ -217,6 +261,12 @@ impl Vmm {
                         }
                     }
                 }
+                Ok(Event::Device(e)) => {
+                    if first_error.is_none() {
+                        first_error = Some(e);
+                    }
+                    abort.store(true, Ordering::Relaxed);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
@@ -227,18 +277,35 @@ impl Vmm {
                 first_error = Some(Error::Thread(format!("{index} panicked")));
             }
         }
+        let worker_output = match worker.map(|w| w.stop()) {
+            Some(Ok(output)) => Some(output),
+            Some(Err(e)) => {
+                first_error.get_or_insert(e);
+                None
+            }
+            None => None,
+        };
         if let Some(e) = first_error {
-            return Err(e);
+            // A refused request explains a guest driver failure.
+            return Err(match worker_output.and_then(|o| o.first_rejected) {
+                Some(why) => Error::Device(format!("{e}; the device refused {why}")),
+                None => e,
+            });
         }
         let outcomes = outcomes
             .into_iter()
             .enumerate()
             .map(|(i, o)| o.ok_or_else(|| Error::Thread(format!("{i} ended without a result"))))
             .collect::<Result<Vec<_>, _>>()?;
-        self.report(outcomes, duration)
+        self.report(outcomes, duration, worker_output)
     }
 
-    fn report(&self, outcomes: Vec<VcpuOutcome>, duration: Duration) -> Result<Report, Error> {
+    fn report(
+        &self,
+        outcomes: Vec<VcpuOutcome>,
+        duration: Duration,
+        worker_output: Option<crate::virtio::worker::WorkerOutput>,
+    ) -> Result<Report, Error> {
         let count = self.config.count;
         let mut vcpus = Vec::with_capacity(outcomes.len());
         let mut total_exits = ExitCounts::new();
@@ -292,6 +359,13 @@ impl Vmm {
             }
             None => None,
         };
+        let virtio = match (&self.virtio, worker_output) {
+            (Some(device), Some(output)) => Some(device.finish(output)?),
+            (Some(_), None) => {
+                return Err(Error::Device("the worker left no result".into()));
+            }
+            (None, _) => None,
+        };
         Ok(Report {
             scenario: self.config.scenario,
             pid: std::process::id(),
@@ -307,6 +381,9 @@ impl Vmm {
             },
             doorbell_signals,
             duration_secs: duration.as_secs_f64(),
+            exit_delay_us: self.config.exit_delay_us,
+            vm_setup_delay_ms: self.config.vm_setup_delay_ms,
+            virtio,
         })
     }
 }
@@ -348,5 +425,67 @@ mod tests {
             "stopping took {:?}",
             start.elapsed()
         );
+    }
+
+    fn virtio_vmm(count: u64) -> Vmm {
+        let config = VmmConfig {
+            count,
+            ..VmmConfig::new(Scenario::Virtio)
+        };
+        Vmm::try_from(config).unwrap()
+    }
+
+    /// The final check compares every byte of the guest's buffers with the plan.
+    #[test]
+    fn virtio_catches_unexpected_data() {
+        if !kvm_or_skip("virtio_catches_unexpected_data") {
+            return;
+        }
+        let vmm = virtio_vmm(20);
+        // One byte of the write buffer the guest never touches, changed behind its back: the
+        // guest's own checks pass (it reads back what it wrote) but the data differ from the plan.
+        let gpa = crate::layout::VIRTIO_BUFFERS_GPA + 100;
+        memory::load(&vmm.memory, gpa, &[!memory_byte(&vmm, gpa)]).unwrap();
+        let err = vmm.run().unwrap_err();
+        assert!(matches!(err, Error::Mismatch(_)), "{err}");
+        assert!(err.to_string().contains("differs"), "{err}");
+    }
+
+    /// A guest kick counter that disagrees with the eventfd is an error.
+    #[test]
+    fn virtio_catches_a_kick_mismatch() {
+        if !kvm_or_skip("virtio_catches_a_kick_mismatch") {
+            return;
+        }
+        let vmm = virtio_vmm(10);
+        memory::load(&vmm.memory, Plan::guest_kicks_gpa(1), &3u32.to_le_bytes()).unwrap();
+        let err = vmm.run().unwrap_err().to_string();
+        assert!(err.contains("queue 1: the guest counted 8 kicks"), "{err}");
+    }
+
+    /// Requests the device refuses (a disk too small for the plan: IOERR) stop the guest driver
+    /// with a clear error that names the device's reason.
+    #[test]
+    fn virtio_refused_requests_stop_the_guest() {
+        if !kvm_or_skip("virtio_refused_requests_stop_the_guest") {
+            return;
+        }
+        let mut vmm = virtio_vmm(10);
+        vmm.virtio
+            .as_mut()
+            .unwrap()
+            .replace_disk(crate::virtio::blk::Disk {
+                bytes: vec![0; 4096],
+            });
+        let start = Instant::now();
+        let err = vmm.run().unwrap_err().to_string();
+        assert!(err.contains("status other than VIRTIO_BLK_S_OK"), "{err}");
+        assert!(err.contains("beyond the disk"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    fn memory_byte(vmm: &Vmm, gpa: u64) -> u8 {
+        use vm_memory::{Bytes, GuestAddress};
+        vmm.memory.read_obj(GuestAddress(gpa)).unwrap()
     }
 }

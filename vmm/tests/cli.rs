@@ -40,6 +40,53 @@ fn bad_flags_get_one_error_line() {
     assert_one_error_line(&["--scenario", "pio", "--vcpus", "x"], 2, "--vcpus");
     assert_one_error_line(&["--scenario", "pio", "--count", "0"], 2, "--count");
     assert_one_error_line(&["--scenario", "pio", "--rate", "-1"], 2, "--rate");
+    let v = |extra: &[&'static str]| {
+        let mut args = vec!["--scenario", "virtio"];
+        args.extend(extra);
+        args
+    };
+    assert_one_error_line(&v(&["--queues", "0"]), 2, "--queues 0");
+    assert_one_error_line(&v(&["--queues", "33"]), 2, "--queues 33");
+    assert_one_error_line(&v(&["--queues", "x"]), 2, "--queues");
+    assert_one_error_line(
+        &v(&["--vcpus", "2", "--queues", "1"]),
+        2,
+        "every vCPU needs a queue",
+    );
+    assert_one_error_line(&v(&["--request-size", "1000"]), 2, "multiple of 512");
+    assert_one_error_line(&v(&["--request-size", "0"]), 2, "--request-size 0");
+    assert_one_error_line(&v(&["--request-size", "131072"]), 2, "65536");
+    assert_one_error_line(
+        &v(&["--vcpus", "8", "--queues", "8", "--request-size", "65536"]),
+        2,
+        "KiB of guest buffers",
+    );
+    assert_one_error_line(&["--scenario", "pio", "--queues", "2"], 2, "virtio only");
+    assert_one_error_line(
+        &["--scenario", "mmio", "--request-size", "512"],
+        2,
+        "virtio only",
+    );
+    assert_one_error_line(
+        &["--scenario", "pio", "--exit-delay-us", "-5"],
+        2,
+        "--exit-delay-us",
+    );
+    assert_one_error_line(
+        &["--scenario", "pio", "--exit-delay-us", "1000001"],
+        2,
+        "at most 1000000",
+    );
+    assert_one_error_line(
+        &["--scenario", "pio", "--vm-setup-delay-ms", "soon"],
+        2,
+        "--vm-setup-delay-ms",
+    );
+    assert_one_error_line(
+        &["--scenario", "pio", "--vm-setup-delay-ms", "3600001"],
+        2,
+        "--vm-setup-delay-ms",
+    );
 }
 
 #[test]
@@ -80,6 +127,16 @@ fn help_documents_every_flag() {
         "doorbell",
         "guest_ops",
         "doorbell_signals",
+        "--queues",
+        "--request-size",
+        "--exit-delay-us",
+        "--vm-setup-delay-ms",
+        "virtio",
+        "VIRTIO SCENARIO",
+        "datamatch = queue index",
+        "guest_kicks",
+        "exit_delay_us",
+        "vm_setup_delay_ms",
     ] {
         assert!(help.contains(word), "--help lacks {word}");
     }
@@ -217,4 +274,56 @@ fn runs_in_the_requested_cgroup() {
     assert_eq!(inherited, own);
 
     assert_eq!(own_cgroup(), before, "the test process itself was moved");
+}
+
+/// The virtio scenario through the binary, with a setup delay: the line announcing the delay
+/// comes after the VM and its ioeventfds exist, and the report carries both delays.
+#[test]
+fn virtio_through_the_binary() {
+    if !kvm_or_skip("virtio_through_the_binary") {
+        return;
+    }
+    let out = vmm(&[
+        "--scenario",
+        "virtio",
+        "--vcpus",
+        "2",
+        "--queues",
+        "4",
+        "--count",
+        "40",
+        "--request-size",
+        "2048",
+        "--exit-delay-us",
+        "30",
+        "--vm-setup-delay-ms",
+        "50",
+    ]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let mut lines = err.lines();
+    let ready = lines.next().unwrap();
+    assert!(
+        ready.starts_with("vmtrace-vmm: VM set up (pid ")
+            && ready.contains("4 ioeventfd(s)")
+            && ready.ends_with("starting the vCPUs in 50 ms"),
+        "{err}"
+    );
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .contains("kicks per queue [20, 20, 20, 20]"),
+        "{err}"
+    );
+    let report = Report::from_json(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!((report.exit_delay_us, report.vm_setup_delay_ms), (30, 50));
+    let v = report.virtio.unwrap();
+    assert_eq!(v.request_size, 2048);
+    assert!(
+        v.queues
+            .iter()
+            .all(|q| q.kicks == 20 && q.bytes == 20 * 2048)
+    );
+    assert_eq!(report.total.guest_ops, 80);
 }

@@ -175,3 +175,142 @@ fn every_scenario_matches_the_documented_expectation() {
         }
     }
 }
+
+/// Runs the virtio scenario and checks everything that does not depend on timing: per queue,
+/// kicks (what the worker read from the eventfd) == the guest's own kick count == requests
+/// served == the round-robin plan, bytes == requests x request size; per vCPU, the guest's
+/// request count and the exits (4 probe reads + DONE). The VMM itself has already compared
+/// every byte of the disk and of the guest's buffers with the expected pattern (it returns no
+/// report otherwise).
+fn virtio(vcpus: u32, queues: u32, count: u64, request_size: u32) -> Report {
+    let config = VmmConfig {
+        vcpus,
+        queues,
+        count,
+        request_size,
+        ..VmmConfig::new(Scenario::Virtio)
+    };
+    let report = vmtrace_vmm::run(config)
+        .unwrap_or_else(|e| panic!("virtio {vcpus} vCPU(s) {queues} queues: {e}"));
+    let who = format!("{vcpus} vCPU(s), {queues} queues");
+    assert_eq!(report.scenario, Scenario::Virtio);
+    assert_eq!(report.vcpus.len(), vcpus as usize);
+    for vcpu in &report.vcpus {
+        assert_eq!(vcpu.guest_ops, count, "{who}: vCPU {}", vcpu.index);
+        assert_eq!(vcpu.vmm_observed_ops, None);
+        assert_eq!(
+            vcpu.exits,
+            vmtrace_vmm::report::expected_vcpu_exits(Scenario::Virtio, count, false),
+            "{who}: vCPU {}",
+            vcpu.index
+        );
+        assert_eq!(vcpu.exits, exits(&[("io", 1), ("mmio", 4)]));
+    }
+    let v = report.virtio.as_ref().expect("no virtio section");
+    assert_eq!(v.mmio_base, 0xD0000);
+    assert_eq!(v.notify_addr, 0xD0050);
+    assert_eq!(v.request_size, request_size);
+    assert_eq!(v.queues.len(), queues as usize);
+    // One ioeventfd per queue on QueueNotify, datamatch = queue index, and nothing else.
+    assert_eq!(report.ioeventfds.len(), queues as usize);
+    for (q, (io, queue)) in report.ioeventfds.iter().zip(&v.queues).enumerate() {
+        assert_eq!(
+            (io.space.as_str(), io.addr, io.len, io.datamatch),
+            ("mmio", 0xD0050, 4, Some(q as u64)),
+            "{who}"
+        );
+        assert_eq!(queue.index, q as u32);
+        assert_eq!(queue.datamatch, q as u64);
+        assert_eq!(queue.notify_addr, io.addr);
+    }
+    let mut per_vcpu = vec![0u64; vcpus as usize];
+    for q in &v.queues {
+        let who = format!("{who}: queue {}", q.index);
+        // Queue q belongs to vCPU q mod vcpus; the vCPU goes round-robin over its queues.
+        assert_eq!(q.vcpu, q.index % vcpus, "{who}");
+        let mine = (q.vcpu..queues).step_by(vcpus as usize).collect::<Vec<_>>();
+        let j = mine.iter().position(|&x| x == q.index).unwrap() as u64;
+        let want = (count - j).div_ceil(mine.len() as u64);
+        assert_eq!(q.kicks, want, "{who}: kicks");
+        assert_eq!(q.guest_kicks, want, "{who}: guest kicks");
+        assert_eq!(q.requests, want, "{who}: requests");
+        assert_eq!(q.writes + q.reads, q.requests, "{who}");
+        assert_eq!(
+            q.bytes,
+            q.requests * u64::from(request_size),
+            "{who}: bytes"
+        );
+        per_vcpu[q.vcpu as usize] += q.kicks;
+    }
+    // Every guest request was exactly one kick, and writes and reads pair up.
+    assert!(per_vcpu.iter().all(|&k| k == count), "{who}: {per_vcpu:?}");
+    let writes: u64 = v.queues.iter().map(|q| q.writes).sum();
+    assert_eq!(writes, u64::from(vcpus) * count.div_ceil(2), "{who}");
+    assert_eq!(report.doorbell_signals, None);
+    assert_eq!(&Report::from_json(&report.to_json()).unwrap(), &report);
+    report
+}
+
+#[test]
+fn virtio_one_vcpu() {
+    if !kvm_or_skip("virtio_one_vcpu") {
+        return;
+    }
+    virtio(1, 2, 100, 4096);
+    virtio(1, 4, 100, 512);
+}
+
+#[test]
+fn virtio_two_vcpus() {
+    if !kvm_or_skip("virtio_two_vcpus") {
+        return;
+    }
+    virtio(2, 2, 100, 4096);
+    virtio(2, 4, 100, 1024);
+}
+
+/// Odd counts, queues that do not divide evenly among the vCPUs, the largest requests.
+#[test]
+fn virtio_uneven_plans() {
+    if !kvm_or_skip("virtio_uneven_plans") {
+        return;
+    }
+    virtio(2, 3, 101, 65536);
+    virtio(1, 3, 7, 512);
+    virtio(1, 1, 1, 512);
+}
+
+/// The slow-VMM flag: the run loop sleeps after every exit; the report says so and the counts
+/// stay exact (no timing is asserted).
+#[test]
+fn exit_delay_is_reported() {
+    if !kvm_or_skip("exit_delay_is_reported") {
+        return;
+    }
+    let config = VmmConfig {
+        vcpus: VCPUS,
+        count: 50,
+        exit_delay_us: 200,
+        vm_setup_delay_ms: 20,
+        ..VmmConfig::new(Scenario::Mmio)
+    };
+    let r = vmtrace_vmm::run(config).unwrap();
+    check(
+        &r,
+        Scenario::Mmio,
+        50,
+        &exits(&[("io", 1), ("mmio", 50)]),
+        true,
+        false,
+    );
+    assert_eq!((r.exit_delay_us, r.vm_setup_delay_ms), (200, 20));
+    let config = VmmConfig {
+        count: 20,
+        exit_delay_us: 50,
+        rate: Some(5000.0),
+        ..VmmConfig::new(Scenario::Virtio)
+    };
+    let r = vmtrace_vmm::run(config).unwrap();
+    assert_eq!(r.exit_delay_us, 50);
+    assert_eq!(r.vcpus[0].exits, exits(&[("io", 21), ("mmio", 4)]));
+}

@@ -1,0 +1,168 @@
+//! `vmtrace agent`: the long-running agent. Samples the probes every interval and exports the
+//! metrics through a Prometheus endpoint and OTLP push.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    config::{AgentArgs, AgentConfig},
+    export::{otlp, prometheus},
+    health,
+    metrics::{AgentHealth, families},
+    probes::ProbeOptions,
+    sampler::Sampler,
+};
+
+pub async fn run(args: &AgentArgs) -> Result<()> {
+    let config = AgentConfig::resolve(args, &|name| std::env::var(name).ok())?;
+    let listener = match config.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the Prometheus endpoint"))?,
+        ),
+        None => None,
+    };
+    let mut sampler = Sampler::start(&ProbeOptions {
+        kick_latency: config.kick_latency,
+    })?;
+    let started = SystemTime::now();
+    let (latest_tx, latest) = watch::channel(None);
+    let export_dropped = Arc::new(AtomicU64::new(0));
+    if let Some(listener) = listener {
+        eprintln!(
+            "vmtrace agent: Prometheus endpoint on http://{}/metrics",
+            listener.local_addr()?
+        );
+        let latest = latest.clone();
+        tokio::spawn(async move {
+            if let Err(e) = prometheus::serve(listener, latest).await {
+                tracing::error!("{e:#}");
+            }
+        });
+    }
+    if let Some(mut otlp_config) = config.otlp.clone() {
+        otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
+        eprintln!(
+            "vmtrace agent: OTLP export to {} every {:?}",
+            otlp_config.endpoint, otlp_config.interval
+        );
+        let (latest, dropped) = (latest.clone(), export_dropped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = otlp::run(otlp_config, latest, dropped, started).await {
+                tracing::error!("{e:#}");
+            }
+        });
+    }
+    eprintln!(
+        "vmtrace agent: watching; KVM {}; exit source: {}",
+        sampler.kvm().flavour.name(),
+        sampler.probes().exit_source.describe()
+    );
+
+    let mut ticker = tokio::time::interval(config.interval);
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    loop {
+        let stop = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = interrupt.recv() => true,
+            _ = terminate.recv() => true,
+        };
+        let sample = sampler.sample()?;
+        let (cpu_user_secs, cpu_system_secs) = health::cpu_secs();
+        let health = AgentHealth {
+            cpu_user_secs,
+            cpu_system_secs,
+            rss_bytes: health::rss_bytes(),
+            export_dropped: export_dropped.load(Ordering::Relaxed),
+        };
+        latest_tx.send_replace(Some(Arc::new(families(&sample, &health))));
+        if stop {
+            break;
+        }
+    }
+    // The last counts reach the collector before the agent goes: counters are cumulative, so this
+    // export carries everything since the last one.
+    if let Some(mut otlp_config) = config.otlp {
+        otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
+        if let Err(e) = otlp::export_latest(&otlp_config, &latest, started).await {
+            tracing::warn!("final OTLP export failed: {e:#}");
+        }
+    }
+    Ok(())
+}
+
+/// OTLP resource attributes: vmtrace's own, then OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME,
+/// which take precedence as the specification asks.
+pub fn resource(
+    node_name: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(String, String)>> {
+    let mut attributes: Vec<(String, String)> = vec![
+        ("service.name".into(), "vmtrace".into()),
+        ("service.version".into(), env!("CARGO_PKG_VERSION").into()),
+        ("host.name".into(), hostname()),
+    ];
+    if let Some(node) = node_name {
+        attributes.push(("k8s.node.name".into(), node.to_owned()));
+    }
+    let mut set = |key: String, value: String| match attributes.iter_mut().find(|(k, _)| *k == key)
+    {
+        Some(slot) => slot.1 = value,
+        None => attributes.push((key, value)),
+    };
+    if let Some(text) = env("OTEL_RESOURCE_ATTRIBUTES") {
+        for (key, value) in otlp::parse_key_values(&text, "OTEL_RESOURCE_ATTRIBUTES")? {
+            set(key, value);
+        }
+    }
+    if let Some(name) = env("OTEL_SERVICE_NAME") {
+        set("service.name".into(), name);
+    }
+    Ok(attributes)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_attributes_from_the_environment_win() {
+        let env = |name: &str| match name {
+            "OTEL_RESOURCE_ATTRIBUTES" => Some("k8s.cluster.name=prod,host.name=node-7".to_owned()),
+            "OTEL_SERVICE_NAME" => Some("vmtrace-eu".to_owned()),
+            _ => None,
+        };
+        let attributes = resource(Some("node-7"), &env).unwrap();
+        let get = |k: &str| {
+            attributes
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("service.name"), Some("vmtrace-eu"));
+        assert_eq!(get("host.name"), Some("node-7"));
+        assert_eq!(get("k8s.cluster.name"), Some("prod"));
+        assert_eq!(get("k8s.node.name"), Some("node-7"));
+        assert_eq!(get("service.version"), Some(env!("CARGO_PKG_VERSION")));
+    }
+}

@@ -1,0 +1,4 @@
+//! Where the metrics go: a Prometheus endpoint (pull) and OTLP (push).
+
+pub mod otlp;
+pub mod prometheus;

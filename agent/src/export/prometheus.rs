@@ -1,0 +1,203 @@
+//! The Prometheus endpoint: `/metrics` (OpenMetrics text, the metrics of [`crate::metrics`] under the
+//! usual OpenTelemetry-to-Prometheus translation), `/healthz` (the agent is alive) and `/readyz` (the
+//! probes are attached and a first sample was taken).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::{
+    Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::metrics::{Family, MetricKind, Value};
+
+/// The latest metrics, shared between the sampling loop and the HTTP server.
+pub type Latest = watch::Receiver<Option<Arc<Vec<Family>>>>;
+
+/// Serves on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, latest: Latest) -> Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(latest);
+    axum::serve(listener, app)
+        .await
+        .context("the Prometheus endpoint failed")
+}
+
+async fn ready(State(latest): State<Latest>) -> impl IntoResponse {
+    if latest.borrow().is_some() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "probes not attached yet\n")
+    }
+}
+
+async fn metrics(State(latest): State<Latest>) -> impl IntoResponse {
+    let Some(families) = latest.borrow().clone() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no sample yet\n".to_owned(),
+        )
+            .into_response();
+    };
+    match encode(&families) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// The families as OpenMetrics text.
+pub fn encode(families: &[Family]) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Families(families.to_vec())));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+#[derive(Debug)]
+struct Families(Vec<Family>);
+
+impl Collector for Families {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for family in &self.0 {
+            let def = family.def;
+            let (name, unit) = prometheus_name(def.name, def.unit);
+            let metric_type = match def.kind {
+                MetricKind::Counter => MetricType::Counter,
+                MetricKind::Gauge => MetricType::Gauge,
+                MetricKind::Histogram => MetricType::Histogram,
+            };
+            let mut metric =
+                encoder.encode_descriptor(&name, def.description, unit.as_ref(), metric_type)?;
+            for point in &family.points {
+                let labels: Vec<(String, String)> = point
+                    .attributes
+                    .iter()
+                    .map(|(key, value)| (key.replace('.', "_"), value.clone()))
+                    .collect();
+                let point_encoder = metric.encode_family(&labels)?;
+                match (&point.value, def.kind) {
+                    (Value::Int(v), MetricKind::Counter) => {
+                        ConstCounter::new(*v).encode(point_encoder)?
+                    }
+                    (Value::Float(v), MetricKind::Counter) => {
+                        ConstCounter::new(*v).encode(point_encoder)?
+                    }
+                    (Value::Int(v), _) => ConstGauge::new(*v as i64).encode(point_encoder)?,
+                    (Value::Float(v), _) => ConstGauge::new(*v).encode(point_encoder)?,
+                    (Value::Histogram(h), _) => {
+                        let mut buckets: Vec<(f64, u64)> = h
+                            .bounds
+                            .iter()
+                            .copied()
+                            .zip(h.bucket_counts.iter().copied())
+                            .collect();
+                        buckets.push((f64::INFINITY, h.bucket_counts.last().copied().unwrap_or(0)));
+                        let mut point_encoder = point_encoder;
+                        point_encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                            h.sum, h.count, &buckets, None,
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The Prometheus name and unit of an OpenTelemetry metric: dots become underscores, a unit in
+/// braces (an annotation, like `{exit}`) is dropped, `s` and `By` become `seconds` and `bytes`.
+/// The encoder appends the unit and, for counters, `_total`.
+pub fn prometheus_name(name: &str, unit: &str) -> (String, Option<Unit>) {
+    let unit = match unit {
+        "s" => Some(Unit::Seconds),
+        "By" => Some(Unit::Bytes),
+        _ => None,
+    };
+    (name.replace('.', "_"), unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{HistogramValue, Point, VM_EXITS, VMM_SERVICE_DURATION};
+
+    #[test]
+    fn counters_and_histograms_follow_the_prometheus_translation() {
+        let families = vec![
+            Family {
+                def: VM_EXITS,
+                points: vec![Point {
+                    attributes: vec![
+                        ("tenant", "/a".to_owned()),
+                        ("exit.reason", "io".to_owned()),
+                    ],
+                    value: Value::Int(42),
+                }],
+            },
+            Family {
+                def: VMM_SERVICE_DURATION,
+                points: vec![Point {
+                    attributes: vec![("tenant", "/a".to_owned())],
+                    value: Value::Histogram(HistogramValue {
+                        count: 3,
+                        sum: 0.5,
+                        max: 0.4,
+                        bounds: vec![0.1, 0.2],
+                        bucket_counts: vec![1, 0, 2],
+                    }),
+                }],
+            },
+        ];
+        let text = encode(&families).unwrap();
+        assert!(text.contains("# TYPE vmtrace_vm_exits counter"), "{text}");
+        assert!(
+            text.contains("vmtrace_vm_exits_total{tenant=\"/a\",exit_reason=\"io\"} 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "vmtrace_vmm_service_duration_seconds_bucket{le=\"0.1\",tenant=\"/a\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "vmtrace_vmm_service_duration_seconds_bucket{le=\"0.2\",tenant=\"/a\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "vmtrace_vmm_service_duration_seconds_bucket{le=\"+Inf\",tenant=\"/a\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmtrace_vmm_service_duration_seconds_count{tenant=\"/a\"} 3"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

@@ -1,0 +1,307 @@
+//! The metrics vmtrace exports, defined once: names (OpenTelemetry, dot-separated), units (UCUM),
+//! descriptions, and how a [`Sample`] becomes data points. The OTLP exporter sends these as they are;
+//! the Prometheus endpoint shows them under the usual translation (`vmtrace.vm.exits` with unit
+//! `{exit}` becomes `vmtrace_vm_exits_total`; a histogram in `s` becomes `..._seconds`).
+
+use serde::Serialize;
+use vmtrace_common::LATENCY_BUCKETS;
+
+use crate::{
+    latency::{LatencySummary, bucket_lower_ns},
+    sampler::Sample,
+    tenant::Tenant,
+    tenants::TenantCounts,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricKind {
+    /// Monotonic, cumulative since the agent started.
+    Counter,
+    Gauge,
+    /// Cumulative explicit-bucket histogram.
+    Histogram,
+}
+
+/// One metric's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub kind: MetricKind,
+    pub description: &'static str,
+}
+
+pub const VM_EXITS: MetricDef = MetricDef {
+    name: "vmtrace.vm.exits",
+    unit: "{exit}",
+    kind: MetricKind::Counter,
+    description: "VM exits by tenant, source and reason. Source `vmm`: returns of KVM_RUN to the VMM, \
+                  reason `KVM_EXIT_*` (every host); source `kvm_exit`: every exit with its hardware \
+                  reason (VMX and SVM hosts).",
+};
+pub const VM_EVENTS: MetricDef = MetricDef {
+    name: "vmtrace.vm.events",
+    unit: "{event}",
+    kind: MetricKind::Counter,
+    description: "Guest events KVM handled, by tenant and event: pio.in, pio.out, mmio.read, \
+                  mmio.write, mmio.write.kernel (MMIO writes completed in the kernel, e.g. ioeventfd \
+                  doorbells), cpuid, run_error.<errno>.",
+};
+pub const VIRTIO_KICKS: MetricDef = MetricDef {
+    name: "vmtrace.virtio.kicks",
+    unit: "{kick}",
+    kind: MetricKind::Counter,
+    description: "Virtio queue kicks (guest writes to doorbells registered with KVM_IOEVENTFD), by \
+                  tenant and queue (`any` for doorbells without datamatch).",
+};
+pub const VM_EXIT_DURATION: MetricDef = MetricDef {
+    name: "vmtrace.vm.exit.duration",
+    unit: "s",
+    kind: MetricKind::Histogram,
+    description: "Time from a VM exit to the same vCPU's next entry, by tenant and reason (VMX and \
+                  SVM hosts). Buckets are powers of two of nanoseconds.",
+};
+pub const VMM_SERVICE_DURATION: MetricDef = MetricDef {
+    name: "vmtrace.vmm.service.duration",
+    unit: "s",
+    kind: MetricKind::Histogram,
+    description: "Time the VMM took to serve an exit: from KVM_RUN returning to it to its next \
+                  KVM_RUN on that vCPU thread, by tenant and reason. Buckets are powers of two of \
+                  nanoseconds.",
+};
+pub const KICK_SERVICE_DURATION: MetricDef = MetricDef {
+    name: "vmtrace.virtio.kick.service.duration",
+    unit: "s",
+    kind: MetricKind::Histogram,
+    description: "Time from a queue's first unserved kick to the VMM reading that queue's eventfd, \
+                  by tenant and queue (only with --kick-latency).",
+};
+pub const AGENT_DROPPED: MetricDef = MetricDef {
+    name: "vmtrace.agent.events.dropped",
+    unit: "{event}",
+    kind: MetricKind::Counter,
+    description: "Events the probes could not count, by reason (a full map, an unreadable record).",
+};
+pub const AGENT_TENANTS: MetricDef = MetricDef {
+    name: "vmtrace.agent.tenants",
+    unit: "{tenant}",
+    kind: MetricKind::Gauge,
+    description: "Tenants with KVM activity since the agent started.",
+};
+pub const AGENT_CPU_TIME: MetricDef = MetricDef {
+    name: "vmtrace.agent.cpu.time",
+    unit: "s",
+    kind: MetricKind::Counter,
+    description: "CPU time the agent process used, by mode (user, system).",
+};
+pub const AGENT_MEMORY: MetricDef = MetricDef {
+    name: "vmtrace.agent.memory.rss",
+    unit: "By",
+    kind: MetricKind::Gauge,
+    description: "Resident memory of the agent process.",
+};
+pub const AGENT_EXPORT_DROPPED: MetricDef = MetricDef {
+    name: "vmtrace.agent.export.dropped",
+    unit: "{export}",
+    kind: MetricKind::Counter,
+    description: "OTLP exports given up because the collector was unreachable or slow; counters are \
+                  cumulative, so the next export that succeeds carries everything counted meanwhile.",
+};
+
+/// Every metric, for documentation and tests.
+pub const ALL: [MetricDef; 11] = [
+    VM_EXITS,
+    VM_EVENTS,
+    VIRTIO_KICKS,
+    VM_EXIT_DURATION,
+    VMM_SERVICE_DURATION,
+    KICK_SERVICE_DURATION,
+    AGENT_DROPPED,
+    AGENT_TENANTS,
+    AGENT_CPU_TIME,
+    AGENT_MEMORY,
+    AGENT_EXPORT_DROPPED,
+];
+
+/// A histogram data point: explicit bounds in seconds and the count in each bucket
+/// (`bounds.len() + 1` buckets, the last one open-ended).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramValue {
+    pub count: u64,
+    pub sum: f64,
+    pub max: f64,
+    pub bounds: Vec<f64>,
+    pub bucket_counts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Int(u64),
+    Float(f64),
+    Histogram(HistogramValue),
+}
+
+/// One data point: attributes (OpenTelemetry keys) and a value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub attributes: Vec<(&'static str, String)>,
+    pub value: Value,
+}
+
+/// A metric with its data points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    pub def: MetricDef,
+    pub points: Vec<Point>,
+}
+
+/// The agent's own health, measured by the exporter loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgentHealth {
+    pub cpu_user_secs: f64,
+    pub cpu_system_secs: f64,
+    pub rss_bytes: u64,
+    pub export_dropped: u64,
+}
+
+/// Every metric's data points for one sample.
+pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
+    let mut by_def: Vec<Family> = ALL
+        .iter()
+        .map(|&def| Family {
+            def,
+            points: Vec::new(),
+        })
+        .collect();
+    let mut push = |def: MetricDef, attributes: Vec<(&'static str, String)>, value: Value| {
+        if let Some(family) = by_def.iter_mut().find(|f| f.def == def) {
+            family.points.push(Point { attributes, value });
+        }
+    };
+    for tenant in &sample.tenants {
+        let base = tenant_attributes(tenant);
+        let with = |key: &'static str, value: &str| {
+            let mut attributes = base.clone();
+            attributes.push((key, value.to_owned()));
+            attributes
+        };
+        for (kind, &count) in &tenant.counts {
+            let (def, attributes) = if let Some(reason) = kind.strip_prefix("exit.") {
+                (
+                    VM_EXITS,
+                    with2(with("exit.source", "vmm"), "exit.reason", reason),
+                )
+            } else if let Some(reason) = kind.strip_prefix("kvm_exit.") {
+                (
+                    VM_EXITS,
+                    with2(with("exit.source", "kvm_exit"), "exit.reason", reason),
+                )
+            } else if let Some(queue) = kind.strip_prefix("kick.") {
+                (
+                    VIRTIO_KICKS,
+                    with("virtio.queue", queue.trim_start_matches('q')),
+                )
+            } else {
+                (VM_EVENTS, with("event", kind))
+            };
+            push(def, attributes, Value::Int(count));
+        }
+        for (kind, latency) in &tenant.latency {
+            let (def, attributes) = if let Some(reason) = kind.strip_prefix("exit.") {
+                (VMM_SERVICE_DURATION, with("exit.reason", reason))
+            } else if let Some(reason) = kind.strip_prefix("kvm_exit.") {
+                (VM_EXIT_DURATION, with("exit.reason", reason))
+            } else if let Some(queue) = kind.strip_prefix("kick.") {
+                (
+                    KICK_SERVICE_DURATION,
+                    with("virtio.queue", queue.trim_start_matches('q')),
+                )
+            } else {
+                continue;
+            };
+            push(def, attributes, Value::Histogram(histogram(latency)));
+        }
+    }
+    for (reason, &count) in &sample.drops {
+        push(
+            AGENT_DROPPED,
+            vec![("reason", reason.clone())],
+            Value::Int(count),
+        );
+    }
+    push(
+        AGENT_TENANTS,
+        Vec::new(),
+        Value::Int(sample.tenants.len() as u64),
+    );
+    push(
+        AGENT_CPU_TIME,
+        vec![("cpu.mode", "user".to_owned())],
+        Value::Float(health.cpu_user_secs),
+    );
+    push(
+        AGENT_CPU_TIME,
+        vec![("cpu.mode", "system".to_owned())],
+        Value::Float(health.cpu_system_secs),
+    );
+    push(AGENT_MEMORY, Vec::new(), Value::Int(health.rss_bytes));
+    push(
+        AGENT_EXPORT_DROPPED,
+        Vec::new(),
+        Value::Int(health.export_dropped),
+    );
+    by_def
+}
+
+fn with2(
+    mut attributes: Vec<(&'static str, String)>,
+    key: &'static str,
+    value: &str,
+) -> Vec<(&'static str, String)> {
+    attributes.push((key, value.to_owned()));
+    attributes
+}
+
+/// `tenant`, and what is known of who the tenant is.
+fn tenant_attributes(tenant: &TenantCounts) -> Vec<(&'static str, String)> {
+    let mut attributes = vec![("tenant", tenant.tenant.clone())];
+    match &tenant.identity {
+        Some(Tenant::KubernetesPod { pod_uid, .. }) => {
+            attributes.push(("k8s.pod.uid", pod_uid.clone()))
+        }
+        Some(Tenant::LibvirtVm { name }) => attributes.push(("vm.name", name.clone())),
+        Some(Tenant::SystemdUnit { unit }) => attributes.push(("systemd.unit", unit.clone())),
+        Some(Tenant::Path { .. }) | None => {}
+    }
+    attributes
+}
+
+/// The explicit bucket bounds of every latency histogram, in seconds: 2, 4, 8, ... ns, matching the
+/// kernel's log2 buckets exactly, so no count moves between buckets on the way out.
+pub fn bounds_secs() -> Vec<f64> {
+    (1..LATENCY_BUCKETS)
+        .map(|i| bucket_lower_ns(i) as f64 / 1e9)
+        .collect()
+}
+
+fn histogram(latency: &LatencySummary) -> HistogramValue {
+    let mut bucket_counts = vec![0; LATENCY_BUCKETS];
+    for &(lowest_ns, count) in &latency.buckets {
+        let index = if lowest_ns == 0 {
+            0
+        } else {
+            lowest_ns.trailing_zeros() as usize
+        };
+        if let Some(slot) = bucket_counts.get_mut(index) {
+            *slot += count;
+        }
+    }
+    HistogramValue {
+        count: latency.count,
+        sum: latency.sum_ns as f64 / 1e9,
+        max: latency.max_ns as f64 / 1e9,
+        bounds: bounds_secs(),
+        bucket_counts,
+    }
+}
