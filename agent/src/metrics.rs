@@ -305,3 +305,50 @@ fn histogram(latency: &LatencySummary) -> HistogramValue {
         bucket_counts,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_reference_names_every_metric() {
+        let reference = include_str!("../../docs/metrics.md");
+        for def in ALL {
+            assert!(
+                reference.contains(&format!("`{}`", def.name)),
+                "docs/metrics.md lacks {}",
+                def.name
+            );
+            assert!(
+                reference.contains(&format!("`{}`", def.unit)),
+                "docs/metrics.md lacks unit {}",
+                def.unit
+            );
+            assert!(!def.description.is_empty());
+        }
+    }
+
+    #[test]
+    fn bounds_match_the_kernel_buckets() {
+        let bounds = bounds_secs();
+        assert_eq!(bounds.len(), LATENCY_BUCKETS - 1);
+        assert_eq!(bounds[0], 2e-9);
+        assert_eq!(bounds[9], 1024e-9);
+        let summary = LatencySummary {
+            count: 3,
+            sum_ns: 3000,
+            mean_ns: 1000,
+            p50_ns: 1023,
+            p90_ns: 1023,
+            p99_ns: 2047,
+            max_ns: 1500,
+            buckets: vec![(512, 2), (1024, 1)],
+        };
+        let h = histogram(&summary);
+        assert_eq!(
+            (h.count, h.sum, h.bucket_counts[9], h.bucket_counts[10]),
+            (3, 3e-6, 2, 1)
+        );
+        assert_eq!(h.bucket_counts.len(), h.bounds.len() + 1);
+    }
+}

@@ -1,0 +1,216 @@
+//! Virtio kicks per tenant and queue against the reference VMM's virtio-blk device, doorbells that
+//! predate the agent, and VMM service time of a VMM made slow on purpose.
+
+use std::{thread, time::Duration};
+
+use vmtrace_tests::{
+    Agent, TenantCgroup, agent_counts, agent_report, expected_agent_counts, privileged_host,
+    run_vmm,
+};
+
+/// Runs each tenant's VMMs concurrently and returns their reports, per tenant.
+fn run_tenants(runs: &[(&TenantCgroup, Vec<&str>)]) -> Vec<vmtrace_vmm::Report> {
+    thread::scope(|scope| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|(tenant, args)| {
+                let mut args = args.clone();
+                args.extend(["--cgroup", tenant.relative.as_str()]);
+                scope.spawn(move || run_vmm(&args))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("VMM thread"))
+            .collect()
+    })
+}
+
+#[test]
+fn virtio_kicks_per_tenant_and_queue_equal_the_vmms_count() {
+    if !privileged_host("virtio_kicks_per_tenant_and_queue_equal_the_vmms_count") {
+        return;
+    }
+    let base = format!("vmtrace-test-kicks-{}", std::process::id());
+    let _base = TenantCgroup::new(&base);
+    let tenants: Vec<TenantCgroup> = ["a", "b", "c"]
+        .iter()
+        .map(|t| TenantCgroup::new(&format!("{base}/{t}")))
+        .collect();
+    let agent = Agent::start(&["--kick-latency"]);
+    let reports = run_tenants(&[
+        (
+            &tenants[0],
+            vec![
+                "--scenario",
+                "virtio",
+                "--vcpus",
+                "1",
+                "--queues",
+                "2",
+                "--count",
+                "300",
+            ],
+        ),
+        (
+            &tenants[1],
+            vec![
+                "--scenario",
+                "virtio",
+                "--vcpus",
+                "2",
+                "--queues",
+                "4",
+                "--count",
+                "200",
+            ],
+        ),
+        (
+            &tenants[2],
+            vec![
+                "--scenario",
+                "virtio",
+                "--vcpus",
+                "1",
+                "--queues",
+                "3",
+                "--count",
+                "250",
+                "--request-size",
+                "512",
+            ],
+        ),
+    ]);
+    thread::sleep(Duration::from_millis(400));
+    let samples = agent.stop();
+    let last = samples.last().unwrap();
+    for (tenant, report) in tenants.iter().zip(&reports) {
+        let virtio = report.virtio.as_ref().unwrap();
+        assert!(virtio.queues.len() >= 2);
+        let expected = expected_agent_counts(std::slice::from_ref(report));
+        let actual = agent_counts(last, &tenant.agent_path()).expect("tenant reported");
+        assert_eq!(
+            actual,
+            expected,
+            "{}: agent (left) vs VMM (right)",
+            tenant.agent_path()
+        );
+        let detail = agent_report(last, &tenant.agent_path()).unwrap();
+        let doorbells = detail["doorbells"].as_array().unwrap();
+        assert_eq!(doorbells.len(), virtio.queues.len(), "{doorbells:?}");
+        for queue in &virtio.queues {
+            let doorbell = doorbells
+                .iter()
+                .find(|d| d["queue"] == queue.index)
+                .unwrap();
+            assert_eq!(doorbell["kicks"], queue.kicks);
+            assert_eq!(doorbell["pid"], report.pid);
+            assert_eq!(doorbell["addr"], queue.notify_addr);
+            // The worker reads the eventfd after kicks: each read serves the kicks pending on it.
+            let served = detail["latency"][format!("kick.q{}", queue.index)]["count"]
+                .as_u64()
+                .unwrap();
+            assert!(
+                served >= 1 && served <= queue.kicks,
+                "queue {}: {served} services for {} kicks",
+                queue.index,
+                queue.kicks
+            );
+        }
+        eprintln!("{}: {actual:?}", tenant.agent_path());
+    }
+}
+
+#[test]
+fn doorbells_registered_before_the_agent_started_count_as_in_kernel_writes_only() {
+    if !privileged_host(
+        "doorbells_registered_before_the_agent_started_count_as_in_kernel_writes_only",
+    ) {
+        return;
+    }
+    let base = format!("vmtrace-test-early-{}", std::process::id());
+    let _base = TenantCgroup::new(&base);
+    let tenant = TenantCgroup::new(&format!("{base}/t"));
+    // The VMM registers its doorbell, then waits 4 s before running the guest; the agent starts
+    // within that wait, after the registration.
+    let vmm = {
+        let relative = tenant.relative.clone();
+        thread::spawn(move || {
+            run_vmm(&[
+                "--scenario",
+                "doorbell",
+                "--count",
+                "5000",
+                "--vm-setup-delay-ms",
+                "4000",
+                "--cgroup",
+                &relative,
+            ])
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    let agent = Agent::start(&[]);
+    let report = vmm.join().unwrap();
+    thread::sleep(Duration::from_millis(400));
+    let samples = agent.stop();
+    let counts =
+        agent_counts(samples.last().unwrap(), &tenant.agent_path()).expect("tenant reported");
+    let signals = report.doorbell_signals.unwrap();
+    assert_eq!(
+        counts.get("mmio.write.kernel"),
+        Some(&signals),
+        "{counts:?}"
+    );
+    assert!(
+        counts.keys().all(|k| !k.starts_with("kick.")),
+        "an unknown doorbell produced kicks: {counts:?}"
+    );
+}
+
+#[test]
+fn a_slow_vmm_shows_in_its_service_time_percentiles() {
+    if !privileged_host("a_slow_vmm_shows_in_its_service_time_percentiles") {
+        return;
+    }
+    let base = format!("vmtrace-test-slow-{}", std::process::id());
+    let _base = TenantCgroup::new(&base);
+    let (fast, slow) = (
+        TenantCgroup::new(&format!("{base}/fast")),
+        TenantCgroup::new(&format!("{base}/slow")),
+    );
+    let agent = Agent::start(&[]);
+    let reports = run_tenants(&[
+        (&fast, vec!["--scenario", "pio", "--count", "3000"]),
+        (
+            &slow,
+            vec![
+                "--scenario",
+                "pio",
+                "--count",
+                "300",
+                "--exit-delay-us",
+                "2000",
+            ],
+        ),
+    ]);
+    thread::sleep(Duration::from_millis(400));
+    let samples = agent.stop();
+    let last = samples.last().unwrap();
+    let service = |tenant: &TenantCgroup| {
+        agent_report(last, &tenant.agent_path()).unwrap()["latency"]["exit.io"].clone()
+    };
+    let (fast_latency, slow_latency) = (service(&fast), service(&slow));
+    let ns = |v: &serde_json::Value, key: &str| v[key].as_u64().unwrap();
+    // Every served exit of the slow VMM includes its 2 ms sleep.
+    assert!(ns(&slow_latency, "p50_ns") >= 2_000_000, "{slow_latency}");
+    assert!(ns(&slow_latency, "p99_ns") >= 2_000_000, "{slow_latency}");
+    assert!(ns(&fast_latency, "p50_ns") < 1_000_000, "{fast_latency}");
+    assert_eq!(ns(&slow_latency, "count"), reports[1].total.exits["io"] - 1);
+    eprintln!(
+        "service time p50/p99: fast {}/{} ns, slow {}/{} ns",
+        ns(&fast_latency, "p50_ns"),
+        ns(&fast_latency, "p99_ns"),
+        ns(&slow_latency, "p50_ns"),
+        ns(&slow_latency, "p99_ns")
+    );
+}
