@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::{
     cli::{ProbeArgs, parse_interval},
     export::otlp::OtlpConfig,
+    k8s::KubeConfig,
 };
 
 /// Flags of `vmtrace agent`; each also reads the environment variable shown.
@@ -39,8 +40,14 @@ pub struct AgentArgs {
     #[arg(long, env = "VMTRACE_OTLP_PROTOCOL")]
     pub otlp_protocol: Option<String>,
     /// The Kubernetes node this agent runs on (`k8s.node.name`), usually from the downward API.
+    /// With it, inside a cluster, pod tenants get their namespace and name (and KubeVirt VMs their
+    /// VirtualMachineInstance name) from the API server, watching this node's pods only.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Kubernetes API server base URL, for use outside a cluster (e.g. `kubectl proxy`'s
+    /// `http://127.0.0.1:8001`); inside a cluster the service environment and account are used.
+    #[arg(long, env = "VMTRACE_KUBE_API")]
+    pub kube_api: Option<String>,
     #[command(flatten)]
     pub probes: ProbeArgs,
 }
@@ -92,6 +99,8 @@ pub struct AgentConfig {
     pub node_name: Option<String>,
     /// `None` when OTLP export is off.
     pub otlp: Option<OtlpConfig>,
+    /// `None` outside a cluster: pod tenants keep their UID only.
+    pub kube: Option<KubeConfig>,
 }
 
 impl AgentConfig {
@@ -126,12 +135,15 @@ impl AgentConfig {
                  (set --listen, or --otlp-endpoint / OTEL_EXPORTER_OTLP_ENDPOINT)"
             );
         }
+        let node_name = args.node_name.clone().or(file.node_name);
+        let kube = KubeConfig::resolve(args.kube_api.as_deref(), node_name.as_deref(), env)?;
         Ok(Self {
             interval,
             listen,
             kick_latency: args.probes.kick_latency || file.kick_latency.unwrap_or(false),
-            node_name: args.node_name.clone().or(file.node_name),
+            node_name,
             otlp,
+            kube,
         })
     }
 }

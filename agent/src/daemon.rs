@@ -18,10 +18,11 @@ use tokio::{
 use crate::{
     config::{AgentArgs, AgentConfig},
     export::{otlp, prometheus},
-    health,
+    health, k8s,
     metrics::{AgentHealth, families},
     probes::ProbeOptions,
-    sampler::Sampler,
+    sampler::{Sample, Sampler},
+    tenant::Tenant,
 };
 
 pub async fn run(args: &AgentArgs) -> Result<()> {
@@ -37,6 +38,14 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
     let mut sampler = Sampler::start(&ProbeOptions {
         kick_latency: config.kick_latency,
     })?;
+    let pods = k8s::PodDirectory::default();
+    if let Some(kube) = config.kube.clone() {
+        eprintln!(
+            "vmtrace agent: pod metadata from {} (node {})",
+            kube.api, kube.node
+        );
+        tokio::spawn(k8s::run(kube, pods.clone()));
+    }
     let started = SystemTime::now();
     let (latest_tx, latest) = watch::channel(None);
     let export_dropped = Arc::new(AtomicU64::new(0));
@@ -81,7 +90,8 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
             _ = interrupt.recv() => true,
             _ = terminate.recv() => true,
         };
-        let sample = sampler.sample()?;
+        let mut sample = sampler.sample()?;
+        name_pods(&mut sample, &pods);
         let (cpu_user_secs, cpu_system_secs) = health::cpu_secs();
         let health = AgentHealth {
             cpu_user_secs,
@@ -103,6 +113,16 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Adds what the API server knows to pod tenants.
+fn name_pods(sample: &mut Sample, pods: &k8s::PodDirectory) {
+    let pods = pods.read().expect("pod directory lock");
+    for tenant in &mut sample.tenants {
+        if let Some(Tenant::KubernetesPod { pod_uid, .. }) = &tenant.identity {
+            tenant.kubernetes = pods.get(pod_uid).cloned();
+        }
+    }
 }
 
 /// OTLP resource attributes: vmtrace's own, then OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME,

@@ -12,6 +12,7 @@ pub mod exit_reasons;
 pub mod export;
 pub mod health;
 pub mod host;
+pub mod k8s;
 pub mod latency;
 pub mod metrics;
 pub mod probes;

@@ -266,6 +266,13 @@ fn with2(
 /// `tenant`, and what is known of who the tenant is.
 fn tenant_attributes(tenant: &TenantCounts) -> Vec<(&'static str, String)> {
     let mut attributes = vec![("tenant", tenant.tenant.clone())];
+    if let Some(pod) = &tenant.kubernetes {
+        attributes.push(("k8s.namespace.name", pod.namespace.clone()));
+        attributes.push(("k8s.pod.name", pod.name.clone()));
+        if let Some(vmi) = &pod.vmi {
+            attributes.push(("vm.name", vmi.clone()));
+        }
+    }
     match &tenant.identity {
         Some(Tenant::KubernetesPod { pod_uid, .. }) => {
             attributes.push(("k8s.pod.uid", pod_uid.clone()))

@@ -10,6 +10,7 @@ use vmtrace_common::LatencyHistogram;
 use crate::{
     cgroups::CgroupIndex,
     counts::{DoorbellKicks, KindCounts, Snapshot},
+    k8s::PodMeta,
     latency::{LatencySummary, merge},
     tenant::Tenant,
 };
@@ -36,6 +37,9 @@ pub struct TenantCounts {
     /// `exit.*` kinds, the VMM's service time, from the return to the VMM to its next KVM_RUN.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub latency: BTreeMap<String, LatencySummary>,
+    /// Namespace, pod name and KubeVirt VMI of a pod tenant, where the API server told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<PodMeta>,
     /// Kicks per VMM process, doorbell and queue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub doorbells: Vec<DoorbellKicks>,
@@ -70,6 +74,7 @@ pub fn by_tenant(
                 counts: KindCounts::new(),
                 rates: BTreeMap::new(),
                 latency: BTreeMap::new(),
+                kubernetes: None,
                 doorbells: Vec::new(),
             });
         entry.cgroups.push(CgroupRef { id, path });

@@ -1,0 +1,184 @@
+//! Pod tenants get their namespace and pod name, and KubeVirt launcher pods their VMI name, from the
+//! API server: a node-scoped list, then a watch. The API server here is a stand-in that speaks the
+//! Kubernetes list/watch protocol on loopback and serves pods shaped like real ones.
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Query, State},
+    routing::get,
+};
+use vmtrace_tests::{TenantCgroup, binary, free_port, http_get, privileged_host, run_vmm};
+
+const WEB_UID: &str = "0f5c3e6a-8d2b-4f1e-9a7c-2b6d4e8f1a3c";
+const LAUNCHER_UID: &str = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+
+fn pod(uid: &str, namespace: &str, name: &str, launcher_of: Option<&str>) -> serde_json::Value {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"uid": uid, "name": name, "namespace": namespace, "resourceVersion": "7",
+                     "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-1"},
+    });
+    if let Some(vmi) = launcher_of {
+        pod["metadata"]["labels"] =
+            serde_json::json!({"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": "a1"});
+        pod["metadata"]["annotations"] = serde_json::json!({"kubevirt.io/domain": vmi});
+        pod["metadata"]["ownerReferences"] = serde_json::json!([{"apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstance", "name": vmi, "uid": "a1", "controller": true}]);
+    }
+    pod
+}
+
+/// The stand-in API server: lists the web pod; its watch then announces the launcher pod.
+fn start_api_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let queries: Arc<Mutex<Vec<String>>> = Arc::default();
+    let addr = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new()
+            .route("/api/v1/pods", get(pods))
+            .with_state(queries.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    });
+    (addr, queries, runtime)
+}
+
+async fn pods(
+    State(queries): State<Arc<Mutex<Vec<String>>>>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Body {
+    queries.lock().unwrap().push(format!("{query:?}"));
+    if query.get("watch").map(String::as_str) == Some("true") {
+        let event = serde_json::json!({"type": "ADDED", "object": pod(LAUNCHER_UID, "vms", "virt-launcher-db-x7k2p", Some("db"))});
+        let lines = vec![Ok::<_, std::io::Error>(format!("{event}\n"))];
+        // The event, then a connection that stays open as a real watch does.
+        let stream = tokio_stream_from(lines);
+        return Body::from_stream(stream);
+    }
+    let list = serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"},
+        "items": [pod(WEB_UID, "shop", "web-0", None)]});
+    Body::from(list.to_string())
+}
+
+fn tokio_stream_from(
+    lines: Vec<Result<String, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<String, std::io::Error>> {
+    futures_util::stream::iter(lines).chain(futures_util::stream::pending())
+}
+
+use futures_util::StreamExt;
+
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn pod_tenants_are_named_from_the_api_server() {
+    if !privileged_host("pod_tenants_are_named_from_the_api_server") {
+        return;
+    }
+    let (api, queries, _runtime) = start_api_server();
+    let base = format!("vmtrace-test-k8s-{}", std::process::id());
+    let _base = TenantCgroup::new(&base);
+    // The kubelet's cgroupfs layout: kubepods/<qos>/pod<uid>/<container>.
+    let _kubepods = TenantCgroup::new(&format!("{base}/kubepods"));
+    let _qos = TenantCgroup::new(&format!("{base}/kubepods/burstable"));
+    let web_pod = TenantCgroup::new(&format!("{base}/kubepods/burstable/pod{WEB_UID}"));
+    let web = TenantCgroup::new(&format!("{}/cri-containerd-1a2b", web_pod.relative));
+    let launcher_pod = TenantCgroup::new(&format!("{base}/kubepods/burstable/pod{LAUNCHER_UID}"));
+    let launcher = TenantCgroup::new(&format!("{}/cri-containerd-3c4d", launcher_pod.relative));
+
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _agent = AgentProcess(
+        Command::new(binary("vmtrace"))
+            .args([
+                "agent",
+                "--interval",
+                "200ms",
+                "--listen",
+                &listen.to_string(),
+            ])
+            .args([
+                "--kube-api",
+                &format!("http://{api}"),
+                "--node-name",
+                "node-1",
+            ])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(listen).is_err() || http_get(listen, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "the agent never became ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run_vmm(&[
+        "--scenario",
+        "pio",
+        "--count",
+        "500",
+        "--cgroup",
+        &web.relative,
+    ]);
+    run_vmm(&[
+        "--scenario",
+        "pio",
+        "--count",
+        "700",
+        "--cgroup",
+        &launcher.relative,
+    ]);
+
+    let wanted = [
+        format!(
+            "k8s_namespace_name=\"shop\",k8s_pod_name=\"web-0\",k8s_pod_uid=\"{WEB_UID}\",exit_source=\"vmm\",exit_reason=\"io\"}} 501"
+        ),
+        format!(
+            "k8s_namespace_name=\"vms\",k8s_pod_name=\"virt-launcher-db-x7k2p\",vm_name=\"db\",k8s_pod_uid=\"{LAUNCHER_UID}\",exit_source=\"vmm\",exit_reason=\"io\"}} 701"
+        ),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = http_get(listen, "/metrics");
+        if wanted.iter().all(|w| metrics.contains(w.as_str())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod labels missing; wanted {wanted:#?} in:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let queries = queries.lock().unwrap();
+    assert!(
+        queries.iter().all(|q| q.contains("spec.nodeName=node-1")),
+        "not node-scoped: {queries:?}"
+    );
+    assert!(
+        queries
+            .iter()
+            .any(|q| q.contains("\"watch\": \"true\"") && q.contains("\"resourceVersion\": \"7\"")),
+        "{queries:?}"
+    );
+}
