@@ -148,6 +148,8 @@ pub fn render(d: &Diagnosis) -> String {
     for (i, probe) in d.probes.iter().enumerate() {
         let state = match &probe.error {
             None => "attached".to_owned(),
+            // Optional probes that are off by choice are not failures.
+            Some(e) if e.starts_with("off ") => e.clone(),
             Some(e) => format!("NOT attached: {e}"),
         };
         line(

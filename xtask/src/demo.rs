@@ -13,7 +13,7 @@ use crate::setup;
 /// (tenant cgroup, scenario, vCPUs, operations per second per vCPU).
 const TENANTS: [(&str, &str, u32, u32); 3] = [
     ("vmtrace-demo/tenant-a", "pio", 2, 3000),
-    ("vmtrace-demo/tenant-b", "doorbell", 1, 5000),
+    ("vmtrace-demo/tenant-b", "virtio", 1, 2000),
     ("vmtrace-demo/tenant-c", "hlt", 1, 2000),
 ];
 
@@ -46,7 +46,7 @@ pub fn run(seconds: u64) -> Result<()> {
             .spawn()
             .with_context(|| format!("starting the reference VMM in {cgroup}"))?;
         guests.0.push(child);
-        eprintln!("demo: {cgroup}: {scenario} guest, {vcpus} vCPU(s) at {rate} ops/s each");
+        eprintln!("demo: {cgroup}: {scenario} guest, {vcpus} vCPU(s) at {rate} operations/s each");
     }
     let status = agent.wait().context("waiting for the agent")?;
     drop(guests);
