@@ -2,7 +2,7 @@
 //! `bpf_get_current_cgroup_id` returns) stands for.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -25,11 +25,14 @@ pub fn find_v2_mount() -> Option<PathBuf> {
 pub struct CgroupIndex {
     root: PathBuf,
     paths: HashMap<u64, String>,
+    /// Cgroups seen removed (cgroup_rmdir).
+    removed: HashSet<u64>,
 }
 
 impl CgroupIndex {
     pub fn new(root: PathBuf) -> Self {
         let mut index = Self {
+            removed: HashSet::new(),
             root,
             paths: HashMap::new(),
         };
@@ -47,6 +50,27 @@ impl CgroupIndex {
             self.rescan();
         }
         self.paths.get(&id).map(String::as_str)
+    }
+
+    /// Records a cgroup's path as the kernel reported it (cgroup_mkdir, cgroup_attach_task).
+    pub fn insert(&mut self, id: u64, path: String) {
+        self.paths.insert(id, path);
+    }
+
+    /// Records that a cgroup was removed; its path stays known.
+    pub fn remove(&mut self, id: u64, path: String) {
+        self.paths.entry(id).or_insert(path);
+        self.removed.insert(id);
+    }
+
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.removed.contains(&id)
+    }
+
+    /// Forgets a removed cgroup once its last counts were reported.
+    pub fn forget(&mut self, id: u64) {
+        self.paths.remove(&id);
+        self.removed.remove(&id);
     }
 
     /// Walks the hierarchy and records every cgroup's id. Cgroups removed meanwhile are skipped.

@@ -64,7 +64,7 @@ pub struct Counters {
 }
 
 /// Every drop reason with its reported name.
-const DROP_NAMES: [(Drop, &str); 10] = [
+const DROP_NAMES: [(Drop, &str); 11] = [
     (Drop::ExitCountsFull, "exit_counts_full"),
     (Drop::LastMmioFull, "last_mmio_full"),
     (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
@@ -75,6 +75,7 @@ const DROP_NAMES: [(Drop, &str); 10] = [
     (Drop::IoeventfdUnreadable, "ioeventfd_unreadable"),
     (Drop::KicksFull, "kicks_full"),
     (Drop::PendingKicksFull, "pending_kicks_full"),
+    (Drop::CgroupEventsFull, "cgroup_events_full"),
 ];
 
 impl Counters {
@@ -146,6 +147,47 @@ impl Counters {
             snapshot.drops.insert(name, per_cpu.iter().sum());
         }
         Ok(snapshot)
+    }
+}
+
+impl Counters {
+    /// Deletes every counter of `cgroups` (removed tenants whose last counts were reported), so
+    /// that the maps hold live tenants only.
+    pub fn forget(&mut self, cgroups: &std::collections::HashSet<u64>) -> Result<(), CountsError> {
+        let exits: Vec<ExitKey> = self
+            .exits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| cgroups.contains(&k.cgroup_id))
+            .collect();
+        for key in exits {
+            self.exits
+                .remove(&key)
+                .map_err(|e| CountsError::Map(EXIT_COUNTS_MAP, e))?;
+        }
+        let latency: Vec<LatencyKey> = self
+            .latency
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| cgroups.contains(&k.cgroup_id))
+            .collect();
+        for key in latency {
+            self.latency
+                .remove(&key)
+                .map_err(|e| CountsError::Map(EXIT_LATENCY_MAP, e))?;
+        }
+        let kicks: Vec<KickKey> = self
+            .kicks
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| cgroups.contains(&k.cgroup_id))
+            .collect();
+        for key in kicks {
+            self.kicks
+                .remove(&key)
+                .map_err(|e| CountsError::Map(KICKS_MAP, e))?;
+        }
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ pub mod health;
 pub mod host;
 pub mod k8s;
 pub mod latency;
+pub mod lifecycle;
 pub mod metrics;
 pub mod probes;
 pub mod sampler;

@@ -114,10 +114,16 @@ impl Probes {
         } else {
             Err("off (enable with --kick-latency)".to_owned())
         };
+        let cgroup_offsets = cgroup_offsets(&tracefs);
         let kick_latency = u32::from(read_offsets.is_ok());
         let mut loader = EbpfLoader::new();
         loader.override_global("KICK_LATENCY", &kick_latency, true);
-        let all_offsets = [&kvm_exit_offsets, &ioctl_offsets, &read_offsets];
+        let all_offsets = [
+            &kvm_exit_offsets,
+            &ioctl_offsets,
+            &read_offsets,
+            &cgroup_offsets,
+        ];
         for (global, offset) in all_offsets.into_iter().flatten().flatten() {
             loader.override_global(global, offset, true);
         }
@@ -151,6 +157,10 @@ impl Probes {
             "sys_enter_read",
             read_offsets.map(drop),
         ));
+        for event in ["cgroup_mkdir", "cgroup_rmdir", "cgroup_attach_task"] {
+            let offsets = cgroup_offsets.as_ref().map(drop).map_err(Clone::clone);
+            status.push(attach_classic(&mut ebpf, "cgroup", event, offsets));
+        }
         if status.iter().all(|s| s.error.is_some()) {
             let reasons: Vec<String> = status
                 .iter()
@@ -198,6 +208,38 @@ const KVM_EXIT_FIELDS: &[(&str, u32, &str)] = &[
     ("exit_reason", 4, "KVM_EXIT_REASON_OFFSET"),
     ("isa", 4, "KVM_EXIT_ISA_OFFSET"),
 ];
+/// The offsets the cgroup lifecycle programs read. They share `root` and `id` offsets, so the three
+/// formats must agree on them; `path` is a `__data_loc` (4 bytes).
+fn cgroup_offsets(tracefs: &Result<PathBuf, String>) -> Result<Vec<(&'static str, u32)>, String> {
+    let mkdir = read_format(tracefs, "cgroup", "cgroup_mkdir")?;
+    let rmdir = read_format(tracefs, "cgroup", "cgroup_rmdir")?;
+    let attach = read_format(tracefs, "cgroup", "cgroup_attach_task")?;
+    let fields = [
+        ("root", 4, "CGROUP_ROOT_OFFSET"),
+        ("id", 8, "CGROUP_ID_OFFSET"),
+        ("path", 4, "CGROUP_PATH_OFFSET"),
+    ];
+    let mut offsets = offsets(&mkdir, &fields)?;
+    if self::offsets(&rmdir, &fields)? != offsets {
+        return Err("cgroup_rmdir's record differs from cgroup_mkdir's".to_owned());
+    }
+    let attached = self::offsets(
+        &attach,
+        &[
+            ("dst_root", 4, "CGROUP_ROOT_OFFSET"),
+            ("dst_id", 8, "CGROUP_ID_OFFSET"),
+            ("dst_path", 4, "CGROUP_ATTACH_PATH_OFFSET"),
+        ],
+    )?;
+    if attached[..2] != offsets[..2] {
+        return Err(
+            "cgroup_attach_task's root and id are not where cgroup_mkdir has them".to_owned(),
+        );
+    }
+    offsets.push(attached[2]);
+    Ok(offsets)
+}
+
 /// Fields the `syscalls:sys_enter_read` program reads.
 const READ_FIELDS: &[(&str, u32, &str)] = &[("fd", 8, "READ_FD_OFFSET")];
 /// Fields the `syscalls:sys_enter_ioctl` program reads.

@@ -3,7 +3,7 @@
 //! samples, so they all report the same numbers.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -14,6 +14,7 @@ use crate::{
     cgroups::{CgroupIndex, find_v2_mount},
     counts::Counters,
     host::{self, KvmDetection, KvmFlavour},
+    lifecycle::CgroupEvents,
     probes::{ExitSource, ProbeOptions, Probes},
     tenants::{TenantCounts, by_tenant},
 };
@@ -42,6 +43,9 @@ pub struct Sample {
 pub struct Sampler {
     probes: Probes,
     counters: Counters,
+    cgroup_events: CgroupEvents,
+    /// Removed cgroups already reported in a sample marked `removed`: dropped from the next one.
+    reported_removed: HashSet<u64>,
     index: CgroupIndex,
     kvm: KvmDetection,
     started: Instant,
@@ -54,6 +58,7 @@ impl Sampler {
         let kvm = host::detect_kvm();
         let mut probes = Probes::attach(&kvm, options).context("cannot start the probes")?;
         let counters = Counters::new(&mut probes.ebpf)?;
+        let cgroup_events = CgroupEvents::new(&mut probes.ebpf)?;
         let root = find_v2_mount().context(
             "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
         )?;
@@ -68,6 +73,8 @@ impl Sampler {
         Ok(Self {
             probes,
             counters,
+            cgroup_events,
+            reported_removed: HashSet::new(),
             index: CgroupIndex::new(root),
             kvm,
             started: Instant::now(),
@@ -86,6 +93,14 @@ impl Sampler {
     /// Reads the counters now.
     pub fn sample(&mut self) -> Result<Sample> {
         let now = Instant::now();
+        self.cgroup_events.drain(&mut self.index);
+        // Removed tenants were reported once, marked removed: their series end here.
+        if !self.reported_removed.is_empty() {
+            self.counters.forget(&self.reported_removed)?;
+            for id in self.reported_removed.drain() {
+                self.index.forget(id);
+            }
+        }
         let snapshot = self.counters.read(&self.probes.reason_names)?;
         let (since, previous) = match &self.previous {
             Some((at, tenants)) => (*at, tenants.as_slice()),
@@ -93,6 +108,10 @@ impl Sampler {
         };
         let interval_secs = now.duration_since(since).as_secs_f64();
         let tenants = by_tenant(&snapshot, &mut self.index, previous, interval_secs);
+        for tenant in tenants.iter().filter(|t| t.removed) {
+            self.reported_removed
+                .extend(tenant.cgroups.iter().map(|c| c.id));
+        }
         let sample = Sample {
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -37,6 +37,10 @@ pub struct TenantCounts {
     /// `exit.*` kinds, the VMM's service time, from the return to the VMM to its next KVM_RUN.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub latency: BTreeMap<String, LatencySummary>,
+    /// True on the last sample that reports a tenant whose cgroups were all removed; the tenant is
+    /// absent from later samples.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
     /// Namespace, pod name and KubeVirt VMI of a pod tenant, where the API server told.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<PodMeta>,
@@ -74,6 +78,7 @@ pub fn by_tenant(
                 counts: KindCounts::new(),
                 rates: BTreeMap::new(),
                 latency: BTreeMap::new(),
+                removed: false,
                 kubernetes: None,
                 doorbells: Vec::new(),
             });
@@ -92,6 +97,9 @@ pub fn by_tenant(
                 .or_insert(LatencyHistogram::EMPTY);
             merge(merged, histogram);
         }
+    }
+    for tenant in tenants.values_mut() {
+        tenant.removed = tenant.cgroups.iter().all(|c| index.is_removed(c.id));
     }
     for (label, kinds) in histograms {
         if let Some(tenant) = tenants.get_mut(&label) {

@@ -293,6 +293,48 @@ pub struct ServiceStart {
     pub reserved: u32,
 }
 
+/// Name of the ring buffer of cgroup lifecycle events ([`CgroupEvent`]).
+pub const CGROUP_EVENTS_MAP: &str = "CGROUP_EVENTS";
+/// Longest cgroup path carried by a [`CgroupEvent`]; longer ones are cut.
+pub const CGROUP_PATH_LEN: usize = 256;
+
+/// What happened to a cgroup; [`CgroupEvent::kind`].
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CgroupEventKind {
+    Mkdir = 1,
+    Rmdir = 2,
+    /// A task moved into the cgroup.
+    Attach = 3,
+}
+
+impl TryFrom<u32> for CgroupEventKind {
+    type Error = u32;
+    fn try_from(value: u32) -> Result<Self, u32> {
+        match value {
+            1 => Ok(Self::Mkdir),
+            2 => Ok(Self::Rmdir),
+            3 => Ok(Self::Attach),
+            other => Err(other),
+        }
+    }
+}
+
+/// A cgroup v2 lifecycle event, streamed to the agent so that a tenant that lives for a moment is
+/// still named, and a removed one's series end.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct CgroupEvent {
+    /// The cgroup's id, as `bpf_get_current_cgroup_id` returns it.
+    pub id: u64,
+    /// A [`CgroupEventKind`] as `u32`.
+    pub kind: u32,
+    /// Bytes of `path` used, without the terminating NUL.
+    pub path_len: u32,
+    /// Path below the cgroup v2 root, e.g. `/kubepods/burstable/pod…`, NUL-terminated.
+    pub path: [u8; CGROUP_PATH_LEN],
+}
+
 /// A vCPU thread's exit that has not seen its entry yet.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -327,10 +369,12 @@ pub enum Drop {
     KicksFull = 8,
     /// The pending-kick map could not take an entry, so that kick's service latency is unknown.
     PendingKicksFull = 9,
+    /// The cgroup event ring buffer was full, so a lifecycle event was lost.
+    CgroupEventsFull = 10,
 }
 
 /// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
-pub const DROP_REASONS: u32 = 10;
+pub const DROP_REASONS: u32 = 11;
 
 #[cfg(feature = "user")]
 mod user {

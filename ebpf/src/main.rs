@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod cgroup;
 mod exits;
 mod ioctl;
 mod kvm_exit;

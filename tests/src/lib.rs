@@ -136,7 +136,12 @@ impl Agent {
     /// Starts the agent and waits until its probes are attached.
     pub fn start(extra_args: &[&str]) -> Self {
         let mut child = Command::new(binary("vmtrace"))
-            .args(["watch", "--json", "--interval", "200ms"])
+            .args(["watch", "--json"])
+            .args(if extra_args.contains(&"--interval") {
+                &[][..]
+            } else {
+                &["--interval", "200ms"][..]
+            })
             .args(extra_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
