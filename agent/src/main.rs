@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use vmtrace::{config, daemon, doctor, watch};
+use vmtrace::{config, daemon, doctor, record, replay, report, top, watch};
 
 /// vmtrace: which tenant's VMs are exiting, why, and what it costs them.
 ///
@@ -36,6 +36,10 @@ enum Command {
     /// flags, then environment, then --config FILE, then defaults (docs/configuration.md).
     /// Stops on SIGINT/SIGTERM after a last export.
     Agent(config::AgentArgs),
+    Top(top::TopArgs),
+    Record(record::RecordArgs),
+    Replay(replay::ReplayArgs),
+    Report(report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Agent(args) => {
             runtime()?.block_on(daemon::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Top(args) => {
+            top::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Record(args) => {
+            runtime()?.block_on(record::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay(args) => {
+            replay::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report(args) => {
+            report::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
     }

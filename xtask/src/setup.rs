@@ -25,11 +25,17 @@ const PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "linux-libc-dev",
+    "tmux", // tests/tests/top.rs drives `vmtrace top` in a terminal
+    // tests/tests/dashboards.rs runs every dashboard query through a real Prometheus;
+    // tests/tests/deploy.rs installs kubernetes-validate into a venv and setcap's the agent.
+    "prometheus",
+    "python3-venv",
+    "libcap2-bin",
 ];
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
-    install_packages()?;
+    install_packages(PACKAGES)?;
     install_bpf_linker()?;
     mount_tracefs()?;
     check_cgroup_v2()?;
@@ -37,8 +43,9 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// Installs the Debian packages that are missing, if any.
+pub fn install_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !is_installed(p))

@@ -1,0 +1,871 @@
+//! The Grafana dashboards in dashboards/: well-formed, and every panel query returns data from a
+//! real Prometheus (Debian's `prometheus`, started here) that scrapes a real agent while reference
+//! VMMs run in three tenant cgroups.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use vmtrace_tests::{REQUIRE_CAPS, TenantCgroup, binary, cgroup2_root, privileged_host};
+
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+/// The example scrape job whose relabelling the test's Prometheus uses, and the labels it gives the
+/// agent's target: its job name, its `cluster` replacement, and the node the test pretends to be.
+const SCRAPE_CONFIG: &str = "deploy/prometheus-scrape-config.yaml";
+const JOB: &str = "vmtrace";
+const CLUSTER: &str = "my-cluster";
+const NODE: &str = "test-node";
+/// What the test substitutes for Grafana's interval variables: windows long enough for rate() to
+/// see several 1 s scrapes.
+const RATE_INTERVAL: &str = "30s";
+const INTERVAL: &str = "15s";
+const RANGE: &str = "5m";
+/// Labels the agent does not export yet; a variable over them may be empty (its All value `.*`
+/// still matches every series).
+const FUTURE_LABELS: [&str; 1] = ["k8s_namespace_name"];
+
+// ---------------------------------------------------------------------------------------------
+// The dashboards as files.
+
+struct Dashboard {
+    file: String,
+    json: Value,
+}
+
+fn dashboards() -> Vec<Dashboard> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no dashboards in {}", dir.display());
+    files
+        .into_iter()
+        .map(|path| {
+            let text = fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            let json = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+            Dashboard {
+                file: path.file_name().unwrap().to_string_lossy().into_owned(),
+                json,
+            }
+        })
+        .collect()
+}
+
+/// Every panel that is not a row, including those inside collapsed rows.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        if panel["type"] == "row" {
+            out.extend(panel["panels"].as_array().into_iter().flatten());
+        } else {
+            out.push(panel);
+        }
+    }
+    out
+}
+
+fn variables(dashboard: &Value) -> Vec<&Value> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .map(|l| l.iter().collect())
+        .unwrap_or_default()
+}
+
+/// The variable's query text (`label_values(...)`), in either of Grafana's two spellings.
+fn variable_query(variable: &Value) -> Option<&str> {
+    variable["query"]["query"]
+        .as_str()
+        .or_else(|| variable["query"].as_str())
+}
+
+/// Grafana's built-in variables a query may use.
+const BUILTINS: [&str; 9] = [
+    "__rate_interval",
+    "__interval",
+    "__interval_ms",
+    "__range",
+    "__range_s",
+    "__range_ms",
+    "__from",
+    "__to",
+    "__dashboard",
+];
+
+/// Names referenced as `$name`, `${name}` or `${name:format}` in `text`.
+fn referenced_variables(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'$' {
+            i += 1;
+            continue;
+        }
+        let braced = bytes.get(i + 1) == Some(&b'{');
+        let start = i + 1 + usize::from(braced);
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        if end > start {
+            names.insert(text[start..end].to_owned());
+        }
+        i = end.max(i + 1);
+    }
+    names
+}
+
+/// Replaces `$name`, `${name}` and `${name:format}` by `values[name]`; every reference must have a
+/// value.
+fn substitute(text: &str, values: &BTreeMap<&str, String>) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, consumed) = if let Some(inner) = after.strip_prefix('{') {
+            let close = inner
+                .find('}')
+                .unwrap_or_else(|| panic!("unclosed ${{ in {text}"));
+            let name = inner[..close].split(':').next().unwrap_or_default();
+            (name, close + 2)
+        } else {
+            let len = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..len], len)
+        };
+        let value = values
+            .get(name)
+            .unwrap_or_else(|| panic!("no value for ${name} in {text}"));
+        out.push_str(value);
+        rest = &after[consumed..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A regular expression matching exactly these values, as Grafana formats a multi-value variable
+/// for Prometheus.
+fn regex_of(values: &[String]) -> String {
+    let escaped: Vec<String> = values
+        .iter()
+        .map(|v| {
+            v.chars()
+                .flat_map(|c| {
+                    let special = "\\^$.|?*+()[]{}".contains(c);
+                    special
+                        .then_some('\\')
+                        .into_iter()
+                        .chain(std::iter::once(c))
+                })
+                .collect()
+        })
+        .collect();
+    if escaped.len() == 1 {
+        escaped[0].clone()
+    } else {
+        format!("({})", escaped.join("|"))
+    }
+}
+
+#[test]
+fn dashboards_are_well_formed() {
+    let all = dashboards();
+    let mut uids = BTreeSet::new();
+    let mut checked = 0;
+    for Dashboard { file, json } in &all {
+        let uid = json["uid"].as_str().unwrap_or_default();
+        assert!(!uid.is_empty(), "{file}: no uid");
+        assert!(uids.insert(uid.to_owned()), "{file}: uid {uid} used twice");
+        assert!(
+            json["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "{file}: no title"
+        );
+        let schema = json["schemaVersion"].as_u64().unwrap_or(0);
+        assert!(
+            (36..=41).contains(&schema),
+            "{file}: schemaVersion {schema}, expected about 39"
+        );
+        assert!(
+            json["id"].is_null(),
+            "{file}: a provisioned dashboard has no id"
+        );
+
+        // Variables: the data source, then query variables on it.
+        let vars = variables(json);
+        let by_name: BTreeMap<&str, &Value> = vars
+            .iter()
+            .map(|v| (v["name"].as_str().unwrap_or_default(), *v))
+            .collect();
+        let datasource = by_name
+            .get("datasource")
+            .unwrap_or_else(|| panic!("{file}: no `datasource` variable"));
+        assert_eq!(datasource["type"], "datasource", "{file}");
+        assert_eq!(datasource["query"], "prometheus", "{file}");
+        let mut required = vec!["job", "cluster", "node"];
+        if vars.iter().any(|v| v["name"] == "tenant") || file.contains("tenant") {
+            required.extend(["namespace", "tenant"]);
+        }
+        for name in required {
+            let var = by_name
+                .get(name)
+                .unwrap_or_else(|| panic!("{file}: no `{name}` variable"));
+            assert_eq!(var["type"], "query", "{file}: ${name}");
+            assert_eq!(
+                var["datasource"]["uid"], "${datasource}",
+                "{file}: ${name} must query the selected data source"
+            );
+            assert_eq!(
+                var["includeAll"], true,
+                "{file}: ${name} needs an All option"
+            );
+            if name != "job" {
+                assert_eq!(
+                    var["allValue"], ".*",
+                    "{file}: ${name}'s All must also match series without the label"
+                );
+            }
+            let query = variable_query(var).unwrap_or_default();
+            assert!(
+                query.starts_with("label_values("),
+                "{file}: ${name}: {query}"
+            );
+        }
+        let defined: BTreeSet<String> = by_name.keys().map(|k| (*k).to_owned()).collect();
+
+        // Panels: ids unique, on the 24-column grid, on the selected data source, with targets.
+        let mut ids = BTreeSet::new();
+        for panel in json["panels"].as_array().expect("panels") {
+            if panel["type"] == "row" {
+                assert!(ids.insert(panel["id"].as_u64().expect("row id")), "{file}");
+            }
+        }
+        let panels = panels(json);
+        assert!(!panels.is_empty(), "{file}: no panels");
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap_or_default();
+            assert!(!title.is_empty(), "{file}: a panel without a title");
+            let id = panel["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{file}: {title}: no id"));
+            assert!(ids.insert(id), "{file}: panel id {id} used twice");
+            let kind = panel["type"].as_str().unwrap_or_default();
+            assert!(
+                [
+                    "timeseries",
+                    "stat",
+                    "table",
+                    "bargauge",
+                    "heatmap",
+                    "gauge"
+                ]
+                .contains(&kind),
+                "{file}: {title}: panel type {kind}"
+            );
+            let grid = &panel["gridPos"];
+            let (x, w, h) = (
+                grid["x"].as_u64().unwrap_or(99),
+                grid["w"].as_u64().unwrap_or(0),
+                grid["h"].as_u64().unwrap_or(0),
+            );
+            assert!(
+                w > 0 && h > 0 && x + w <= 24 && grid["y"].is_u64(),
+                "{file}: {title}: gridPos {grid}"
+            );
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{file}: {title}: the panel must use the selected data source"
+            );
+            let targets = panel["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{file}: {title}: no targets");
+            let mut refs = BTreeSet::new();
+            for target in targets {
+                let expr = target["expr"].as_str().unwrap_or_default();
+                assert!(!expr.trim().is_empty(), "{file}: {title}: empty expr");
+                assert!(
+                    refs.insert(target["refId"].as_str().unwrap_or_default()),
+                    "{file}: {title}: refId used twice"
+                );
+                assert_eq!(
+                    target["datasource"]["uid"], "${datasource}",
+                    "{file}: {title}"
+                );
+                for name in referenced_variables(expr) {
+                    assert!(
+                        defined.contains(&name) || BUILTINS.contains(&name.as_str()),
+                        "{file}: {title}: ${name} is not a variable of the dashboard: {expr}"
+                    );
+                }
+                if kind == "heatmap" {
+                    assert_eq!(target["format"], "heatmap", "{file}: {title}");
+                    assert!(
+                        expr.contains("_bucket") && expr.contains("by (le)"),
+                        "{file}: {title}: a heatmap of histogram buckets by le: {expr}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    eprintln!(
+        "dashboards: {} files, {checked} panel targets well-formed",
+        all.len()
+    );
+}
+
+#[test]
+fn substitution_follows_grafana() {
+    let values = BTreeMap::from([
+        ("tenant", "(/a|/b\\.c)".to_owned()),
+        ("__range", "5m".to_owned()),
+        ("__range_s", "300".to_owned()),
+    ]);
+    assert_eq!(
+        substitute(
+            "x{tenant=~\"$tenant\"}[$__range] $__range_s ${tenant:regex}",
+            &values
+        ),
+        "x{tenant=~\"(/a|/b\\.c)\"}[5m] 300 (/a|/b\\.c)"
+    );
+    assert_eq!(
+        regex_of(&["/a".into(), "/b.c".into()]),
+        "(/a|/b\\.c)".to_owned()
+    );
+    assert_eq!(
+        referenced_variables("rate(x{a=~\"$a\", b=\"${b:csv}\"}[$__rate_interval])"),
+        BTreeSet::from(["a".into(), "b".into(), "__rate_interval".into()])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes and HTTP.
+
+/// A child process killed (and reaped) on drop.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, command: &mut Command) -> Self {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+        }
+    }
+
+    /// Panics with `context` if the process has exited.
+    fn assert_running(&mut self, context: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited with {status} {context}", self.name);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory removed with its contents on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A directory removed (empty) on drop: the parent of the tenant cgroups.
+struct RmdirOnDrop(PathBuf);
+
+impl Drop for RmdirOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// GET over HTTP/1.0 (no chunked encoding, the server closes): status and body.
+fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Polls `check` every 500 ms until it returns Some, for at most `limit`; panics with `what`.
+fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A Prometheus server with its own configuration and storage, scraping one target every second.
+struct Prometheus {
+    port: u16,
+    process: Proc,
+    log: PathBuf,
+}
+
+impl Prometheus {
+    /// Scrapes `target` every second with the relabelling of deploy/'s example scrape job. The
+    /// target carries the labels Kubernetes pod discovery would give the agent's pod (Debian's
+    /// Prometheus is built without Kubernetes discovery).
+    fn start(dir: &Path, target: u16) -> Self {
+        let port = free_port();
+        let config = dir.join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      \
+                 - targets: ['127.0.0.1:{target}']\n        labels:\n          \
+                 __meta_kubernetes_pod_annotation_prometheus_io_scrape: 'true'\n          \
+                 __meta_kubernetes_pod_annotation_prometheus_io_port: '{target}'\n          \
+                 __meta_kubernetes_pod_annotation_prometheus_io_path: /metrics\n          \
+                 __meta_kubernetes_pod_label_app_kubernetes_io_name: vmtrace\n          \
+                 __meta_kubernetes_pod_node_name: {NODE}\n          \
+                 __meta_kubernetes_pod_name: vmtrace-test\n{}",
+                relabel_configs()
+            ),
+        )
+        .expect("writing prometheus.yml");
+        let log = dir.join("prometheus.log");
+        let log_file = fs::File::create(&log).expect("prometheus.log");
+        let process = Proc::spawn(
+            "prometheus",
+            Command::new(PROMETHEUS)
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--log.level=warn")
+                .stdout(Stdio::null())
+                .stderr(log_file),
+        );
+        let mut prometheus = Self { port, process, log };
+        wait_for("Prometheus to be ready", Duration::from_secs(60), || {
+            prometheus.process.assert_running(&prometheus.log_tail());
+            matches!(http_get(port, "/-/ready"), Ok((200, _))).then_some(())
+        });
+        prometheus
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "(prometheus log:\n{})",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
+    }
+
+    /// GET an API path; the `data` member of a successful answer.
+    fn api(&self, path: &str) -> Result<Value, String> {
+        let (status, body) = http_get(self.port, path).map_err(|e| e.to_string())?;
+        let json: Value = serde_json::from_str(&body)
+            .map_err(|e| format!("HTTP {status}, not JSON ({e}): {body}"))?;
+        if json["status"] != "success" {
+            return Err(format!("HTTP {status}: {body}"));
+        }
+        Ok(json["data"].clone())
+    }
+
+    /// An instant query at the current time.
+    fn query(&self, expr: &str) -> Result<Value, String> {
+        self.api(&format!("/api/v1/query?query={}", url_encode(expr)))
+    }
+
+    /// Values of `label` on the series matching `selector` in the last 5 minutes.
+    fn label_values(&self, selector: &str, label: &str) -> Result<BTreeSet<String>, String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let data = self.api(&format!(
+            "/api/v1/series?match[]={}&start={}&end={now}",
+            url_encode(selector),
+            now - 300
+        ))?;
+        Ok(data
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|series| series[label].as_str().map(str::to_owned))
+            .collect())
+    }
+}
+
+/// The `relabel_configs:` block of the example scrape job, verbatim (indented as a job's key).
+fn relabel_configs() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(SCRAPE_CONFIG);
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut lines = text.lines().skip_while(|l| l.trim() != "relabel_configs:");
+    let first = lines
+        .next()
+        .unwrap_or_else(|| panic!("{SCRAPE_CONFIG}: no relabel_configs"));
+    let indent = first.len() - first.trim_start().len();
+    let mut block = format!("    {}\n", first.trim_start());
+    for line in lines {
+        let trimmed = line.trim_start();
+        if !trimmed.is_empty() && line.len() - trimmed.len() <= indent {
+            break;
+        }
+        let relative = line.get(indent..).unwrap_or("");
+        block.push_str(&format!("    {relative}\n"));
+    }
+    block
+}
+
+/// What an instant query returned, in a line; `Err` when it returned no finite value.
+fn describe_result(data: &Value) -> Result<String, String> {
+    let result = &data["result"];
+    let samples: Vec<(String, String)> = match data["resultType"].as_str() {
+        Some("scalar") => vec![(String::new(), result[1].as_str().unwrap_or("").to_owned())],
+        Some("vector") => result
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                (
+                    s["metric"].to_string(),
+                    s["value"][1].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect(),
+        Some("matrix") => result
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let last = s["values"].as_array()?.last()?;
+                Some((s["metric"].to_string(), last[1].as_str()?.to_owned()))
+            })
+            .collect(),
+        other => return Err(format!("unexpected result type {other:?}")),
+    };
+    if samples.is_empty() {
+        return Err("no series".to_owned());
+    }
+    let finite = samples
+        .iter()
+        .filter(|(_, v)| v.parse::<f64>().is_ok_and(f64::is_finite))
+        .count();
+    if finite == 0 {
+        return Err(format!(
+            "{} series, none with a finite value: {:?}",
+            samples.len(),
+            samples.iter().take(3).collect::<Vec<_>>()
+        ));
+    }
+    let (labels, value) = &samples[0];
+    Ok(format!(
+        "{} series ({finite} finite), e.g. {labels} = {value}",
+        samples.len()
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The end-to-end check.
+
+/// The reference VMMs: what each tenant runs, chosen so that every metric the panels use has data
+/// (exits to the VMM of several reasons with service times, in-kernel CPUID and doorbell writes,
+/// kicks on queues 0 and 1 and on a doorbell without datamatch, kick service times). `--rate`
+/// keeps them running while Prometheus scrapes; they are killed at the end.
+const LOAD: [(&str, &[&str]); 5] = [
+    ("tenant-a", &["--scenario", "pio", "--rate", "500"]),
+    (
+        "tenant-b",
+        &[
+            "--scenario",
+            "virtio",
+            "--vcpus",
+            "2",
+            "--queues",
+            "2",
+            "--rate",
+            "100",
+        ],
+    ),
+    ("tenant-c", &["--scenario", "cpuid", "--rate", "300"]),
+    ("tenant-c", &["--scenario", "hlt", "--rate", "100"]),
+    ("tenant-c", &["--scenario", "doorbell", "--rate", "200"]),
+];
+/// Seconds of load: far more than the test needs; the VMMs are killed when it ends.
+const LOAD_SECS: f64 = 600.0;
+
+#[test]
+fn every_panel_query_returns_data_from_a_real_prometheus() {
+    let name = "every_panel_query_returns_data_from_a_real_prometheus";
+    if !privileged_host(name) {
+        return;
+    }
+    if !Path::new(PROMETHEUS).exists() {
+        let why =
+            format!("{PROMETHEUS} missing (`cargo xtask setup` installs Debian's prometheus)");
+        if std::env::var(REQUIRE_CAPS).is_ok_and(|v| v == "1") {
+            panic!("{name}: {why}");
+        }
+        eprintln!("SKIP: {name}: {why}");
+        return;
+    }
+    let all = dashboards();
+    let (vmtrace, vmm) = (binary("vmtrace"), binary("vmtrace-vmm"));
+
+    // Drop order is the reverse of declaration: VMMs, agent, Prometheus, files, cgroups.
+    let parent = format!("vmtrace-dashboards-{}", std::process::id());
+    let _parent = RmdirOnDrop(cgroup2_root().expect("cgroup v2").join(&parent));
+    let tenants: BTreeMap<&str, TenantCgroup> = LOAD
+        .iter()
+        .map(|(t, _)| (*t, TenantCgroup::new(&format!("{parent}/{t}"))))
+        .collect();
+    let dir = TempDir(std::env::temp_dir().join(&parent));
+    fs::create_dir_all(&dir.0).expect("temp dir");
+
+    let agent_port = free_port();
+    let mut agent = Proc::spawn(
+        "vmtrace agent",
+        Command::new(&vmtrace)
+            .args(["agent", "--interval", "1s", "--kick-latency", "--listen"])
+            .arg(format!("127.0.0.1:{agent_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let stderr = agent.child.stderr.take().expect("agent stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[vmtrace agent] {line}");
+        }
+    });
+    wait_for("the agent's /readyz", Duration::from_secs(60), || {
+        agent.assert_running("before it was ready (its stderr is above)");
+        matches!(http_get(agent_port, "/readyz"), Ok((200, _))).then_some(())
+    });
+    let prometheus = Prometheus::start(&dir.0, agent_port);
+
+    let mut vmms: Vec<Proc> = LOAD
+        .iter()
+        .map(|(tenant, args)| {
+            let rate: f64 = args[args.iter().position(|a| *a == "--rate").unwrap() + 1]
+                .parse()
+                .unwrap();
+            Proc::spawn(
+                &format!("vmtrace-vmm {args:?} in {tenant}"),
+                Command::new(&vmm)
+                    .args(*args)
+                    .args(["--count", &((rate * LOAD_SECS) as u64).to_string()])
+                    .args(["--cgroup", &tenants[tenant].relative, "--quiet"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit()),
+            )
+        })
+        .collect();
+
+    let tenant_paths: Vec<String> = tenants.values().map(TenantCgroup::agent_path).collect();
+    let tenant_regex = regex_of(&tenant_paths);
+    // Enough scrapes for every rate() window: wait until the tenants' exits have 2 rate windows of
+    // samples in Prometheus.
+    let started = Instant::now();
+    wait_for(
+        "Prometheus to hold 40 s of the tenants' exits",
+        Duration::from_secs(120),
+        || {
+            for vmm in &mut vmms {
+                vmm.assert_running("while Prometheus was filling");
+            }
+            let expr = format!(
+                "min(count_over_time(vmtrace_vm_exits_total{{job=\"{JOB}\", tenant=~\"{tenant_regex}\"}}[1m]))"
+            );
+            let data = prometheus.query(&expr).ok()?;
+            let samples: f64 = data["result"][0]["value"][1].as_str()?.parse().ok()?;
+            (samples >= 40.0).then_some(())
+        },
+    );
+    eprintln!(
+        "Prometheus has 40 s of samples after {:.0?}",
+        started.elapsed()
+    );
+
+    // Variables: every label_values query finds values, including the test's own.
+    let builtins = |values: &mut BTreeMap<&str, String>| {
+        values.insert("__rate_interval", RATE_INTERVAL.to_owned());
+        values.insert("__interval", INTERVAL.to_owned());
+        values.insert("__interval_ms", "15000".to_owned());
+        values.insert("__range", RANGE.to_owned());
+        values.insert("__range_s", "300".to_owned());
+        values.insert("__range_ms", "300000".to_owned());
+        values.insert("datasource", "prometheus".to_owned());
+    };
+    // Two sets of values: each variable on the test's own value, and each on All.
+    let mut chosen: BTreeMap<&str, String> = BTreeMap::from([
+        ("job", JOB.to_owned()),
+        ("cluster", CLUSTER.to_owned()),
+        ("node", NODE.to_owned()),
+        ("namespace", ".*".to_owned()),
+        ("tenant", tenant_regex.clone()),
+    ]);
+    builtins(&mut chosen);
+    let mut all_values: BTreeMap<&str, String> = BTreeMap::from([
+        ("job", regex_of(&[JOB.to_owned()])),
+        ("cluster", ".*".to_owned()),
+        ("node", ".*".to_owned()),
+        ("namespace", ".*".to_owned()),
+        ("tenant", ".*".to_owned()),
+    ]);
+    builtins(&mut all_values);
+
+    let expected_values: BTreeMap<&str, Vec<String>> = BTreeMap::from([
+        ("job", vec![JOB.to_owned()]),
+        ("cluster", vec![CLUSTER.to_owned()]),
+        ("node", vec![NODE.to_owned()]),
+        ("tenant", tenant_paths.clone()),
+    ]);
+    let mut variable_queries = 0;
+    for Dashboard { file, json } in &all {
+        for var in variables(json) {
+            if var["type"] != "query" {
+                continue;
+            }
+            let name = var["name"].as_str().unwrap_or_default();
+            let query = variable_query(var).unwrap_or_default();
+            let inner = query
+                .strip_prefix("label_values(")
+                .and_then(|q| q.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("{file}: ${name}: not label_values(..): {query}"));
+            let (selector, label) = inner
+                .rsplit_once(',')
+                .unwrap_or_else(|| panic!("{file}: ${name}: label_values needs a selector"));
+            let selector = substitute(selector.trim(), &chosen);
+            let label = label.trim();
+            let values = prometheus
+                .label_values(&selector, label)
+                .unwrap_or_else(|e| panic!("{file}: ${name}: {selector}: {e}"));
+            variable_queries += 1;
+            if FUTURE_LABELS.contains(&label) {
+                eprintln!(
+                    "{file}: ${name}: {label} {values:?} (not exported yet; All = .* matches)"
+                );
+                continue;
+            }
+            for want in expected_values.get(name).into_iter().flatten() {
+                assert!(
+                    values.contains(want),
+                    "{file}: variable ${name} ({query}) does not offer {want}: {values:?}"
+                );
+            }
+        }
+    }
+
+    // Every target of every panel, with both sets of values.
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    let mut panels_checked = 0;
+    for Dashboard { file, json } in &all {
+        for panel in panels(json) {
+            panels_checked += 1;
+            let title = panel["title"].as_str().unwrap_or_default();
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"].as_str().unwrap_or_default();
+                for (set, values) in [("selected", &chosen), ("All", &all_values)] {
+                    let query = substitute(expr, values);
+                    checked += 1;
+                    // A series that appeared late (first kick, first service time) may need a
+                    // few more scrapes before a rate window holds two samples of it.
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    let outcome = loop {
+                        let outcome = prometheus.query(&query).and_then(|d| describe_result(&d));
+                        if outcome.is_ok() || Instant::now() > deadline {
+                            break outcome;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    };
+                    match outcome {
+                        Ok(summary) => eprintln!("ok   {file} | {title} | {set}: {summary}"),
+                        Err(why) => {
+                            eprintln!("FAIL {file} | {title} | {set}: {why}");
+                            failures.push(format!(
+                                "{file}: panel \"{title}\" ({set} variables) returned no data: {why}\n    {query}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for vmm in &mut vmms {
+        vmm.assert_running("before the queries were done (the load must last)");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} panel queries returned nothing:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!(
+        "dashboards: {} files, {panels_checked} panels, {checked} panel queries ({} targets x 2 \
+         variable sets) and {variable_queries} variable queries returned data",
+        all.len(),
+        checked / 2
+    );
+}

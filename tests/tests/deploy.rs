@@ -1,0 +1,1178 @@
+//! deploy/: the Kubernetes manifests validate offline against the Kubernetes schemas (PyPI
+//! `kubernetes-validate`, installed into a venv under target/), keep to least privilege, agree with
+//! each other and with the image, and the agent runs as the DaemonSet would: the manifest's
+//! arguments, environment, user, capabilities and read-only host mounts, in its own mount, PID,
+//! network, UTS and cgroup namespaces, while a reference VMM runs in a tenant cgroup.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::{Read, Write},
+    net::TcpStream,
+    os::unix::{fs::PermissionsExt, io::AsRawFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use vmtrace_tests::{
+    REQUIRE_CAPS, TenantCgroup, binary, cgroup2_root, expected_agent_counts, privileged_host,
+    run_vmm,
+};
+
+/// Kubernetes versions the manifests are validated against: an older one still in wide use, and
+/// the newest kubernetes-validate knows (its default).
+const KUBERNETES_VERSIONS: [Option<&str>; 2] = [Some("1.28"), None];
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The target directory (target/debug/deps/<test> -> target).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.ancestors().nth(3).expect("target dir").to_owned()
+}
+
+/// Skips (returns false) when `what` is missing, or panics when every capability is required.
+fn have(test: &str, ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var(REQUIRE_CAPS).is_ok_and(|v| v == "1") {
+        panic!("{test}: {what}");
+    }
+    eprintln!("SKIP: {test}: {what}");
+    false
+}
+
+fn on_path(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python: kubernetes-validate, and PyYAML (its dependency) to read the manifests.
+
+/// The venv's python with kubernetes-validate and PyYAML importable, installed on first use.
+fn python() -> Result<PathBuf, String> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let venv = target_dir().join("kubernetes-validate-venv");
+            let python = venv.join("bin/python");
+            let importable = || {
+                Command::new(&python)
+                    .args(["-c", "import kubernetes_validate, yaml"])
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if importable() {
+                return Ok(python);
+            }
+            let run = |command: &mut Command, what: &str| -> Result<(), String> {
+                let output = command
+                    .output()
+                    .map_err(|e| format!("{what}: cannot run: {e}"))?;
+                if output.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{what} failed: {}",
+                        String::from_utf8_lossy(&output.stderr)
+                    ))
+                }
+            };
+            if !python.exists() {
+                run(
+                    Command::new("python3").arg("-m").arg("venv").arg(&venv),
+                    "python3 -m venv (Debian: apt-get install python3-venv)",
+                )?;
+            }
+            run(
+                Command::new(&python).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "kubernetes-validate",
+                ]),
+                "pip install kubernetes-validate",
+            )?;
+            if importable() {
+                Ok(python)
+            } else {
+                Err("kubernetes-validate installed but not importable".to_owned())
+            }
+        })
+        .clone()
+}
+
+/// The YAML documents of `path` as JSON (empty documents left out).
+fn yaml_docs(python: &Path, path: &Path) -> Vec<Value> {
+    let output = Command::new(python)
+        .args([
+            "-c",
+            "import sys, json, yaml\n\
+             docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+             json.dump(docs, sys.stdout)",
+        ])
+        .arg(path)
+        .output()
+        .expect("running python");
+    assert!(
+        output.status.success(),
+        "{} is not valid YAML: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON from python")
+}
+
+/// Validates `path` with kubernetes-validate --strict against each of [`KUBERNETES_VERSIONS`].
+fn kubernetes_validate(python: &Path, path: &Path) {
+    for version in KUBERNETES_VERSIONS {
+        let mut command = Command::new(python);
+        command.args(["-m", "kubernetes_validate", "--strict"]);
+        if let Some(v) = version {
+            command.args(["-k", v]);
+        }
+        let output = command.arg(path).output().expect("kubernetes-validate");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success() && !text.contains("ERROR"),
+            "{} does not validate against Kubernetes {}:\n{text}",
+            path.display(),
+            version.unwrap_or("(newest)")
+        );
+        eprint!("{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The manifests as data.
+
+fn find_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} among {} documents", docs.len()))
+}
+
+/// The DaemonSet's pod spec and its `agent` container.
+fn pod_and_container(daemonset: &Value) -> (&Value, &Value) {
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let container = pod["containers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "agent"))
+        .expect("a container named agent");
+    (pod, container)
+}
+
+/// A container setting, the container's securityContext winning over the pod's.
+fn security<'a>(pod: &'a Value, container: &'a Value, key: &str) -> &'a Value {
+    let own = &container["securityContext"][key];
+    if own.is_null() {
+        &pod["securityContext"][key]
+    } else {
+        own
+    }
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Applies a strategic-merge patch the way kubectl does for the fields these patches touch:
+/// objects merge, `containers` and `env` merge by `name`, other lists are replaced.
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Object(base), Value::Object(patch)) => {
+            for (key, value) in patch {
+                match base.get_mut(key) {
+                    Some(Value::Array(items))
+                        if matches!(key.as_str(), "containers" | "env") && value.is_array() =>
+                    {
+                        for item in value.as_array().unwrap() {
+                            match items.iter_mut().find(|i| i["name"] == item["name"]) {
+                                Some(existing) => merge(existing, item),
+                                None => items.push(item.clone()),
+                            }
+                        }
+                    }
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (base, patch) => *base = patch.clone(),
+    }
+}
+
+/// The capability numbers of capabilities(7).
+fn capability_number(name: &str) -> u32 {
+    const NAMES: [&str; 41] = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ];
+    let bare = name.trim_start_matches("CAP_");
+    NAMES
+        .iter()
+        .position(|n| *n == bare)
+        .unwrap_or_else(|| panic!("unknown capability {name}")) as u32
+}
+
+/// The capabilities the Containerfile's `setcap` gives the binary, as Kubernetes names them.
+fn containerfile_capabilities() -> BTreeSet<String> {
+    let text =
+        fs::read_to_string(deploy_dir().join("Containerfile")).expect("deploy/Containerfile");
+    let line = text
+        .lines()
+        .find(|l| l.contains("setcap "))
+        .expect("a setcap line in the Containerfile");
+    let spec = line
+        .split_whitespace()
+        .skip_while(|w| *w != "setcap")
+        .nth(1)
+        .expect("setcap's capability list");
+    let (caps, flags) = spec.split_once('=').expect("caps=flags");
+    assert_eq!(
+        flags, "ep",
+        "the file capabilities must be effective and permitted"
+    );
+    caps.split(',')
+        .map(|c| c.trim_start_matches("cap_").to_uppercase())
+        .collect()
+}
+
+#[test]
+fn manifests_validate_and_keep_to_least_privilege() {
+    let test = "manifests_validate_and_keep_to_least_privilege";
+    let python = match python() {
+        Ok(p) => p,
+        Err(e) => {
+            have(
+                test,
+                false,
+                &format!("kubernetes-validate unavailable: {e}"),
+            );
+            return;
+        }
+    };
+    let dir = deploy_dir();
+
+    // Every Kubernetes manifest, one by one, against the schemas (strict: no unknown fields).
+    let kustomization = &yaml_docs(&python, &dir.join("kustomization.yaml"))[0];
+    let listed = strings(&kustomization["resources"]);
+    let kustomization_text = fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    // Optional pieces are listed commented out: `# - file.yaml` and `# - path: patches/x.yaml`.
+    let optional: Vec<String> = kustomization_text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('#')?.trim().strip_prefix('-'))
+        .filter_map(|l| {
+            let word = l
+                .trim()
+                .trim_start_matches("path:")
+                .split_whitespace()
+                .next()?;
+            word.ends_with(".yaml").then(|| word.to_owned())
+        })
+        .collect();
+    for file in listed.iter().chain(&optional) {
+        assert!(
+            dir.join(file).is_file(),
+            "kustomization.yaml names {file}, which does not exist"
+        );
+    }
+    let mut all_docs: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for file in listed.iter().chain(&optional) {
+        let docs = yaml_docs(&python, &dir.join(file));
+        assert!(!docs.is_empty(), "{file} is empty");
+        if file.starts_with("patches/") {
+            // A patch is not a whole object; it is validated applied, below.
+        } else if docs
+            .iter()
+            .all(|d| d["apiVersion"] == "monitoring.coreos.com/v1")
+        {
+            // The Prometheus Operator's CRD is not in the core schemas: checked by hand below.
+            eprintln!(
+                "{file}: ServiceMonitor (a CRD, not in the Kubernetes schemas): checked structurally"
+            );
+        } else {
+            kubernetes_validate(&python, &dir.join(file));
+        }
+        all_docs.insert(file.clone(), docs);
+    }
+    let docs_of = |file: &str| {
+        all_docs
+            .get(file)
+            .unwrap_or_else(|| panic!("{file} missing"))
+    };
+
+    // The DaemonSet: least privilege.
+    let daemonset = find_kind(docs_of("daemonset.yaml"), "DaemonSet");
+    let (pod, container) = pod_and_container(daemonset);
+    let ctx = |key: &str| security(pod, container, key);
+    assert_ne!(
+        ctx("privileged"),
+        &Value::Bool(true),
+        "no privileged container"
+    );
+    assert_eq!(ctx("allowPrivilegeEscalation"), &Value::Bool(false));
+    assert_eq!(ctx("readOnlyRootFilesystem"), &Value::Bool(true));
+    assert_eq!(ctx("runAsNonRoot"), &Value::Bool(true));
+    let uid = ctx("runAsUser").as_u64().expect("runAsUser");
+    let gid = ctx("runAsGroup").as_u64().expect("runAsGroup");
+    assert_ne!(uid, 0, "the DaemonSet runs as a non-root user");
+    let capabilities = &container["securityContext"]["capabilities"];
+    assert_eq!(strings(&capabilities["drop"]), ["ALL"]);
+    let added: BTreeSet<String> = strings(&capabilities["add"]).into_iter().collect();
+    let allowed: BTreeSet<String> = ["BPF", "PERFMON", "DAC_READ_SEARCH"]
+        .map(str::to_owned)
+        .into();
+    assert!(
+        added.is_subset(&allowed) && added.contains("BPF") && added.contains("PERFMON"),
+        "capabilities {added:?}: BPF and PERFMON, and only what docs/deploy.md proves necessary"
+    );
+    for host in ["hostPID", "hostNetwork", "hostIPC"] {
+        assert_ne!(pod[host], Value::Bool(true), "{host}");
+    }
+    assert!(
+        pod["tolerations"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t["key"].is_null())),
+        "tolerates every taint"
+    );
+    for (kind, key) in [
+        ("requests", "cpu"),
+        ("requests", "memory"),
+        ("limits", "memory"),
+    ] {
+        assert!(
+            container["resources"][kind][key].is_string(),
+            "resources.{kind}.{key}"
+        );
+    }
+    // hostPath volumes: tracefs, cgroupfs and BTF, all mounted read-only.
+    let volumes: BTreeMap<&str, &str> = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| Some((v["name"].as_str()?, v["hostPath"]["path"].as_str()?)))
+        .collect();
+    for path in ["/sys/kernel/tracing", "/sys/fs/cgroup", "/sys/kernel/btf"] {
+        assert!(
+            volumes.values().any(|p| *p == path),
+            "a hostPath volume for {path}"
+        );
+    }
+    for mount in container["volumeMounts"].as_array().expect("volumeMounts") {
+        let name = mount["name"].as_str().unwrap_or_default();
+        if volumes.contains_key(name) {
+            assert_eq!(mount["readOnly"], true, "hostPath mount {name} read-only");
+        }
+    }
+    // Probes, port, arguments, environment, scrape annotations.
+    let port = container["ports"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "metrics"))
+        .expect("a port named metrics");
+    assert_eq!(port["containerPort"], 9464);
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let args = strings(&container["args"]);
+    assert!(
+        args.first().is_some_and(|a| a == "agent")
+            && args.iter().any(|a| a == "--listen=0.0.0.0:9464"),
+        "args {args:?}"
+    );
+    let node_env = container["env"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["name"] == "NODE_NAME"))
+        .expect("NODE_NAME");
+    assert_eq!(
+        node_env["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    let annotations = &daemonset["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9464");
+    let pod_labels = &daemonset["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        &daemonset["spec"]["selector"]["matchLabels"], pod_labels,
+        "the selector matches the pod template"
+    );
+
+    // The image gives the non-root user exactly the manifest's capabilities.
+    assert_eq!(
+        containerfile_capabilities(),
+        added,
+        "deploy/Containerfile's setcap must grant exactly the DaemonSet's capabilities.add"
+    );
+    let containerfile = fs::read_to_string(dir.join("Containerfile")).unwrap();
+    assert!(
+        containerfile.contains(&format!("USER {uid}:{gid}")),
+        "Containerfile USER is the manifest's runAsUser:runAsGroup"
+    );
+
+    // RBAC: the agent's service account may read pods, nothing else.
+    let rbac = docs_of("rbac.yaml");
+    let account = find_kind(rbac, "ServiceAccount");
+    assert_eq!(pod["serviceAccountName"], account["metadata"]["name"]);
+    let role = find_kind(rbac, "ClusterRole");
+    for rule in role["rules"].as_array().expect("rules") {
+        assert_eq!(strings(&rule["resources"]), ["pods"], "{rule}");
+        let verbs: BTreeSet<String> = strings(&rule["verbs"]).into_iter().collect();
+        assert!(
+            verbs.is_subset(&["get", "list", "watch"].map(str::to_owned).into()),
+            "read-only: {verbs:?}"
+        );
+    }
+    let binding = find_kind(rbac, "ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
+
+    // Service and ServiceMonitor select the agent's pods and its metrics port.
+    let service = find_kind(docs_of("service.yaml"), "Service");
+    for (key, value) in service["spec"]["selector"].as_object().expect("selector") {
+        assert_eq!(
+            &pod_labels[key], value,
+            "the Service selects the agent's pods"
+        );
+    }
+    let service_port = &service["spec"]["ports"][0];
+    assert_eq!(service_port["targetPort"], "metrics");
+    let monitor = find_kind(docs_of("servicemonitor.yaml"), "ServiceMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("ServiceMonitor selector")
+    {
+        assert_eq!(
+            &service["metadata"]["labels"][key], value,
+            "the ServiceMonitor selects the Service"
+        );
+    }
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], service_port["name"]);
+    assert!(
+        endpoint["relabelings"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["targetLabel"] == "node"
+                && r["sourceLabels"][0] == "__meta_kubernetes_pod_node_name")),
+        "the ServiceMonitor labels series with their node"
+    );
+
+    // The OTLP example: the collector receives gRPC and HTTP, and the patch points the agents at it.
+    let collector = docs_of("otel-collector.yaml");
+    let config_map = find_kind(collector, "ConfigMap");
+    let config_path =
+        std::env::temp_dir().join(format!("vmtrace-otelcol-{}.yaml", std::process::id()));
+    fs::write(
+        &config_path,
+        config_map["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml"),
+    )
+    .unwrap();
+    let config = yaml_docs(&python, &config_path).remove(0);
+    fs::remove_file(&config_path).unwrap();
+    let protocols = &config["receivers"]["otlp"]["protocols"];
+    assert!(
+        protocols["grpc"]["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.ends_with(":4317"))
+    );
+    assert!(
+        protocols["http"]["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.ends_with(":4318"))
+    );
+    let pipeline = &config["service"]["pipelines"]["metrics"];
+    assert_eq!(strings(&pipeline["receivers"]), ["otlp"]);
+    for exporter in strings(&pipeline["exporters"]) {
+        assert!(
+            config["exporters"][&exporter].is_object(),
+            "exporter {exporter}"
+        );
+    }
+    assert!(strings(&pipeline["exporters"]).contains(&"prometheus".to_owned()));
+    assert!(strings(&pipeline["exporters"]).contains(&"debug".to_owned()));
+    let collector_service = find_kind(collector, "Service");
+    let mut patched = daemonset.clone();
+    merge(&mut patched, &docs_of("patches/otlp-export.yaml")[0]);
+    let env: BTreeMap<String, String> = pod_and_container(&patched).1["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    assert_eq!(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some(&format!(
+            "http://{}.{}.svc:4317",
+            collector_service["metadata"]["name"].as_str().unwrap(),
+            collector_service["metadata"]["namespace"].as_str().unwrap()
+        )),
+        "patches/otlp-export.yaml points at the example collector's gRPC port"
+    );
+    assert_eq!(
+        env.get("OTEL_EXPORTER_OTLP_PROTOCOL").map(String::as_str),
+        Some("grpc")
+    );
+
+    // Both patches applied (as kubectl would) still validate.
+    let mut both = daemonset.clone();
+    merge(&mut both, &docs_of("patches/otlp-export.yaml")[0]);
+    merge(&mut both, &docs_of("patches/run-as-root.yaml")[0]);
+    let path = std::env::temp_dir().join(format!("vmtrace-patched-{}.json", std::process::id()));
+    fs::write(&path, serde_json::to_string_pretty(&both).unwrap()).unwrap();
+    kubernetes_validate(&python, &path);
+    fs::remove_file(&path).unwrap();
+
+    // The kustomize base renders, with every optional piece too, when kubectl is here.
+    if on_path("kubectl") {
+        let work = std::env::temp_dir().join(format!("vmtrace-kustomize-{}", std::process::id()));
+        let _cleanup = RemoveOnDrop(work.clone());
+        copy_dir(&dir, &work);
+        let render = |what: &str| {
+            let output = Command::new("kubectl")
+                .arg("kustomize")
+                .arg(&work)
+                .output()
+                .expect("kubectl kustomize");
+            assert!(
+                output.status.success(),
+                "kubectl kustomize ({what}) failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let rendered = work.join(format!("rendered-{what}.yaml"));
+            fs::write(&rendered, &output.stdout).unwrap();
+            kubernetes_validate(&python, &rendered);
+            yaml_docs(&python, &rendered)
+        };
+        let base = render("base");
+        let documents: usize = listed.iter().map(|f| docs_of(f).len()).sum();
+        assert_eq!(base.len(), documents, "the base renders every resource");
+        // Uncomment every optional resource and patch.
+        let everything: String = kustomization_text
+            .lines()
+            .map(|l| {
+                let t = l.trim_start();
+                if t.starts_with("# -") && t.contains(".yaml") || t.starts_with("# patches:") {
+                    format!("{}{}", &l[..l.len() - t.len()], &t[2..])
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        fs::write(work.join("kustomization.yaml"), everything).unwrap();
+        let full = render("everything");
+        let rendered_ds = find_kind(&full, "DaemonSet");
+        let (rendered_pod, rendered_agent) = pod_and_container(rendered_ds);
+        assert_eq!(rendered_pod["securityContext"]["runAsUser"], 0);
+        assert!(
+            rendered_agent["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "OTEL_EXPORTER_OTLP_ENDPOINT")
+        );
+        find_kind(&full, "ServiceMonitor");
+    } else {
+        eprintln!("kubectl not found: the kustomize rendering was not checked");
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the agent as the DaemonSet would.
+
+/// How the pod's user comes to hold its capabilities.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Grant {
+    /// As Kubernetes does for a non-root container: the bounding set is the manifest's
+    /// capabilities, nothing is inherited or ambient, and the image's binary carries them as file
+    /// capabilities (deploy/Containerfile).
+    FileCapabilities,
+    /// The capabilities as ambient capabilities of the process, with no file capabilities.
+    Ambient,
+    /// uid 0: the bounding set alone decides what root holds.
+    Root,
+}
+
+/// A pod: `unshare` with the agent as the first process of its PID namespace. Both are killed on
+/// drop.
+struct Pod {
+    unshare: Child,
+    stderr: PathBuf,
+}
+
+impl Pod {
+    /// The agent's pid (in the host's PID namespace): unshare's child.
+    fn agent_pid(&self) -> Option<u32> {
+        let pid = self.unshare.id();
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// GET from inside the pod's network namespace (a thread that joins it).
+    fn http_get(&self, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+        let pid = self.unshare.id();
+        let own = fs::read_link("/proc/self/ns/net")?;
+        let theirs = fs::read_link(format!("/proc/{pid}/ns/net"))?;
+        if own == theirs {
+            return Err(std::io::Error::other(
+                "the pod's network namespace is not set up yet",
+            ));
+        }
+        let ns = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            // SAFETY: setns with a valid namespace fd; it changes only this thread's network
+            // namespace, and the thread ends after this request.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            http_get(port, &path)
+        })
+        .join()
+        .expect("http thread")
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if let Some(pid) = self.agent_pid() {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our pod's first process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // unshare reaps it and exits, leaving the pod's cgroup empty for its removal.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(self.unshare.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// What Kubernetes would set for the container's environment variables (values, and the downward
+/// API fields the manifest uses), with `$(NAME)` references expanded.
+fn environment(container: &Value, node: &str, pod_name: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in container["env"].as_array().into_iter().flatten() {
+        let name = var["name"].as_str().expect("env name").to_owned();
+        let value = if let Some(value) = var["value"].as_str() {
+            let mut value = value.to_owned();
+            for (earlier, v) in &env {
+                value = value.replace(&format!("$({earlier})"), v);
+            }
+            value
+        } else {
+            match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("spec.nodeName") => node.to_owned(),
+                Some("metadata.name") => pod_name.to_owned(),
+                Some("metadata.namespace") => "vmtrace".to_owned(),
+                other => panic!("env {name}: unsupported source {other:?}"),
+            }
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+/// Starts the DaemonSet's agent container as a pod would run: the pod's cgroup, new namespaces
+/// (mount, UTS, cgroup, and network and PID unless the pod shares the host's), the hostPath
+/// volumes bind-mounted at their mountPaths (read-only where the manifest says), the manifest's
+/// environment only, its user and group, its capabilities granted as `grant` says, no_new_privs
+/// unless privilege escalation is allowed, then the image's entrypoint with the manifest's args.
+fn start_pod(
+    daemonset: &Value,
+    grant: Grant,
+    executable: &Path,
+    pod_cgroup: &TenantCgroup,
+    dir: &Path,
+    label: &str,
+) -> Pod {
+    let (pod, container) = pod_and_container(daemonset);
+    let pod_name = format!("vmtrace-{label}");
+    let volumes: BTreeMap<&str, &str> = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| Some((v["name"].as_str()?, v["hostPath"]["path"].as_str()?)))
+        .collect();
+    let mut inner = vec!["set -e".to_owned()];
+    for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+        let Some(host) = volumes.get(mount["name"].as_str().unwrap_or_default()) else {
+            continue;
+        };
+        let target = mount["mountPath"].as_str().expect("mountPath");
+        inner.push(format!("mount --rbind {} {}", quote(host), quote(target)));
+        if mount["readOnly"] == true {
+            inner.push(format!("mount -o remount,bind,ro {}", quote(target)));
+        }
+    }
+    let host_network = pod["hostNetwork"] == true;
+    if !host_network {
+        inner.push("ip link set lo up".to_owned());
+    }
+    inner.push(format!("hostname {}", quote(&pod_name)));
+
+    let uid = security(pod, container, "runAsUser").as_u64().unwrap_or(0);
+    let gid = security(pod, container, "runAsGroup").as_u64().unwrap_or(0);
+    let caps = strings(&container["securityContext"]["capabilities"]["add"]);
+    assert_eq!(
+        strings(&container["securityContext"]["capabilities"]["drop"]),
+        ["ALL"]
+    );
+    let set = format!(
+        "-all{}",
+        caps.iter()
+            .map(|c| format!(",+{}", c.to_lowercase()))
+            .collect::<String>()
+    );
+    let mut setpriv = vec![
+        "setpriv".to_owned(),
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+        "--clear-groups".to_owned(),
+        format!("--bounding-set={set}"),
+    ];
+    match grant {
+        Grant::Ambient => {
+            setpriv.push(format!("--inh-caps={set}"));
+            setpriv.push(format!("--ambient-caps={set}"));
+        }
+        Grant::FileCapabilities | Grant::Root => setpriv.push("--inh-caps=-all".to_owned()),
+    }
+    if security(pod, container, "allowPrivilegeEscalation") == &Value::Bool(false) {
+        setpriv.push("--nnp".to_owned());
+    }
+    let mut exec = vec![
+        "exec".to_owned(),
+        "env".to_owned(),
+        "-i".to_owned(),
+        "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+        format!("HOSTNAME={pod_name}"),
+    ];
+    for (name, value) in environment(container, "test-node", &pod_name) {
+        exec.push(format!("{name}={value}"));
+    }
+    exec.extend(setpriv);
+    exec.push(executable.display().to_string());
+    assert!(
+        container["command"].is_null(),
+        "the manifest relies on the image's entrypoint (vmtrace)"
+    );
+    exec.extend(strings(&container["args"]));
+    inner.push(exec.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "));
+
+    let mut namespaces = vec!["--mount", "--propagation", "private", "--uts", "--cgroup"];
+    if !host_network {
+        namespaces.push("--net");
+    }
+    if pod["hostPID"] != true {
+        namespaces.extend(["--pid", "--fork", "--mount-proc"]);
+    }
+    let outer = format!(
+        "echo $$ > \"$2/cgroup.procs\"; exec unshare {} -- sh -c \"$1\"",
+        namespaces.join(" ")
+    );
+    let stderr = dir.join(format!("{label}.stderr"));
+    let unshare = Command::new("sh")
+        .args(["-c", &outer, "sh", &inner.join("\n")])
+        .arg(&pod_cgroup.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("starting unshare");
+    Pod { unshare, stderr }
+}
+
+/// The value of the sample `name{labels}` whose labels include all of `wanted`.
+fn sample(metrics: &str, name: &str, wanted: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let (labels, value) = rest.split_once("} ")?;
+        let has = |(k, v): &(&str, &str)| labels.split(',').any(|l| l == format!("{k}=\"{v}\""));
+        wanted.iter().all(has).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// The metric sample that carries one of `expected_agent_counts`' kinds for `tenant`.
+fn count_of(metrics: &str, tenant: &str, kind: &str) -> Option<f64> {
+    if let Some(reason) = kind.strip_prefix("exit.") {
+        sample(
+            metrics,
+            "vmtrace_vm_exits_total",
+            &[
+                ("tenant", tenant),
+                ("exit_source", "vmm"),
+                ("exit_reason", reason),
+            ],
+        )
+    } else if let Some(queue) = kind.strip_prefix("kick.") {
+        sample(
+            metrics,
+            "vmtrace_virtio_kicks_total",
+            &[
+                ("tenant", tenant),
+                ("virtio_queue", queue.trim_start_matches('q')),
+            ],
+        )
+    } else {
+        sample(
+            metrics,
+            "vmtrace_vm_events_total",
+            &[("tenant", tenant), ("event", kind)],
+        )
+    }
+}
+
+/// Runs the agent container of `daemonset` as a pod with `grant`, drives a pio and a doorbell
+/// reference VMM in a tenant cgroup, and checks that the agent is ready and counts them exactly.
+fn run_as_pod(daemonset: &Value, grant: Grant, executable: &Path, parent: &str, dir: &Path) {
+    let label = format!("{grant:?}").to_lowercase();
+    let (pod_spec, container) = pod_and_container(daemonset);
+    let pod_cgroup = TenantCgroup::new(&format!("{parent}/pod-{label}"));
+    let tenant = TenantCgroup::new(&format!("{parent}/tenant-{label}"));
+    let pod = start_pod(daemonset, grant, executable, &pod_cgroup, dir, &label);
+    let port_of = |probe: &str| -> (u16, String) {
+        let get = &container[probe]["httpGet"];
+        let port = match &get["port"] {
+            Value::String(name) => container["ports"]
+                .as_array()
+                .and_then(|p| p.iter().find(|p| p["name"] == *name))
+                .and_then(|p| p["containerPort"].as_u64())
+                .expect("named port"),
+            other => other.as_u64().expect("port"),
+        };
+        (port as u16, get["path"].as_str().expect("path").to_owned())
+    };
+    let (ready_port, ready_path) = port_of("readinessProbe");
+    let (live_port, live_path) = port_of("livenessProbe");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if matches!(pod.http_get(ready_port, &ready_path), Ok((200, _))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{label}: {ready_path} not 200 within 60 s; the pod's stderr:\n{}",
+            pod.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _) = pod.http_get(live_port, &live_path).expect("liveness");
+    assert_eq!(status, 200, "{label}: {live_path}");
+
+    // The agent holds exactly what the manifest grants: its user, its capabilities, no_new_privs.
+    let agent = pod.agent_pid().expect("the agent process");
+    let status = fs::read_to_string(format!("/proc/{agent}/status")).expect("agent status");
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let uid = security(pod_spec, container, "runAsUser")
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        field("Uid:").split_whitespace().next(),
+        Some(uid.to_string().as_str()),
+        "{label}: the agent's uid"
+    );
+    let wanted: u64 = strings(&container["securityContext"]["capabilities"]["add"])
+        .iter()
+        .map(|c| 1u64 << capability_number(c))
+        .sum();
+    let effective = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
+    assert_eq!(
+        effective, wanted,
+        "{label}: effective capabilities {effective:#x}, the manifest grants {wanted:#x}"
+    );
+    if security(pod_spec, container, "allowPrivilegeEscalation") == &Value::Bool(false) {
+        assert_eq!(field("NoNewPrivs:"), "1", "{label}: no_new_privs");
+    }
+
+    // A tenant's guests, while the pod runs: exits to the VMM, in-kernel doorbell writes and kicks.
+    let reports = vec![
+        run_vmm(&[
+            "--scenario",
+            "pio",
+            "--count",
+            "2000",
+            "--cgroup",
+            &tenant.relative,
+        ]),
+        run_vmm(&[
+            "--scenario",
+            "doorbell",
+            "--count",
+            "1000",
+            "--cgroup",
+            &tenant.relative,
+        ]),
+    ];
+    let expected = expected_agent_counts(&reports);
+    let path = tenant.agent_path();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = pod
+            .http_get(ready_port, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let done = expected
+            .iter()
+            .all(|(kind, &n)| count_of(&metrics, &path, kind) == Some(n as f64));
+        if done || Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (kind, &n) in &expected {
+        assert_eq!(
+            count_of(&metrics, &path, kind),
+            Some(n as f64),
+            "{label}: {kind} of {path}; the VMMs' ground truth is {expected:?}; the pod's stderr:\n{}",
+            pod.stderr()
+        );
+    }
+    // The classic tracepoint (sys_enter_ioctl, read through tracefs) works under these privileges:
+    // VMM service times are measured.
+    let served = sample(
+        &metrics,
+        "vmtrace_vmm_service_duration_seconds_count",
+        &[("tenant", &path), ("exit_reason", "io")],
+    );
+    assert!(
+        served.is_some_and(|n| n > 0.0),
+        "{label}: no VMM service time for {path}"
+    );
+    let stderr = pod.stderr();
+    assert!(
+        !stderr.contains("not attached"),
+        "{label}: a probe did not attach:\n{stderr}"
+    );
+    eprintln!("{label}: ready, uid {uid}, CapEff {effective:#x}; counted {expected:?} for {path}");
+}
+
+#[test]
+fn the_agent_runs_as_the_daemonset_would() {
+    let test = "the_agent_runs_as_the_daemonset_would";
+    if !privileged_host(test) {
+        return;
+    }
+    for tool in ["unshare", "setpriv", "ip", "setcap"] {
+        if !have(
+            test,
+            on_path(tool),
+            &format!("{tool} missing (util-linux, iproute2, libcap2-bin)"),
+        ) {
+            return;
+        }
+    }
+    let python = match python() {
+        Ok(p) => p,
+        Err(e) => {
+            have(test, false, &format!("PyYAML unavailable: {e}"));
+            return;
+        }
+    };
+    let dir = deploy_dir();
+    let daemonset = find_kind(
+        &yaml_docs(&python, &dir.join("daemonset.yaml")),
+        "DaemonSet",
+    )
+    .clone();
+    let mut as_root = daemonset.clone();
+    merge(
+        &mut as_root,
+        &yaml_docs(&python, &dir.join("patches/run-as-root.yaml"))[0],
+    );
+    let vmtrace = binary("vmtrace");
+    binary("vmtrace-vmm");
+
+    let parent = format!("vmtrace-deploy-{}", std::process::id());
+    let _parent = RmdirOnDrop(cgroup2_root().expect("cgroup v2").join(&parent));
+    let work = std::env::temp_dir().join(&parent);
+    fs::create_dir_all(&work).unwrap();
+    let _work = RemoveOnDrop(work.clone());
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+
+    // The image's binary: a copy with the Containerfile's file capabilities.
+    let image_binary = work.join("vmtrace");
+    fs::copy(&vmtrace, &image_binary).expect("copying vmtrace");
+    let file_caps = containerfile_capabilities()
+        .iter()
+        .map(|c| format!("cap_{}", c.to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let status = Command::new("setcap")
+        .arg(format!("{file_caps}=ep"))
+        .arg(&image_binary)
+        .status()
+        .expect("setcap");
+    assert!(status.success(), "setcap {file_caps}=ep failed");
+
+    // As Kubernetes runs the DaemonSet's non-root container (bounding set only, file capabilities
+    // from the image, no_new_privs); the same user with the manifest's capabilities as ambient
+    // capabilities; and patches/run-as-root.yaml's root user with its two capabilities.
+    run_as_pod(
+        &daemonset,
+        Grant::FileCapabilities,
+        &image_binary,
+        &parent,
+        &work,
+    );
+    run_as_pod(&daemonset, Grant::Ambient, &vmtrace, &parent, &work);
+    run_as_pod(&as_root, Grant::Root, &vmtrace, &parent, &work);
+}
+
+/// A directory removed (empty) on drop: the parent of the test's cgroups.
+struct RmdirOnDrop(PathBuf);
+
+impl Drop for RmdirOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn strategic_merge_of_the_patches_merges_containers_and_env_by_name() {
+    let mut base = serde_json::json!({"spec": {"containers": [
+        {"name": "agent", "env": [{"name": "A", "value": "1"}],
+         "securityContext": {"capabilities": {"add": ["BPF", "PERFMON", "DAC_READ_SEARCH"]}}}
+    ]}});
+    let patch = serde_json::json!({"spec": {"containers": [
+        {"name": "agent", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
+         "securityContext": {"capabilities": {"add": ["BPF"]}}}
+    ]}});
+    merge(&mut base, &patch);
+    let agent = &base["spec"]["containers"][0];
+    assert_eq!(agent["env"].as_array().unwrap().len(), 2);
+    assert_eq!(agent["env"][0]["value"], "3");
+    assert_eq!(
+        agent["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["BPF"])
+    );
+    assert_eq!(capability_number("CAP_BPF"), 39);
+    assert_eq!(capability_number("DAC_READ_SEARCH"), 2);
+}
