@@ -21,7 +21,7 @@ pub struct ProbeArgs {
     /// Also measure kick service latency (a queue's first kick to its VMM's read of the doorbell
     /// eventfd), reported under `kick.q<N>`. Attaches syscalls:sys_enter_read, which runs on every
     /// read() of the host, so it is off by default.
-    #[arg(long)]
+    #[arg(long, env = "VMTRACE_KICK_LATENCY")]
     pub kick_latency: bool,
 }
 

@@ -134,7 +134,11 @@ pub fn resource(
     let mut attributes: Vec<(String, String)> = vec![
         ("service.name".into(), "vmtrace".into()),
         ("service.version".into(), env!("CARGO_PKG_VERSION").into()),
-        ("host.name".into(), hostname()),
+        // In a pod the hostname is the pod's; the node's name is the host's.
+        (
+            "host.name".into(),
+            node_name.map_or_else(hostname, str::to_owned),
+        ),
     ];
     if let Some(node) = node_name {
         attributes.push(("k8s.node.name".into(), node.to_owned()));

@@ -264,24 +264,25 @@ pub fn agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<S
     serde_json::from_value(agent_report(report, path)?["counts"].clone()).ok()
 }
 
-/// A plain HTTP/1.0 GET on loopback: (status code, body). Panics on connection errors.
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+/// A GET over HTTP/1.0 to a loopback port (no chunked encoding; the server closes): status and body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::Write;
-    let mut stream =
-        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    (status, body.to_owned())
+    Ok((status, body.to_owned()))
 }
 
 /// A free loopback port (bound and released, so nothing listens on it yet).

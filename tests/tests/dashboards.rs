@@ -5,15 +5,16 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use vmtrace_tests::{REQUIRE_CAPS, TenantCgroup, binary, cgroup2_root, privileged_host};
+use vmtrace_tests::{
+    REQUIRE_CAPS, TenantCgroup, binary, cgroup2_root, free_port, http_get, privileged_host,
+};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 /// The example scrape job whose relabelling the test's Prometheus uses, and the labels it gives the
@@ -401,33 +402,6 @@ impl Drop for RmdirOnDrop {
     fn drop(&mut self) {
         let _ = fs::remove_dir(&self.0);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-/// GET over HTTP/1.0 (no chunked encoding, the server closes): status and body.
-fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
 }
 
 fn url_encode(text: &str) -> String {

@@ -7,8 +7,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{Read, Write},
-    net::TcpStream,
     os::unix::{fs::PermissionsExt, io::AsRawFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -18,8 +16,8 @@ use std::{
 
 use serde_json::Value;
 use vmtrace_tests::{
-    REQUIRE_CAPS, TenantCgroup, binary, cgroup2_root, expected_agent_counts, privileged_host,
-    run_vmm,
+    REQUIRE_CAPS, TenantCgroup, binary, cgroup2_root, expected_agent_counts, http_get,
+    privileged_host, run_vmm,
 };
 
 /// Kubernetes versions the manifests are validated against: an older one still in wide use, and
@@ -745,22 +743,6 @@ impl Drop for Pod {
         let _ = self.unshare.kill();
         let _ = self.unshare.wait();
     }
-}
-
-fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
 }
 
 fn quote(text: &str) -> String {

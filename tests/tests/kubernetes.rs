@@ -108,7 +108,7 @@ fn pod_tenants_are_named_from_the_api_server() {
     let launcher = TenantCgroup::new(&format!("{}/cri-containerd-3c4d", launcher_pod.relative));
 
     let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
     let _agent = AgentProcess(
         Command::new(binary("vmtrace"))
             .args([
@@ -129,7 +129,7 @@ fn pod_tenants_are_named_from_the_api_server() {
             .unwrap(),
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(listen).is_err() || http_get(listen, "/readyz").0 != 200 {
+    while !matches!(http_get(port, "/readyz"), Ok((200, _))) {
         assert!(Instant::now() < deadline, "the agent never became ready");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -160,7 +160,7 @@ fn pod_tenants_are_named_from_the_api_server() {
     ];
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, metrics) = http_get(listen, "/metrics");
+        let (_, metrics) = http_get(port, "/metrics").expect("GET /metrics");
         if wanted.iter().all(|w| metrics.contains(w.as_str())) {
             break;
         }

@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest, metrics::v1::metric::Data,
 };
 use vmtrace_tests::{
-    TenantCgroup, binary,
+    TenantCgroup, binary, free_port,
     otlp_receiver::{Receiver, attribute, int_value, metric},
     privileged_host, run_vmm,
 };
@@ -187,15 +187,6 @@ fn otlp_http_export_carries_the_ground_truth() {
     if privileged_host("otlp_http_export_carries_the_ground_truth") {
         exports_match_ground_truth("http/protobuf");
     }
-}
-
-/// A free loopback port nobody listens on (yet).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

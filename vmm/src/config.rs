@@ -114,11 +114,13 @@ REPORT (JSON, one line unless --pretty; written only if all ground truth agrees)
   vm_setup_delay_ms  the --vm-setup-delay-ms slept before the vCPUs started (0 = none)
   virtio             (virtio scenario, else null) {device, mmio_base, mmio_len, notify_addr,
                      queue_size, request_size, disk_bytes, queues[]}; queues[] is {index, vcpu,
-                     notify_addr, datamatch, kicks, guest_kicks, requests, writes, reads, bytes}
-                     per queue: kicks is the sum of the values read from the queue's eventfd
-                     (by the worker, plus any left at the end), guest_kicks the guest's own count
-                     of its QueueNotify writes, requests the descriptor chains the device
-                     served (writes + reads), bytes the data moved (requests x request_size)
+                     notify_addr, datamatch, kicks, eventfd_reads, guest_kicks, requests, writes,
+                     reads, bytes} per queue: kicks is the sum of the values read from the
+                     queue's eventfd (by the worker, plus any left at the end), eventfd_reads
+                     how many of those reads returned a value (fewer than kicks when kicks
+                     coalesced), guest_kicks the guest's own count of its QueueNotify writes,
+                     requests the descriptor chains the device served (writes + reads), bytes
+                     the data moved (requests x request_size)
 
 The VMM fails (exit status 1, no report) if a guest counter differs from the requested count or
 from what the VMM observed, or on an unexpected exit; for virtio also if, for any queue, kicks,

@@ -4,8 +4,8 @@
 //! tracer observes about it can be checked against ground truth.
 //!
 //! The guest is a few real-mode (16-bit) instructions assembled in-process ([`guest`]), loaded
-//! at [`layout::CODE_GPA`] in 64 KiB of guest memory (832 KiB for virtio, see [`virtio`]), and run on one host thread per vCPU
-//! ([`vcpu`]). At the end the VMM reads the guest's own operation counters back from guest
+//! at [`layout::CODE_GPA`] in 64 KiB of guest memory (832 KiB for virtio, see [`virtio`]), and
+//! run on one host thread per vCPU ([`vcpu`]). At the end the VMM reads the guest's own operation counters back from guest
 //! memory, cross-checks them against what it saw itself and returns a [`report::Report`].
 //!
 //! ```no_run

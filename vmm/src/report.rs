@@ -78,6 +78,9 @@ pub struct VirtioQueueReport {
     pub datamatch: u64,
     /// Sum of the values read from the queue's eventfd: every QueueNotify write for it.
     pub kicks: u64,
+    /// How many reads of the eventfd returned a value; fewer than `kicks` when several kicks
+    /// coalesced into one read.
+    pub eventfd_reads: u64,
     /// The guest's own count of its QueueNotify writes for this queue.
     pub guest_kicks: u64,
     /// Descriptor chains (requests) the device served.

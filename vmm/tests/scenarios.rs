@@ -232,6 +232,12 @@ fn virtio(vcpus: u32, queues: u32, count: u64, request_size: u32) -> Report {
         let j = mine.iter().position(|&x| x == q.index).unwrap() as u64;
         let want = (count - j).div_ceil(mine.len() as u64);
         assert_eq!(q.kicks, want, "{who}: kicks");
+        // Each read returns at least one kick (more if kicks coalesced).
+        assert!(
+            q.eventfd_reads <= q.kicks && (q.eventfd_reads > 0) == (q.kicks > 0),
+            "{who}: {} eventfd reads",
+            q.eventfd_reads
+        );
         assert_eq!(q.guest_kicks, want, "{who}: guest kicks");
         assert_eq!(q.requests, want, "{who}: requests");
         assert_eq!(q.writes + q.reads, q.requests, "{who}");

@@ -175,6 +175,7 @@ impl VirtioBlk {
                 notify_addr: VIRTIO_NOTIFY_GPA,
                 datamatch: u64::from(queue),
                 kicks: stats.kicks + left,
+                eventfd_reads: stats.eventfd_reads + u64::from(left > 0),
                 guest_kicks,
                 requests: stats.requests,
                 writes: stats.writes,

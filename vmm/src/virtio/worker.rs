@@ -24,6 +24,8 @@ const STOP: u64 = u64::MAX;
 pub struct QueueStats {
     /// Sum of the values read from the queue's eventfd.
     pub kicks: u64,
+    /// Reads of the eventfd that returned a value (fewer than `kicks` when kicks coalesced).
+    pub eventfd_reads: u64,
     /// Descriptor chains served.
     pub requests: u64,
     /// Of which VIRTIO_BLK_T_OUT.
@@ -151,7 +153,10 @@ impl State {
     /// Reads queue `index`'s eventfd and serves everything its available ring holds.
     fn kicked(&mut self, index: usize) -> Result<(), Error> {
         match self.kicks[index].read() {
-            Ok(n) => self.stats[index].kicks += n,
+            Ok(n) => {
+                self.stats[index].kicks += n;
+                self.stats[index].eventfd_reads += 1;
+            }
             // Already read: the chains it announced were served with an earlier kick.
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => return Err(Error::EventFd("read", e)),
