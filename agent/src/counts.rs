@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmtrace_common::{
     ANY_QUEUE, DROPS_MAP, Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, KICKS_MAP,
-    KickKey, LatencyHistogram, LatencyKey, LatencyKind, MmioType, SPACE_PIO,
+    KickKey, LatencyHistogram, LatencyKey, LatencyKind, SPACE_PIO,
 };
 
 use crate::{
@@ -64,9 +64,8 @@ pub struct Counters {
 }
 
 /// Every drop reason with its reported name.
-const DROP_NAMES: [(Drop, &str); 11] = [
+const DROP_NAMES: [(Drop, &str); 10] = [
     (Drop::ExitCountsFull, "exit_counts_full"),
-    (Drop::LastMmioFull, "last_mmio_full"),
     (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
     (Drop::ExitLatencyFull, "exit_latency_full"),
     (Drop::ExitStartsFull, "exit_starts_full"),
@@ -203,32 +202,24 @@ where
 /// Turns raw (key, total) pairs into named counts per cgroup, adding the derived in-kernel MMIO writes.
 pub fn aggregate(raw: &[(ExitKey, u64)], names: &ExitReasonNames) -> BTreeMap<u64, KindCounts> {
     let mut by_cgroup: BTreeMap<u64, KindCounts> = BTreeMap::new();
-    let mut writes_to_userspace: BTreeMap<u64, u64> = BTreeMap::new();
     for (key, total) in raw {
         let Ok(kind) = ExitKind::try_from(key.kind) else {
             continue;
         };
-        if kind == ExitKind::MmioToUserspace {
-            if key.detail == MmioType::Write as u32 {
-                *writes_to_userspace.entry(key.cgroup_id).or_default() += total;
-            }
-            continue;
-        }
-        if let Some(name) = kind_name(kind, key.isa, key.detail, names) {
-            *by_cgroup
-                .entry(key.cgroup_id)
-                .or_default()
-                .entry(name)
-                .or_default() += total;
-        }
+        let name = kind_name(kind, key.isa, key.detail, names);
+        *by_cgroup
+            .entry(key.cgroup_id)
+            .or_default()
+            .entry(name)
+            .or_default() += total;
     }
-    for (cgroup_id, counts) in &mut by_cgroup {
-        let Some(&writes) = counts.get("mmio.write") else {
-            continue;
-        };
-        let to_userspace = writes_to_userspace.get(cgroup_id).copied().unwrap_or(0);
-        // A write can be seen exiting after the snapshot read its kvm_mmio count; never go below zero.
-        let in_kernel = writes.saturating_sub(to_userspace);
+    for counts in by_cgroup.values_mut() {
+        let get = |kind: &str| counts.get(kind).copied().unwrap_or(0);
+        // Every MMIO exit to the VMM is a read, which KVM logs as unsatisfied before exiting, or a
+        // write; the writes that did not exit were completed in the kernel. A write can be counted
+        // exiting before its kvm_mmio is read by this snapshot, so never go below zero.
+        let writes_to_vmm = get("exit.mmio").saturating_sub(get("mmio.read_unsatisfied"));
+        let in_kernel = get("mmio.write").saturating_sub(writes_to_vmm);
         if in_kernel > 0 {
             counts.insert(MMIO_WRITE_IN_KERNEL.to_owned(), in_kernel);
         }
@@ -238,6 +229,8 @@ pub fn aggregate(raw: &[(ExitKey, u64)], names: &ExitReasonNames) -> BTreeMap<u6
 
 #[cfg(test)]
 mod tests {
+    use vmtrace_common::MmioType;
+
     use super::*;
 
     fn key(cgroup_id: u64, kind: ExitKind, detail: u32) -> ExitKey {
@@ -253,19 +246,18 @@ mod tests {
     #[test]
     fn in_kernel_writes_are_the_writes_that_did_not_exit() {
         let raw = [
+            // 150 writes and 30 reads; 100 writes and the 30 reads exited to the VMM.
             (key(7, ExitKind::Mmio, MmioType::Write as u32), 150),
-            (
-                key(7, ExitKind::MmioToUserspace, MmioType::Write as u32),
-                100,
-            ),
-            (key(7, ExitKind::Userspace, 6), 100),
+            (key(7, ExitKind::Mmio, MmioType::ReadUnsatisfied as u32), 30),
+            (key(7, ExitKind::Mmio, MmioType::Read as u32), 30),
+            (key(7, ExitKind::Userspace, 6), 130),
             (key(8, ExitKind::Mmio, MmioType::Write as u32), 40),
             (key(8, ExitKind::Cpuid, 0), 3),
         ];
         let by_cgroup = aggregate(&raw, &ExitReasonNames::builtin());
         assert_eq!(by_cgroup[&7]["mmio.write"], 150);
         assert_eq!(by_cgroup[&7][MMIO_WRITE_IN_KERNEL], 50);
-        assert_eq!(by_cgroup[&7]["exit.mmio"], 100);
+        assert_eq!(by_cgroup[&7]["exit.mmio"], 130);
         assert_eq!(by_cgroup[&8][MMIO_WRITE_IN_KERNEL], 40);
         assert_eq!(by_cgroup[&8]["cpuid"], 3);
         assert_eq!(by_cgroup[&8].get("exit.mmio"), None);

@@ -99,18 +99,17 @@ pub fn kvm_exit_kind(isa: u32, reason: u32, names: &ExitReasonNames) -> String {
     format!("kvm_exit.{}", names.name(isa, reason))
 }
 
-/// The reported name of a counter, or `None` for counters that only feed a derived kind.
-pub fn kind_name(kind: ExitKind, isa: u32, detail: u32, names: &ExitReasonNames) -> Option<String> {
-    Some(match kind {
+/// The reported name of a counter.
+pub fn kind_name(kind: ExitKind, isa: u32, detail: u32, names: &ExitReasonNames) -> String {
+    match kind {
         ExitKind::Userspace => userspace_exit_kind(detail),
         ExitKind::UserspaceError => format!("run_error.{}", errno_name(detail)),
         ExitKind::Pio if detail == 0 => "pio.in".to_owned(),
         ExitKind::Pio => "pio.out".to_owned(),
         ExitKind::Mmio => format!("mmio.{}", mmio_type(detail)),
         ExitKind::Cpuid => "cpuid".to_owned(),
-        ExitKind::MmioToUserspace => return None,
         ExitKind::KvmExit => kvm_exit_kind(isa, detail, names),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -126,23 +125,16 @@ mod tests {
         assert_eq!(kvm_exit_reason(24), "system_event");
         assert_eq!(kvm_exit_reason(999), "reason_999");
         let reason = ExitReasonNames::builtin();
+        assert_eq!(kind_name(ExitKind::Userspace, 0, 2, &reason), "exit.io");
+        assert_eq!(kind_name(ExitKind::Pio, 0, 1, &reason), "pio.out");
+        assert_eq!(kind_name(ExitKind::Mmio, 0, 2, &reason), "mmio.write");
         assert_eq!(
-            kind_name(ExitKind::Userspace, 0, 2, &reason).unwrap(),
-            "exit.io"
-        );
-        assert_eq!(kind_name(ExitKind::Pio, 0, 1, &reason).unwrap(), "pio.out");
-        assert_eq!(
-            kind_name(ExitKind::Mmio, 0, 2, &reason).unwrap(),
-            "mmio.write"
-        );
-        assert_eq!(
-            kind_name(ExitKind::UserspaceError, 0, 4, &reason).unwrap(),
+            kind_name(ExitKind::UserspaceError, 0, 4, &reason),
             "run_error.eintr"
         );
         assert_eq!(
-            kind_name(ExitKind::KvmExit, 2, 0x400, &reason).unwrap(),
+            kind_name(ExitKind::KvmExit, 2, 0x400, &reason),
             "kvm_exit.npf"
         );
-        assert_eq!(kind_name(ExitKind::MmioToUserspace, 0, 2, &reason), None);
     }
 }

@@ -11,8 +11,6 @@ pub const EXIT_COUNTS_MAP: &str = "EXIT_COUNTS";
 pub const DROPS_MAP: &str = "DROPS";
 /// Capacity of [`EXIT_COUNTS_MAP`]: distinct (cgroup, kind, detail) triples held at once.
 pub const EXIT_COUNTS_CAPACITY: u32 = 16384;
-/// Capacity of the per-thread "last MMIO access" map: vCPU threads tracked at once.
-pub const LAST_MMIO_CAPACITY: u32 = 16384;
 
 /// What a counter in [`EXIT_COUNTS_MAP`] counts. The meaning of [`ExitKey::detail`] depends on it.
 #[repr(u32)]
@@ -26,9 +24,6 @@ pub enum ExitKind {
     Mmio = 3,
     /// `kvm:kvm_cpuid`: a guest CPUID, always handled in the kernel. Detail: 0.
     Cpuid = 4,
-    /// A `KVM_EXIT_MMIO` exit to the VMM, by the type of the vCPU's last MMIO access. Detail: [`MmioType`].
-    /// Subtracting these from [`ExitKind::Mmio`] gives the accesses completed in the kernel (ioeventfd).
-    MmioToUserspace = 5,
     /// `kvm:kvm_exit` on hosts that emit it (VMX, SVM). Detail: the ISA-specific exit reason.
     KvmExit = 6,
     /// `kvm:kvm_userspace_exit` with a negative errno: KVM_RUN failed (4 = EINTR, a signal). Detail: -errno.
@@ -43,7 +38,6 @@ impl TryFrom<u32> for ExitKind {
             2 => Self::Pio,
             3 => Self::Mmio,
             4 => Self::Cpuid,
-            5 => Self::MmioToUserspace,
             6 => Self::KvmExit,
             7 => Self::UserspaceError,
             other => return Err(other),
@@ -74,9 +68,6 @@ impl TryFrom<u32> for MmioType {
         })
     }
 }
-
-/// `KVM_EXIT_MMIO` from the KVM UAPI (include/uapi/linux/kvm.h).
-pub const KVM_EXIT_MMIO: u32 = 6;
 
 /// Key of [`EXIT_COUNTS_MAP`]: one counter per tenant cgroup, kind and detail.
 #[repr(C)]
@@ -351,30 +342,28 @@ pub struct ExitStart {
 pub enum Drop {
     /// [`EXIT_COUNTS_MAP`] was full, so a new key could not be added.
     ExitCountsFull = 0,
-    /// The per-thread last-MMIO map could not take an entry.
-    LastMmioFull = 1,
     /// A `kvm:kvm_exit` record could not be read.
-    KvmExitUnreadable = 2,
+    KvmExitUnreadable = 1,
     /// [`EXIT_LATENCY_MAP`] was full, so a latency could not be recorded.
-    ExitLatencyFull = 3,
+    ExitLatencyFull = 2,
     /// The per-thread exit-start map could not take an entry, so that exit's latency is unknown.
-    ExitStartsFull = 4,
+    ExitStartsFull = 3,
     /// The per-thread service-start map could not take an entry, so that service time is unknown.
-    ServiceStartsFull = 5,
+    ServiceStartsFull = 4,
     /// The doorbell map was full, so a doorbell was not learnt and its kicks will not be counted.
-    DoorbellsFull = 6,
+    DoorbellsFull = 5,
     /// A `struct kvm_ioeventfd` could not be read from the VMM's memory.
-    IoeventfdUnreadable = 7,
+    IoeventfdUnreadable = 6,
     /// [`KICKS_MAP`] was full, so a kick was not counted.
-    KicksFull = 8,
+    KicksFull = 7,
     /// The pending-kick map could not take an entry, so that kick's service latency is unknown.
-    PendingKicksFull = 9,
+    PendingKicksFull = 8,
     /// The cgroup event ring buffer was full, so a lifecycle event was lost.
-    CgroupEventsFull = 10,
+    CgroupEventsFull = 9,
 }
 
 /// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
-pub const DROP_REASONS: u32 = 11;
+pub const DROP_REASONS: u32 = 10;
 
 #[cfg(feature = "user")]
 mod user {

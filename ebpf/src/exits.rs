@@ -11,12 +11,11 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use vmtrace_common::{
-    Drop, ExitKind, KVM_EXIT_MMIO, LatencyKey, LatencyKind, MmioType, SPACE_MMIO, SPACE_PIO,
-    ServiceStart,
+    Drop, ExitKind, LatencyKey, LatencyKind, MmioType, SPACE_MMIO, SPACE_PIO, ServiceStart,
 };
 
 use crate::{
-    maps::{LAST_MMIO, SERVICE_STARTS, count, count_drop, current_cgroup_id, record_latency},
+    maps::{SERVICE_STARTS, count, count_drop, count_for, current_cgroup_id, record_latency},
     virtio::on_guest_write,
 };
 
@@ -52,13 +51,6 @@ fn on_userspace_exit(reason: u32, errno: i32) {
     if SERVICE_STARTS.insert(current_tid(), start, 0).is_err() {
         count_drop(Drop::ServiceStartsFull);
     }
-    if reason == KVM_EXIT_MMIO {
-        let tid = current_tid();
-        // SAFETY: the value is a plain u32 copied out at once.
-        if let Some(mmio_type) = unsafe { LAST_MMIO.get(tid) } {
-            count(ExitKind::MmioToUserspace, *mmio_type);
-        }
-    }
 }
 
 /// The thread enters `KVM_RUN`: the VMM has served its last exit, if any.
@@ -87,12 +79,13 @@ pub fn on_kvm_run() {
 #[raw_tracepoint(tracepoint = "kvm_pio")]
 pub fn kvm_pio(ctx: RawTracePointContext) -> i32 {
     let rw: u64 = ctx.arg(0);
-    count(ExitKind::Pio, rw as u32);
+    let cgroup_id = current_cgroup_id();
+    count_for(cgroup_id, ExitKind::Pio, rw as u32);
     if rw == 1 {
         let port: u64 = ctx.arg(1);
         let size: u64 = ctx.arg(2);
         let data: u64 = ctx.arg(4);
-        on_guest_write(SPACE_PIO, port, size as u32, data);
+        on_guest_write(cgroup_id, SPACE_PIO, port, size as u32, data);
     }
     0
 }
@@ -102,15 +95,13 @@ pub fn kvm_pio(ctx: RawTracePointContext) -> i32 {
 pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     let mmio_type: u64 = ctx.arg(0);
     let mmio_type = mmio_type as u32;
-    count(ExitKind::Mmio, mmio_type);
+    let cgroup_id = current_cgroup_id();
+    count_for(cgroup_id, ExitKind::Mmio, mmio_type);
     if mmio_type == MmioType::Write as u32 {
         let len: u64 = ctx.arg(1);
         let gpa: u64 = ctx.arg(2);
         let data: u64 = ctx.arg(3);
-        on_guest_write(SPACE_MMIO, gpa, len as u32, data);
-    }
-    if LAST_MMIO.insert(current_tid(), mmio_type, 0).is_err() {
-        count_drop(Drop::LastMmioFull);
+        on_guest_write(cgroup_id, SPACE_MMIO, gpa, len as u32, data);
     }
     0
 }

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellKey, Drop, EXIT_COUNTS_CAPACITY,
     EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, EventfdKey, ExitKey, ExitKind, ExitStart,
-    KICKS_CAPACITY, KickKey, LAST_MMIO_CAPACITY, LatencyHistogram, LatencyKey,
-    PENDING_KICKS_CAPACITY, PendingKick, ServiceStart,
+    KICKS_CAPACITY, KickKey, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
+    ServiceStart,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -27,12 +27,6 @@ static EXIT_LATENCY: PerCpuHashMap<LatencyKey, LatencyHistogram> =
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
 
-/// The type of each vCPU thread's last MMIO access, so that an MMIO exit to the VMM can be told
-/// apart from an access the kernel completed itself. Keyed by thread id.
-#[map]
-pub static LAST_MMIO: LruHashMap<u32, u32> = LruHashMap::with_max_entries(LAST_MMIO_CAPACITY, 0);
-
-/// Each vCPU thread's exit in progress (from `kvm_exit` to its next `kvm_entry`), by thread id.
 #[map]
 pub static EXIT_STARTS: LruHashMap<u32, ExitStart> =
     LruHashMap::with_max_entries(EXIT_STARTS_CAPACITY, 0);
@@ -67,8 +61,15 @@ pub fn current_cgroup_id() -> u64 {
 /// Adds one to the current task's counter for `kind` and `detail`.
 #[inline(always)]
 pub fn count(kind: ExitKind, detail: u32) {
+    count_for(current_cgroup_id(), kind, detail);
+}
+
+/// Adds one to `cgroup_id`'s counter for `kind` and `detail`, for probes that need the cgroup id
+/// more than once (the helper call is not free on the hot path).
+#[inline(always)]
+pub fn count_for(cgroup_id: u64, kind: ExitKind, detail: u32) {
     count_key(ExitKey {
-        cgroup_id: current_cgroup_id(),
+        cgroup_id,
         kind: kind as u32,
         detail,
         isa: 0,

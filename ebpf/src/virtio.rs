@@ -17,9 +17,7 @@ use vmtrace_common::{
     LatencyKind, PendingKick, SPACE_MMIO, SPACE_PIO,
 };
 
-use crate::maps::{
-    DOORBELLS, PENDING_KICKS, count_drop, count_kick, current_cgroup_id, record_latency,
-};
+use crate::maps::{DOORBELLS, PENDING_KICKS, count_drop, count_kick, record_latency};
 
 /// The VMM process (thread group) of the current thread.
 #[inline(always)]
@@ -71,7 +69,7 @@ pub fn on_ioeventfd(vm_fd: u32, arg: u64) {
 /// A guest write of `len` bytes at `addr` in `space`, whose value is at the kernel address `data`:
 /// counts a kick when it hits a known doorbell.
 #[inline(always)]
-pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) {
+pub fn on_guest_write(cgroup_id: u64, space: u32, addr: u64, len: u32, data: u64) {
     let Some(value) = read_value(data, len) else {
         return;
     };
@@ -96,7 +94,6 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) {
     if doorbell.len != 0 && doorbell.len != len {
         return;
     }
-    let cgroup_id = current_cgroup_id();
     count_kick(KickKey {
         cgroup_id,
         tgid: key.tgid,
