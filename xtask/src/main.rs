@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | test | demo`. Run `cargo xtask --help`.
+//! Project tasks: `cargo xtask setup | test | demo | bench`. Run `cargo xtask --help`.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -35,6 +36,10 @@ enum Task {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Set up, build, then measure what vmtrace costs the guests it watches beside bpftrace and
+    /// perf, the agent's own CPU and memory, and how it scales with tenants; installs bpftrace and
+    /// perf when missing and writes docs/benchmarks.md. Takes about 15 minutes (--quick: 2 to 5).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Demo { seconds } => demo::run(seconds),
+        Task::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,162 @@
+//! `cargo xtask bench`: what vmtrace costs the guests it watches, beside bpftrace and perf, what
+//! the agent itself costs, and how it scales with tenants. Writes docs/benchmarks.md.
+
+mod agent;
+mod agentcost;
+mod bpfstats;
+mod cgroups;
+mod interrupt;
+mod machine;
+mod overhead;
+mod probecost;
+mod process;
+mod procfs;
+mod quiet;
+mod rawcount;
+mod report;
+mod scale;
+mod stats;
+mod targets;
+mod tools;
+mod tracer;
+mod vmm;
+mod workload;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Repetitions of every (tracer, workload) pair; the tracers alternate within each one.
+    #[arg(long)]
+    reps: Option<usize>,
+    /// A smoke run of a few minutes: 2 repetitions, workloads a tenth as long, 3 s windows, up to
+    /// 100 tenants. Writes target/bench/benchmarks-quick.md unless --out is given.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds of each agent-cost and scale measurement window [default: 20, quick: 3].
+    #[arg(long)]
+    window: Option<u64>,
+    /// Tenant counts of the scale measurement [default: 1,10,100,1000; quick: 1,10,100].
+    #[arg(long, value_delimiter = ',')]
+    tenants: Option<Vec<usize>>,
+    /// Where to write the report [default: docs/benchmarks.md].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Use the vmtrace and vmtrace-vmm binaries already in target/release.
+    #[arg(long)]
+    no_build: bool,
+}
+
+/// What one run measures, resolved from the options.
+pub struct Plan {
+    pub quick: bool,
+    pub reps: usize,
+    /// Factor on the workloads' operation counts (1 for the full run).
+    pub ops_scale: f64,
+    pub window: Duration,
+    pub tenants: Vec<usize>,
+    pub out: PathBuf,
+}
+
+impl Plan {
+    fn new(args: &BenchArgs) -> Self {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let quick = args.quick;
+        Self {
+            quick,
+            reps: args.reps.unwrap_or(if quick { 2 } else { 7 }).max(1),
+            ops_scale: if quick { 0.1 } else { 1.0 },
+            window: Duration::from_secs(args.window.unwrap_or(if quick { 3 } else { 20 })),
+            tenants: args.tenants.clone().unwrap_or_else(|| {
+                if quick {
+                    vec![1, 10, 100]
+                } else {
+                    vec![1, 10, 100, 1000]
+                }
+            }),
+            out: args.out.clone().unwrap_or_else(|| {
+                if quick {
+                    root.join("target/bench/benchmarks-quick.md")
+                } else {
+                    root.join("docs/benchmarks.md")
+                }
+            }),
+        }
+    }
+}
+
+/// What every phase needs.
+pub struct Env {
+    pub plan: Plan,
+    pub tools: tools::Tools,
+    pub cgroups: cgroups::Cgroups,
+}
+
+/// Everything the report shows.
+pub struct Results {
+    pub machine: machine::Machine,
+    pub overhead: overhead::Overhead,
+    pub probes: probecost::ProbeCost,
+    pub agent: Vec<agentcost::CostRow>,
+    pub scale: Vec<scale::ScaleRow>,
+    pub elapsed: Duration,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    interrupt::install();
+    let plan = Plan::new(args);
+    let tools = tools::prepare(!args.no_build)?;
+    let env = Env {
+        plan,
+        tools,
+        cgroups: cgroups::Cgroups::new()?,
+    };
+    eprintln!(
+        "bench: {} repetitions of {} tracers × {} workloads, then BPF run time, agent cost, {:?} tenants",
+        env.plan.reps,
+        tracer::Tracer::ALL.len(),
+        workload::Workload::ALL.len(),
+        env.plan.tenants
+    );
+    let machine = machine::describe(&env.tools);
+    let overhead = overhead::run(&env)?;
+    let probes = probecost::run(&env)?;
+    let agent = agentcost::run(&env)?;
+    let scale = scale::run(&env)?;
+    let results = Results {
+        machine,
+        overhead,
+        probes,
+        agent,
+        scale,
+        elapsed: started.elapsed(),
+    };
+    let text = report::render(&env.plan, &results);
+    if let Some(dir) = env.plan.out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&env.plan.out, &text)
+        .with_context(|| format!("writing {}", env.plan.out.display()))?;
+    for check in targets::evaluate(&results) {
+        eprintln!(
+            "bench: target {}: {} ({})",
+            check.target,
+            check.verdict(),
+            check.measured
+        );
+    }
+    eprintln!(
+        "bench: wrote {} in {:.0} s",
+        env.plan.out.display(),
+        results.elapsed.as_secs_f64()
+    );
+    Ok(())
+}
