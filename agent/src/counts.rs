@@ -69,7 +69,7 @@ const DROP_NAMES: [(Drop, &str); 10] = [
     (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
     (Drop::ExitLatencyFull, "exit_latency_full"),
     (Drop::ExitStartsFull, "exit_starts_full"),
-    (Drop::ServiceStartsFull, "service_starts_full"),
+    (Drop::ServiceSlotTaken, "service_slot_taken"),
     (Drop::DoorbellsFull, "doorbells_full"),
     (Drop::IoeventfdUnreadable, "ioeventfd_unreadable"),
     (Drop::KicksFull, "kicks_full"),

@@ -278,11 +278,17 @@ pub struct KickKey {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct ServiceStart {
+    /// When KVM_RUN returned to the VMM; 0 once the next KVM_RUN consumed it.
     pub time_ns: u64,
     pub cgroup_id: u64,
     pub reason: u32,
-    pub reserved: u32,
+    /// The thread the slot belongs to (slots are indexed by thread id modulo [`THREAD_SLOTS`]).
+    pub tid: u32,
 }
+
+/// Slots of the per-thread service-start array. A thread's slot is its id modulo this; two live
+/// vCPU threads whose ids collide share one, and the loser's service time is counted as lost.
+pub const THREAD_SLOTS: u32 = 65536;
 
 /// Name of the ring buffer of cgroup lifecycle events ([`CgroupEvent`]).
 pub const CGROUP_EVENTS_MAP: &str = "CGROUP_EVENTS";
@@ -348,8 +354,9 @@ pub enum Drop {
     ExitLatencyFull = 2,
     /// The per-thread exit-start map could not take an entry, so that exit's latency is unknown.
     ExitStartsFull = 3,
-    /// The per-thread service-start map could not take an entry, so that service time is unknown.
-    ServiceStartsFull = 4,
+    /// Another thread's return to the VMM held the thread's service-start slot (their ids are equal
+    /// modulo [`THREAD_SLOTS`]), so one service time is unknown.
+    ServiceSlotTaken = 4,
     /// The doorbell map was full, so a doorbell was not learnt and its kicks will not be counted.
     DoorbellsFull = 5,
     /// A `struct kvm_ioeventfd` could not be read from the VMM's memory.

@@ -12,6 +12,7 @@ use aya_ebpf::{
 };
 use vmtrace_common::{
     Drop, ExitKind, LatencyKey, LatencyKind, MmioType, SPACE_MMIO, SPACE_PIO, ServiceStart,
+    THREAD_SLOTS,
 };
 
 use crate::{
@@ -40,16 +41,24 @@ fn on_userspace_exit(reason: u32, errno: i32) {
         count(ExitKind::UserspaceError, errno.unsigned_abs());
         return;
     }
-    count(ExitKind::Userspace, reason);
-    let start = ServiceStart {
-        // SAFETY: the helper has no preconditions.
-        time_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: current_cgroup_id(),
-        reason,
-        reserved: 0,
+    let cgroup_id = current_cgroup_id();
+    count_for(cgroup_id, ExitKind::Userspace, reason);
+    let tid = current_tid();
+    let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) else {
+        return;
     };
-    if SERVICE_STARTS.insert(current_tid(), start, 0).is_err() {
-        count_drop(Drop::ServiceStartsFull);
+    // SAFETY: an array slot of this map; only the thread whose id maps to it writes it, except
+    // when two live threads' ids collide, which is detected (the other thread's pending start).
+    unsafe {
+        if (*slot).time_ns != 0 && (*slot).tid != tid {
+            count_drop(Drop::ServiceSlotTaken);
+        }
+        *slot = ServiceStart {
+            time_ns: bpf_ktime_get_ns(),
+            cgroup_id,
+            reason,
+            tid,
+        };
     }
 }
 
@@ -57,12 +66,19 @@ fn on_userspace_exit(reason: u32, errno: i32) {
 #[inline(always)]
 pub fn on_kvm_run() {
     let tid = current_tid();
-    // SAFETY: the value is copied out at once.
-    let Some(start) = (unsafe { SERVICE_STARTS.get(tid) }).copied() else {
-        // The vCPU's first KVM_RUN, or one after an exit the probes did not see.
+    let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) else {
         return;
     };
-    let _ = SERVICE_STARTS.remove(tid);
+    // SAFETY: an array slot of this map, copied out and marked consumed at once.
+    let start = unsafe {
+        let start = *slot;
+        if start.time_ns == 0 || start.tid != tid {
+            // The vCPU's first KVM_RUN, or one after an exit the probes did not see.
+            return;
+        }
+        (*slot).time_ns = 0;
+        start
+    };
     let key = LatencyKey {
         cgroup_id: start.cgroup_id,
         kind: LatencyKind::ServiceTime as u32,
