@@ -6,7 +6,7 @@
 
 use std::{
     fs::File,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -19,7 +19,7 @@ use thiserror::Error;
 use crate::{
     record::{FORMAT, Header, VERSION},
     sampler::Sample,
-    watch::render_table,
+    watch::print_sample,
 };
 
 /// Why a recording cannot be read. Each names the file and, where it helps, the line.
@@ -316,18 +316,7 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
     let mut pacer = Pacer::new((!args.no_delay).then_some(args.speed));
     while let Some(sample) = reader.next_sample()? {
         std::thread::sleep(pacer.delay(&sample));
-        let text = if args.json {
-            serde_json::to_string(&sample)? + "\n"
-        } else {
-            render_table(&sample)
-        };
-        let mut stdout = std::io::stdout().lock();
-        // A closed pipe (`vmtrace replay FILE | head`) ends the replay quietly.
-        if stdout
-            .write_all(text.as_bytes())
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
+        if !print_sample(&sample, args.json)? {
             return Ok(());
         }
     }

@@ -62,27 +62,30 @@ pub async fn run(options: &WatchArgs) -> Result<()> {
             last,
             ..sampler.sample()?
         };
-        let text = if options.json {
-            serde_json::to_string(&sample)? + "\n"
-        } else {
-            render_table(&sample)
-        };
-        let mut stdout = std::io::stdout().lock();
-        // A closed pipe (`vmtrace watch | head`) ends the view quietly.
-        if stdout
-            .write_all(text.as_bytes())
-            .and_then(|()| stdout.flush())
-            .is_err()
-            || last
-        {
+        if !print_sample(&sample, options.json)? || last {
             return Ok(());
         }
     }
 }
 
+/// Prints a sample as a JSON line or a table. Returns false once stdout is closed (`vmtrace watch |
+/// head`), which ends the view quietly.
+pub fn print_sample(sample: &Sample, json: bool) -> Result<bool> {
+    let text = if json {
+        serde_json::to_string(sample)? + "\n"
+    } else {
+        render_table(sample)
+    };
+    let mut stdout = std::io::stdout().lock();
+    Ok(stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_ok())
+}
+
 /// The table people read: one block per tenant, one line per kind, with latency percentiles where
 /// the kind has them.
-pub fn render_table(report: &Sample) -> String {
+fn render_table(report: &Sample) -> String {
     let mut out = format!(
         "\n── vmtrace · {:.0}s · exit source: {}{} ──\n{:<40} {:<26} {:>11} {:>10} {:>9} {:>9}\n",
         report.elapsed_secs,
