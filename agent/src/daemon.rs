@@ -10,10 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use crate::{
     config::{AgentArgs, AgentConfig},
@@ -23,6 +20,7 @@ use crate::{
     probes::ProbeOptions,
     sampler::{Sample, Sampler},
     tenant::Tenant,
+    ticks::Ticks,
 };
 
 pub async fn run(args: &AgentArgs) -> Result<()> {
@@ -80,16 +78,9 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
         sampler.probes().exit_source.describe()
     );
 
-    let mut ticker = tokio::time::interval(config.interval);
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut ticks = Ticks::new(config.interval, None, true)?;
     loop {
-        let stop = tokio::select! {
-            _ = ticker.tick() => false,
-            _ = interrupt.recv() => true,
-            _ = terminate.recv() => true,
-        };
+        let stop = ticks.next().await;
         let mut sample = sampler.sample()?;
         name_pods(&mut sample, &pods);
         let (cpu_user_secs, cpu_system_secs) = health::cpu_secs();

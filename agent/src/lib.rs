@@ -23,6 +23,7 @@ pub mod report;
 pub mod sampler;
 pub mod tenant;
 pub mod tenants;
+pub mod ticks;
 pub mod top;
 pub mod tracefs;
 pub mod watch;

@@ -17,13 +17,13 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::{ProbeArgs, parse_interval},
     host::{self, KvmFlavour},
     probes::ExitSource,
     sampler::{Sample, Sampler},
+    ticks::Ticks,
 };
 
 /// The `format` field of every recording's header.
@@ -179,18 +179,9 @@ pub async fn run(args: &RecordArgs) -> Result<()> {
     );
     let mut progress = Progress::new();
     let started = Instant::now();
-    let deadline = args.duration.map(|d| started + d);
-    let mut ticker = tokio::time::interval(args.interval);
-    ticker.tick().await;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut ticks = Ticks::new(args.interval, args.duration, false)?;
     loop {
-        let last = tokio::select! {
-            _ = ticker.tick() => deadline.is_some_and(|d| Instant::now() >= d),
-            _ = interrupt.recv() => true,
-            _ = terminate.recv() => true,
-        };
+        let last = ticks.next().await;
         let sample = Sample {
             last,
             ..sampler.sample()?

@@ -1,18 +1,15 @@
 //! `vmtrace watch`: the live per-tenant view, as a table for people or JSON lines for scripts.
 
-use std::{
-    io::Write,
-    time::{Duration, Instant},
-};
+use std::{io::Write, time::Duration};
 
-use anyhow::{Context, Result};
-use tokio::signal::unix::{SignalKind, signal};
+use anyhow::Result;
 
 use clap::Args;
 
 use crate::{
     cli::{ProbeArgs, parse_interval},
     sampler::{Sample, Sampler},
+    ticks::Ticks,
 };
 
 /// Live per-tenant view: exit counts since start and rates per tenant and kind, every interval.
@@ -45,19 +42,9 @@ pub async fn run(options: &WatchArgs) -> Result<()> {
         sampler.kvm().flavour.name(),
         sampler.probes().exit_source.describe()
     );
-    let started = Instant::now();
-    let mut ticker = tokio::time::interval(options.interval);
-    ticker.tick().await;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let deadline = options.duration.map(|d| started + d);
+    let mut ticks = Ticks::new(options.interval, options.duration, false)?;
     loop {
-        let last = tokio::select! {
-            _ = ticker.tick() => deadline.is_some_and(|d| Instant::now() >= d),
-            _ = interrupt.recv() => true,
-            _ = terminate.recv() => true,
-        };
+        let last = ticks.next().await;
         let sample = Sample {
             last,
             ..sampler.sample()?
