@@ -108,6 +108,11 @@ impl Drop for TenantCgroup {
     fn drop(&mut self) {
         // The VMMs in it have exited by now; a cgroup can be removed once it has no tasks.
         let _ = std::fs::remove_dir(&self.path);
+        // On hybrid hosts `vmtrace-vmm --cgroup` also created the same path in the cgroup v1
+        // memory hierarchy.
+        if let Ok(Some(memory)) = vmtrace_vmm::cgroup::find_memory_v1_mount() {
+            let _ = std::fs::remove_dir(memory.mount_point.join(&self.relative));
+        }
     }
 }
 

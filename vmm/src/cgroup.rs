@@ -1,6 +1,10 @@
 //! cgroup v2: finding the hierarchy, resolving `--cgroup`, joining a cgroup and naming the one
 //! the process is in. A cgroup's id is its directory's inode number, which is what
 //! `bpf_get_current_cgroup_id()` returns for tasks in it.
+//!
+//! On hybrid hosts (cgroup v2 without controllers, the controllers in cgroup v1 hierarchies) the
+//! memory controller is a cgroup v1 hierarchy: there [`enter`] also joins the same path in it,
+//! as systemd does, so that the VMM's memory is charged to the tenant in both.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -19,23 +23,46 @@ pub struct Cgroup2Mount {
     pub root: PathBuf,
 }
 
+/// The directory of cgroup `relative` in a hierarchy whose `root` is mounted at `mount_point`.
+fn dir_in(mount_point: &Path, root: &Path, relative: &Path) -> PathBuf {
+    let inside = relative.strip_prefix(root).unwrap_or(relative);
+    let inside = inside.strip_prefix("/").unwrap_or(inside);
+    if inside.as_os_str().is_empty() {
+        mount_point.to_path_buf()
+    } else {
+        mount_point.join(inside)
+    }
+}
+
 impl Cgroup2Mount {
     /// The directory of cgroup `relative` (a path inside the hierarchy such as `/a/b`, as
     /// `/proc/PID/cgroup` shows it).
     pub fn dir_of(&self, relative: &Path) -> PathBuf {
-        let inside = relative.strip_prefix(&self.root).unwrap_or(relative);
-        let inside = inside.strip_prefix("/").unwrap_or(inside);
-        if inside.as_os_str().is_empty() {
-            self.mount_point.clone()
-        } else {
-            self.mount_point.join(inside)
-        }
+        dir_in(&self.mount_point, &self.root, relative)
     }
 
     /// The path inside the hierarchy of cgroup directory `dir` (the inverse of [`Self::dir_of`]).
     pub fn relative_of(&self, dir: &Path) -> PathBuf {
         let inside = dir.strip_prefix(&self.mount_point).unwrap_or(dir);
         self.root.join(inside)
+    }
+}
+
+/// A cgroup v1 hierarchy with the memory controller, found in `/proc/self/mountinfo` (hybrid
+/// and legacy hosts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryV1Mount {
+    /// Where it is mounted, e.g. `/sys/fs/cgroup/memory`.
+    pub mount_point: PathBuf,
+    /// The cgroup the mount shows at its mount point (`/` unless bind-mounted or namespaced).
+    pub root: PathBuf,
+}
+
+impl MemoryV1Mount {
+    /// The directory of cgroup `relative` (a path inside the hierarchy such as `/a/b`, as
+    /// `/proc/PID/cgroup` shows it).
+    pub fn dir_of(&self, relative: &Path) -> PathBuf {
+        dir_in(&self.mount_point, &self.root, relative)
     }
 }
 
@@ -75,14 +102,43 @@ pub fn parse_mountinfo(mountinfo: &str) -> Option<Cgroup2Mount> {
     })
 }
 
-/// The cgroup2 mount of this process's mount namespace, if there is one.
-pub fn find_mount() -> Result<Option<Cgroup2Mount>, Error> {
-    let path = "/proc/self/mountinfo";
-    let text = fs::read_to_string(path).map_err(|e| Error::Cgroup {
+/// The first cgroup v1 mount in `mountinfo` whose super options (the last field) include the
+/// `memory` controller, e.g. `... - cgroup cgroup rw,memory`.
+pub fn parse_memory_v1_mountinfo(mountinfo: &str) -> Option<MemoryV1Mount> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut right = right.split_whitespace();
+        if right.next()? != "cgroup" {
+            return None;
+        }
+        let super_options = right.nth(1)?;
+        if !super_options.split(',').any(|o| o == "memory") {
+            return None;
+        }
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        Some(MemoryV1Mount {
+            root: PathBuf::from(unescape(fields.get(3)?)),
+            mount_point: PathBuf::from(unescape(fields.get(4)?)),
+        })
+    })
+}
+
+fn read_proc(path: &str) -> Result<String, Error> {
+    fs::read_to_string(path).map_err(|e| Error::Cgroup {
         path: path.into(),
         msg: format!("cannot read: {e}"),
-    })?;
-    Ok(parse_mountinfo(&text))
+    })
+}
+
+/// The cgroup2 mount of this process's mount namespace, if there is one.
+pub fn find_mount() -> Result<Option<Cgroup2Mount>, Error> {
+    Ok(parse_mountinfo(&read_proc("/proc/self/mountinfo")?))
+}
+
+/// The cgroup v1 memory hierarchy of this process's mount namespace, if one is mounted.
+pub fn find_memory_v1_mount() -> Result<Option<MemoryV1Mount>, Error> {
+    let text = read_proc("/proc/self/mountinfo")?;
+    Ok(parse_memory_v1_mountinfo(&text))
 }
 
 /// The cgroup v2 path (`0::/path` line) in `proc_cgroup`, the text of `/proc/PID/cgroup`.
@@ -91,6 +147,21 @@ pub fn parse_proc_cgroup(proc_cgroup: &str) -> Option<PathBuf> {
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
         .map(|p| PathBuf::from(p.trim_end_matches(" (deleted)")))
+}
+
+/// The path of the cgroup v1 hierarchy with `controller` (a `N:controller,...:/path` line) in
+/// `proc_cgroup`, the text of `/proc/PID/cgroup`.
+pub fn parse_proc_cgroup_v1(proc_cgroup: &str, controller: &str) -> Option<PathBuf> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let _id = parts.next()?;
+        let controllers = parts.next()?;
+        let path = parts.next()?;
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| PathBuf::from(path.trim_end_matches(" (deleted)")))
+    })
 }
 
 /// The id of cgroup directory `dir`: its inode number.
@@ -103,7 +174,8 @@ pub fn id_of(dir: &Path) -> Result<u64, Error> {
         })
 }
 
-/// The cgroup v2 cgroup this process is in, or `None` if no cgroup2 hierarchy is mounted.
+/// The cgroup v2 cgroup this process is in (with its cgroup v1 memory cgroup where that
+/// hierarchy is mounted), or `None` if no cgroup2 hierarchy is mounted.
 pub fn current() -> Result<Option<CgroupReport>, Error> {
     let Some(mount) = find_mount()? else {
         return Ok(None);
@@ -112,20 +184,81 @@ pub fn current() -> Result<Option<CgroupReport>, Error> {
 }
 
 fn current_in(mount: &Cgroup2Mount) -> Result<Option<CgroupReport>, Error> {
-    let path = "/proc/self/cgroup";
-    let text = fs::read_to_string(path).map_err(|e| Error::Cgroup {
-        path: path.into(),
-        msg: format!("cannot read: {e}"),
-    })?;
+    let text = read_proc("/proc/self/cgroup")?;
     let Some(relative) = parse_proc_cgroup(&text) else {
         return Ok(None);
     };
     let dir = mount.dir_of(&relative);
+    let memory_v1_path = match find_memory_v1_mount()? {
+        Some(memory) => parse_proc_cgroup_v1(&text, "memory").map(|r| memory.dir_of(&r)),
+        None => None,
+    };
     Ok(Some(CgroupReport {
         id: id_of(&dir)?,
         path: dir,
         relative_path: relative,
+        memory_v1_path,
     }))
+}
+
+/// The cgroup v1 memory cgroup directory this process is in.
+fn current_memory_v1(mount: &MemoryV1Mount) -> Result<Option<PathBuf>, Error> {
+    let text = read_proc("/proc/self/cgroup")?;
+    Ok(parse_proc_cgroup_v1(&text, "memory").map(|r| mount.dir_of(&r)))
+}
+
+/// Moves this whole process into cgroup `requested` (`--cgroup`: see [`resolve`]), creating it
+/// if absent, and where a cgroup v1 memory hierarchy is mounted also into the cgroup of the
+/// same path there (created if absent), so that its memory is charged to the tenant in both
+/// hierarchies. Call it before creating the VM, its memory and its threads: the cgroup v1
+/// memory controller leaves pages charged before a move where they were.
+pub fn enter(requested: &Path) -> Result<CgroupReport, Error> {
+    let mount = find_mount()?.ok_or_else(|| Error::Cgroup {
+        path: requested.into(),
+        msg: "no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo); mount one or drop \
+              --cgroup"
+            .into(),
+    })?;
+    let dir = resolve(requested, &mount)?;
+    let mut report = join(&dir, &mount)?;
+    if let Some(memory) = find_memory_v1_mount()? {
+        report.memory_v1_path = Some(join_memory_v1(&report.relative_path, &memory)?);
+    }
+    Ok(report)
+}
+
+/// Creates the cgroup v1 memory cgroup `relative` (a path inside the hierarchy, e.g. `/t/a`) if
+/// absent and moves this whole process into it, then checks `/proc/self/cgroup` agrees.
+/// Returns its directory.
+pub fn join_memory_v1(relative: &Path, mount: &MemoryV1Mount) -> Result<PathBuf, Error> {
+    let dir = mount.dir_of(relative);
+    let fail = |msg: String| Error::Cgroup {
+        path: dir.clone(),
+        msg: format!("cannot join this cgroup v1 memory cgroup (the tenant's twin): {msg}"),
+    };
+    fs::create_dir_all(&dir).map_err(|e| {
+        fail(format!(
+            "cannot create it: {e} (run as root or choose a cgroup you may create)"
+        ))
+    })?;
+    let procs = dir.join("cgroup.procs");
+    let pid = std::process::id();
+    fs::write(&procs, format!("{pid}\n")).map_err(|e| {
+        fail(format!(
+            "cannot write process {pid} to {}: {e}",
+            procs.display()
+        ))
+    })?;
+    match current_memory_v1(mount)? {
+        Some(now) if now == dir => Ok(dir),
+        other => Err(fail(format!(
+            "after joining it /proc/self/cgroup names {} instead",
+            other.map_or_else(
+                || "no memory cgroup".to_string(),
+                |p| p.display().to_string()
+            )
+        ))),
+    }
 }
 
 /// The directory `--cgroup requested` names: an absolute directory inside `mount`, or a path
@@ -237,6 +370,89 @@ mod tests {
         assert_eq!(
             m.relative_of(Path::new("/sys/fs/cgroup/unified/t/a")),
             Path::new("/t/a")
+        );
+    }
+
+    #[test]
+    fn finds_memory_v1_mount() {
+        let m = parse_memory_v1_mountinfo(HYBRID).unwrap();
+        assert_eq!(m.mount_point, Path::new("/sys/fs/cgroup/memory"));
+        assert_eq!(m.root, Path::new("/"));
+        assert_eq!(
+            m.dir_of(Path::new("/t/a")),
+            Path::new("/sys/fs/cgroup/memory/t/a")
+        );
+        // Controllers mounted together, a bind mount of a sub-tree, escapes.
+        let text = "\
+40 31 0:40 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+41 31 0:41 /lxc/c1 /sys/fs/cgroup/mem\\040ory rw,relatime shared:12 - cgroup none rw,memory,memsw
+";
+        let m = parse_memory_v1_mountinfo(text).unwrap();
+        assert_eq!(m.mount_point, Path::new("/sys/fs/cgroup/mem ory"));
+        assert_eq!(m.root, Path::new("/lxc/c1"));
+        assert_eq!(
+            m.dir_of(Path::new("/lxc/c1/t")),
+            Path::new("/sys/fs/cgroup/mem ory/t")
+        );
+        // Not the memory controller: a named hierarchy, another controller, cgroup2 with
+        // "memory" in its options, an option that only starts with memory.
+        let none = "\
+40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+42 31 0:39 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,memory_recursiveprot
+43 31 0:40 / /sys/fs/cgroup/x rw - cgroup cgroup rw,memory_x
+44 31 0:41 / /mnt/memory rw - tmpfs memory rw,memory
+";
+        assert!(parse_memory_v1_mountinfo(none).is_none());
+        assert!(parse_memory_v1_mountinfo("").is_none());
+        assert!(parse_memory_v1_mountinfo("garbage - cgroup\n").is_none());
+    }
+
+    #[test]
+    fn proc_cgroup_v1() {
+        let text = "12:cpu,cpuacct:/a\n4:memory:/t/a\n1:name=systemd:/x\n0::/t/a\n";
+        assert_eq!(
+            parse_proc_cgroup_v1(text, "memory").unwrap(),
+            Path::new("/t/a")
+        );
+        assert_eq!(parse_proc_cgroup_v1(text, "cpu").unwrap(), Path::new("/a"));
+        assert!(parse_proc_cgroup_v1(text, "pids").is_none());
+        assert!(parse_proc_cgroup_v1("0::/t/a\n", "memory").is_none());
+        // Paths may contain ':'.
+        assert_eq!(
+            parse_proc_cgroup_v1("4:memory:/a:b\n", "memory").unwrap(),
+            Path::new("/a:b")
+        );
+    }
+
+    /// Failing to join the memory cgroup names its directory; a directory that is not a
+    /// cgroup is caught by reading /proc/self/cgroup back (the process stays where it is).
+    #[test]
+    fn memory_v1_join_errors_name_the_directory() {
+        let nowhere = MemoryV1Mount {
+            mount_point: "/proc/vmtrace-no-such-hierarchy".into(),
+            root: "/".into(),
+        };
+        let err = join_memory_v1(Path::new("/t/a"), &nowhere)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cgroup /proc/vmtrace-no-such-hierarchy/t/a: cannot join this cgroup v1 memory cgroup")
+                && err.contains("cannot create it"),
+            "{err}"
+        );
+        let fake = std::env::temp_dir().join(format!("vmtrace-v1-{}", std::process::id()));
+        let not_cgroup = MemoryV1Mount {
+            mount_point: fake.clone(),
+            root: "/".into(),
+        };
+        let err = join_memory_v1(Path::new("/t"), &not_cgroup);
+        fs::remove_dir_all(&fake).unwrap();
+        let err = err.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("{}/t", fake.display()))
+                && err.contains("after joining it /proc/self/cgroup names"),
+            "{err}"
         );
     }
 

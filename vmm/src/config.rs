@@ -95,9 +95,13 @@ REPORT (JSON, one line unless --pretty; written only if all ground truth agrees)
   scenario           the scenario name
   pid                the VMM's process id
   count, rate        the requested operations per vCPU and rate (ops/s per vCPU, or null)
-  cgroup             {path, relative_path, id}: the cgroup v2 directory the VMM ran in, its path
-                     inside the hierarchy and its id (the directory's inode number, what
-                     bpf_get_current_cgroup_id() returns); null if no cgroup v2 is mounted
+  cgroup             {path, relative_path, id, memory_v1_path}: the cgroup v2 directory the VMM
+                     ran in, its path inside the hierarchy and its id (the directory's inode
+                     number, what bpf_get_current_cgroup_id() returns); memory_v1_path is the
+                     cgroup v1 memory controller's directory the VMM ran in when such a
+                     hierarchy is mounted (hybrid hosts: with --cgroup the VMM also joins the
+                     same path there, as systemd does, so memory is charged to the tenant in
+                     both hierarchies), else null; cgroup is null if no cgroup v2 is mounted
   vm_fd              the KVM VM file descriptor number in the VMM process
   ioeventfds         [{space, addr, len, datamatch}] registered with KVM_IOEVENTFD (virtio:
                      one per queue, addr 0xD0050, len 4, datamatch = queue index)
@@ -198,7 +202,9 @@ pub struct Cli {
 
     /// Run in this cgroup v2 cgroup, created if absent: an absolute directory inside the cgroup2
     /// mount, or a path relative to the cgroup2 mount point found in /proc/self/mountinfo. The
-    /// VMM moves its whole process there before it creates the VM.
+    /// VMM moves its whole process there before it creates the VM. Where the memory controller
+    /// is a cgroup v1 hierarchy (hybrid hosts) it also joins the same path there, created if
+    /// absent.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 

@@ -102,6 +102,11 @@ pub struct CgroupReport {
     pub relative_path: PathBuf,
     /// Its id: the directory's inode number, as `bpf_get_current_cgroup_id()` returns it.
     pub id: u64,
+    /// The cgroup v1 memory controller's cgroup directory the VMM ran in, e.g.
+    /// `/sys/fs/cgroup/memory/t/a`, where such a hierarchy is mounted (hybrid hosts); `None`
+    /// otherwise.
+    #[serde(default)]
+    pub memory_v1_path: Option<PathBuf>,
 }
 
 /// One KVM_IOEVENTFD registration.
@@ -218,6 +223,7 @@ mod tests {
                 path: "/sys/fs/cgroup/unified/t/a".into(),
                 relative_path: "/t/a".into(),
                 id: 4242,
+                memory_v1_path: Some("/sys/fs/cgroup/memory/t/a".into()),
             }),
             vm_fd: 4,
             ioeventfds: vec![],
@@ -240,13 +246,17 @@ mod tests {
         assert!(json.contains(r#""exits":{"io":1001}"#), "{json}");
         assert_eq!(Report::from_json(&json).unwrap(), report);
         assert_eq!(report.vcpu_by_tid(124).unwrap().index, 0);
-        // Reports written before the delays and virtio existed still parse.
+        // Reports written before the delays, virtio and the cgroup v1 memory path existed still
+        // parse.
         let old = json
             .replace(r#","exit_delay_us":0"#, "")
             .replace(r#","vm_setup_delay_ms":0"#, "")
-            .replace(r#","virtio":null"#, "");
-        assert!(!old.contains("virtio"), "{old}");
-        assert_eq!(Report::from_json(&old).unwrap(), report);
+            .replace(r#","virtio":null"#, "")
+            .replace(r#","memory_v1_path":"/sys/fs/cgroup/memory/t/a""#, "");
+        assert!(!old.contains("virtio") && !old.contains("memory"), "{old}");
+        let mut without = report.clone();
+        without.cgroup.as_mut().unwrap().memory_v1_path = None;
+        assert_eq!(Report::from_json(&old).unwrap(), without);
     }
 
     #[test]

@@ -81,19 +81,10 @@ impl TryFrom<VmmConfig> for Vmm {
             }],
         };
 
-        // Join the cgroup before the VM exists, so that its memory and threads are charged
-        // there from the start.
+        // Join the cgroup (and on hybrid hosts its cgroup v1 memory twin) before the VM
+        // exists, so that its memory and threads are charged there from the start.
         let cgroup = match &config.cgroup {
-            Some(requested) => {
-                let mount = cgroup::find_mount()?.ok_or_else(|| Error::Cgroup {
-                    path: requested.clone(),
-                    msg: "no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo); mount \
-                          one or drop --cgroup"
-                        .into(),
-                })?;
-                let dir = cgroup::resolve(requested, &mount)?;
-                Some(cgroup::join(&dir, &mount)?)
-            }
+            Some(requested) => Some(cgroup::enter(requested)?),
             None => cgroup::current()?,
         };
 

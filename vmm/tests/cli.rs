@@ -137,6 +137,7 @@ fn help_documents_every_flag() {
         "guest_kicks",
         "exit_delay_us",
         "vm_setup_delay_ms",
+        "memory_v1_path",
     ] {
         assert!(help.contains(word), "--help lacks {word}");
     }
@@ -228,6 +229,15 @@ fn runs_in_the_requested_cgroup() {
     let parent = mount.mount_point.join(&parent_name);
     let child = parent.join("tenant-a");
     let _cleanup = CgroupDirs(vec![parent.clone(), child.clone()]);
+    // On hybrid hosts the VMM also joins the same path in the cgroup v1 memory hierarchy.
+    let memory_v1 = vmtrace_vmm::cgroup::find_memory_v1_mount().unwrap();
+    let v1_child = memory_v1
+        .as_ref()
+        .map(|m| m.mount_point.join(&parent_name).join("tenant-a"));
+    let _cleanup_v1 = CgroupDirs(match &v1_child {
+        Some(c) => vec![c.parent().unwrap().to_path_buf(), c.clone()],
+        None => vec![],
+    });
 
     // Absolute path, parent created on the way (mkdir -p).
     let out = vmm(&[
@@ -248,6 +258,7 @@ fn runs_in_the_requested_cgroup() {
         cgroup.relative_path,
         Path::new("/").join(&parent_name).join("tenant-a")
     );
+    assert_eq!(cgroup.memory_v1_path, v1_child);
     assert_eq!(report.total.guest_ops, 50);
 
     // The same cgroup named relative to the mount point.

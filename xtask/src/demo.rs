@@ -68,12 +68,27 @@ impl Drop for Guests {
 }
 
 fn remove_demo_cgroups() {
-    let Some(root) = cgroup2_mount() else { return };
-    let demo = root.join("vmtrace-demo");
-    for (cgroup, ..) in TENANTS {
-        let _ = std::fs::remove_dir(root.join(cgroup));
+    // On hybrid hosts `vmtrace-vmm --cgroup` also created the tenants in the cgroup v1 memory
+    // hierarchy.
+    let roots = [cgroup2_mount(), memory_v1_mount()];
+    for root in roots.into_iter().flatten() {
+        for (cgroup, ..) in TENANTS {
+            let _ = std::fs::remove_dir(root.join(cgroup));
+        }
+        let _ = std::fs::remove_dir(root.join("vmtrace-demo"));
     }
-    let _ = std::fs::remove_dir(demo);
+}
+
+/// The cgroup v1 memory hierarchy's mount point (hybrid hosts).
+fn memory_v1_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let memory = f
+            .get(3)
+            .is_some_and(|o| o.split(',').any(|o| o == "memory"));
+        (f.get(2) == Some(&"cgroup") && memory).then(|| PathBuf::from(f[1]))
+    })
 }
 
 fn cgroup2_mount() -> Option<PathBuf> {

@@ -34,13 +34,19 @@ impl Cgroups {
         Ok(format!("{ROOT}/{rel}"))
     }
 
-    /// Removes `vmtrace-bench/<rel>` and everything below it.
+    /// Removes `vmtrace-bench/<rel>` and everything below it (and its cgroup v1 memory twin).
     pub fn remove(&self, rel: &str) {
         remove_tree(&self.root.join(rel));
+        if let Some(memory) = memory_v1_mount() {
+            remove_tree(&memory.join(ROOT).join(rel));
+        }
     }
 
     fn remove_all(&self) {
         remove_tree(&self.root);
+        if let Some(memory) = memory_v1_mount() {
+            remove_tree(&memory.join(ROOT));
+        }
     }
 }
 
@@ -97,6 +103,19 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
             collect_dirs(&entry.path(), out);
         }
     }
+}
+
+/// The cgroup v1 memory hierarchy's mount point (hybrid hosts), where `vmtrace-vmm --cgroup`
+/// also creates and joins the tenant's path.
+pub fn memory_v1_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let memory = f
+            .get(3)
+            .is_some_and(|o| o.split(',').any(|o| o == "memory"));
+        (f.get(2) == Some(&"cgroup") && memory).then(|| PathBuf::from(f[1]))
+    })
 }
 
 pub fn cgroup2_mount() -> Option<PathBuf> {
