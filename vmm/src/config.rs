@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::layout::{
-    MAX_VCPUS_BY_LAYOUT, VIRTIO_BUFFERS_END, VIRTIO_BUFFERS_GPA, VIRTIO_MAX_QUEUES,
+    MAX_VCPUS_BY_LAYOUT, MIB, PAGES_PER_MIB, VIRTIO_BUFFERS_END, VIRTIO_BUFFERS_GPA,
+    VIRTIO_MAX_QUEUES,
 };
+use crate::region;
 
 /// What the guest does once per operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
@@ -32,17 +34,31 @@ pub enum Scenario {
     /// (a 4-byte write completed in the kernel by the queue's ioeventfd, datamatch = queue
     /// index) and polls the used ring; a VMM worker thread moves the data.
     Virtio,
+    /// One byte (0x5A) written at the start of every 4 KiB page of a --mib MiB region of fresh
+    /// anonymous host memory (KVM slot 1 at GPA 0x1000000, MADV_NOHUGEPAGE), through 32-bit
+    /// addresses with a 4 GiB DS limit ("unreal mode"): one operation per page, each the
+    /// page's first touch (one host page fault), no exit to the VMM. vCPU i writes pages i,
+    /// i + --vcpus, ... (--vcpus must divide the --mib x 256 pages); --count does not apply.
+    Touch,
+    /// One vCPU touches every page of the --mib MiB region as in touch, then writes port 0x15
+    /// (BALLOON): there the VMM returns the first --balloon-mib MiB to the host with one
+    /// madvise(MADV_DONTNEED) and re-enters, and the guest writes 0xA5 into every page of
+    /// those MiB again (each a new first touch for the host), then DONE. Operations are the
+    /// pages written in both phases; --count does not apply.
+    Balloon,
 }
 
 impl Scenario {
     /// Every scenario, in a fixed order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Pio,
         Scenario::Mmio,
         Scenario::Doorbell,
         Scenario::Cpuid,
         Scenario::Hlt,
         Scenario::Virtio,
+        Scenario::Touch,
+        Scenario::Balloon,
     ];
 
     /// The lowercase name used on the command line and in reports.
@@ -54,7 +70,15 @@ impl Scenario {
             Scenario::Cpuid => "cpuid",
             Scenario::Hlt => "hlt",
             Scenario::Virtio => "virtio",
+            Scenario::Touch => "touch",
+            Scenario::Balloon => "balloon",
         }
+    }
+
+    /// Whether the guest writes pages of the touch region (touch, balloon) instead of doing
+    /// --count operations.
+    pub fn touches_memory(self) -> bool {
+        matches!(self, Scenario::Touch | Scenario::Balloon)
     }
 }
 
@@ -91,10 +115,26 @@ VMM worker thread waits in epoll on the queues' eventfds, reads each one (the va
 number of kicks since the last read), serves every available descriptor chain with rust-vmm's
 virtio-queue and writes the used ring. There are no interrupts (no irqchip): the guest polls.
 
+TOUCH AND BALLOON SCENARIOS (--scenario touch|balloon): the guest RAM gets a second KVM memory
+slot (slot 1) at GPA 0x1000000 (16 MiB): --mib MiB of its own anonymous mapping, which nothing
+has touched, with madvise(MADV_NOHUGEPAGE) so that the host faults it in 4 KiB page by 4 KiB
+page whatever the transparent huge page setting. The vCPUs start with a 4 GiB DS limit
+(\"unreal mode\") and EBX = the address of their first page, and per page run `mov byte
+[ebx], al` (32-bit address), `inc dword [edi]`, `add ebx, stride`, `dec esi`, `dec ecx`,
+`jnz`. One operation is one page written, so --count does not apply: touch writes 0x5A into
+every page once, vCPU i taking pages i, i + --vcpus, ... (--vcpus must divide --mib x 256);
+balloon (one vCPU) does the same, then writes port 0x15 (BALLOON), where the VMM, on the vCPU
+thread, returns the first --balloon-mib MiB to the host with exactly one
+madvise(MADV_DONTNEED) and re-enters KVM_RUN; the guest then writes 0xA5 into every page of
+those MiB again (the retouch) and writes DONE. At the end the VMM reads the first byte of every
+page: 0xA5 in the returned MiB, 0x5A elsewhere.
+
 REPORT (JSON, one line unless --pretty; written only if all ground truth agrees):
   scenario           the scenario name
   pid                the VMM's process id
-  count, rate        the requested operations per vCPU and rate (ops/s per vCPU, or null)
+  count, rate        the requested operations per vCPU and rate (ops/s per vCPU, or null);
+                     touch: the pages each vCPU writes (--mib x 256 / --vcpus); balloon: the
+                     pages written in both phases ((--mib + --balloon-mib) x 256)
   cgroup             {path, relative_path, id, memory_v1_path}: the cgroup v2 directory the VMM
                      ran in, its path inside the hierarchy and its id (the directory's inode
                      number, what bpf_get_current_cgroup_id() returns); memory_v1_path is the
@@ -107,10 +147,12 @@ REPORT (JSON, one line unless --pretty; written only if all ground truth agrees)
                      one per queue, addr 0xD0050, len 4, datamatch = queue index)
   vcpus[]            {index, tid, guest_ops, vmm_observed_ops, exits}: tid is the vCPU thread's
                      id (it issues KVM_RUN), guest_ops the guest's own counter read back from
-                     guest memory, vmm_observed_ops the operations the VMM saw as exits (null
-                     where they are not visible to it: doorbell, cpuid, virtio), exits the count
-                     of every KVM_RUN return by reason (io, mmio, hlt, intr, shutdown, ...),
-                     including the DONE and PACE port writes and the virtio probe reads
+                     guest memory (touch, balloon: pages written, the retouched ones included),
+                     vmm_observed_ops the operations the VMM saw as exits (null where they are
+                     not visible to it: doorbell, cpuid, virtio, touch, balloon), exits the
+                     count of every KVM_RUN return by reason (io, mmio, hlt, intr, shutdown,
+                     ...), including the DONE, PACE and BALLOON port writes and the virtio
+                     probe reads
   total              {guest_ops, exits} summed over the vCPUs
   doorbell_signals   the doorbell eventfd's counter at the end (doorbell scenario), else null
   duration_secs      wall time from the first vCPU start to the last vCPU stop
@@ -125,12 +167,36 @@ REPORT (JSON, one line unless --pretty; written only if all ground truth agrees)
                      coalesced), guest_kicks the guest's own count of its QueueNotify writes,
                      requests the descriptor chains the device served (writes + reads), bytes
                      the data moved (requests x request_size)
+  memory             (touch and balloon, else null) the touch region:
+    slot               its KVM memory slot (1)
+    region_gpa         its guest-physical address (0x1000000)
+    region_hva         the host virtual address of its mapping in the VMM process
+    region_bytes       its size (--mib MiB)
+    page_size          4096: the guest writes one byte per page, the host faults in 4 KiB pages
+    pages_touched      pages the guest wrote for the first time: --mib x 256, all vCPUs together
+    bytes_returned     the length of the madvise(MADV_DONTNEED) that returned memory to the host
+                       (balloon: --balloon-mib MiB; touch: 0)
+    returned_hva       the host address that madvise started at (the region's; touch: null)
+    madvise_calls      MADV_DONTNEED calls (balloon: 1; touch: 0)
+    pages_retouched    returned pages the guest wrote again (balloon: --balloon-mib x 256;
+                       touch: 0); they are counted in guest_ops too
+    bytes_retouched    their bytes (balloon: --balloon-mib MiB; touch: 0)
+    resident_pages_before
+                       the region's pages resident in host memory (mincore(2)) when the vCPUs
+                       start: 0, the memory is fresh
+    resident_pages_after_return
+                       the same right after the madvise (balloon: (--mib - --balloon-mib) x
+                       256; touch: null)
+    resident_pages_end the same after the vCPUs stopped: --mib x 256 (the resident_pages_*
+                       are measurements: they would be lower if the host reclaimed pages)
 
 The VMM fails (exit status 1, no report) if a guest counter differs from the requested count or
 from what the VMM observed, or on an unexpected exit; for virtio also if, for any queue, kicks,
 guest_kicks and requests differ from each other or from the plan, if bytes differ from requests
 x request_size, or if any byte of the disk or of the guest's buffers differs from the pattern
-the requests must have left. Usage errors exit with status 2.";
+the requests must have left; for touch and balloon if any page's first byte differs from the
+pattern the guest must have written last, or if the BALLOON exit did not come exactly once.
+Usage errors exit with status 2.";
 
 /// Default `--queues`.
 pub const DEFAULT_QUEUES: u32 = 2;
@@ -144,6 +210,12 @@ pub const MAX_REQUEST_SIZE: u32 = 0x1_0000;
 pub const MAX_EXIT_DELAY_US: u64 = 1_000_000;
 /// Largest `--vm-setup-delay-ms` (1 h).
 pub const MAX_VM_SETUP_DELAY_MS: u64 = 3_600_000;
+/// Default `--count`.
+pub const DEFAULT_COUNT: u64 = 10_000;
+/// Default `--mib`.
+pub const DEFAULT_MIB: u32 = 16;
+/// Largest `--mib`.
+pub const MAX_MIB: u32 = 1024;
 
 /// Reference VMM for vmtrace: runs a tiny real-mode KVM guest that performs a known number of
 /// operations, then prints a JSON report of the ground truth (guest operations, exits by reason,
@@ -160,9 +232,21 @@ pub struct Cli {
     pub vcpus: u32,
 
     /// Operations per vCPU (1 to 4294967295); here each guest instruction costs about 1 µs.
-    /// For virtio: requests per vCPU
-    #[arg(long, default_value_t = 10_000, value_name = "N")]
-    pub count: u64,
+    /// For virtio: requests per vCPU. Not for touch and balloon, whose operations are the
+    /// pages of --mib [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// touch and balloon only: MiB of fresh guest memory the guest touches, one byte per 4 KiB
+    /// page, 1 to 1024 [default: 16]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub mib: Option<u32>,
+
+    /// balloon only: MiB at the start of the region that the VMM returns to the host
+    /// (madvise(MADV_DONTNEED)) and the guest then touches again, 1 to --mib [default: half
+    /// of --mib, rounded up]
+    #[arg(long, value_name = "M", allow_negative_numbers = true)]
+    pub balloon_mib: Option<u32>,
 
     /// Hold each vCPU to at most this many operations per second (adds one PACE port exit per
     /// operation, counted in the report like any other exit)
@@ -229,7 +313,8 @@ pub struct VmmConfig {
     pub scenario: Scenario,
     /// Number of vCPUs (threads).
     pub vcpus: u32,
-    /// Operations per vCPU.
+    /// Operations per vCPU. Ignored by touch and balloon, whose operations are pages: see
+    /// [`VmmConfig::ops_per_vcpu`].
     pub count: u64,
     /// Optional rate limit, operations per second per vCPU.
     pub rate: Option<f64>,
@@ -243,22 +328,58 @@ pub struct VmmConfig {
     pub exit_delay_us: u64,
     /// Milliseconds to sleep between VM setup and starting the vCPUs.
     pub vm_setup_delay_ms: u64,
+    /// Size of the touch region in MiB (touch and balloon only).
+    pub mib: u32,
+    /// MiB returned to the host and touched again (balloon only); `None` = half of `mib`,
+    /// rounded up.
+    pub balloon_mib: Option<u32>,
 }
 
 impl VmmConfig {
     /// The defaults of the command line: 1 vCPU, 10000 operations, no rate, no cgroup, 2
-    /// queues of 4096-byte requests (virtio), no delays.
+    /// queues of 4096-byte requests (virtio), no delays, a 16 MiB region of which half is
+    /// returned (touch, balloon).
     pub fn new(scenario: Scenario) -> Self {
         VmmConfig {
             scenario,
             vcpus: 1,
-            count: 10_000,
+            count: DEFAULT_COUNT,
             rate: None,
             cgroup: None,
             queues: DEFAULT_QUEUES,
             request_size: DEFAULT_REQUEST_SIZE,
             exit_delay_us: 0,
             vm_setup_delay_ms: 0,
+            mib: DEFAULT_MIB,
+            balloon_mib: None,
+        }
+    }
+
+    /// MiB the balloon scenario returns: `balloon_mib`, or half of `mib` rounded up.
+    pub fn balloon_mib(&self) -> u32 {
+        self.balloon_mib.unwrap_or(self.mib.div_ceil(2))
+    }
+
+    /// What the touch and balloon guests do, `None` for the other scenarios (not validated:
+    /// see [`VmmConfig::validate`]).
+    pub fn region_plan(&self) -> Option<region::Plan> {
+        let returned_mib = match self.scenario {
+            Scenario::Touch => 0,
+            Scenario::Balloon => self.balloon_mib(),
+            _ => return None,
+        };
+        Some(region::Plan {
+            vcpus: self.vcpus,
+            region_bytes: u64::from(self.mib) * MIB,
+            returned_bytes: u64::from(returned_mib) * MIB,
+        })
+    }
+
+    /// Operations each vCPU does: `count`, or for touch and balloon the pages it writes.
+    pub fn ops_per_vcpu(&self) -> u64 {
+        match self.region_plan() {
+            Some(plan) if self.vcpus > 0 => plan.ops_per_vcpu(),
+            _ => self.count,
         }
     }
 
@@ -273,10 +394,11 @@ impl VmmConfig {
                 self.vcpus
             )));
         }
-        if self.count == 0 {
+        if self.scenario.touches_memory() {
+            self.validate_region()?;
+        } else if self.count == 0 {
             return Err(Error::Config("--count must be at least 1".into()));
-        }
-        if self.count > u64::from(u32::MAX) {
+        } else if self.count > u64::from(u32::MAX) {
             return Err(Error::Config(format!(
                 "--count {} is too large: the guest counts in 32 bits, use at most {}",
                 self.count,
@@ -309,6 +431,39 @@ impl VmmConfig {
         }
         if self.scenario == Scenario::Virtio {
             self.validate_virtio()?;
+        }
+        Ok(())
+    }
+
+    fn validate_region(&self) -> Result<(), Error> {
+        if self.mib == 0 || self.mib > MAX_MIB {
+            return Err(Error::Config(format!(
+                "--mib {} is out of range: use 1 to {MAX_MIB}",
+                self.mib
+            )));
+        }
+        if self.scenario == Scenario::Balloon {
+            if self.vcpus != 1 {
+                return Err(Error::Config(format!(
+                    "--scenario balloon runs on one vCPU, not --vcpus {}",
+                    self.vcpus
+                )));
+            }
+            let m = self.balloon_mib();
+            if m == 0 || m > self.mib {
+                return Err(Error::Config(format!(
+                    "--balloon-mib {m} is out of range: use 1 to --mib ({})",
+                    self.mib
+                )));
+            }
+        } else {
+            let pages = u64::from(self.mib) * PAGES_PER_MIB;
+            if !pages.is_multiple_of(u64::from(self.vcpus)) {
+                return Err(Error::Config(format!(
+                    "--mib {} has {pages} pages, which --vcpus {} cannot share evenly: use a                      vCPU count that divides {pages}",
+                    self.mib, self.vcpus
+                )));
+            }
         }
         Ok(())
     }
@@ -376,18 +531,44 @@ impl TryFrom<&Cli> for VmmConfig {
                 }
             }
         }
-        let config = VmmConfig {
+        let scenario = cli.scenario;
+        let memory = scenario.touches_memory();
+        let misplaced = [
+            (
+                memory && cli.count.is_some(),
+                format!(
+                    "--count does not apply to --scenario {scenario}: its operations are the \
+                     pages of --mib"
+                ),
+            ),
+            (
+                !memory && cli.mib.is_some(),
+                format!("--mib applies to --scenario touch and balloon only, not {scenario}"),
+            ),
+            (
+                scenario != Scenario::Balloon && cli.balloon_mib.is_some(),
+                format!("--balloon-mib applies to --scenario balloon only, not {scenario}"),
+            ),
+        ];
+        if let Some((_, msg)) = misplaced.into_iter().find(|(wrong, _)| *wrong) {
+            return Err(Error::Config(msg));
+        }
+        let mut config = VmmConfig {
             scenario: cli.scenario,
             vcpus: cli.vcpus,
-            count: cli.count,
+            count: cli.count.unwrap_or(DEFAULT_COUNT),
             rate: cli.rate,
             cgroup: cli.cgroup.clone(),
             queues: cli.queues.unwrap_or(DEFAULT_QUEUES),
             request_size: cli.request_size.unwrap_or(DEFAULT_REQUEST_SIZE),
             exit_delay_us: cli.exit_delay_us,
             vm_setup_delay_ms: cli.vm_setup_delay_ms,
+            mib: cli.mib.unwrap_or(DEFAULT_MIB),
+            balloon_mib: cli.balloon_mib,
         };
         config.validate()?;
+        // The configuration says what runs: for touch and balloon, the pages.
+        config.count = config.ops_per_vcpu();
         Ok(config)
     }
 }
@@ -462,6 +643,97 @@ mod tests {
             let err = parse(&["--scenario", "pio", flag, "1024"]).unwrap_err();
             assert!(err.contains("virtio only"), "{err}");
         }
+    }
+
+    #[test]
+    fn touch_and_balloon_flags() {
+        let c = parse(&["--scenario", "touch"]).unwrap();
+        assert_eq!((c.mib, c.count, c.ops_per_vcpu()), (16, 4096, 4096));
+        let c = parse(&["--scenario", "touch", "--mib", "2", "--vcpus", "4"]).unwrap();
+        assert_eq!((c.mib, c.count), (2, 128));
+        let plan = c.region_plan().unwrap();
+        assert_eq!((plan.pages(), plan.returned_bytes), (512, 0));
+        let c = parse(&["--scenario", "touch", "--mib", "1024", "--vcpus", "3"]);
+        assert!(c.unwrap_err().contains("cannot share evenly"));
+        // Balloon: M defaults to half of N, rounded up; operations are both phases' pages.
+        let c = parse(&["--scenario", "balloon"]).unwrap();
+        assert_eq!((c.mib, c.balloon_mib(), c.count), (16, 8, (16 + 8) * 256));
+        let c = parse(&["--scenario", "balloon", "--mib", "1"]).unwrap();
+        assert_eq!(c.balloon_mib(), 1);
+        let c = parse(&["--scenario", "balloon", "--mib", "4", "--balloon-mib", "2"]).unwrap();
+        assert_eq!((c.balloon_mib, c.count), (Some(2), 1536));
+        assert_eq!(c.region_plan().unwrap().returned_pages(), 512);
+        let c = parse(&["--scenario", "balloon", "--mib", "5", "--balloon-mib", "5"]).unwrap();
+        assert_eq!(c.count, 2560);
+        assert_eq!(
+            parse(&["--scenario", "balloon", "--rate", "100"])
+                .unwrap()
+                .rate,
+            Some(100.0)
+        );
+
+        let bad: [(&[&str], &str); 14] = [
+            (
+                &["--scenario", "touch", "--mib", "0"],
+                "--mib 0 is out of range",
+            ),
+            (&["--scenario", "touch", "--mib", "1025"], "use 1 to 1024"),
+            (&["--scenario", "touch", "--mib", "-1"], "--mib"),
+            (&["--scenario", "balloon", "--mib", "0"], "--mib 0"),
+            (
+                &["--scenario", "touch", "--count", "5"],
+                "--count does not apply",
+            ),
+            (
+                &["--scenario", "balloon", "--count", "5"],
+                "--count does not apply",
+            ),
+            (
+                &["--scenario", "pio", "--mib", "4"],
+                "touch and balloon only",
+            ),
+            (&["--scenario", "virtio", "--mib", "4"], "not virtio"),
+            (
+                &["--scenario", "touch", "--balloon-mib", "1"],
+                "balloon only, not touch",
+            ),
+            (&["--scenario", "hlt", "--balloon-mib", "1"], "balloon only"),
+            (
+                &["--scenario", "balloon", "--mib", "4", "--balloon-mib", "5"],
+                "use 1 to --mib (4)",
+            ),
+            // Without --mib the region is 16 MiB.
+            (
+                &["--scenario", "balloon", "--balloon-mib", "17"],
+                "use 1 to --mib (16)",
+            ),
+            (
+                &["--scenario", "balloon", "--balloon-mib", "0"],
+                "--balloon-mib 0",
+            ),
+            (&["--scenario", "balloon", "--vcpus", "2"], "one vCPU"),
+        ];
+        for (args, needle) in bad {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+        }
+        // A library configuration's count is ignored for touch, checked for the others.
+        let c = VmmConfig {
+            count: 0,
+            mib: 1,
+            ..VmmConfig::new(Scenario::Touch)
+        };
+        assert!(c.validate().is_ok());
+        assert_eq!(c.ops_per_vcpu(), 256);
+        assert!(
+            VmmConfig {
+                count: 0,
+                ..VmmConfig::new(Scenario::Pio)
+            }
+            .validate()
+            .is_err()
+        );
+        assert_eq!(VmmConfig::new(Scenario::Pio).region_plan(), None);
     }
 
     #[test]

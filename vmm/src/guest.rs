@@ -1,6 +1,6 @@
 //! The guest programs: a few real-mode instructions per scenario, assembled in-process with
 //! iced-x86's code assembler in 16-bit mode. The `virtio` scenario's driver programs are in
-//! [`virtio`].
+//! [`virtio`], the `touch` and `balloon` programs in [`touch`].
 //!
 //! On entry (set by the VMM) ESI holds the number of operations left and EDI the address of the
 //! vCPU's 32-bit operation counter. CPUID clobbers EAX/EBX/ECX/EDX, so the loop keeps its state
@@ -18,6 +18,7 @@
 //!         jmp halt
 //! ```
 
+pub mod touch;
 pub mod virtio;
 
 use iced_x86::code_asm::{CodeAssembler, al, ax, byte_ptr, dword_ptr, eax, edi, es, esi};
@@ -44,12 +45,21 @@ const DOORBELL_OFFSET: u64 = DOORBELL_GPA - ((MMIO_SEGMENT as u64) << 4);
 
 /// Assembles the guest program for `scenario`, to be loaded at [`CODE_GPA`]. With `paced` the
 /// guest writes the PACE port after every operation. The `virtio` scenario has one program per
-/// vCPU instead: see [`virtio::programs`].
+/// vCPU instead (see [`virtio::programs`]), and `touch` and `balloon` depend on their region
+/// (see [`touch::program`]).
 pub fn program(scenario: Scenario, paced: bool) -> Result<Vec<u8>, Error> {
-    if scenario == Scenario::Virtio {
-        return Err(Error::Config(
-            "the virtio scenario has one program per vCPU (guest::virtio::programs)".into(),
-        ));
+    match scenario {
+        Scenario::Virtio => {
+            return Err(Error::Config(
+                "the virtio scenario has one program per vCPU (guest::virtio::programs)".into(),
+            ));
+        }
+        Scenario::Touch | Scenario::Balloon => {
+            return Err(Error::Config(format!(
+                "the {scenario} program depends on its region (guest::touch::program)"
+            )));
+        }
+        _ => {}
     }
     assemble(scenario, paced).map_err(|e| Error::Assemble(scenario.name(), e))
 }
@@ -72,7 +82,7 @@ fn assemble(scenario: Scenario, paced: bool) -> Result<Vec<u8>, iced_x86::IcedEr
         }
         Scenario::Hlt => a.hlt()?,
         // Refused by `program`.
-        Scenario::Virtio => {}
+        Scenario::Virtio | Scenario::Touch | Scenario::Balloon => {}
     }
     if paced {
         a.out(u32::from(PACE_PORT), al)?;

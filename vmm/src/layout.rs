@@ -34,6 +34,28 @@ pub fn counter_gpa(index: u32) -> u64 {
 /// (see [`crate::guest::virtio::FailCode`]); the VMM turns it into an error.
 pub const FAIL_PORT: u16 = 0x14;
 
+/// Port the `balloon` guest writes between its two phases; the VMM returns the first
+/// `--balloon-mib` MiB of the touch region to the host there (one `madvise(MADV_DONTNEED)`).
+/// (0x13 is left unused: tests write it as a port no scenario accepts.)
+pub const BALLOON_PORT: u16 = 0x15;
+
+/// Guest-physical base of the `touch` and `balloon` scenarios' region: 16 MiB, far above what
+/// real-mode segments reach (the guest uses 32-bit addresses with a 4 GiB DS limit).
+pub const TOUCH_REGION_GPA: u64 = 0x100_0000;
+/// KVM memory slot of the touch region (slot 0 is the guest RAM at GPA 0).
+pub const TOUCH_REGION_SLOT: u32 = 1;
+/// The page size the guest touches with and the host faults in (base pages: no THP).
+pub const PAGE_SIZE: u64 = 4096;
+/// Bytes per MiB, the unit of `--mib` and `--balloon-mib`.
+pub const MIB: u64 = 1 << 20;
+/// Pages per MiB.
+pub const PAGES_PER_MIB: u64 = MIB / PAGE_SIZE;
+/// Byte the guest writes at the start of every page on its first touch (phase 1).
+pub const TOUCH_PATTERN: u8 = 0x5A;
+/// Byte the `balloon` guest writes at the start of every returned page when it touches it
+/// again (phase 2).
+pub const RETOUCH_PATTERN: u8 = 0xA5;
+
 /// Guest RAM of the `virtio` scenario: everything below the device window (real mode reaches
 /// 1 MiB through segments; the other scenarios use [`MEM_SIZE`]).
 pub const VIRTIO_MEM_SIZE: usize = 0xD_0000;

@@ -1,12 +1,15 @@
 //! The vmtrace reference VMM: a minimal KVM virtual machine monitor whose guest performs a known
 //! number of operations of one kind (port I/O, MMIO, ioeventfd doorbell writes, CPUID, HLT,
-//! virtio-blk requests on a virtio-mmio device served by a worker thread), so that everything a
-//! tracer observes about it can be checked against ground truth.
+//! virtio-blk requests on a virtio-mmio device served by a worker thread, first touches of fresh
+//! guest memory, memory returned to the host and touched again), so that everything a tracer
+//! observes about it can be checked against ground truth.
 //!
 //! The guest is a few real-mode (16-bit) instructions assembled in-process ([`guest`]), loaded
-//! at [`layout::CODE_GPA`] in 64 KiB of guest memory (832 KiB for virtio, see [`virtio`]), and
-//! run on one host thread per vCPU ([`vcpu`]). At the end the VMM reads the guest's own operation counters back from guest
-//! memory, cross-checks them against what it saw itself and returns a [`report::Report`].
+//! at [`layout::CODE_GPA`] in 64 KiB of guest memory (832 KiB for virtio, see [`virtio`]; plus
+//! the touch region in a second memory slot for touch and balloon, see [`region`]), and run on
+//! one host thread per vCPU ([`vcpu`]). At the end the VMM reads the guest's own operation
+//! counters back from guest memory, cross-checks them against what it saw itself and returns a
+//! [`report::Report`].
 //!
 //! ```no_run
 //! use vmtrace_vmm::{Scenario, Vmm, VmmConfig};
@@ -28,6 +31,7 @@ mod kick;
 pub mod layout;
 pub mod memory;
 mod pace;
+pub mod region;
 pub mod report;
 pub mod vcpu;
 pub mod virtio;

@@ -100,6 +100,26 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 None => String::new(),
             }
         );
+        if let Some(m) = &report.memory {
+            let balloon = if m.madvise_calls > 0 {
+                format!(
+                    ", {} MiB returned to the host and {} pages touched again",
+                    m.bytes_returned >> 20,
+                    m.pages_retouched
+                )
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "vmtrace-vmm: {}: {} MiB region, {} pages touched{balloon}; resident pages {} \
+                 before, {} at the end",
+                report.scenario,
+                m.region_bytes >> 20,
+                m.pages_touched,
+                m.resident_pages_before,
+                m.resident_pages_end
+            );
+        }
     }
     Ok(())
 }

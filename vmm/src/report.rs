@@ -15,7 +15,8 @@ pub struct Report {
     pub scenario: Scenario,
     /// The VMM's process id.
     pub pid: u32,
-    /// Requested operations per vCPU.
+    /// Requested operations per vCPU (touch: pages per vCPU; balloon: pages written in both
+    /// phases).
     pub count: u64,
     /// Requested rate, operations per second per vCPU.
     pub rate: Option<f64>,
@@ -42,6 +43,43 @@ pub struct Report {
     /// The virtio device and its queues (virtio scenario only).
     #[serde(default)]
     pub virtio: Option<VirtioReport>,
+    /// The touch region and what happened to it (touch and balloon scenarios only).
+    #[serde(default)]
+    pub memory: Option<MemoryReport>,
+}
+
+/// The touch region of the `touch` and `balloon` scenarios.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryReport {
+    /// Its KVM memory slot (1).
+    pub slot: u32,
+    /// Its guest-physical address.
+    pub region_gpa: u64,
+    /// The host virtual address of its mapping in the VMM process.
+    pub region_hva: u64,
+    /// Its size (`--mib` MiB).
+    pub region_bytes: u64,
+    /// The page size the guest touches with and the host faults in (4096).
+    pub page_size: u64,
+    /// Pages the guest wrote for the first time (every page of the region, all vCPUs).
+    pub pages_touched: u64,
+    /// Bytes returned to the host: the length of the `madvise(MADV_DONTNEED)` (balloon:
+    /// `--balloon-mib` MiB; touch: 0).
+    pub bytes_returned: u64,
+    /// The host virtual address that `madvise` started at (the region's); `None` for touch.
+    pub returned_hva: Option<u64>,
+    /// `madvise(MADV_DONTNEED)` calls (balloon: 1; touch: 0).
+    pub madvise_calls: u64,
+    /// Returned pages the guest wrote again (balloon: `--balloon-mib` x 256; touch: 0).
+    pub pages_retouched: u64,
+    /// Their bytes (balloon: `--balloon-mib` MiB; touch: 0).
+    pub bytes_retouched: u64,
+    /// The region's pages resident in host memory (mincore) before the vCPUs started.
+    pub resident_pages_before: u64,
+    /// The same right after the `madvise` (balloon only).
+    pub resident_pages_after_return: Option<u64>,
+    /// The same after the vCPUs stopped.
+    pub resident_pages_end: u64,
 }
 
 /// The virtio-blk device of the `virtio` scenario.
@@ -188,6 +226,9 @@ pub fn expected_vcpu_exits(scenario: Scenario, count: u64, paced: bool) -> ExitC
         }
     };
     add("io", 1); // DONE
+    if scenario == Scenario::Balloon {
+        add("io", 1); // BALLOON
+    }
     if paced {
         add("io", count);
     }
@@ -196,7 +237,7 @@ pub fn expected_vcpu_exits(scenario: Scenario, count: u64, paced: bool) -> ExitC
         Scenario::Mmio => add("mmio", count),
         Scenario::Hlt => add("hlt", count),
         Scenario::Virtio => add("mmio", crate::guest::virtio::PROBE_READS),
-        Scenario::Doorbell | Scenario::Cpuid => {}
+        Scenario::Doorbell | Scenario::Cpuid | Scenario::Touch | Scenario::Balloon => {}
     }
     exits
 }
@@ -237,6 +278,7 @@ mod tests {
             exit_delay_us: 0,
             vm_setup_delay_ms: 0,
             virtio: None,
+            memory: None,
         };
         let json = report.to_json();
         assert!(
@@ -246,12 +288,13 @@ mod tests {
         assert!(json.contains(r#""exits":{"io":1001}"#), "{json}");
         assert_eq!(Report::from_json(&json).unwrap(), report);
         assert_eq!(report.vcpu_by_tid(124).unwrap().index, 0);
-        // Reports written before the delays, virtio and the cgroup v1 memory path existed still
-        // parse.
+        // Reports written before the delays, virtio, the memory section and the cgroup v1
+        // memory path existed still parse.
         let old = json
             .replace(r#","exit_delay_us":0"#, "")
             .replace(r#","vm_setup_delay_ms":0"#, "")
             .replace(r#","virtio":null"#, "")
+            .replace(r#","memory":null"#, "")
             .replace(r#","memory_v1_path":"/sys/fs/cgroup/memory/t/a""#, "");
         assert!(!old.contains("virtio") && !old.contains("memory"), "{old}");
         let mut without = report.clone();
@@ -272,6 +315,14 @@ mod tests {
         assert_eq!(
             expected_vcpu_exits(Scenario::Virtio, 5, true),
             ExitCounts::from([("io".into(), 6), ("mmio".into(), 4)])
+        );
+        assert_eq!(
+            expected_vcpu_exits(Scenario::Touch, 512, false),
+            ExitCounts::from([("io".into(), 1)])
+        );
+        assert_eq!(
+            expected_vcpu_exits(Scenario::Balloon, 5, true),
+            ExitCounts::from([("io".into(), 7)])
         );
     }
 }

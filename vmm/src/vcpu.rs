@@ -11,17 +11,33 @@ use crate::config::Scenario;
 use crate::error::Error;
 use crate::exits::{self, ExitCounts};
 use crate::guest::virtio::FailCode;
-use crate::layout::{DONE_PORT, FAIL_PORT, MMIO_GPA, OP_PORT, PACE_PORT, counter_gpa};
+use crate::layout::{
+    BALLOON_PORT, DONE_PORT, FAIL_PORT, MMIO_GPA, OP_PORT, PACE_PORT, counter_gpa,
+};
 use crate::pace::Pacer;
+use crate::region::{Balloon, Returned};
 use crate::virtio::MmioHandle;
 
 /// RFLAGS with only the always-one bit 1 set (interrupts disabled).
 const RFLAGS_RESERVED: u64 = 0x2;
 
+/// DS limit of the touch and balloon guests: 4 GiB, so 32-bit addresses reach the touch region.
+const UNREAL_LIMIT: u32 = 0xFFFF_FFFF;
+
 /// Puts a fresh vCPU into real mode at CS:IP 0:`entry` (below 64 KiB; normally
 /// [`crate::layout::CODE_GPA`]) with flat zero-based segments, ESI = `count` operations to do
 /// and EDI = the address of its operation counter.
-pub fn configure(vcpu: &VcpuFd, index: u32, count: u64, entry: u64) -> Result<(), Error> {
+///
+/// With `first_page` (touch and balloon) it also puts that address into EBX and gives DS a
+/// 4 GiB limit ("unreal mode"): real-mode code then reaches any address below 4 GiB through a
+/// 32-bit register and an address-size prefix.
+pub fn configure(
+    vcpu: &VcpuFd,
+    index: u32,
+    count: u64,
+    entry: u64,
+    first_page: Option<u64>,
+) -> Result<(), Error> {
     let mut sregs = vcpu
         .get_sregs()
         .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
@@ -36,6 +52,13 @@ pub fn configure(vcpu: &VcpuFd, index: u32, count: u64, entry: u64) -> Result<()
         seg.base = 0;
         seg.selector = 0;
     }
+    if first_page.is_some() {
+        // KVM takes the limit in bytes; with g = 1 it must end in 0xFFF and the descriptor
+        // it builds holds limit >> 12 (0xFFFFF pages). Without g the emulator would see only
+        // the low 20 bits: a 1 MiB limit.
+        sregs.ds.limit = UNREAL_LIMIT;
+        sregs.ds.g = 1;
+    }
     vcpu.set_sregs(&sregs)
         .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
     let regs = kvm_regs {
@@ -43,6 +66,7 @@ pub fn configure(vcpu: &VcpuFd, index: u32, count: u64, entry: u64) -> Result<()
         rflags: RFLAGS_RESERVED,
         rsi: count,
         rdi: counter_gpa(index),
+        rbx: first_page.unwrap_or(0),
         ..Default::default()
     };
     vcpu.set_regs(&regs)
@@ -62,6 +86,8 @@ pub struct VcpuOutcome {
     pub observed_ops: Option<u64>,
     /// PACE port exits.
     pub pace_exits: u64,
+    /// What the BALLOON exit returned to the host (balloon scenario).
+    pub returned: Option<Returned>,
 }
 
 /// The state one vCPU thread runs with.
@@ -81,6 +107,8 @@ pub struct VcpuRunner {
     pub device: Option<MmioHandle>,
     /// Sleep this long after every exit before re-entering KVM_RUN (a slow VMM).
     pub exit_delay: Option<Duration>,
+    /// What the BALLOON exit returns to the host (balloon scenario).
+    pub balloon: Option<Balloon>,
 }
 
 /// What to do after one exit, decided while the exit still borrows the vCPU.
@@ -89,6 +117,8 @@ enum Step {
     /// An exit served without counting an operation (virtio register access).
     Served,
     Pace,
+    /// The balloon guest has touched the region: return memory to the host.
+    Balloon,
     Done,
     Interrupted,
     Fail(String),
@@ -110,9 +140,14 @@ impl VcpuRunner {
             exits: ExitCounts::new(),
             observed_ops: match self.scenario {
                 Scenario::Pio | Scenario::Mmio | Scenario::Hlt => Some(0),
-                Scenario::Doorbell | Scenario::Cpuid | Scenario::Virtio => None,
+                Scenario::Doorbell
+                | Scenario::Cpuid
+                | Scenario::Virtio
+                | Scenario::Touch
+                | Scenario::Balloon => None,
             },
             pace_exits: 0,
+            returned: None,
         };
         let mut pacer = self.rate.map(Pacer::new);
         if self.exit_delay.is_some() {
@@ -153,6 +188,16 @@ impl VcpuRunner {
                 Step::Pace => match pacer.as_mut() {
                     Some(p) => p.tick(),
                     None => return Err(self.guest_error("PACE port written without a rate")),
+                },
+                Step::Balloon => match (self.balloon, outcome.returned) {
+                    // On the vCPU thread, as a VMM serving a balloon request would.
+                    (Some(balloon), None) => outcome.returned = Some(balloon.inflate()?),
+                    (Some(_), Some(_)) => {
+                        return Err(self.guest_error("BALLOON port written a second time"));
+                    }
+                    (None, _) => {
+                        return Err(self.guest_error("BALLOON port written without a balloon"));
+                    }
                 },
                 Step::Done => break,
                 Step::Fail(msg) => return Err(self.guest_error(&msg)),
@@ -230,6 +275,7 @@ fn classify(scenario: Scenario, exit: VcpuExit<'_>, device: Option<&MmioHandle>)
             OP_PORT if scenario == Scenario::Pio => Step::Op,
             DONE_PORT => Step::Done,
             PACE_PORT => Step::Pace,
+            BALLOON_PORT if scenario == Scenario::Balloon => Step::Balloon,
             FAIL_PORT if scenario == Scenario::Virtio => {
                 Step::Fail(FailCode::describe(data.first().copied().unwrap_or(0)))
             }
@@ -307,6 +353,14 @@ mod tests {
         assert!(matches!(
             classify_(Scenario::Virtio, VcpuExit::IoOut(FAIL_PORT, &[5])),
             Step::Fail(m) if m.contains("data read back differs")
+        ));
+        assert!(matches!(
+            classify_(Scenario::Balloon, VcpuExit::IoOut(BALLOON_PORT, &[0])),
+            Step::Balloon
+        ));
+        assert!(matches!(
+            classify_(Scenario::Touch, VcpuExit::IoOut(BALLOON_PORT, &[0])),
+            Step::Fail(m) if m.contains("unexpected write to port 0x15")
         ));
         assert!(matches!(
             classify_(Scenario::Pio, VcpuExit::IoOut(FAIL_PORT, &[5])),

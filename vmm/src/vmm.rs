@@ -21,12 +21,17 @@ use crate::exits::{self, ExitCounts};
 use crate::guest;
 use crate::ioeventfd;
 use crate::kick;
-use crate::layout::{CODE_GPA, DOORBELL_GPA, DOORBELL_LEN, MEM_SIZE, VIRTIO_MEM_SIZE, counter_gpa};
+use crate::layout::{
+    CODE_GPA, DOORBELL_GPA, DOORBELL_LEN, MEM_SIZE, PAGE_SIZE, TOUCH_REGION_GPA, TOUCH_REGION_SLOT,
+    VIRTIO_MEM_SIZE, counter_gpa,
+};
 use crate::memory;
-use crate::report::{CgroupReport, IoEventFdReport, Report, TotalReport, VcpuReport};
+use crate::region::{self, Balloon};
+use crate::report::{CgroupReport, IoEventFdReport, MemoryReport, Report, TotalReport, VcpuReport};
 use crate::vcpu::{self, VcpuOutcome, VcpuRunner};
 use crate::virtio::VirtioBlk;
 use crate::virtio::plan::Plan;
+use crate::virtio::worker::WorkerOutput;
 
 /// How often vCPU threads are kicked again while they are being stopped.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
@@ -37,6 +42,23 @@ enum Event {
     Vcpu(u32, Result<VcpuOutcome, Error>),
     /// The virtio worker gave up.
     Device(Error),
+}
+
+/// The touch region of a touch or balloon VM.
+#[derive(Debug, Clone, Copy)]
+struct TouchRegion {
+    plan: region::Plan,
+    /// Host virtual address of its mapping.
+    hva: u64,
+}
+
+/// What the vCPU threads (and the virtio worker) of a finished run left, before it is checked.
+struct Ran {
+    outcomes: Vec<VcpuOutcome>,
+    duration: Duration,
+    worker_output: Option<WorkerOutput>,
+    /// The touch region's resident pages before the vCPUs started.
+    resident_before: Option<u64>,
 }
 
 /// A VM ready to run: KVM checked, cgroup joined, memory loaded, devices initialised, vCPUs
@@ -50,6 +72,7 @@ pub struct Vmm {
     doorbell: Option<EventFd>,
     virtio: Option<VirtioBlk>,
     ioeventfds: Vec<IoEventFdReport>,
+    region: Option<TouchRegion>,
     vcpus: Vec<VcpuFd>,
     vm: VmFd,
     _kvm: Kvm,
@@ -72,10 +95,15 @@ impl TryFrom<VmmConfig> for Vmm {
             count: config.count,
             request_size: config.request_size,
         });
+        let region_plan = config.region_plan();
         // One program at CODE_GPA for every vCPU, or one per vCPU for virtio.
-        let programs = match &plan {
-            Some(plan) => guest::virtio::programs(plan, paced)?,
-            None => vec![guest::Program {
+        let programs = match (&plan, &region_plan) {
+            (Some(plan), _) => guest::virtio::programs(plan, paced)?,
+            (None, Some(region_plan)) => vec![guest::Program {
+                entry: CODE_GPA,
+                bytes: guest::touch::program(region_plan, paced)?,
+            }],
+            (None, None) => vec![guest::Program {
                 entry: CODE_GPA,
                 bytes: guest::program(config.scenario, paced)?,
             }],
@@ -97,7 +125,14 @@ impl TryFrom<VmmConfig> for Vmm {
         } else {
             MEM_SIZE
         };
-        let memory = memory::create(&vm, mem_size)?;
+        let memory = memory::create(&vm, mem_size, region_plan.map(|p| p.region_bytes))?;
+        let region = match region_plan {
+            Some(plan) => Some(TouchRegion {
+                plan,
+                hva: memory::host_address(&memory, TOUCH_REGION_GPA)?,
+            }),
+            None => None,
+        };
         for program in &programs {
             memory::load(&memory, program.entry, &program.bytes)?;
         }
@@ -134,7 +169,8 @@ impl TryFrom<VmmConfig> for Vmm {
                 .create_vcpu(u64::from(index))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
             let entry = programs[(index as usize).min(programs.len() - 1)].entry;
-            vcpu::configure(&vcpu, index, config.count, entry)?;
+            let first_page = region_plan.map(|p| p.first_page_gpa(index));
+            vcpu::configure(&vcpu, index, config.ops_per_vcpu(), entry, first_page)?;
             vcpus.push(vcpu);
         }
 
@@ -144,6 +180,7 @@ impl TryFrom<VmmConfig> for Vmm {
             doorbell,
             virtio,
             ioeventfds,
+            region,
             vcpus,
             vm,
             _kvm: kvm,
@@ -174,9 +211,24 @@ impl Vmm {
     /// requested count, and returns the report. If one vCPU (or the virtio worker) fails, the
     /// vCPUs are stopped and its error returned.
     pub fn run(mut self) -> Result<Report, Error> {
+        let ran = self.run_vcpus()?;
+        self.report(ran)
+    }
+
+    /// Runs the vCPUs to the end (see [`Vmm::run`]) and collects what they observed.
+    fn run_vcpus(&mut self) -> Result<Ran, Error> {
         if let Some(delay) = self.config.vm_setup_delay() {
             thread::sleep(delay);
         }
+        let resident_before = match &self.region {
+            Some(r) => Some(region::resident_pages(r.hva, r.plan.region_bytes)?),
+            None => None,
+        };
+        let balloon = self.region.filter(|r| r.plan.balloon()).map(|r| Balloon {
+            region_hva: r.hva,
+            region_bytes: r.plan.region_bytes,
+            returned_bytes: r.plan.returned_bytes,
+        });
         let abort = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let vcpus = std::mem::take(&mut self.vcpus);
@@ -205,6 +257,7 @@ impl Vmm {
                 abort: Arc::clone(&abort),
                 device: device.clone(),
                 exit_delay: self.config.exit_delay(),
+                balloon,
             };
             let tx = tx.clone();
             let spawned = thread::Builder::new()
@@ -288,16 +341,25 @@ impl Vmm {
             .enumerate()
             .map(|(i, o)| o.ok_or_else(|| Error::Thread(format!("{i} ended without a result"))))
             .collect::<Result<Vec<_>, _>>()?;
-        self.report(outcomes, duration, worker_output)
+        Ok(Ran {
+            outcomes,
+            duration,
+            worker_output,
+            resident_before,
+        })
     }
 
-    fn report(
-        &self,
-        outcomes: Vec<VcpuOutcome>,
-        duration: Duration,
-        worker_output: Option<crate::virtio::worker::WorkerOutput>,
-    ) -> Result<Report, Error> {
-        let count = self.config.count;
+    /// Checks what a run left against the plan and the guests' own counters and, if all
+    /// agrees, builds the report.
+    fn report(&self, ran: Ran) -> Result<Report, Error> {
+        let Ran {
+            outcomes,
+            duration,
+            worker_output,
+            resident_before,
+        } = ran;
+        let count = self.config.ops_per_vcpu();
+        let returned: Vec<_> = outcomes.iter().filter_map(|o| o.returned).collect();
         let mut vcpus = Vec::with_capacity(outcomes.len());
         let mut total_exits = ExitCounts::new();
         let mut total_ops = 0u64;
@@ -357,6 +419,10 @@ impl Vmm {
             }
             (None, _) => None,
         };
+        let memory = match &self.region {
+            Some(r) => Some(self.memory_report(r, &returned, resident_before)?),
+            None => None,
+        };
         Ok(Report {
             scenario: self.config.scenario,
             pid: std::process::id(),
@@ -375,6 +441,51 @@ impl Vmm {
             exit_delay_us: self.config.exit_delay_us,
             vm_setup_delay_ms: self.config.vm_setup_delay_ms,
             virtio,
+            memory,
+        })
+    }
+
+    /// Checks the touch region after a run (the BALLOON exit came once if planned, every page
+    /// holds the guest's last pattern) and describes it.
+    fn memory_report(
+        &self,
+        r: &TouchRegion,
+        returned: &[region::Returned],
+        resident_before: Option<u64>,
+    ) -> Result<MemoryReport, Error> {
+        let plan = &r.plan;
+        let want_calls = usize::from(plan.balloon());
+        if returned.len() != want_calls {
+            return Err(Error::Mismatch(format!(
+                "the guest wrote DONE after {} BALLOON exit(s) that returned memory, {want_calls} \
+                 planned",
+                returned.len()
+            )));
+        }
+        if let Some(ret) = returned.first()
+            && (ret.hva, ret.bytes) != (r.hva, plan.returned_bytes)
+        {
+            return Err(Error::Mismatch(format!(
+                "the BALLOON exit returned {} bytes at {:#x}, {} bytes at {:#x} planned",
+                ret.bytes, ret.hva, plan.returned_bytes, r.hva
+            )));
+        }
+        region::verify(&self.memory, plan)?;
+        Ok(MemoryReport {
+            slot: TOUCH_REGION_SLOT,
+            region_gpa: TOUCH_REGION_GPA,
+            region_hva: r.hva,
+            region_bytes: plan.region_bytes,
+            page_size: PAGE_SIZE,
+            pages_touched: plan.pages(),
+            bytes_returned: returned.iter().map(|x| x.bytes).sum(),
+            returned_hva: returned.first().map(|x| x.hva),
+            madvise_calls: returned.len() as u64,
+            pages_retouched: plan.returned_pages(),
+            bytes_retouched: plan.returned_bytes,
+            resident_pages_before: resident_before.unwrap_or(0),
+            resident_pages_after_return: returned.first().map(|x| x.resident_pages_after),
+            resident_pages_end: region::resident_pages(r.hva, plan.region_bytes)?,
         })
     }
 }
@@ -473,6 +584,76 @@ mod tests {
         assert!(err.contains("status other than VIRTIO_BLK_S_OK"), "{err}");
         assert!(err.contains("beyond the disk"), "{err}");
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    fn region_vmm(scenario: Scenario, vcpus: u32, mib: u32, balloon_mib: Option<u32>) -> Vmm {
+        let config = VmmConfig {
+            vcpus,
+            mib,
+            balloon_mib,
+            ..VmmConfig::new(scenario)
+        };
+        Vmm::try_from(config).unwrap()
+    }
+
+    /// The final check reads every page of the touch region: one byte changed after the guest
+    /// wrote it fails the run, though the guest's counters are right.
+    #[test]
+    fn touch_catches_a_corrupted_page() {
+        if !kvm_or_skip("touch_catches_a_corrupted_page") {
+            return;
+        }
+        let mut vmm = region_vmm(Scenario::Touch, 2, 2, None);
+        let ran = vmm.run_vcpus().unwrap();
+        let gpa = TOUCH_REGION_GPA + 7 * PAGE_SIZE;
+        assert_eq!(memory_byte(&vmm, gpa), crate::layout::TOUCH_PATTERN);
+        memory::load(&vmm.memory, gpa, &[0]).unwrap();
+        let err = vmm.report(ran).unwrap_err();
+        assert!(matches!(err, Error::Mismatch(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("1 of the 512 pages") && msg.contains("page 7 (GPA 0x1007000): 0x00"),
+            "{msg}"
+        );
+    }
+
+    /// A returned page that still holds the first pattern was not touched again.
+    #[test]
+    fn balloon_catches_a_page_left_from_the_first_touch() {
+        if !kvm_or_skip("balloon_catches_a_page_left_from_the_first_touch") {
+            return;
+        }
+        let mut vmm = region_vmm(Scenario::Balloon, 1, 2, Some(1));
+        let ran = vmm.run_vcpus().unwrap();
+        // The last returned page and the first kept one hold their patterns...
+        let last_returned = TOUCH_REGION_GPA + 255 * PAGE_SIZE;
+        assert_eq!(
+            memory_byte(&vmm, last_returned),
+            crate::layout::RETOUCH_PATTERN
+        );
+        assert_eq!(
+            memory_byte(&vmm, last_returned + PAGE_SIZE),
+            crate::layout::TOUCH_PATTERN
+        );
+        // ...until one of the returned pages goes back to the first pattern.
+        memory::load(&vmm.memory, last_returned, &[crate::layout::TOUCH_PATTERN]).unwrap();
+        let err = vmm.report(ran).unwrap_err().to_string();
+        assert!(
+            err.contains("page 255 (GPA 0x10ff000): 0x5a instead of 0xa5"),
+            "{err}"
+        );
+    }
+
+    /// Unchanged, the same runs pass.
+    #[test]
+    fn region_runs_pass_unchanged() {
+        if !kvm_or_skip("region_runs_pass_unchanged") {
+            return;
+        }
+        let report = region_vmm(Scenario::Touch, 2, 2, None).run().unwrap();
+        assert_eq!(report.memory.unwrap().pages_touched, 512);
+        let report = region_vmm(Scenario::Balloon, 1, 2, Some(1)).run().unwrap();
+        assert_eq!(report.memory.unwrap().pages_retouched, 256);
     }
 
     fn memory_byte(vmm: &Vmm, gpa: u64) -> u8 {

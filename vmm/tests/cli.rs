@@ -87,6 +87,34 @@ fn bad_flags_get_one_error_line() {
         2,
         "--vm-setup-delay-ms",
     );
+    assert_one_error_line(
+        &["--scenario", "touch", "--count", "10"],
+        2,
+        "--count does not apply to --scenario touch",
+    );
+    assert_one_error_line(&["--scenario", "touch", "--mib", "0"], 2, "--mib 0");
+    assert_one_error_line(&["--scenario", "touch", "--mib", "2048"], 2, "1 to 1024");
+    assert_one_error_line(
+        &["--scenario", "touch", "--mib", "1", "--vcpus", "3"],
+        2,
+        "cannot share evenly",
+    );
+    assert_one_error_line(
+        &["--scenario", "pio", "--mib", "4"],
+        2,
+        "touch and balloon only",
+    );
+    assert_one_error_line(
+        &["--scenario", "touch", "--balloon-mib", "1"],
+        2,
+        "balloon only",
+    );
+    assert_one_error_line(
+        &["--scenario", "balloon", "--mib", "2", "--balloon-mib", "3"],
+        2,
+        "1 to --mib (2)",
+    );
+    assert_one_error_line(&["--scenario", "balloon", "--vcpus", "2"], 2, "one vCPU");
 }
 
 #[test]
@@ -137,6 +165,17 @@ fn help_documents_every_flag() {
         "guest_kicks",
         "exit_delay_us",
         "vm_setup_delay_ms",
+        "--mib",
+        "--balloon-mib",
+        "touch",
+        "balloon",
+        "TOUCH AND BALLOON SCENARIOS",
+        "MADV_NOHUGEPAGE",
+        "pages_touched",
+        "bytes_returned",
+        "returned_hva",
+        "pages_retouched",
+        "madvise_calls",
         "memory_v1_path",
     ] {
         assert!(help.contains(word), "--help lacks {word}");
@@ -276,6 +315,29 @@ fn runs_in_the_requested_cgroup() {
     let report = Report::from_json(&String::from_utf8_lossy(&out.stdout)).unwrap();
     assert_eq!(report.cgroup.unwrap().id, cgroup.id);
 
+    // 16 MiB touched in the tenant are charged to its cgroup v1 memory cgroup.
+    let out = vmm(&[
+        "--scenario",
+        "touch",
+        "--mib",
+        "16",
+        "--quiet",
+        "--cgroup",
+        &relative,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = Report::from_json(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(report.cgroup.unwrap().memory_v1_path, v1_child);
+    assert_eq!(report.memory.unwrap().resident_pages_end, 16 * 256);
+    if let Some(dir) = &v1_child {
+        let peak: u64 = fs::read_to_string(dir.join("memory.max_usage_in_bytes"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(peak >= 16 << 20, "{}: peak usage {peak}", dir.display());
+    }
+
     // Without --cgroup the report names the cgroup the VMM inherited, here the test's own.
     let out = vmm(&["--scenario", "cpuid", "--count", "10", "--quiet"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -337,4 +399,41 @@ fn virtio_through_the_binary() {
             .all(|q| q.kicks == 20 && q.bytes == 20 * 2048)
     );
     assert_eq!(report.total.guest_ops, 80);
+}
+
+/// The balloon scenario through the binary: the summary names the region, the returned MiB and
+/// the retouched pages; the report's memory section agrees.
+#[test]
+fn balloon_through_the_binary() {
+    if !kvm_or_skip("balloon_through_the_binary") {
+        return;
+    }
+    let out = vmm(&["--scenario", "balloon", "--mib", "2", "--balloon-mib", "1"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].starts_with("vmtrace-vmm: balloon: 1 vCPU(s) x 768 ops"),
+        "{err}"
+    );
+    assert_eq!(
+        lines[1],
+        "vmtrace-vmm: balloon: 2 MiB region, 512 pages touched, 1 MiB returned to the host and \
+         256 pages touched again; resident pages 0 before, 512 at the end"
+    );
+    let report = Report::from_json(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let m = report.memory.unwrap();
+    assert_eq!(
+        (
+            m.pages_touched,
+            m.bytes_returned,
+            m.madvise_calls,
+            m.pages_retouched
+        ),
+        (512, 1 << 20, 1, 256)
+    );
+    assert_eq!(m.resident_pages_after_return, Some(256));
+    assert_eq!(report.total.guest_ops, 768);
+    assert_eq!(report.total.exits.get("io"), Some(&2));
 }

@@ -165,14 +165,26 @@ fn every_scenario_matches_the_documented_expectation() {
         return;
     }
     for scenario in Scenario::ALL {
-        let r = run(scenario, None, 20);
+        let config = VmmConfig {
+            vcpus: if scenario == Scenario::Balloon {
+                1
+            } else {
+                VCPUS
+            },
+            count: 20,
+            mib: 1,
+            ..VmmConfig::new(scenario)
+        };
+        let r = vmtrace_vmm::run(config).unwrap_or_else(|e| panic!("{scenario}: {e}"));
         for vcpu in &r.vcpus {
+            assert_eq!(vcpu.guest_ops, r.count, "{scenario}");
             assert_eq!(
                 vcpu.exits,
-                vmtrace_vmm::report::expected_vcpu_exits(scenario, 20, false),
+                vmtrace_vmm::report::expected_vcpu_exits(scenario, r.count, false),
                 "{scenario}"
             );
         }
+        assert_eq!(r.memory.is_some(), scenario.touches_memory(), "{scenario}");
     }
 }
 
@@ -319,4 +331,113 @@ fn exit_delay_is_reported() {
     let r = vmtrace_vmm::run(config).unwrap();
     assert_eq!(r.exit_delay_us, 50);
     assert_eq!(r.vcpus[0].exits, exits(&[("io", 21), ("mmio", 4)]));
+}
+
+/// Runs touch or balloon and checks everything that does not depend on timing: the guest's
+/// counters (pages written, per vCPU), the exits (DONE, BALLOON, PACE), the memory section and
+/// the region's residency. The VMM itself has already read every page back (it returns no
+/// report otherwise).
+fn region(
+    scenario: Scenario,
+    vcpus: u32,
+    mib: u32,
+    balloon_mib: Option<u32>,
+    rate: Option<f64>,
+) -> Report {
+    let config = VmmConfig {
+        vcpus,
+        mib,
+        balloon_mib,
+        rate,
+        ..VmmConfig::new(scenario)
+    };
+    let who = format!("{scenario} {vcpus} vCPU(s) {mib} MiB {balloon_mib:?}");
+    let r = vmtrace_vmm::run(config).unwrap_or_else(|e| panic!("{who}: {e}"));
+    let pages = u64::from(mib) * 256;
+    let returned_mib = u64::from(balloon_mib.unwrap_or(0));
+    let retouched = returned_mib * 256;
+    let per_vcpu = pages / u64::from(vcpus) + retouched;
+    assert_eq!(r.scenario, scenario);
+    assert_eq!(r.count, per_vcpu, "{who}");
+    assert_eq!(r.vcpus.len(), vcpus as usize);
+    let paced = rate.is_some();
+    for vcpu in &r.vcpus {
+        assert_eq!(vcpu.guest_ops, per_vcpu, "{who}: vCPU {}", vcpu.index);
+        assert_eq!(vcpu.vmm_observed_ops, None);
+        let io = 1 + u64::from(scenario == Scenario::Balloon) + if paced { per_vcpu } else { 0 };
+        assert_eq!(
+            vcpu.exits,
+            exits(&[("io", io)]),
+            "{who}: vCPU {}",
+            vcpu.index
+        );
+        assert_eq!(
+            vcpu.exits,
+            vmtrace_vmm::report::expected_vcpu_exits(scenario, per_vcpu, paced)
+        );
+    }
+    assert_eq!(r.total.guest_ops, pages + retouched, "{who}");
+    assert!(r.ioeventfds.is_empty() && r.virtio.is_none() && r.doorbell_signals.is_none());
+    let m = r.memory.as_ref().expect("no memory section");
+    assert_eq!((m.slot, m.region_gpa, m.page_size), (1, 0x100_0000, 4096));
+    assert_eq!(m.region_bytes, u64::from(mib) << 20, "{who}");
+    assert_eq!(m.region_hva % 4096, 0);
+    assert_eq!(m.pages_touched, pages, "{who}");
+    assert_eq!(m.bytes_returned, returned_mib << 20, "{who}");
+    assert_eq!(m.pages_retouched, retouched, "{who}");
+    assert_eq!(m.bytes_retouched, returned_mib << 20, "{who}");
+    if scenario == Scenario::Balloon {
+        assert_eq!(m.madvise_calls, 1);
+        assert_eq!(m.returned_hva, Some(m.region_hva));
+        // The madvise freed exactly the returned pages.
+        assert_eq!(
+            m.resident_pages_after_return,
+            Some(pages - retouched),
+            "{who}"
+        );
+    } else {
+        assert_eq!(m.madvise_calls, 0);
+        assert_eq!(m.returned_hva, None);
+        assert_eq!(m.resident_pages_after_return, None);
+    }
+    // Fresh memory before, every page present at the end (this host has no swap pressure
+    // during the tests).
+    assert_eq!(m.resident_pages_before, 0, "{who}");
+    assert_eq!(m.resident_pages_end, pages, "{who}");
+    assert_eq!(&Report::from_json(&r.to_json()).unwrap(), &r);
+    r
+}
+
+#[test]
+fn touch_one_vcpu() {
+    if !kvm_or_skip("touch_one_vcpu") {
+        return;
+    }
+    let r = region(Scenario::Touch, 1, 2, None, None);
+    assert_eq!(r.memory.unwrap().pages_touched, 512);
+}
+
+#[test]
+fn touch_split_across_vcpus() {
+    if !kvm_or_skip("touch_split_across_vcpus") {
+        return;
+    }
+    region(Scenario::Touch, 2, 2, None, None);
+    region(Scenario::Touch, 4, 1, None, None);
+    // A PACE exit after every page.
+    region(Scenario::Touch, 2, 1, None, Some(1e6));
+}
+
+#[test]
+fn balloon_returns_and_retouches() {
+    if !kvm_or_skip("balloon_returns_and_retouches") {
+        return;
+    }
+    let r = region(Scenario::Balloon, 1, 4, Some(2), None);
+    let m = r.memory.unwrap();
+    assert_eq!(m.bytes_returned, 2 << 20);
+    assert_eq!(m.pages_retouched, 512);
+    // All of it, and the smallest balloon, paced.
+    region(Scenario::Balloon, 1, 3, Some(3), None);
+    region(Scenario::Balloon, 1, 1, Some(1), Some(1e6));
 }
