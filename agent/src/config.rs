@@ -19,14 +19,19 @@ use crate::{
 /// Flags of `vmtrace agent`; each also reads the environment variable shown.
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
-    /// TOML configuration file (keys: interval, listen, kick_latency, node_name, and an [otlp] table
-    /// with endpoint, protocol, headers, timeout_ms, interval_ms; see docs/configuration.md).
+    /// TOML configuration file (keys: interval, window, listen, kick_latency, node_name, and an
+    /// [otlp] table with endpoint, protocol, headers, timeout_ms, interval_ms; see
+    /// docs/configuration.md).
     #[arg(long, env = "VMTRACE_CONFIG")]
     pub config: Option<PathBuf>,
     /// How often the probes' counters are read, e.g. `1s` [default: 1s].
     #[arg(long, env = "VMTRACE_INTERVAL", value_parser = parse_interval)]
     pub interval: Option<Duration>,
-    /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz), or `off`
+    /// How much of every tenant's timeline the agent keeps and serves at /api/timeline, e.g.
+    /// `10m` [default: 10m].
+    #[arg(long, env = "VMTRACE_WINDOW", value_parser = parse_interval)]
+    pub window: Option<Duration>,
+    /// Address of the Prometheus endpoint (/metrics, /api/timeline, /healthz, /readyz), or `off`
     /// [default: 127.0.0.1:9464].
     #[arg(long, env = "VMTRACE_LISTEN")]
     pub listen: Option<String>,
@@ -58,6 +63,8 @@ pub struct AgentArgs {
 pub struct FileConfig {
     #[serde(default, with = "humantime_serde_option")]
     pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_option")]
+    pub window: Option<Duration>,
     pub listen: Option<String>,
     pub kick_latency: Option<bool>,
     pub node_name: Option<String>,
@@ -93,6 +100,8 @@ mod humantime_serde_option {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub interval: Duration,
+    /// Timeline kept in the agent.
+    pub window: Duration,
     /// `None` when the Prometheus endpoint is off.
     pub listen: Option<SocketAddr>,
     pub kick_latency: bool,
@@ -129,6 +138,18 @@ impl AgentConfig {
             .interval
             .or(file.interval)
             .unwrap_or(Duration::from_secs(1));
+        let window = args
+            .window
+            .or(file.window)
+            .unwrap_or(Duration::from_secs(600));
+        if window < interval {
+            bail!(
+                "the timeline window ({}) is shorter than the interval ({}): make it at least one \
+                 interval long",
+                humantime::format_duration(window),
+                humantime::format_duration(interval)
+            );
+        }
         if listen.is_none() && otlp.is_none() {
             bail!(
                 "nothing to export to: the Prometheus endpoint is off and no OTLP endpoint is set \
@@ -139,6 +160,7 @@ impl AgentConfig {
         let kube = KubeConfig::resolve(args.kube_api.as_deref(), node_name.as_deref(), env)?;
         Ok(Self {
             interval,
+            window,
             listen,
             kick_latency: args.probes.kick_latency || file.kick_latency.unwrap_or(false),
             node_name,

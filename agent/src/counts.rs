@@ -2,16 +2,20 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmtrace_common::{
-    ANY_QUEUE, DROPS_MAP, Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, KICKS_MAP,
-    KickKey, LatencyHistogram, LatencyKey, LatencyKind, SPACE_PIO,
+    ANY_QUEUE, DROPS_MAP, Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind,
+    IOMMU_FAULTS_MAP, IommuFaultKey, KICKS_MAP, KickKey, LatencyHistogram, LatencyKey, LatencyKind,
+    SPACE_PIO, VMM_PROCESSES_MAP,
 };
 
 use crate::{
-    exit_names::{MMIO_WRITE_IN_KERNEL, kick_kind, kind_name, kvm_exit_kind, userspace_exit_kind},
+    exit_names::{
+        MMIO_WRITE_IN_KERNEL, TLB_EXITS, is_tlb_exit, kick_kind, kind_name, kvm_exit_kind,
+        userspace_exit_kind,
+    },
     exit_reasons::ExitReasonNames,
     latency::merge,
 };
@@ -45,12 +49,26 @@ pub struct DoorbellKicks {
     pub kicks: u64,
 }
 
+/// IOMMU faults of one device with one set of flags.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IommuFaults {
+    /// The device's name, e.g. `0000:65:00.0`.
+    pub device: String,
+    /// `IOMMU_FAULT_READ` (1) / `IOMMU_FAULT_WRITE` (2).
+    pub flags: u32,
+    pub faults: u64,
+}
+
 /// Everything the probes have counted so far.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub by_cgroup: BTreeMap<u64, KindCounts>,
     pub latency_by_cgroup: BTreeMap<u64, KindLatencies>,
     pub kicks_by_cgroup: BTreeMap<u64, Vec<DoorbellKicks>>,
+    /// IOMMU faults by device (not by cgroup: they arrive in interrupt context).
+    pub iommu_faults: Vec<IommuFaults>,
+    /// Live VMM processes: tgid to the cgroup of their first KVM_RUN.
+    pub vmm_processes: BTreeMap<u32, u64>,
     /// Events lost, by reason.
     pub drops: BTreeMap<&'static str, u64>,
 }
@@ -60,11 +78,13 @@ pub struct Counters {
     exits: PerCpuHashMap<MapData, ExitKey, u64>,
     latency: PerCpuHashMap<MapData, LatencyKey, LatencyHistogram>,
     kicks: PerCpuHashMap<MapData, KickKey, u64>,
+    iommu_faults: PerCpuHashMap<MapData, IommuFaultKey, u64>,
+    vmm_processes: HashMap<MapData, u32, u64>,
     drops: PerCpuArray<MapData, u64>,
 }
 
 /// Every drop reason with its reported name.
-const DROP_NAMES: [(Drop, &str); 10] = [
+const DROP_NAMES: [(Drop, &str); 15] = [
     (Drop::ExitCountsFull, "exit_counts_full"),
     (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
     (Drop::ExitLatencyFull, "exit_latency_full"),
@@ -75,6 +95,11 @@ const DROP_NAMES: [(Drop, &str); 10] = [
     (Drop::KicksFull, "kicks_full"),
     (Drop::PendingKicksFull, "pending_kicks_full"),
     (Drop::CgroupEventsFull, "cgroup_events_full"),
+    (Drop::VmmProcessesFull, "vmm_processes_full"),
+    (Drop::MadviseCallsFull, "madvise_calls_full"),
+    (Drop::ReturnedRangesFull, "returned_ranges_full"),
+    (Drop::IommuFaultLost, "iommu_fault_lost"),
+    (Drop::GuestMemoryLost, "guest_memory_lost"),
 ];
 
 impl Counters {
@@ -83,6 +108,8 @@ impl Counters {
             exits: take(ebpf, EXIT_COUNTS_MAP)?,
             latency: take(ebpf, EXIT_LATENCY_MAP)?,
             kicks: take(ebpf, KICKS_MAP)?,
+            iommu_faults: take(ebpf, IOMMU_FAULTS_MAP)?,
+            vmm_processes: take(ebpf, VMM_PROCESSES_MAP)?,
             drops: take(ebpf, DROPS_MAP)?,
         })
     }
@@ -137,6 +164,24 @@ impl Counters {
                 kicks,
             });
             doorbells.sort();
+        }
+        for entry in self.iommu_faults.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(IOMMU_FAULTS_MAP))?;
+            let length = key
+                .device
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(key.device.len());
+            snapshot.iommu_faults.push(IommuFaults {
+                device: String::from_utf8_lossy(&key.device[..length]).into_owned(),
+                flags: key.flags,
+                faults: per_cpu.iter().sum(),
+            });
+        }
+        snapshot.iommu_faults.sort();
+        for entry in self.vmm_processes.iter() {
+            let (tgid, cgroup_id) = entry.map_err(map_error(VMM_PROCESSES_MAP))?;
+            snapshot.vmm_processes.insert(tgid, cgroup_id);
         }
         for (reason, name) in DROP_NAMES {
             let per_cpu = self
@@ -222,6 +267,14 @@ pub fn aggregate(raw: &[(ExitKey, u64)], names: &ExitReasonNames) -> BTreeMap<u6
         let in_kernel = get("mmio.write").saturating_sub(writes_to_vmm);
         if in_kernel > 0 {
             counts.insert(MMIO_WRITE_IN_KERNEL.to_owned(), in_kernel);
+        }
+        let tlb_exits: u64 = counts
+            .iter()
+            .filter(|(kind, _)| kind.strip_prefix("kvm_exit.").is_some_and(is_tlb_exit))
+            .map(|(_, count)| count)
+            .sum();
+        if tlb_exits > 0 {
+            counts.insert(TLB_EXITS.to_owned(), tlb_exits);
         }
     }
     by_cgroup

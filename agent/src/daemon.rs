@@ -1,9 +1,9 @@
-//! `vmtrace agent`: the long-running agent. Samples the probes every interval and exports the
-//! metrics through a Prometheus endpoint and OTLP push.
+//! `vmtrace agent`: the long-running agent. Samples the probes every interval, keeps the timeline
+//! and exports the metrics through a Prometheus endpoint and OTLP push.
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -21,6 +21,7 @@ use crate::{
     sampler::{Sample, Sampler},
     tenant::Tenant,
     ticks::Ticks,
+    timeline::Timeline,
 };
 
 pub async fn run(args: &AgentArgs) -> Result<()> {
@@ -46,15 +47,19 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
     }
     let started = SystemTime::now();
     let (latest_tx, latest) = watch::channel(None);
+    let timeline = prometheus::SharedTimeline {
+        timeline: Arc::new(Mutex::new(Timeline::new(config.window, config.interval))),
+        interval: config.interval,
+    };
     let export_dropped = Arc::new(AtomicU64::new(0));
     if let Some(listener) = listener {
         eprintln!(
             "vmtrace agent: Prometheus endpoint on http://{}/metrics",
             listener.local_addr()?
         );
-        let latest = latest.clone();
+        let (latest, timeline) = (latest.clone(), timeline.clone());
         tokio::spawn(async move {
-            if let Err(e) = prometheus::serve(listener, latest).await {
+            if let Err(e) = prometheus::serve(listener, latest, timeline).await {
                 tracing::error!("{e:#}");
             }
         });
@@ -91,6 +96,9 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
             export_dropped: export_dropped.load(Ordering::Relaxed),
         };
         latest_tx.send_replace(Some(Arc::new(families(&sample, &health))));
+        if let Ok(mut timeline) = timeline.timeline.lock() {
+            timeline.push(&sample);
+        }
         if stop {
             break;
         }

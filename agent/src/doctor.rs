@@ -79,7 +79,7 @@ pub fn diagnose() -> Diagnosis {
         exit_source,
         cgroup_v2,
         privileges,
-        hardware_perf_counters: host::hardware_perf_counters(),
+        hardware_perf_counters: crate::dtlb::availability(),
         probes,
         blockers,
     }
@@ -139,10 +139,8 @@ pub fn render(d: &Diagnosis) -> String {
     line(
         "perf counters",
         match &d.hardware_perf_counters {
-            Ok(()) => "hardware counters available".to_owned(),
-            Err(e) => {
-                format!("hardware counters unavailable ({e}); TLB-miss counts will be missing")
-            }
+            Ok(()) => "hardware dTLB-miss counters available".to_owned(),
+            Err(e) => e.clone(),
         },
     );
     for (i, probe) in d.probes.iter().enumerate() {
@@ -154,7 +152,7 @@ pub fn render(d: &Diagnosis) -> String {
         };
         line(
             if i == 0 { "probes" } else { "" },
-            format!("{:<26} {:<15} {state}", probe.tracepoint, probe.attach_type),
+            format!("{:<32} {:<15} {state}", probe.tracepoint, probe.attach_type),
         );
     }
     if d.blockers.is_empty() {

@@ -1,12 +1,26 @@
 //! Names of what the probes count, as the agent reports them: `exit.io`, `pio.out`, `mmio.write`, ...
 
-use vmtrace_common::{ExitKind, MmioType};
+use vmtrace_common::{ExitKind, FaultMode, HvaDetail, IommuDetail, MmioType, MmuPageEvent};
 
 use crate::exit_reasons::ExitReasonNames;
 
 /// Name of the derived kind: MMIO writes the kernel completed itself (ioeventfd doorbells and other
 /// in-kernel devices), i.e. `mmio.write` minus the writes that exited to the VMM.
 pub const MMIO_WRITE_IN_KERNEL: &str = "mmio.write.kernel";
+
+/// Prefixes of the kinds that count what the host does for a tenant (TLB, faults, memory, CPU,
+/// IOMMU), as opposed to what its guests do (exits, guest events, kicks).
+pub const HOST_SIDE_PREFIXES: [&str; 8] = [
+    "tlb.", "fault.", "mem.", "mmu.", "memcg.", "tax.", "cpu.", "iommu.",
+];
+
+/// Whether `kind` counts what the host does for a tenant rather than what its guests do.
+pub fn is_host_side(kind: &str) -> bool {
+    HOST_SIDE_PREFIXES.iter().any(|p| kind.starts_with(p))
+}
+
+/// Name of the derived kind: `kvm_exit` reasons that touch the guest's TLB (see [`is_tlb_exit`]).
+pub const TLB_EXITS: &str = "tlb.exit";
 
 /// `KVM_EXIT_*` reasons from include/uapi/linux/kvm.h, indexed by value.
 const KVM_EXIT_REASONS: [&str; 42] = [
@@ -109,7 +123,59 @@ pub fn kind_name(kind: ExitKind, isa: u32, detail: u32, names: &ExitReasonNames)
         ExitKind::Mmio => format!("mmio.{}", mmio_type(detail)),
         ExitKind::Cpuid => "cpuid".to_owned(),
         ExitKind::KvmExit => kvm_exit_kind(isa, detail, names),
+        ExitKind::TlbFlush => format!("tlb.flush.{}", tlb_flush_reason(detail)),
+        ExitKind::TlbPvFlush if detail == 0 => "tlb.pv_flush.skipped".to_owned(),
+        ExitKind::TlbPvFlush => "tlb.pv_flush".to_owned(),
+        ExitKind::TlbHvFlush if detail == 0 => "tlb.hv_flush".to_owned(),
+        ExitKind::TlbHvFlush => "tlb.hv_flush_ex".to_owned(),
+        ExitKind::MmuPage => match detail {
+            d if d == MmuPageEvent::Created as u32 => "mmu.page.created",
+            d if d == MmuPageEvent::Zapped as u32 => "mmu.page.zapped",
+            _ => "mmu.page.reused",
+        }
+        .to_owned(),
+        ExitKind::HostFault if detail == FaultMode::Kernel as u32 => "fault.kernel".to_owned(),
+        ExitKind::HostFault => "fault.user".to_owned(),
+        ExitKind::GuestFault => "fault.guest".to_owned(),
+        ExitKind::HvaUnmap => match detail {
+            d if d == HvaDetail::Bytes as u32 => "mem.unmap_bytes",
+            d if d == HvaDetail::ReturnedCalls as u32 => "mem.returned",
+            d if d == HvaDetail::ReturnedBytes as u32 => "mem.returned_bytes",
+            _ => "mem.unmap",
+        }
+        .to_owned(),
+        ExitKind::HvaAge if detail == 0 => "mem.age".to_owned(),
+        ExitKind::HvaAge => "mem.test_age".to_owned(),
+        ExitKind::Refault => "mem.refault".to_owned(),
+        ExitKind::Iommu => match detail {
+            d if d == IommuDetail::MapBytes as u32 => "iommu.map_bytes",
+            d if d == IommuDetail::Unmap as u32 => "iommu.unmap",
+            d if d == IommuDetail::UnmapBytes as u32 => "iommu.unmap_bytes",
+            _ => "iommu.map",
+        }
+        .to_owned(),
     }
+}
+
+/// `enum tlb_flush_reason` (include/linux/mm_types.h).
+fn tlb_flush_reason(reason: u32) -> String {
+    match reason {
+        0 => "task_switch".to_owned(),
+        1 => "remote_shootdown".to_owned(),
+        2 => "local_shootdown".to_owned(),
+        3 => "local_mm_shootdown".to_owned(),
+        4 => "remote_send_ipi".to_owned(),
+        other => format!("reason_{other}"),
+    }
+}
+
+/// Whether a `kvm_exit` reason name is a TLB-relevant exit: a control register access (CR3 writes
+/// switch address spaces) or a guest TLB invalidation instruction.
+pub fn is_tlb_exit(reason_name: &str) -> bool {
+    matches!(
+        reason_name,
+        "CR_ACCESS" | "INVLPG" | "INVPCID" | "write_cr3" | "invlpg" | "invlpga" | "invpcid"
+    )
 }
 
 #[cfg(test)]

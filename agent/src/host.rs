@@ -126,23 +126,6 @@ pub fn privileges() -> Privileges {
     }
 }
 
-/// Whether hardware perf counters (CPU cycles) can be opened here; virtual machines often lack them.
-pub fn hardware_perf_counters() -> Result<(), String> {
-    // perf_event_attr for PERF_TYPE_HARDWARE / PERF_COUNT_HW_CPU_CYCLES on this thread, any CPU.
-    let mut attr = [0u8; 128];
-    attr[4..8].copy_from_slice(&128u32.to_ne_bytes()); // size
-    // type = PERF_TYPE_HARDWARE (0) and config = PERF_COUNT_HW_CPU_CYCLES (0) are the zeroes already there.
-    attr[40] = 0b0110_0001; // disabled, exclude_kernel, exclude_hv
-    // SAFETY: attr is a valid, zero-extended perf_event_attr of the size it declares.
-    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    // SAFETY: fd was just returned by perf_event_open and is owned here.
-    unsafe { libc::close(fd as i32) };
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use serde::Serialize;
 use vmtrace_common::LATENCY_BUCKETS;
 
 use crate::{
+    accounting,
     latency::{LatencySummary, bucket_lower_ns},
     sampler::Sample,
     tenant::Tenant,
@@ -77,6 +78,92 @@ pub const KICK_SERVICE_DURATION: MetricDef = MetricDef {
     description: "Time from a queue's first unserved kick to the VMM reading that queue's eventfd, \
                   by tenant and queue (only with --kick-latency).",
 };
+pub const TLB_EVENTS: MetricDef = MetricDef {
+    name: "vmtrace.tlb.events",
+    unit: "{event}",
+    kind: MetricKind::Counter,
+    description: "TLB activity by tenant and event: flush.<reason> (host TLB flushes by VMM \
+                  processes, `tlb:tlb_flush` reasons), pv_flush (paravirtual flush requests), \
+                  hv_flush, hv_flush_ex (Hyper-V flush hypercalls), exit (kvm_exit reasons that \
+                  touch the TLB: CR accesses, INVLPG, INVPCID; VMX and SVM hosts).",
+};
+pub const MEMORY_FAULTS: MetricDef = MetricDef {
+    name: "vmtrace.memory.faults",
+    unit: "{fault}",
+    kind: MetricKind::Counter,
+    description: "Page faults by tenant and type: user (a VMM's own code), kernel (the kernel on a \
+                  VMM's memory, e.g. KVM's instruction emulator writing guest memory), guest (EPT/NPT \
+                  violations, VMX and SVM hosts), refault (faults on memory the VMM had returned to \
+                  the host).",
+};
+pub const MMU_PAGES: MetricDef = MetricDef {
+    name: "vmtrace.kvm.mmu.pages",
+    unit: "{page}",
+    kind: MetricKind::Counter,
+    description: "KVM shadow/TDP page-table pages by tenant and event: created, reused, zapped.",
+};
+pub const MEMORY_INVALIDATIONS: MetricDef = MetricDef {
+    name: "vmtrace.memory.invalidations",
+    unit: "{invalidation}",
+    kind: MetricKind::Counter,
+    description: "Host changes to a VMM's memory by tenant and event: unmap (kvm_unmap_hva_range), \
+                  returned (the part of a VMM's madvise discard that was guest memory: a balloon), \
+                  age, test_age (reclaim ageing guest memory).",
+};
+pub const MEMORY_INVALIDATED: MetricDef = MetricDef {
+    name: "vmtrace.memory.invalidated",
+    unit: "By",
+    kind: MetricKind::Counter,
+    description: "Bytes of those invalidations by tenant and event: unmap, returned.",
+};
+pub const MEMORY_USAGE: MetricDef = MetricDef {
+    name: "vmtrace.memory.usage",
+    unit: "By",
+    kind: MetricKind::Gauge,
+    description: "Memory charged to the tenant's cgroups (cgroup v2 memory.current, or the v1 \
+                  memory controller's usage on hybrid hosts).",
+};
+pub const MEMORY_CGROUP_EVENTS: MetricDef = MetricDef {
+    name: "vmtrace.memory.cgroup.events",
+    unit: "{event}",
+    kind: MetricKind::Counter,
+    description: "Memory events the kernel counted for the tenant's cgroups since they were created: \
+                  pgfault (every page fault, including KVM's on a guest's behalf), pgmajfault, \
+                  limit_hits, oom_kills.",
+};
+pub const IOMMU_MAPPINGS: MetricDef = MetricDef {
+    name: "vmtrace.iommu.mappings",
+    unit: "{mapping}",
+    kind: MetricKind::Counter,
+    description: "IOMMU mappings made (map) and removed (unmap) by the tenant's tasks (VFIO DMA maps).",
+};
+pub const IOMMU_MAPPED: MetricDef = MetricDef {
+    name: "vmtrace.iommu.mapped",
+    unit: "By",
+    kind: MetricKind::Counter,
+    description: "Bytes of those mappings, by operation (map, unmap).",
+};
+pub const IOMMU_FAULTS: MetricDef = MetricDef {
+    name: "vmtrace.iommu.faults",
+    unit: "{fault}",
+    kind: MetricKind::Counter,
+    description: "IOMMU faults by device and flags, with the tenant whose VMM holds the device \
+                  through VFIO (`unattributed` if none does).",
+};
+pub const CPU_TIME: MetricDef = MetricDef {
+    name: "vmtrace.cpu.time",
+    unit: "s",
+    kind: MetricKind::Counter,
+    description: "CPU time of the tenant's cgroups since they were created, by mode: guest (VMM \
+                  threads in guest mode), kernel, vmm (user space outside guest mode). kernel + vmm \
+                  is the virtualisation tax.",
+};
+pub const TAX_RATIO: MetricDef = MetricDef {
+    name: "vmtrace.virtualization.tax.ratio",
+    unit: "1",
+    kind: MetricKind::Gauge,
+    description: "Share of the tenant's CPU time over the last interval spent outside guest mode.",
+};
 pub const AGENT_DROPPED: MetricDef = MetricDef {
     name: "vmtrace.agent.events.dropped",
     unit: "{event}",
@@ -110,10 +197,22 @@ pub const AGENT_EXPORT_DROPPED: MetricDef = MetricDef {
 };
 
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 11] = [
+pub const ALL: [MetricDef; 23] = [
     VM_EXITS,
     VM_EVENTS,
     VIRTIO_KICKS,
+    TLB_EVENTS,
+    MEMORY_FAULTS,
+    MMU_PAGES,
+    MEMORY_INVALIDATIONS,
+    MEMORY_INVALIDATED,
+    MEMORY_USAGE,
+    MEMORY_CGROUP_EVENTS,
+    IOMMU_MAPPINGS,
+    IOMMU_MAPPED,
+    IOMMU_FAULTS,
+    CPU_TIME,
+    TAX_RATIO,
     VM_EXIT_DURATION,
     VMM_SERVICE_DURATION,
     KICK_SERVICE_DURATION,
@@ -187,25 +286,26 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
             attributes
         };
         for (kind, &count) in &tenant.counts {
-            let (def, attributes) = if let Some(reason) = kind.strip_prefix("exit.") {
-                (
+            let (def, attributes, value) = match kind_metric(kind) {
+                KindMetric::Exit { source, reason } => (
                     VM_EXITS,
-                    with2(with("exit.source", "vmm"), "exit.reason", reason),
-                )
-            } else if let Some(reason) = kind.strip_prefix("kvm_exit.") {
-                (
-                    VM_EXITS,
-                    with2(with("exit.source", "kvm_exit"), "exit.reason", reason),
-                )
-            } else if let Some(queue) = kind.strip_prefix("kick.") {
-                (
-                    VIRTIO_KICKS,
-                    with("virtio.queue", queue.trim_start_matches('q')),
-                )
-            } else {
-                (VM_EVENTS, with("event", kind))
+                    with2(with("exit.source", source), "exit.reason", reason),
+                    Value::Int(count),
+                ),
+                KindMetric::Labelled(def, key, label) => (def, with(key, label), Value::Int(count)),
+                KindMetric::CpuNs(mode) => (
+                    CPU_TIME,
+                    with("cpu.mode", mode),
+                    Value::Float(count as f64 / 1e9),
+                ),
             };
-            push(def, attributes, Value::Int(count));
+            push(def, attributes, value);
+        }
+        if let Some(&usage) = tenant.gauges.get(accounting::MEMORY_USAGE) {
+            push(MEMORY_USAGE, base.clone(), Value::Float(usage));
+        }
+        if let Some(&ratio) = tenant.gauges.get(accounting::TAX_RATIO) {
+            push(TAX_RATIO, base.clone(), Value::Float(ratio));
         }
         for (kind, latency) in &tenant.latency {
             let (def, attributes) = if let Some(reason) = kind.strip_prefix("exit.") {
@@ -222,6 +322,17 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
             };
             push(def, attributes, Value::Histogram(histogram(latency)));
         }
+    }
+    for fault in &sample.iommu_faults {
+        push(
+            IOMMU_FAULTS,
+            vec![
+                ("tenant", fault.tenant.clone()),
+                ("iommu.device", fault.device.clone()),
+                ("iommu.flags", fault.flags.to_string()),
+            ],
+            Value::Int(fault.faults),
+        );
     }
     for (reason, &count) in &sample.drops {
         push(
@@ -252,6 +363,63 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
         Value::Int(health.export_dropped),
     );
     by_def
+}
+
+/// Which metric a counter kind is exported as.
+enum KindMetric<'a> {
+    Exit {
+        source: &'static str,
+        reason: &'a str,
+    },
+    /// A metric with one attribute besides the tenant's.
+    Labelled(MetricDef, &'static str, &'a str),
+    /// CPU time in ns, by mode.
+    CpuNs(&'a str),
+}
+
+fn kind_metric(kind: &str) -> KindMetric<'_> {
+    use KindMetric::Labelled;
+    const PREFIXED: [(&str, MetricDef, &str); 4] = [
+        ("tlb.", TLB_EVENTS, "tlb.event"),
+        ("fault.", MEMORY_FAULTS, "fault.type"),
+        ("mmu.page.", MMU_PAGES, "mmu.event"),
+        ("memcg.", MEMORY_CGROUP_EVENTS, "memory.event"),
+    ];
+    if let Some(reason) = kind.strip_prefix("exit.") {
+        return KindMetric::Exit {
+            source: "vmm",
+            reason,
+        };
+    }
+    if let Some(reason) = kind.strip_prefix("kvm_exit.") {
+        return KindMetric::Exit {
+            source: "kvm_exit",
+            reason,
+        };
+    }
+    if let Some(queue) = kind.strip_prefix("kick.") {
+        return Labelled(VIRTIO_KICKS, "virtio.queue", queue.trim_start_matches('q'));
+    }
+    for (prefix, def, key) in PREFIXED {
+        if let Some(label) = kind.strip_prefix(prefix) {
+            return Labelled(def, key, label);
+        }
+    }
+    match kind {
+        accounting::CPU_GUEST => KindMetric::CpuNs("guest"),
+        accounting::TAX_KERNEL => KindMetric::CpuNs("kernel"),
+        accounting::TAX_VMM => KindMetric::CpuNs("vmm"),
+        "mem.refault" => Labelled(MEMORY_FAULTS, "fault.type", "refault"),
+        "mem.unmap_bytes" => Labelled(MEMORY_INVALIDATED, "memory.event", "unmap"),
+        "mem.returned_bytes" => Labelled(MEMORY_INVALIDATED, "memory.event", "returned"),
+        "iommu.map_bytes" => Labelled(IOMMU_MAPPED, "iommu.operation", "map"),
+        "iommu.unmap_bytes" => Labelled(IOMMU_MAPPED, "iommu.operation", "unmap"),
+        _ => match kind.split_once('.') {
+            Some(("mem", event)) => Labelled(MEMORY_INVALIDATIONS, "memory.event", event),
+            Some(("iommu", operation)) => Labelled(IOMMU_MAPPINGS, "iommu.operation", operation),
+            _ => Labelled(VM_EVENTS, "event", kind),
+        },
+    }
 }
 
 fn with2(

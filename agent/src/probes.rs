@@ -14,14 +14,35 @@ use crate::{exit_reasons::ExitReasonNames, host::KvmDetection, tracefs};
 /// The eBPF object built by build.rs from the `ebpf/` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmtrace.bpf.o"));
 
-/// Raw tracepoints: those that see exits where `kvm:kvm_exit` is silent (and complement it where it
-/// is not), and `kvm_entry`, which ends an exit's latency where kvm_exit fires.
-const RAW_PROBES: [&str; 5] = [
-    "kvm_userspace_exit",
-    "kvm_pio",
-    "kvm_mmio",
-    "kvm_cpuid",
-    "kvm_entry",
+/// Raw tracepoints as (program, tracepoint, category): those that see exits where `kvm:kvm_exit` is
+/// silent (and complement it where it is not), `kvm_entry`, which ends an exit's latency where
+/// kvm_exit fires, then TLB, memory, IOMMU and VMM process lifetime. The category is only for people:
+/// raw tracepoints are found by event name.
+const RAW_PROBES: [(&str, &str, &str); 20] = [
+    ("kvm_userspace_exit", "kvm_userspace_exit", "kvm"),
+    ("kvm_pio", "kvm_pio", "kvm"),
+    ("kvm_mmio", "kvm_mmio", "kvm"),
+    ("kvm_cpuid", "kvm_cpuid", "kvm"),
+    ("kvm_entry", "kvm_entry", "kvm"),
+    ("sched_process_exit", "sched_process_exit", "sched"),
+    ("tlb_flush", "tlb_flush", "tlb"),
+    ("kvm_pv_tlb_flush", "kvm_pv_tlb_flush", "kvm"),
+    ("kvm_hv_flush_tlb", "kvm_hv_flush_tlb", "kvm"),
+    ("kvm_hv_flush_tlb_ex", "kvm_hv_flush_tlb_ex", "kvm"),
+    ("page_fault_user", "page_fault_user", "exceptions"),
+    ("page_fault_kernel", "page_fault_kernel", "exceptions"),
+    ("kvm_page_fault", "kvm_page_fault", "kvm"),
+    ("kvm_mmu_get_page", "kvm_mmu_get_page", "kvmmmu"),
+    (
+        "kvm_mmu_prepare_zap_page",
+        "kvm_mmu_prepare_zap_page",
+        "kvmmmu",
+    ),
+    ("kvm_unmap_hva_range", "kvm_unmap_hva_range", "kvm"),
+    ("kvm_age_hva", "kvm_age_hva", "kvm"),
+    ("kvm_test_age_hva", "kvm_test_age_hva", "kvm"),
+    ("iommu_map", "map", "iommu"),
+    ("iommu_unmap", "unmap", "iommu"),
 ];
 
 #[derive(Debug, Error)]
@@ -38,6 +59,8 @@ pub enum ProbeError {
     Replay(#[source] aya::programs::ProgramError),
     #[error("the replay program rejected record {0:?}")]
     ReplayRejected([u64; 6]),
+    #[error("device name `{0}` is longer than {max} bytes", max = vmtrace_common::DEVICE_NAME_LEN - 1)]
+    DeviceNameTooLong(String),
 }
 
 /// Where the agent's exit counts come from on this host.
@@ -115,6 +138,10 @@ impl Probes {
             Err("off (enable with --kick-latency)".to_owned())
         };
         let cgroup_offsets = cgroup_offsets(&tracefs);
+        let madvise_offsets = read_format(&tracefs, "syscalls", "sys_enter_madvise")
+            .and_then(|f| offsets(&f, MADVISE_FIELDS));
+        let io_page_fault_offsets = read_format(&tracefs, "iommu", "io_page_fault")
+            .and_then(|f| offsets(&f, IO_PAGE_FAULT_FIELDS));
         let kick_latency = u32::from(read_offsets.is_ok());
         let mut loader = EbpfLoader::new();
         loader.override_global("KICK_LATENCY", &kick_latency, true);
@@ -123,17 +150,21 @@ impl Probes {
             &ioctl_offsets,
             &read_offsets,
             &cgroup_offsets,
+            &madvise_offsets,
+            &io_page_fault_offsets,
         ];
         for (global, offset) in all_offsets.into_iter().flatten().flatten() {
             loader.override_global(global, offset, true);
         }
         let mut ebpf = loader.load(OBJECT)?;
         let mut status = Vec::new();
-        for name in RAW_PROBES {
+        for (name, event, category) in RAW_PROBES {
             let program: &mut RawTracePoint = program(&mut ebpf, name)?;
-            let result = program.load().and_then(|()| program.attach(name).map(drop));
+            let result = program
+                .load()
+                .and_then(|()| program.attach(event).map(drop));
             status.push(ProbeStatus {
-                tracepoint: format!("kvm:{name}"),
+                tracepoint: format!("{category}:{event}"),
                 attach_type: "raw_tracepoint",
                 error: result.err().map(|e| error_chain(&e)),
             });
@@ -161,6 +192,33 @@ impl Probes {
             let offsets = cgroup_offsets.as_ref().map(drop).map_err(Clone::clone);
             status.push(attach_classic(&mut ebpf, "cgroup", event, offsets));
         }
+        // The exit probe first: an entry without its call is harmless, a call whose exit is
+        // missed would count that thread's later unmaps as returned memory.
+        let madvise_exit = madvise_offsets.as_ref().map(drop).map_err(Clone::clone);
+        status.push(attach_classic(
+            &mut ebpf,
+            "syscalls",
+            "sys_exit_madvise",
+            madvise_exit,
+        ));
+        let madvise_exit_attached = status.last().is_some_and(|s| s.error.is_none());
+        let madvise_enter = if madvise_exit_attached {
+            madvise_offsets.map(drop)
+        } else {
+            Err("sys_exit_madvise could not be attached".to_owned())
+        };
+        status.push(attach_classic(
+            &mut ebpf,
+            "syscalls",
+            "sys_enter_madvise",
+            madvise_enter,
+        ));
+        status.push(attach_classic(
+            &mut ebpf,
+            "iommu",
+            "io_page_fault",
+            io_page_fault_offsets.map(drop),
+        ));
         if status.iter().all(|s| s.error.is_some()) {
             let reasons: Vec<String> = status
                 .iter()
@@ -201,7 +259,44 @@ impl Probes {
         }
         Ok(())
     }
+
+    /// Runs the in-kernel IOMMU fault logic through `BPF_PROG_TEST_RUN`, exactly as the
+    /// `iommu:io_page_fault` probe would for a fault of `device` with `flags`.
+    pub fn replay_io_page_fault(&mut self, device: &str, flags: u32) -> Result<(), ProbeError> {
+        let name = device.as_bytes();
+        if name.len() >= vmtrace_common::DEVICE_NAME_LEN {
+            return Err(ProbeError::DeviceNameTooLong(device.to_owned()));
+        }
+        let mut padded = [0u8; vmtrace_common::DEVICE_NAME_LEN];
+        padded[..name.len()].copy_from_slice(name);
+        let mut args = [0u64; 12];
+        for (arg, chunk) in args.iter_mut().zip(padded.chunks_exact(8)) {
+            *arg = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        }
+        args[4] = u64::from(flags);
+        let program: &mut RawTracePoint = program(&mut self.ebpf, "replay_io_page_fault")?;
+        if program.fd().is_err() {
+            program.load().map_err(ProbeError::Replay)?;
+        }
+        let result = program
+            .test_run(RawTracePointRunOptions { args, cpu: None })
+            .map_err(ProbeError::Replay)?;
+        if result.return_value != 0 {
+            return Err(ProbeError::ReplayRejected([
+                args[0], args[1], args[2], args[3], args[4], 0,
+            ]));
+        }
+        Ok(())
+    }
 }
+
+/// Fields the `syscalls:sys_enter_madvise` program reads.
+const MADVISE_FIELDS: &[(&str, u32, &str)] = &[("behavior", 8, "MADVISE_BEHAVIOR_OFFSET")];
+/// Fields the `iommu:io_page_fault` program reads; `device` is a `__data_loc` (4 bytes).
+const IO_PAGE_FAULT_FIELDS: &[(&str, u32, &str)] = &[
+    ("device", 4, "IO_PAGE_FAULT_DEVICE_OFFSET"),
+    ("flags", 4, "IO_PAGE_FAULT_FLAGS_OFFSET"),
+];
 
 /// Fields the `kvm:kvm_exit` program reads: (field, width, the program's offset global).
 const KVM_EXIT_FIELDS: &[(&str, u32, &str)] = &[

@@ -297,6 +297,8 @@ mod tests {
             kvm: KvmFlavour::Vmx,
             exit_source: ExitSource::KvmExit,
             tenants: Vec::new(),
+            dtlb_unavailable: None,
+            iommu_faults: Vec::new(),
             drops: Default::default(),
             last: true,
         };

@@ -11,12 +11,16 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    accounting::Accounting,
+    cgroup_stats::CgroupFs,
     cgroups::{CgroupIndex, find_v2_mount},
-    counts::Counters,
+    counts::{Counters, IommuFaults},
     host::{self, KvmDetection, KvmFlavour},
     lifecycle::CgroupEvents,
     probes::{ExitSource, ProbeOptions, Probes},
-    tenants::{TenantCounts, by_tenant},
+    tenant::Tenant,
+    tenants::{TenantCounts, add_rates, by_tenant},
+    vfio,
 };
 
 /// Everything known at one instant: totals since the probes were attached, and rates over the
@@ -32,11 +36,27 @@ pub struct Sample {
     pub kvm: KvmFlavour,
     pub exit_source: ExitSource,
     pub tenants: Vec<TenantCounts>,
+    /// Why the hardware dTLB-miss counters are not counted on this host; absent where they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtlb_unavailable: Option<String>,
+    /// IOMMU faults by device, with the tenant that holds the device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iommu_faults: Vec<TenantIommuFaults>,
     /// Events the probes could not count, by reason.
     pub drops: BTreeMap<String, u64>,
     /// True on the last sample, taken when the agent stops.
     #[serde(default)]
     pub last: bool,
+}
+
+/// IOMMU faults of one device, attributed to a tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantIommuFaults {
+    /// The tenant whose VMM holds the device through VFIO, or `unattributed`.
+    pub tenant: String,
+    pub device: String,
+    pub flags: u32,
+    pub faults: u64,
 }
 
 /// Attached probes and what is needed to read them.
@@ -47,6 +67,8 @@ pub struct Sampler {
     /// Removed cgroups already reported in a sample marked `removed`: dropped from the next one.
     reported_removed: HashSet<u64>,
     index: CgroupIndex,
+    accounting: Accounting,
+    vfio: vfio::Roots,
     kvm: KvmDetection,
     started: Instant,
     previous: Option<(Instant, Vec<TenantCounts>)>,
@@ -75,6 +97,8 @@ impl Sampler {
             counters,
             cgroup_events,
             reported_removed: HashSet::new(),
+            accounting: Accounting::new(CgroupFs::new(root.clone())),
+            vfio: vfio::Roots::default(),
             index: CgroupIndex::new(root),
             kvm,
             started: Instant::now(),
@@ -107,7 +131,10 @@ impl Sampler {
             None => (self.started, &[][..]),
         };
         let interval_secs = now.duration_since(since).as_secs_f64();
-        let tenants = by_tenant(&snapshot, &mut self.index, previous, interval_secs);
+        let mut tenants = by_tenant(&snapshot, &mut self.index);
+        self.accounting
+            .add_to(&mut tenants, &snapshot.vmm_processes);
+        add_rates(&mut tenants, previous, interval_secs);
         for tenant in tenants.iter().filter(|t| t.removed) {
             self.reported_removed
                 .extend(tenant.cgroups.iter().map(|c| c.id));
@@ -121,6 +148,8 @@ impl Sampler {
             kvm: self.kvm.flavour,
             exit_source: self.probes.exit_source,
             tenants: tenants.clone(),
+            dtlb_unavailable: self.accounting.dtlb_unavailable().map(str::to_owned),
+            iommu_faults: attribute_iommu_faults(&snapshot.iommu_faults, &self.vfio),
             drops: snapshot
                 .drops
                 .iter()
@@ -131,4 +160,20 @@ impl Sampler {
         self.previous = Some((now, tenants));
         Ok(sample)
     }
+}
+
+/// Names the tenant of each faulting device: the one whose VMM holds it through VFIO.
+fn attribute_iommu_faults(faults: &[IommuFaults], vfio: &vfio::Roots) -> Vec<TenantIommuFaults> {
+    faults
+        .iter()
+        .map(|fault| TenantIommuFaults {
+            tenant: vfio.owner_cgroup(&fault.device).map_or_else(
+                || "unattributed".to_owned(),
+                |path| Tenant::from_cgroup_path(&path).label(),
+            ),
+            device: fault.device.clone(),
+            flags: fault.flags,
+            faults: fault.faults,
+        })
+        .collect()
 }

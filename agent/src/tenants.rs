@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use vmtrace_common::LatencyHistogram;
 
 use crate::{
+    accounting::{TAX_RATIO, tax_ratio},
     cgroups::CgroupIndex,
     counts::{DoorbellKicks, KindCounts, Snapshot},
     k8s::PodMeta,
@@ -33,6 +34,9 @@ pub struct TenantCounts {
     pub counts: KindCounts,
     /// Events per second over the last interval, by kind.
     pub rates: BTreeMap<String, f64>,
+    /// Values that go up and down, by name (memory usage, the tax ratio).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gauges: BTreeMap<String, f64>,
     /// Latency by kind: for `kvm_exit.*` kinds, exit to the vCPU's next entry (VMX, SVM); for
     /// `exit.*` kinds, the VMM's service time, from the return to the VMM to its next KVM_RUN.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -49,13 +53,8 @@ pub struct TenantCounts {
     pub doorbells: Vec<DoorbellKicks>,
 }
 
-/// Groups per-cgroup counts by tenant. `previous` is the last interval's result, for the rates.
-pub fn by_tenant(
-    snapshot: &Snapshot,
-    index: &mut CgroupIndex,
-    previous: &[TenantCounts],
-    interval_secs: f64,
-) -> Vec<TenantCounts> {
+/// Groups per-cgroup counts by tenant; [`add_rates`] completes them.
+pub fn by_tenant(snapshot: &Snapshot, index: &mut CgroupIndex) -> Vec<TenantCounts> {
     let mut tenants: BTreeMap<String, TenantCounts> = BTreeMap::new();
     let mut histograms: BTreeMap<String, BTreeMap<String, LatencyHistogram>> = BTreeMap::new();
     let cgroup_ids = snapshot
@@ -77,6 +76,7 @@ pub fn by_tenant(
                 cgroups: Vec::new(),
                 counts: KindCounts::new(),
                 rates: BTreeMap::new(),
+                gauges: BTreeMap::new(),
                 latency: BTreeMap::new(),
                 removed: false,
                 kubernetes: None,
@@ -109,8 +109,12 @@ pub fn by_tenant(
                 .collect();
         }
     }
-    let mut tenants: Vec<TenantCounts> = tenants.into_values().collect();
-    for tenant in &mut tenants {
+    tenants.into_values().collect()
+}
+
+/// Sets each tenant's rates against `previous`, the last interval's tenants.
+pub fn add_rates(tenants: &mut [TenantCounts], previous: &[TenantCounts], interval_secs: f64) {
+    for tenant in tenants.iter_mut() {
         let before = previous.iter().find(|p| p.tenant == tenant.tenant);
         for (kind, &count) in &tenant.counts {
             let prior = before
@@ -124,6 +128,8 @@ pub fn by_tenant(
             };
             tenant.rates.insert(kind.clone(), rate);
         }
+        if let Some(ratio) = tax_ratio(&tenant.rates) {
+            tenant.gauges.insert(TAX_RATIO.to_owned(), ratio);
+        }
     }
-    tenants
 }

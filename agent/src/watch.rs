@@ -7,8 +7,11 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::{
+    accounting,
     cli::{ProbeArgs, parse_interval},
+    exit_names::is_host_side,
     sampler::{Sample, Sampler},
+    tenants::TenantCounts,
     ticks::Ticks,
 };
 
@@ -18,7 +21,11 @@ use crate::{
 /// port accesses; `mmio.write`/`mmio.read` MMIO accesses; `mmio.write.kernel` MMIO writes the kernel
 /// completed itself (ioeventfd doorbells); `cpuid`; `kick.q<N>` virtio queue kicks; `kvm_exit.<reason>`
 /// on VMX/SVM hosts. Latency percentiles are shown for `exit.*` (the VMM's service time),
-/// `kvm_exit.*` (exit to entry) and, with --kick-latency, `kick.*`.
+/// `kvm_exit.*` (exit to entry) and, with --kick-latency, `kick.*`. Under each tenant a `host:` line
+/// sums up what the host spends on it: the virtualisation tax in CPUs (and its share of the
+/// tenant's CPU), memory charged, page faults and TLB flushes per second, memory returned by a
+/// balloon and taken back (refaults). `--json` has every kind: `tlb.*`, `fault.*`, `mem.*`,
+/// `mmu.page.*`, `memcg.*`, `tax.*`, `cpu.guest`, `iommu.*` (see docs/memory-and-tlb.md, docs/tax.md).
 /// Stops after --duration, or on Ctrl-C/SIGTERM, printing a last report marked final.
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
@@ -70,8 +77,45 @@ pub fn print_sample(sample: &Sample, json: bool) -> Result<bool> {
         .is_ok())
 }
 
-/// The table people read: one block per tenant, one line per kind, with latency percentiles where
-/// the kind has them.
+/// The table people read: one block per tenant, one line per guest-side kind, with latency
+/// percentiles where the kind has them, then one line of what the host spends on the tenant.
+/// What the host spends on a tenant, on one line: tax, memory, faults, TLB flushes, balloon.
+fn host_line(tenant: &TenantCounts) -> Option<String> {
+    let rate = |prefix: &str| -> Option<f64> {
+        let mut rates = tenant.rates.iter().filter(|(k, _)| k.starts_with(prefix));
+        let first = rates.next()?;
+        Some(first.1 + rates.map(|(_, r)| r).sum::<f64>())
+    };
+    let count = |kind: &str| tenant.counts.get(kind).copied().filter(|&c| c > 0);
+    let mut parts = Vec::new();
+    if let Some(tax) = rate("tax.") {
+        let ratio = tenant.gauges.get(accounting::TAX_RATIO);
+        parts.push(format!(
+            "tax {:.2} CPU{}",
+            tax / 1e9,
+            ratio.map_or_else(String::new, |r| format!(" ({:.0}%)", r * 100.0))
+        ));
+    }
+    if let Some(bytes) = tenant.gauges.get(accounting::MEMORY_USAGE) {
+        parts.push(format!("memory {:.1} MiB", bytes / MIB));
+    }
+    if let Some(faults) = rate("fault.") {
+        parts.push(format!("faults {faults:.0}/s"));
+    }
+    if let Some(flushes) = rate("tlb.flush.") {
+        parts.push(format!("TLB flushes {flushes:.0}/s"));
+    }
+    if let Some(bytes) = count("mem.returned_bytes") {
+        parts.push(format!("returned {:.1} MiB", bytes as f64 / MIB));
+    }
+    if let Some(pages) = count("mem.refault") {
+        parts.push(format!("refaults {pages}"));
+    }
+    (!parts.is_empty()).then(|| format!("host: {}", parts.join(" · ")))
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
 fn render_table(report: &Sample) -> String {
     let mut out = format!(
         "\n── vmtrace · {:.0}s · exit source: {}{} ──\n{:<40} {:<26} {:>11} {:>10} {:>9} {:>9}\n",
@@ -89,7 +133,8 @@ fn render_table(report: &Sample) -> String {
         out.push_str("(no KVM activity yet)\n");
     }
     for tenant in &report.tenants {
-        for (i, (kind, count)) in tenant.counts.iter().enumerate() {
+        let guest_side = tenant.counts.iter().filter(|(k, _)| !is_host_side(k));
+        for (i, (kind, count)) in guest_side.enumerate() {
             let name = if i == 0 { tenant.tenant.as_str() } else { "" };
             let rate = tenant.rates.get(kind).copied().unwrap_or(0.0);
             let (p50, p99) = tenant
@@ -102,6 +147,9 @@ fn render_table(report: &Sample) -> String {
             out.push_str(&format!(
                 "{name:<40} {kind:<26} {count:>11} {rate:>10.1} {p50:>9} {p99:>9}\n"
             ));
+        }
+        if let Some(line) = host_line(tenant) {
+            out.push_str(&format!("{:<40} {line}\n", ""));
         }
     }
     let dropped: u64 = report.drops.values().sum();

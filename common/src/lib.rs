@@ -28,6 +28,27 @@ pub enum ExitKind {
     KvmExit = 6,
     /// `kvm:kvm_userspace_exit` with a negative errno: KVM_RUN failed (4 = EINTR, a signal). Detail: -errno.
     UserspaceError = 7,
+    /// `tlb:tlb_flush` by a VMM process. Detail: the kernel's `enum tlb_flush_reason`.
+    TlbFlush = 8,
+    /// `kvm:kvm_pv_tlb_flush`: a guest's paravirtual TLB flush request. Detail: `need_flush_tlb`.
+    TlbPvFlush = 9,
+    /// `kvm:kvm_hv_flush_tlb` (detail 0) and `kvm_hv_flush_tlb_ex` (detail 1): Hyper-V flush hypercalls.
+    TlbHvFlush = 10,
+    /// kvmmmu shadow/TDP page table pages of the VM. Detail: [`MmuPageEvent`].
+    MmuPage = 11,
+    /// `exceptions:page_fault_user` / `page_fault_kernel` (on a user address) of a VMM process.
+    /// Detail: [`FaultMode`].
+    HostFault = 12,
+    /// `kvm:kvm_page_fault`: a guest access the hardware could not translate (EPT/NPT violation). Detail: 0.
+    GuestFault = 13,
+    /// `kvm:kvm_unmap_hva_range`: the host invalidates part of a VMM's address space. Detail: [`HvaDetail`].
+    HvaUnmap = 14,
+    /// Host reclaim ageing guest memory: `kvm_age_hva` (detail 0), `kvm_test_age_hva` (detail 1).
+    HvaAge = 15,
+    /// A host page fault on memory the VMM had returned to the host (a balloon refault). Detail: 0.
+    Refault = 16,
+    /// IOMMU mappings made or removed by the tenant's tasks (VFIO DMA maps). Detail: [`IommuDetail`].
+    Iommu = 17,
 }
 
 impl TryFrom<u32> for ExitKind {
@@ -40,6 +61,16 @@ impl TryFrom<u32> for ExitKind {
             4 => Self::Cpuid,
             6 => Self::KvmExit,
             7 => Self::UserspaceError,
+            8 => Self::TlbFlush,
+            9 => Self::TlbPvFlush,
+            10 => Self::TlbHvFlush,
+            11 => Self::MmuPage,
+            12 => Self::HostFault,
+            13 => Self::GuestFault,
+            14 => Self::HvaUnmap,
+            15 => Self::HvaAge,
+            16 => Self::Refault,
+            17 => Self::Iommu,
             other => return Err(other),
         })
     }
@@ -67,6 +98,52 @@ impl TryFrom<u32> for MmioType {
             other => return Err(other),
         })
     }
+}
+
+/// Detail of [`ExitKind::MmuPage`].
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MmuPageEvent {
+    /// `kvmmmu:kvm_mmu_get_page` found an existing page.
+    Reused = 0,
+    /// `kvmmmu:kvm_mmu_get_page` allocated a new page.
+    Created = 1,
+    /// `kvmmmu:kvm_mmu_prepare_zap_page`: a page is being zapped.
+    Zapped = 2,
+}
+
+/// Detail of [`ExitKind::HostFault`].
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FaultMode {
+    /// The VMM's own code touched the page.
+    User = 0,
+    /// The kernel touched the VMM's memory on its behalf (KVM's instruction emulator, copy_to_user).
+    Kernel = 1,
+}
+
+/// Detail of [`ExitKind::HvaUnmap`]. The bytes counters add the range size instead of one.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum HvaDetail {
+    /// Every invalidation.
+    Calls = 0,
+    /// Bytes of every invalidation.
+    Bytes = 1,
+    /// Invalidations made by the VMM's own `madvise` discarding memory (a balloon returning pages).
+    ReturnedCalls = 2,
+    /// Bytes of those.
+    ReturnedBytes = 3,
+}
+
+/// Detail of [`ExitKind::Iommu`]. The bytes counters add the size instead of one.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum IommuDetail {
+    Map = 0,
+    MapBytes = 1,
+    Unmap = 2,
+    UnmapBytes = 3,
 }
 
 /// Key of [`EXIT_COUNTS_MAP`]: one counter per tenant cgroup, kind and detail.
@@ -342,6 +419,78 @@ pub struct ExitStart {
     pub reason: u32,
 }
 
+/// Name of the hash map of VMM processes (tgid to the cgroup id of its last `KVM_RUN`), kept by the
+/// probes: host page faults and TLB flushes are counted for these processes only.
+pub const VMM_PROCESSES_MAP: &str = "VMM_PROCESSES";
+pub const VMM_PROCESSES_CAPACITY: u32 = 16384;
+
+/// `madvise` advice values that give memory back to the host (include/uapi/asm-generic/mman-common.h).
+pub const MADV_DONTNEED: u32 = 4;
+pub const MADV_FREE: u32 = 8;
+pub const MADV_REMOVE: u32 = 9;
+pub const MADV_DONTNEED_LOCKED: u32 = 24;
+
+/// `KVM_SET_USER_MEMORY_REGION`, `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)` (32 bytes).
+pub const KVM_SET_USER_MEMORY_REGION: u32 = 0x4020_AE46;
+/// `KVM_SET_USER_MEMORY_REGION2`, `_IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)` (160
+/// bytes, starting like the first).
+pub const KVM_SET_USER_MEMORY_REGION2: u32 = 0x40A0_AE49;
+
+/// The first 32 bytes of `struct kvm_userspace_memory_region` and `..._region2`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct KvmUserspaceMemoryRegion {
+    /// Address space id in the high 16 bits, slot id in the low 16.
+    pub slot: u32,
+    pub flags: u32,
+    pub guest_phys_addr: u64,
+    /// 0 deletes the slot.
+    pub memory_size: u64,
+    pub userspace_addr: u64,
+}
+
+/// Memory slots remembered per VMM; slot `s` is kept at index `s % GUEST_SLOTS`, so a VMM with
+/// more slots than this (or two slots that collide) has some of its guest memory unknown.
+pub const GUEST_SLOTS: usize = 16;
+
+/// A VMM's guest memory as host virtual address ranges `[start, end)`, by slot; `[0, 0)` is unused.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct GuestMemory {
+    pub ranges: [[u64; 2]; GUEST_SLOTS],
+}
+
+/// Host virtual address ranges a VMM returned to the host, most recent first, kept to count the
+/// faults that take them back.
+pub const RETURNED_RANGES: usize = 8;
+
+/// A VMM's recently returned ranges; slot `next % RETURNED_RANGES` is overwritten next.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ReturnedRanges {
+    /// `[start, end)` pairs; unused slots are `[0, 0)`.
+    pub ranges: [[u64; 2]; RETURNED_RANGES],
+    pub next: u64,
+}
+
+/// Name of the per-CPU hash map of IOMMU faults per device, keyed by [`IommuFaultKey`].
+pub const IOMMU_FAULTS_MAP: &str = "IOMMU_FAULTS";
+pub const IOMMU_FAULTS_CAPACITY: u32 = 1024;
+/// Longest device name an [`IommuFaultKey`] holds (PCI names such as `0000:65:00.0` need 13).
+pub const DEVICE_NAME_LEN: usize = 32;
+
+/// Key of [`IOMMU_FAULTS_MAP`]. An IOMMU fault is reported from interrupt context, so it is keyed by
+/// the device; the agent attributes the device to the tenant whose VMM owns it through VFIO.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IommuFaultKey {
+    /// The device name (`dev_name()`), NUL-padded.
+    pub device: [u8; DEVICE_NAME_LEN],
+    /// `IOMMU_FAULT_READ` (1) / `IOMMU_FAULT_WRITE` (2) flags of the fault.
+    pub flags: u32,
+    pub reserved: u32,
+}
+
 /// Why an event could not be counted; the index into [`DROPS_MAP`].
 #[repr(u32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -367,10 +516,20 @@ pub enum Drop {
     PendingKicksFull = 8,
     /// The cgroup event ring buffer was full, so a lifecycle event was lost.
     CgroupEventsFull = 9,
+    /// The VMM process map was full, so a VMM's faults and TLB flushes are not counted.
+    VmmProcessesFull = 10,
+    /// The in-progress madvise map was full, so a balloon return is counted as a plain unmap.
+    MadviseCallsFull = 11,
+    /// The returned-range map was full, so refaults of one VMM are not counted.
+    ReturnedRangesFull = 12,
+    /// An IOMMU fault record could not be read, or the fault map was full.
+    IommuFaultLost = 13,
+    /// A memory slot could not be read or remembered, so memory returned from it counts whole.
+    GuestMemoryLost = 14,
 }
 
 /// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
-pub const DROP_REASONS: u32 = 10;
+pub const DROP_REASONS: u32 = 15;
 
 #[cfg(feature = "user")]
 mod user {
@@ -386,6 +545,8 @@ mod user {
     unsafe impl aya::Pod for super::Doorbell {}
     // SAFETY: repr(C), Copy, integers only, no padding (8 + 4 + 4 + 8 + 4 + 4 bytes).
     unsafe impl aya::Pod for super::KickKey {}
+    // SAFETY: repr(C), Copy, 32 bytes then two u32s, no padding.
+    unsafe impl aya::Pod for super::IommuFaultKey {}
 }
 
 #[cfg(test)]

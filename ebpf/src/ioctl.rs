@@ -1,14 +1,18 @@
-//! System call probes. `syscalls:sys_enter_ioctl`, for the two KVM ioctls vmtrace follows: `KVM_RUN` (the VMM enters the
-//! guest again, ending the service time of its last exit) and `KVM_IOEVENTFD` (a doorbell is
-//! registered or removed). A classic tracepoint on this one syscall costs only ioctl callers, where a
+//! System call probes. `syscalls:sys_enter_ioctl`, for the KVM ioctls vmtrace follows: `KVM_RUN` (the
+//! VMM enters the guest again, ending the service time of its last exit), `KVM_IOEVENTFD` (a
+//! doorbell is registered or removed) and `KVM_SET_USER_MEMORY_REGION(2)` (guest memory is mapped). A classic tracepoint on this one syscall costs only ioctl callers, where a
 //! raw `sys_enter` probe would run on every system call of the host.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use vmtrace_common::{KVM_IOEVENTFD, KVM_RUN};
+use vmtrace_common::{
+    KVM_IOEVENTFD, KVM_RUN, KVM_SET_USER_MEMORY_REGION, KVM_SET_USER_MEMORY_REGION2,
+};
 
 use crate::{
     exits::on_kvm_run,
+    memory::on_set_memory_region,
     virtio::{on_ioeventfd, on_read},
+    vmm_process::note_kvm_run,
 };
 
 /// Offsets of `fd`, `cmd` and `arg` in the `syscalls:sys_enter_ioctl` record, from the host's format
@@ -35,7 +39,16 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> i32 {
         return 0;
     };
     match cmd as u32 {
-        KVM_RUN => on_kvm_run(),
+        KVM_RUN => {
+            note_kvm_run();
+            on_kvm_run();
+        }
+        KVM_SET_USER_MEMORY_REGION | KVM_SET_USER_MEMORY_REGION2 => {
+            // SAFETY: as above.
+            if let Ok(arg) = unsafe { ctx.read_at::<u64>(arg_offset as usize) } {
+                on_set_memory_region(arg);
+            }
+        }
         KVM_IOEVENTFD => {
             // SAFETY: as above.
             let fields = unsafe {

@@ -6,9 +6,13 @@
 mod cgroup;
 mod exits;
 mod ioctl;
+mod iommu;
 mod kvm_exit;
 mod maps;
+mod memory;
+mod tlb;
 mod virtio;
+mod vmm_process;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -80,31 +80,44 @@ pub fn count_for(cgroup_id: u64, kind: ExitKind, detail: u32) {
 /// Adds one to the counter of `key`.
 #[inline(always)]
 pub fn count_key(key: ExitKey) {
-    increment(&EXIT_COUNTS, key, Drop::ExitCountsFull);
+    increment(&EXIT_COUNTS, key, Drop::ExitCountsFull, 1);
+}
+
+/// Adds `amount` (bytes, for the byte counters) to `cgroup_id`'s counter for `kind` and `detail`.
+#[inline(always)]
+pub fn add_for(cgroup_id: u64, kind: ExitKind, detail: u32, amount: u64) {
+    let key = ExitKey {
+        cgroup_id,
+        kind: kind as u32,
+        detail,
+        isa: 0,
+        reserved: 0,
+    };
+    increment(&EXIT_COUNTS, key, Drop::ExitCountsFull, amount);
 }
 
 /// Adds one to the kick counter of `key`.
 #[inline(always)]
 pub fn count_kick(key: KickKey) {
-    increment(&KICKS, key, Drop::KicksFull);
+    increment(&KICKS, key, Drop::KicksFull, 1);
 }
 
-/// Adds one to this CPU's slot of `key` in `map`, adding the key if needed.
+/// Adds `amount` to this CPU's slot of `key` in `map`, adding the key if needed.
 #[inline(always)]
-fn increment<K>(map: &PerCpuHashMap<K, u64>, key: K, full: Drop) {
+pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: K, full: Drop, amount: u64) {
     if let Some(value) = map.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU; tracepoint programs run with preemption disabled.
-        unsafe { *value += 1 };
+        unsafe { *value += amount };
         return;
     }
     // First event of this key on this CPU. NOEXIST: if another CPU added the key meanwhile, the
     // insert fails and this CPU's (zeroed) slot of that entry is incremented instead.
-    if map.insert(&key, 1, BPF_NOEXIST as u64).is_ok() {
+    if map.insert(&key, amount, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     match map.get_ptr_mut(&key) {
         // SAFETY: as above.
-        Some(value) => unsafe { *value += 1 },
+        Some(value) => unsafe { *value += amount },
         None => count_drop(full),
     }
 }

@@ -265,9 +265,19 @@ pub fn agent_report<'a>(
         .find(|t| t["tenant"] == path)
 }
 
-/// The counts the agent reported for the tenant at `path` in `report`, by kind.
-pub fn agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<String, u64>> {
+/// The counts the agent reported for the tenant at `path` in `report`, by kind: everything it
+/// reported, host-side kinds included.
+pub fn all_agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<String, u64>> {
     serde_json::from_value(agent_report(report, path)?["counts"].clone()).ok()
+}
+
+/// The guest-side counts the agent reported for the tenant at `path` in `report`, by kind: those
+/// [`expected_agent_counts`] derives from the VMM's ground truth (the host-side ones, TLB, faults,
+/// memory and CPU, have none there).
+pub fn agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<String, u64>> {
+    let mut counts = all_agent_counts(report, path)?;
+    counts.retain(|kind, _| !vmtrace::exit_names::is_host_side(kind));
+    Some(counts)
 }
 
 /// A GET over HTTP/1.0 to a loopback port (no chunked encoding; the server closes): status and body.

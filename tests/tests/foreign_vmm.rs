@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf, process::Command};
 
-use vmtrace_tests::{Agent, TenantCgroup, agent_report, privileged_host};
+use vmtrace_tests::{Agent, TenantCgroup, agent_counts, agent_report, privileged_host};
 
 /// Builds tests/foreign-vmm/foreign_vmm.c with the system C compiler.
 fn build_foreign_vmm() -> PathBuf {
@@ -55,8 +55,7 @@ fn a_foreign_vmms_exits_and_kicks_are_counted_for_its_cgroup() {
 
     let tenant_report = agent_report(reports.last().unwrap(), &tenant.agent_path())
         .unwrap_or_else(|| panic!("{} missing: {:?}", tenant.agent_path(), reports.last()));
-    let counts: BTreeMap<String, u64> =
-        serde_json::from_value(tenant_report["counts"].clone()).unwrap();
+    let counts = agent_counts(reports.last().unwrap(), &tenant.agent_path()).unwrap();
     let io = truth["exits"]["io"].as_u64().unwrap();
     let (q0, q1) = (
         truth["kicks"]["0"].as_u64().unwrap(),

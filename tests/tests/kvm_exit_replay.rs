@@ -1,6 +1,6 @@
 //! The in-kernel kvm_exit logic, driven for real with synthetic VMX, SVM and PVM records through
 //! `BPF_PROG_TEST_RUN` (kvm_exit never fires on this PVM host), read back through the agent: reason
-//! names, counts and latency histogram buckets per tenant.
+//! names, counts and latency histogram buckets per tenant, and the TLB-relevant exits among them.
 
 use std::{collections::BTreeMap, os::unix::fs::MetadataExt};
 
@@ -52,8 +52,11 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
     let mut vmx_exits = repeat(500, (VMX, 30, 1_500)); // IO_INSTRUCTION, bucket 2^10
     vmx_exits.extend(repeat(20, (VMX, 48, 100_000))); // EPT_VIOLATION, bucket 2^16
     vmx_exits.extend(repeat(3, (VMX, 0x8000_0021, 3_000))); // INVALID_STATE | FAILED_VMENTRY
+    vmx_exits.extend(repeat(11, (VMX, 28, 800))); // CR_ACCESS: TLB-relevant
+    vmx_exits.extend(repeat(4, (VMX, 14, 900))); // INVLPG: TLB-relevant
     let mut svm_exits = repeat(300, (SVM, 0x7b, 700)); // io, bucket 2^9
     svm_exits.extend(repeat(7, (SVM, 0x400, 40_000))); // npf, bucket 2^15
+    svm_exits.extend(repeat(6, (SVM, 0x13, 600))); // write_cr3: TLB-relevant
     let mut pvm_exits = repeat(200, (PVM, 1 << 16, 300)); // syscall, bucket 2^8
     pvm_exits.extend(repeat(9, (PVM, 14, 5_000_000))); // page fault vector, bucket 2^22
     let mut records = exits_then_entries(id(&tenants[0]), 0x4000_0001, &vmx_exits);
@@ -70,7 +73,7 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
     probes.replay_kvm_exit(&records).expect("BPF_PROG_TEST_RUN");
     let snapshot = counters.read(&probes.reason_names).unwrap();
     let mut index = CgroupIndex::new(cgroup2_root().unwrap());
-    let reported = by_tenant(&snapshot, &mut index, &[], 1.0);
+    let reported = by_tenant(&snapshot, &mut index);
     let tenant = |t: &TenantCgroup| -> &TenantCounts {
         reported
             .iter()
@@ -85,14 +88,15 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
     };
 
     let vmx = tenant(&tenants[0]);
-    assert_eq!(
-        vmx.counts,
-        counts(&[
-            ("IO_INSTRUCTION", 500),
-            ("EPT_VIOLATION", 20),
-            (VMX_FAILED_INVALID_STATE, 3)
-        ])
-    );
+    let mut expected = counts(&[
+        ("IO_INSTRUCTION", 500),
+        ("EPT_VIOLATION", 20),
+        (VMX_FAILED_INVALID_STATE, 3),
+        ("CR_ACCESS", 11),
+        ("INVLPG", 4),
+    ]);
+    expected.insert("tlb.exit".to_owned(), 15);
+    assert_eq!(vmx.counts, expected);
     let io = &vmx.latency["kvm_exit.IO_INSTRUCTION"];
     assert_eq!(
         (io.count, io.max_ns, io.p50_ns, io.p99_ns),
@@ -103,7 +107,9 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
     assert_eq!((ept.count, ept.buckets.clone()), (20, vec![(65_536, 20)]));
 
     let svm = tenant(&tenants[1]);
-    assert_eq!(svm.counts, counts(&[("io", 300), ("npf", 7)]));
+    let mut expected = counts(&[("io", 300), ("npf", 7), ("write_cr3", 6)]);
+    expected.insert("tlb.exit".to_owned(), 6);
+    assert_eq!(svm.counts, expected);
     assert_eq!(svm.latency["kvm_exit.io"].buckets, vec![(512, 300)]);
     assert_eq!(svm.latency["kvm_exit.npf"].buckets, vec![(32_768, 7)]);
 

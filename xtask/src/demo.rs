@@ -2,13 +2,16 @@
 //! per-tenant view.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command},
 };
 
 use anyhow::{Context, Result};
 
-use crate::setup;
+use crate::{
+    mounts::{cgroup2_mount, memory_v1_mount},
+    setup,
+};
 
 /// (tenant cgroup, scenario, vCPUs, operations per second per vCPU).
 const TENANTS: [(&str, &str, u32, u32); 3] = [
@@ -77,24 +80,4 @@ fn remove_demo_cgroups() {
         }
         let _ = std::fs::remove_dir(root.join("vmtrace-demo"));
     }
-}
-
-/// The cgroup v1 memory hierarchy's mount point (hybrid hosts).
-fn memory_v1_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let memory = f
-            .get(3)
-            .is_some_and(|o| o.split(',').any(|o| o == "memory"));
-        (f.get(2) == Some(&"cgroup") && memory).then(|| PathBuf::from(f[1]))
-    })
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-    })
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod mounts;
 mod setup;
 mod test;
 

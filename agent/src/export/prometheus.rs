@@ -1,12 +1,21 @@
 //! The Prometheus endpoint: `/metrics` (OpenMetrics text, the metrics of [`crate::metrics`] under the
-//! usual OpenTelemetry-to-Prometheus translation), `/healthz` (the agent is alive) and `/readyz` (the
-//! probes are attached and a first sample was taken).
+//! usual OpenTelemetry-to-Prometheus translation), `/api/timeline` (the agent's timeline, JSON),
+//! `/healthz` (the agent is alive) and `/readyz` (the probes are attached and a first sample was
+//! taken).
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use axum::{
-    Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
+    Json, Router,
+    extract::{Query, State},
+    http::StatusCode,
+    http::header,
+    response::IntoResponse,
+    routing::get,
 };
 use prometheus_client::{
     collector::Collector,
@@ -14,26 +23,69 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
+use serde::Deserialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::metrics::{Family, MetricKind, Value};
+use crate::{
+    metrics::{Family, MetricKind, Value},
+    timeline::Timeline,
+};
 
 /// The latest metrics, shared between the sampling loop and the HTTP server.
 pub type Latest = watch::Receiver<Option<Arc<Vec<Family>>>>;
 
+/// The agent's timeline and its sampling interval, shared likewise.
+#[derive(Clone)]
+pub struct SharedTimeline {
+    pub timeline: Arc<Mutex<Timeline>>,
+    pub interval: Duration,
+}
+
+#[derive(Clone)]
+struct AppState {
+    latest: Latest,
+    timeline: SharedTimeline,
+}
+
 /// Serves on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, latest: Latest) -> Result<()> {
+pub async fn serve(listener: TcpListener, latest: Latest, timeline: SharedTimeline) -> Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/api/timeline", get(timeline_json))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(latest);
+        .with_state(AppState { latest, timeline });
     axum::serve(listener, app)
         .await
         .context("the Prometheus endpoint failed")
 }
 
-async fn ready(State(latest): State<Latest>) -> impl IntoResponse {
+/// `/api/timeline?tenant=T&prefix=P`: both optional.
+#[derive(Debug, Deserialize)]
+struct TimelineQuery {
+    tenant: Option<String>,
+    prefix: Option<String>,
+}
+
+async fn timeline_json(
+    State(state): State<AppState>,
+    Query(query): Query<TimelineQuery>,
+) -> impl IntoResponse {
+    let shared = &state.timeline;
+    let view = match shared.timeline.lock() {
+        Ok(timeline) => timeline.view(
+            shared.interval,
+            query.tenant.as_deref(),
+            query.prefix.as_deref(),
+        ),
+        Err(_) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "timeline unavailable\n").into_response();
+        }
+    };
+    Json(view).into_response()
+}
+
+async fn ready(State(AppState { latest, .. }): State<AppState>) -> impl IntoResponse {
     if latest.borrow().is_some() {
         (StatusCode::OK, "ready\n")
     } else {
@@ -41,7 +93,7 @@ async fn ready(State(latest): State<Latest>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(latest): State<Latest>) -> impl IntoResponse {
+async fn metrics(State(AppState { latest, .. }): State<AppState>) -> impl IntoResponse {
     let Some(families) = latest.borrow().clone() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

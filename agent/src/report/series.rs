@@ -189,6 +189,8 @@ mod tests {
             kvm: KvmFlavour::Pvm,
             exit_source: ExitSource::Derived,
             tenants,
+            dtlb_unavailable: None,
+            iommu_faults: Vec::new(),
             drops: Default::default(),
             last: false,
         }

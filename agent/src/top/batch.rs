@@ -47,11 +47,7 @@ pub fn frame(app: &App) -> String {
     }
     for row in &rows {
         let cells: Vec<String> = Column::ALL.iter().map(|&c| cell(c, &c.cell(row))).collect();
-        let history: Vec<f64> = app
-            .history
-            .get(&row.tenant)
-            .map(|h| h.iter().copied().collect())
-            .unwrap_or_default();
+        let history: Vec<f64> = app.exit_history(&row.tenant);
         let line = format!("{} {}", cells.join(" "), format::sparkline(&history, TREND));
         out.push_str(line.trim_end());
         out.push('\n');

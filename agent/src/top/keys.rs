@@ -139,6 +139,8 @@ pub(crate) mod tests {
                     &[],
                 ),
             ],
+            dtlb_unavailable: None,
+            iommu_faults: Vec::new(),
             drops: Default::default(),
             last: false,
         });
@@ -219,7 +221,7 @@ pub(crate) mod tests {
         assert_eq!(app.samples, before, "paused: not shown yet");
         press(&mut app, " ");
         assert_eq!(app.samples, before + 1, "resumed: the backlog is shown");
-        assert_eq!(app.history["/y/other"].len(), 2);
+        assert_eq!(app.exit_history("/y/other").len(), 2);
         press(&mut app, "?");
         assert!(app.help);
         press(&mut app, "x");

@@ -44,6 +44,17 @@ pub fn is_exit_kind(kind: &str, hardware: bool) -> bool {
     }
 }
 
+/// Exits per second at one point of a timeline: `at` gives a series' value, `names` the tenant's
+/// series (the same kinds [`tenant_row`] sums).
+pub fn exits_at(at: &dyn Fn(&str) -> f64, names: &[&str]) -> f64 {
+    let hardware = names.iter().any(|k| k.starts_with("kvm_exit."));
+    names
+        .iter()
+        .filter(|k| is_exit_kind(k, hardware))
+        .map(|k| at(k))
+        .sum()
+}
+
 /// The short name people read: `io` for `exit.io`, `EPT_VIOLATION` for `kvm_exit.EPT_VIOLATION`,
 /// `mmio.kern` for in-kernel MMIO writes.
 pub fn reason_name(kind: &str) -> String {

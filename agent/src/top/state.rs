@@ -2,13 +2,13 @@
 //! sparklines), and the view settings (sort, filter, selection, drill-down, pause, help). Free of
 //! terminal code, so key handling and ordering are unit-tested.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::{
     columns::{Column, sort_rows},
-    metrics::{TenantRow, tenant_row},
+    metrics::{TenantRow, exits_at, tenant_row},
 };
-use crate::{sampler::Sample, tenants::TenantCounts};
+use crate::{sampler::Sample, tenants::TenantCounts, timeline::Timeline};
 
 /// Samples of history kept per tenant: two minutes at the default interval, wider than any
 /// sparkline drawn.
@@ -29,8 +29,8 @@ pub enum Screen {
 pub struct App {
     /// The sample on screen.
     pub sample: Option<Sample>,
-    /// Exits per second of each tenant, oldest first, one value per sample.
-    pub history: BTreeMap<String, VecDeque<f64>>,
+    /// Every tenant's recent samples, for the trends.
+    pub timeline: Timeline,
     /// Samples shown so far.
     pub samples: u64,
     pub sort: Column,
@@ -62,7 +62,7 @@ impl App {
     pub fn new(source: String, sort: Column, filter: String) -> Self {
         Self {
             sample: None,
-            history: BTreeMap::new(),
+            timeline: Timeline::with_capacity(HISTORY),
             samples: 0,
             sort,
             descending: sort.descending_by_default(),
@@ -95,26 +95,15 @@ impl App {
     }
 
     fn apply(&mut self, sample: Sample) {
-        let rows: BTreeMap<&str, f64> = sample
-            .tenants
-            .iter()
-            .map(|t| (t.tenant.as_str(), tenant_row(t).exits))
-            .collect();
-        for t in &sample.tenants {
-            self.history.entry(t.tenant.clone()).or_default();
-        }
-        for (tenant, values) in &mut self.history {
-            if values.len() == HISTORY {
-                values.pop_front();
-            }
-            values.push_back(rows.get(tenant.as_str()).copied().unwrap_or(0.0));
-        }
-        // Tenants that are gone (their cgroups removed) leave once their sparkline is flat.
-        self.history.retain(|tenant, values| {
-            rows.contains_key(tenant.as_str()) || values.iter().any(|v| *v > 0.0)
-        });
+        // Tenants that are gone (their cgroups removed) leave the timeline once flat.
+        self.timeline.push(&sample);
         self.sample = Some(sample);
         self.samples += 1;
+    }
+
+    /// A tenant's exits per second over the kept samples, oldest first.
+    pub fn exit_history(&self, tenant: &str) -> Vec<f64> {
+        self.timeline.values(tenant, exits_at)
     }
 
     pub fn set_paused(&mut self, paused: bool) {
@@ -211,18 +200,12 @@ mod tests {
         let mut sample = app.sample.clone().unwrap();
         sample.tenants.retain(|t| t.tenant != "/x/tenant-a");
         app.push(sample.clone());
-        assert_eq!(
-            app.history["/x/tenant-a"]
-                .iter()
-                .copied()
-                .collect::<Vec<_>>(),
-            [100.0, 0.0]
-        );
+        assert_eq!(app.exit_history("/x/tenant-a"), [100.0, 0.0]);
         for _ in 0..HISTORY {
             app.push(sample.clone());
         }
-        assert!(!app.history.contains_key("/x/tenant-a"));
-        assert_eq!(app.history["/x/tenant-b"].len(), HISTORY);
+        assert!(app.exit_history("/x/tenant-a").is_empty());
+        assert_eq!(app.exit_history("/x/tenant-b").len(), HISTORY);
         assert_eq!(app.rows().len(), 2);
     }
 }

@@ -134,11 +134,7 @@ fn draw_tenants(frame: &mut Frame, app: &App, rows: &[super::metrics::TenantRow]
             .chain([Cell::from("TREND").bold()]),
     );
     let body = rows.iter().map(|row| {
-        let history: Vec<f64> = app
-            .history
-            .get(&row.tenant)
-            .map(|h| h.iter().copied().collect())
-            .unwrap_or_default();
+        let history: Vec<f64> = app.exit_history(&row.tenant);
         Row::new(
             Column::ALL
                 .iter()
@@ -192,11 +188,7 @@ fn align(column: Column, text: &str, width: usize) -> String {
 
 /// The selected tenant's exits per second over the kept history.
 pub fn draw_timeline(frame: &mut Frame, app: &App, tenant: &str, area: Rect) {
-    let values: Vec<f64> = app
-        .history
-        .get(tenant)
-        .map(|h| h.iter().copied().collect())
-        .unwrap_or_default();
+    let values: Vec<f64> = app.exit_history(tenant);
     let inner = area.width.saturating_sub(2) as usize;
     let shown = &values[values.len().saturating_sub(inner)..];
     let max = shown.iter().copied().fold(0.0, f64::max);

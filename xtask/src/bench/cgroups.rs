@@ -8,6 +8,8 @@ use std::{
 
 use anyhow::{Context, Result};
 
+use crate::mounts::{cgroup2_mount, memory_v1_mount};
+
 pub const ROOT: &str = "vmtrace-bench";
 
 pub struct Cgroups {
@@ -103,25 +105,4 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
             collect_dirs(&entry.path(), out);
         }
     }
-}
-
-/// The cgroup v1 memory hierarchy's mount point (hybrid hosts), where `vmtrace-vmm --cgroup`
-/// also creates and joins the tenant's path.
-pub fn memory_v1_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let memory = f
-            .get(3)
-            .is_some_and(|o| o.split(',').any(|o| o == "memory"));
-        (f.get(2) == Some(&"cgroup") && memory).then(|| PathBuf::from(f[1]))
-    })
-}
-
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-    })
 }

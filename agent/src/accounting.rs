@@ -1,0 +1,147 @@
+//! Adds to each tenant what the kernel accounts per cgroup: CPU time by mode, from which the
+//! virtualisation tax, and memory usage and events; and, where the host has hardware counters, the
+//! dTLB misses of its VMM threads.
+//!
+//! The virtualisation tax is the host CPU a tenant uses outside guest mode: its cgroup's system time
+//! (KVM's exit handling and instruction emulation, the VMM's system calls) plus its user time that
+//! was not guest time (the VMM serving exits in user space). Guest time is accounted as user time
+//! by the kernel, per thread. These are the cgroup's totals since it was created, in ns.
+
+use std::collections::BTreeMap;
+
+use crate::{
+    cgroup_stats::{CgroupFs, CpuStat, MemoryStat, outermost},
+    dtlb::{self, DtlbCounters},
+    guest_time::GuestTime,
+    tenants::TenantCounts,
+};
+
+/// CPU time in guest mode (ns).
+pub const CPU_GUEST: &str = "cpu.guest";
+/// Tax: CPU time in the kernel (ns).
+pub const TAX_KERNEL: &str = "tax.kernel";
+/// Tax: CPU time in user space outside guest mode (ns).
+pub const TAX_VMM: &str = "tax.vmm";
+/// Gauge: memory charged to the tenant's cgroups now (bytes).
+pub const MEMORY_USAGE: &str = "memory.usage_bytes";
+/// Gauge: share of the tenant's CPU time over the last interval that was tax (0 to 1).
+pub const TAX_RATIO: &str = "tax.ratio";
+
+/// Reads cgroup files, VMM threads' guest time and dTLB counters for the tenants of each sample.
+pub struct Accounting {
+    cgroups: CgroupFs,
+    guest: GuestTime,
+    /// `Err` with the reason where the host cannot count dTLB misses.
+    dtlb: Result<DtlbCounters, String>,
+}
+
+impl Accounting {
+    pub fn new(cgroups: CgroupFs) -> Self {
+        Self {
+            cgroups,
+            guest: GuestTime::default(),
+            dtlb: dtlb::availability().map(|()| DtlbCounters::default()),
+        }
+    }
+
+    /// Why dTLB misses are not counted, if they are not.
+    pub fn dtlb_unavailable(&self) -> Option<&str> {
+        self.dtlb.as_ref().err().map(String::as_str)
+    }
+
+    /// Adds CPU, tax and memory figures to every tenant whose cgroups still exist.
+    /// `vmm_processes` maps the VMM processes the probes know to their cgroup ids.
+    pub fn add_to(&mut self, tenants: &mut [TenantCounts], vmm_processes: &BTreeMap<u32, u64>) {
+        let guest_by_cgroup = self.guest.update(vmm_processes);
+        let dtlb_misses = match &mut self.dtlb {
+            Ok(counters) => counters.update(vmm_processes),
+            Err(_) => Default::default(),
+        };
+        for tenant in tenants.iter_mut() {
+            for ((cgroup_id, kind), misses) in &dtlb_misses {
+                if tenant.cgroups.iter().any(|c| c.id == *cgroup_id) {
+                    *tenant.counts.entry((*kind).to_owned()).or_default() += misses;
+                }
+            }
+        }
+        for tenant in tenants.iter_mut().filter(|t| !t.removed) {
+            // The root cgroup holds the whole host (its kernel threads age and reclaim guest
+            // memory there): it is no tenant's to account.
+            let paths: Vec<&str> = tenant
+                .cgroups
+                .iter()
+                .filter_map(|c| c.path.as_deref())
+                .filter(|path| *path != "/")
+                .collect();
+            let mut cpu: Option<CpuStat> = None;
+            let mut memory: Option<MemoryStat> = None;
+            for path in outermost(&paths) {
+                if let Some(stat) = self.cgroups.cpu(path) {
+                    let sum = cpu.get_or_insert_default();
+                    sum.user_usec += stat.user_usec;
+                    sum.system_usec += stat.system_usec;
+                }
+                if let Some(stat) = self.cgroups.memory(path) {
+                    let sum = memory.get_or_insert_default();
+                    sum.usage_bytes += stat.usage_bytes;
+                    sum.pgfault += stat.pgfault;
+                    sum.pgmajfault += stat.pgmajfault;
+                    sum.limit_hits += stat.limit_hits;
+                    sum.oom_kills += stat.oom_kills;
+                }
+            }
+            if let Some(cpu) = cpu {
+                let guest_ns: u64 = tenant
+                    .cgroups
+                    .iter()
+                    .filter_map(|c| guest_by_cgroup.get(&c.id))
+                    .sum();
+                let user_ns = cpu.user_usec * 1000;
+                let counts = &mut tenant.counts;
+                counts.insert(CPU_GUEST.to_owned(), guest_ns.min(user_ns));
+                counts.insert(TAX_KERNEL.to_owned(), cpu.system_usec * 1000);
+                counts.insert(TAX_VMM.to_owned(), user_ns.saturating_sub(guest_ns));
+            }
+            if let Some(memory) = memory {
+                tenant
+                    .gauges
+                    .insert(MEMORY_USAGE.to_owned(), memory.usage_bytes as f64);
+                for (kind, value) in [
+                    ("memcg.pgfault", memory.pgfault),
+                    ("memcg.pgmajfault", memory.pgmajfault),
+                    ("memcg.limit_hits", memory.limit_hits),
+                    ("memcg.oom_kills", memory.oom_kills),
+                ] {
+                    tenant.counts.insert(kind.to_owned(), value);
+                }
+            }
+        }
+    }
+}
+
+/// The tax's share of a tenant's CPU time over the last interval, from its rates (ns/s), if it used
+/// any CPU.
+pub fn tax_ratio(rates: &BTreeMap<String, f64>) -> Option<f64> {
+    let rate = |kind: &str| rates.get(kind).copied().unwrap_or(0.0);
+    let tax = rate(TAX_KERNEL) + rate(TAX_VMM);
+    let total = tax + rate(CPU_GUEST);
+    (total > 0.0).then(|| tax / total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_is_tax_over_all_cpu() {
+        let rates: BTreeMap<String, f64> = [
+            (TAX_KERNEL.to_owned(), 1e8),
+            (TAX_VMM.to_owned(), 1e8),
+            (CPU_GUEST.to_owned(), 8e8),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(tax_ratio(&rates), Some(0.2));
+        assert_eq!(tax_ratio(&BTreeMap::new()), None);
+    }
+}

@@ -1,0 +1,58 @@
+//! Which processes are VMMs. A process becomes one at its first `KVM_RUN` and stops being one when
+//! it exits. Host page faults and TLB flushes happen in every process of the host; they are counted
+//! for VMMs only, so that tenants are the VMs, not every cgroup that takes a page fault.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{map, raw_tracepoint},
+    maps::HashMap,
+    programs::RawTracePointContext,
+};
+use vmtrace_common::{Drop, VMM_PROCESSES_CAPACITY};
+
+use crate::{
+    maps::{count_drop, current_cgroup_id},
+    memory::forget_process,
+};
+
+/// VMM processes: tgid to the cgroup id of its first `KVM_RUN`.
+#[map]
+static VMM_PROCESSES: HashMap<u32, u64> = HashMap::with_max_entries(VMM_PROCESSES_CAPACITY, 0);
+
+/// The current process id (the high half of pid_tgid).
+#[inline(always)]
+pub fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// Whether the current task belongs to a VMM process.
+#[inline(always)]
+pub fn in_vmm() -> bool {
+    // SAFETY: only the presence of the entry is used.
+    unsafe { VMM_PROCESSES.get(current_tgid()) }.is_some()
+}
+
+/// The current thread enters `KVM_RUN`: its process is a VMM.
+#[inline(always)]
+pub fn note_kvm_run() {
+    let tgid = current_tgid();
+    // SAFETY: only the presence of the entry is used.
+    if unsafe { VMM_PROCESSES.get(tgid) }.is_none()
+        && VMM_PROCESSES.insert(tgid, current_cgroup_id(), 0).is_err()
+    {
+        count_drop(Drop::VmmProcessesFull);
+    }
+}
+
+/// `sched_process_exit(struct task_struct *p, ...)`: when a process's main thread exits, the
+/// process is no longer a VMM (and its pid may be reused).
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if pid_tgid as u32 == tgid {
+        let _ = VMM_PROCESSES.remove(tgid);
+        forget_process(tgid);
+    }
+    0
+}

@@ -1,0 +1,167 @@
+//! Memory as the host sees it, per tenant, against the reference VMM's `touch` and `balloon` ground
+//! truth: host page faults, kvmmmu page-table pages, memory returned to the host and taken back, and
+//! the memory cgroup's own counts; an idle tenant's stay at zero.
+//!
+//! The expected relations, for a guest that writes one byte into each page of N MiB of fresh memory
+//! (P = N x 256 pages of 4 KiB, the VMM maps it without huge pages):
+//! - A guest that is not PVM-aware runs in KVM's instruction emulator on a PVM host (as here): each
+//!   first write is KVM writing the VMM's mapping from the vCPU thread, which faults once in the
+//!   kernel on a user address. So `fault.kernel` = P exactly, and kvmmmu builds no page-table pages
+//!   for them: `mmu.page.created` does not depend on N.
+//! - On VMX/SVM hosts the guest writes through EPT/NPT instead: `fault.guest` >= P (one violation
+//!   per page) and `mmu.page.created` grows by at least N/2 (one leaf table per 2 MiB).
+//! - Everywhere, the memory cgroup charges every fault: `memcg.pgfault` >= P, and the VMM's own
+//!   start-up adds only a few dozen.
+//! - A balloon returning M MiB with one madvise: `mem.returned_bytes` = M MiB, `mem.returned` = 1,
+//!   and the guest's retouch of those pages is M x 256 refaults (`mem.refault`).
+
+use std::collections::BTreeMap;
+
+use vmtrace_tests::{
+    Agent, TenantCgroup, agent_report, all_agent_counts, privileged_host, run_vmm,
+};
+
+const PAGE: u64 = 4096;
+/// Faults the VMM takes for itself besides the guest's pages (stack, heap, code): measured here at
+/// 20 or fewer; the bound leaves room for other libcs and kernels.
+const OWN_FAULTS: u64 = 256;
+
+#[test]
+fn touch_and_balloon_faults_refaults_and_returned_memory_match_the_vmm() {
+    if !privileged_host("touch_and_balloon_faults_refaults_and_returned_memory_match_the_vmm") {
+        return;
+    }
+    let base = format!("vmtrace-test-memory-{}", std::process::id());
+    let _base = TenantCgroup::new(&base);
+    let small = TenantCgroup::new(&format!("{base}/touch-16"));
+    let large = TenantCgroup::new(&format!("{base}/touch-64"));
+    let balloon = TenantCgroup::new(&format!("{base}/balloon"));
+    let idle = TenantCgroup::new(&format!("{base}/idle"));
+
+    let agent = Agent::start(&[]);
+    let touch = |mib: &str, tenant: &TenantCgroup| {
+        run_vmm(&[
+            "--scenario",
+            "touch",
+            "--mib",
+            mib,
+            "--cgroup",
+            &tenant.relative,
+        ])
+    };
+    let (small_report, large_report, balloon_report, _) = std::thread::scope(|s| {
+        let small_run = s.spawn(|| touch("16", &small));
+        let large_run = s.spawn(|| touch("64", &large));
+        let balloon_run = s.spawn(|| {
+            run_vmm(&[
+                "--scenario",
+                "balloon",
+                "--mib",
+                "32",
+                "--balloon-mib",
+                "12",
+                "--cgroup",
+                &balloon.relative,
+            ])
+        });
+        // A tenant whose guest exits to its VMM but never touches new memory.
+        let idle_run = s.spawn(|| {
+            run_vmm(&[
+                "--scenario",
+                "pio",
+                "--count",
+                "200",
+                "--cgroup",
+                &idle.relative,
+            ])
+        });
+        (
+            small_run.join().unwrap(),
+            large_run.join().unwrap(),
+            balloon_run.join().unwrap(),
+            idle_run.join().unwrap(),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let samples = agent.stop();
+    let last = samples.last().unwrap();
+    let counts = |t: &TenantCgroup| -> BTreeMap<String, u64> {
+        all_agent_counts(last, &t.agent_path())
+            .unwrap_or_else(|| panic!("{} missing from {last}", t.agent_path()))
+    };
+    let get = |c: &BTreeMap<String, u64>, kind: &str| c.get(kind).copied().unwrap_or(0);
+    let pvm = last["kvm"] == "pvm";
+
+    let mut created = Vec::new();
+    for (tenant, report) in [(&small, &small_report), (&large, &large_report)] {
+        let memory = report.memory.as_ref().expect("touch reports its memory");
+        let pages = memory.pages_touched;
+        assert_eq!(pages, memory.region_bytes / PAGE);
+        let c = counts(tenant);
+        eprintln!("{}: {pages} pages touched; agent: {c:?}", tenant.relative);
+        if pvm {
+            assert_eq!(get(&c, "fault.kernel"), pages, "{}", tenant.relative);
+        } else {
+            assert!(get(&c, "fault.guest") >= pages, "{}", tenant.relative);
+        }
+        let pgfault = get(&c, "memcg.pgfault");
+        assert!(
+            (pages..pages + OWN_FAULTS).contains(&pgfault),
+            "{}: the memory cgroup counted {pgfault} faults for {pages} pages",
+            tenant.relative
+        );
+        assert_eq!(get(&c, "mem.returned_bytes"), 0);
+        assert_eq!(get(&c, "mem.refault"), 0);
+        created.push(get(&c, "mmu.page.created"));
+    }
+    let mib_more = (large_report.memory.as_ref().unwrap().region_bytes
+        - small_report.memory.as_ref().unwrap().region_bytes)
+        >> 20;
+    if pvm {
+        assert_eq!(
+            created[0], created[1],
+            "kvmmmu pages must not depend on the touched size under emulation"
+        );
+    } else {
+        assert!(created[1] - created[0] >= mib_more / 2, "{created:?}");
+    }
+
+    let memory = balloon_report.memory.as_ref().unwrap();
+    let c = counts(&balloon);
+    eprintln!("balloon: {memory:?}; agent: {c:?}");
+    assert_eq!(get(&c, "mem.returned_bytes"), memory.bytes_returned);
+    assert_eq!(get(&c, "mem.returned"), memory.madvise_calls);
+    assert_eq!(get(&c, "mem.refault") * PAGE, memory.bytes_retouched);
+    assert_eq!(get(&c, "mem.refault"), memory.pages_retouched);
+    assert!(get(&c, "mem.unmap_bytes") >= memory.bytes_returned);
+    if pvm {
+        assert_eq!(
+            get(&c, "fault.kernel"),
+            memory.pages_touched + memory.pages_retouched
+        );
+    }
+
+    let c = counts(&idle);
+    eprintln!("idle: {c:?}");
+    for kind in [
+        "fault.kernel",
+        "fault.guest",
+        "mem.returned_bytes",
+        "mem.refault",
+    ] {
+        assert_eq!(get(&c, kind), 0, "idle tenant's {kind}");
+    }
+    assert!(get(&c, "memcg.pgfault") < OWN_FAULTS);
+
+    // Memory usage is a gauge of every tenant with a memory cgroup (v2, or v1 on hybrid hosts).
+    for tenant in [&small, &large, &balloon, &idle] {
+        let report = agent_report(last, &tenant.agent_path()).unwrap();
+        assert!(
+            report["gauges"]["memory.usage_bytes"].as_f64().is_some(),
+            "{} has no memory usage: {report}",
+            tenant.relative
+        );
+    }
+    assert_eq!(last["drops"]["returned_ranges_full"], 0);
+    assert_eq!(last["drops"]["madvise_calls_full"], 0);
+}
