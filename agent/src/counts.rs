@@ -6,8 +6,9 @@ use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmtrace_common::{
-    ANY_QUEUE, DROPS_MAP, Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind,
-    IOMMU_FAULTS_MAP, IommuFaultKey, KICKS_MAP, KickKey, LatencyHistogram, LatencyKey, LatencyKind,
+    ANY_QUEUE, DOORBELL_ADDRS_MAP, DOORBELLS_MAP, DROPS_MAP, Doorbell, DoorbellAddr, DoorbellKey,
+    Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, IOMMU_FAULTS_MAP, IommuFaultKey,
+    KICKS_MAP, KickKey, LatencyHistogram, LatencyKey, LatencyKind, MmioType, REMOVED_DOORBELLS_MAP,
     SPACE_PIO, VMM_PROCESSES_MAP,
 };
 
@@ -77,14 +78,19 @@ pub struct Snapshot {
 pub struct Counters {
     exits: PerCpuHashMap<MapData, ExitKey, u64>,
     latency: PerCpuHashMap<MapData, LatencyKey, LatencyHistogram>,
-    kicks: PerCpuHashMap<MapData, KickKey, u64>,
+    kicks: PerCpuHashMap<MapData, DoorbellKey, u64>,
+    doorbells: HashMap<MapData, DoorbellKey, Doorbell>,
+    removed_doorbells: HashMap<MapData, DoorbellKey, Doorbell>,
+    doorbell_addrs: HashMap<MapData, DoorbellAddr, u32>,
+    /// Kicks of removed doorbells, collected from the kernel and deleted there.
+    collected_kicks: BTreeMap<KickKey, u64>,
     iommu_faults: PerCpuHashMap<MapData, IommuFaultKey, u64>,
     vmm_processes: HashMap<MapData, u32, u64>,
     drops: PerCpuArray<MapData, u64>,
 }
 
 /// Every drop reason with its reported name.
-const DROP_NAMES: [(Drop, &str); 15] = [
+const DROP_NAMES: [(Drop, &str); 16] = [
     (Drop::ExitCountsFull, "exit_counts_full"),
     (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
     (Drop::ExitLatencyFull, "exit_latency_full"),
@@ -100,6 +106,7 @@ const DROP_NAMES: [(Drop, &str); 15] = [
     (Drop::ReturnedRangesFull, "returned_ranges_full"),
     (Drop::IommuFaultLost, "iommu_fault_lost"),
     (Drop::GuestMemoryLost, "guest_memory_lost"),
+    (Drop::RemovedDoorbellsFull, "removed_doorbells_full"),
 ];
 
 impl Counters {
@@ -108,18 +115,39 @@ impl Counters {
             exits: take(ebpf, EXIT_COUNTS_MAP)?,
             latency: take(ebpf, EXIT_LATENCY_MAP)?,
             kicks: take(ebpf, KICKS_MAP)?,
+            doorbells: take(ebpf, DOORBELLS_MAP)?,
+            removed_doorbells: take(ebpf, REMOVED_DOORBELLS_MAP)?,
+            doorbell_addrs: take(ebpf, DOORBELL_ADDRS_MAP)?,
+            collected_kicks: BTreeMap::new(),
             iommu_faults: take(ebpf, IOMMU_FAULTS_MAP)?,
             vmm_processes: take(ebpf, VMM_PROCESSES_MAP)?,
             drops: take(ebpf, DROPS_MAP)?,
         })
     }
 
-    pub fn read(&self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
+    pub fn read(&mut self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
         let map_error = |name| move |e| CountsError::Map(name, e);
         let mut raw = Vec::new();
         for entry in self.exits.iter() {
             let (key, per_cpu) = entry.map_err(map_error(EXIT_COUNTS_MAP))?;
             raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
+        }
+        let kicks = self.read_kicks()?;
+        // A kick is counted on its doorbell only, not also as the port or MMIO write it is.
+        for (key, &count) in &kicks {
+            let (kind, detail) = if key.space == SPACE_PIO {
+                (ExitKind::Pio, 1)
+            } else {
+                (ExitKind::Mmio, MmioType::Write as u32)
+            };
+            let write = ExitKey {
+                cgroup_id: key.cgroup_id,
+                kind: kind as u32,
+                detail,
+                isa: 0,
+                reserved: 0,
+            };
+            raw.push((write, count));
         }
         let mut snapshot = Snapshot {
             by_cgroup: aggregate(&raw, names),
@@ -143,9 +171,7 @@ impl Counters {
                 merge(histogram, cpu);
             }
         }
-        for entry in self.kicks.iter() {
-            let (key, per_cpu) = entry.map_err(map_error(KICKS_MAP))?;
-            let kicks = per_cpu.iter().sum();
+        for (key, kicks) in kicks {
             let queue = (key.queue != ANY_QUEUE).then_some(key.queue);
             let counts = snapshot.by_cgroup.entry(key.cgroup_id).or_default();
             *counts.entry(kick_kind(key.queue)).or_default() += kicks;
@@ -179,10 +205,7 @@ impl Counters {
             });
         }
         snapshot.iommu_faults.sort();
-        for entry in self.vmm_processes.iter() {
-            let (tgid, cgroup_id) = entry.map_err(map_error(VMM_PROCESSES_MAP))?;
-            snapshot.vmm_processes.insert(tgid, cgroup_id);
-        }
+        snapshot.vmm_processes = self.read_vmm_processes()?;
         for (reason, name) in DROP_NAMES {
             let per_cpu = self
                 .drops
@@ -195,6 +218,79 @@ impl Counters {
 }
 
 impl Counters {
+    /// Live VMM processes: tgid to cgroup id.
+    fn read_vmm_processes(&self) -> Result<BTreeMap<u32, u64>, CountsError> {
+        self.vmm_processes
+            .iter()
+            .map(|entry| entry.map_err(|e| CountsError::Map(VMM_PROCESSES_MAP, e)))
+            .collect()
+    }
+
+    /// Kicks per tenant, VM, doorbell and queue: those of live doorbells, and those of removed
+    /// doorbells (deassigned, or of a VMM that has exited), which are collected here once and then
+    /// deleted from the kernel's maps.
+    fn read_kicks(&mut self) -> Result<BTreeMap<KickKey, u64>, CountsError> {
+        let map_error = |name| move |e| CountsError::Map(name, e);
+        let mut live = BTreeMap::new();
+        for entry in self.doorbells.iter() {
+            let (key, doorbell) = entry.map_err(map_error(DOORBELLS_MAP))?;
+            live.insert(key, doorbell);
+        }
+        // A VMM that exited without removing its doorbells: they go the same way. The kernel side
+        // notes a VMM before it stores its first doorbell and forgets it when it exits, so reading
+        // the VMMs after the doorbells finds every live doorbell's owner.
+        let vmms = self.read_vmm_processes()?;
+        let exited: Vec<(DoorbellKey, Doorbell)> = live
+            .iter()
+            .filter(|(key, _)| !vmms.contains_key(&key.tgid))
+            .map(|(key, doorbell)| (*key, *doorbell))
+            .collect();
+        for (key, doorbell) in exited {
+            live.remove(&key);
+            let _ = self.removed_doorbells.insert(key, doorbell, 0);
+            let _ = self.doorbells.remove(&key);
+            let _ = self.doorbell_addrs.remove(&address(&key));
+        }
+        let mut removed = BTreeMap::new();
+        for entry in self.removed_doorbells.iter() {
+            let (key, doorbell) = entry.map_err(map_error(REMOVED_DOORBELLS_MAP))?;
+            removed.insert(key, doorbell);
+        }
+        let mut kicks = self.collected_kicks.clone();
+        let mut collected = Vec::new();
+        for entry in self.kicks.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(KICKS_MAP))?;
+            let total: u64 = per_cpu.iter().sum();
+            if let Some(doorbell) = live.get(&key) {
+                *kicks.entry(kick_key(&key, doorbell)).or_default() += total;
+            } else if let Some(doorbell) = removed.get(&key) {
+                let kick = kick_key(&key, doorbell);
+                *kicks.entry(kick).or_default() += total;
+                collected.push((key, kick, total));
+            } else {
+                // Removed while the removed-doorbell map was full (a counted drop): its owner is
+                // unknown, so its entry only takes room.
+                collected.push((key, kick_key(&key, &ORPHAN), 0));
+            }
+        }
+        for (key, kick, total) in collected {
+            if total > 0 {
+                *self.collected_kicks.entry(kick).or_default() += total;
+            }
+            self.kicks
+                .remove(&key)
+                .map_err(|e| CountsError::Map(KICKS_MAP, e))?;
+            if removed.contains_key(&key) {
+                self.removed_doorbells
+                    .remove(&key)
+                    .map_err(|e| CountsError::Map(REMOVED_DOORBELLS_MAP, e))?;
+            }
+        }
+        // A doorbell that was never written has nothing to report.
+        kicks.retain(|_, count| *count > 0);
+        Ok(kicks)
+    }
+
     /// Deletes every counter of `cgroups` (removed tenants whose last counts were reported), so
     /// that the maps hold live tenants only.
     pub fn forget(&mut self, cgroups: &std::collections::HashSet<u64>) -> Result<(), CountsError> {
@@ -220,18 +316,54 @@ impl Counters {
                 .remove(&key)
                 .map_err(|e| CountsError::Map(EXIT_LATENCY_MAP, e))?;
         }
-        let kicks: Vec<KickKey> = self
-            .kicks
-            .keys()
+        self.collected_kicks
+            .retain(|key, _| !cgroups.contains(&key.cgroup_id));
+        let doorbells: Vec<DoorbellKey> = self
+            .doorbells
+            .iter()
+            .chain(self.removed_doorbells.iter())
             .filter_map(Result::ok)
-            .filter(|k| cgroups.contains(&k.cgroup_id))
+            .filter(|(_, d)| cgroups.contains(&d.cgroup_id))
+            .map(|(k, _)| k)
             .collect();
-        for key in kicks {
-            self.kicks
-                .remove(&key)
-                .map_err(|e| CountsError::Map(KICKS_MAP, e))?;
+        for key in doorbells {
+            // Each key is in one of the two maps; its kicks were reported.
+            let _ = self.doorbells.remove(&key);
+            let _ = self.removed_doorbells.remove(&key);
+            let _ = self.kicks.remove(&key);
+            let _ = self.doorbell_addrs.remove(&address(&key));
         }
         Ok(())
+    }
+}
+
+/// The address of a doorbell, as the kernel side keys it.
+fn address(key: &DoorbellKey) -> DoorbellAddr {
+    DoorbellAddr {
+        tgid: key.tgid,
+        space: key.space,
+        addr: key.addr,
+    }
+}
+
+/// What an unknown doorbell is reported as.
+const ORPHAN: Doorbell = Doorbell {
+    queue: ANY_QUEUE,
+    vm_fd: 0,
+    eventfd: 0,
+    reserved: 0,
+    cgroup_id: 0,
+};
+
+/// The kick counter key of a doorbell.
+fn kick_key(key: &DoorbellKey, doorbell: &Doorbell) -> KickKey {
+    KickKey {
+        cgroup_id: doorbell.cgroup_id,
+        tgid: key.tgid,
+        space: key.space,
+        addr: key.addr,
+        queue: doorbell.queue,
+        vm_fd: doorbell.vm_fd,
     }
 }
 

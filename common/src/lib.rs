@@ -276,12 +276,30 @@ pub struct KvmIoeventfd {
     pub pad: [u8; 36],
 }
 
-/// Name of the hash map of doorbells learnt from `KVM_IOEVENTFD`, keyed by [`DoorbellKey`].
+/// Name of the hash map of doorbells learnt from `KVM_IOEVENTFD`: [`DoorbellKey`] to [`Doorbell`].
 pub const DOORBELLS_MAP: &str = "DOORBELLS";
 pub const DOORBELLS_CAPACITY: u32 = 16384;
-/// Name of the per-CPU hash map of kicks, keyed by [`KickKey`].
+/// Name of the per-CPU hash map of kicks per doorbell, keyed by [`DoorbellKey`]: an entry is made
+/// with the doorbell, so a guest write needs one lookup here to be found and counted as a kick.
 pub const KICKS_MAP: &str = "KICKS";
-pub const KICKS_CAPACITY: u32 = 16384;
+/// Name of the hash map of addresses that have doorbells ([`DoorbellAddr`] to how many), which
+/// lets a write to any other address be dismissed with one lookup.
+pub const DOORBELL_ADDRS_MAP: &str = "DOORBELL_ADDRS";
+
+/// A guest address of one VMM process that has at least one doorbell.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DoorbellAddr {
+    pub tgid: u32,
+    /// [`SPACE_MMIO`] or [`SPACE_PIO`].
+    pub space: u32,
+    pub addr: u64,
+}
+
+/// Name of the hash map of removed doorbells ([`DoorbellKey`] to [`Doorbell`]) whose kicks the
+/// agent has not collected yet; it removes both entries once it has.
+pub const REMOVED_DOORBELLS_MAP: &str = "REMOVED_DOORBELLS";
+pub const REMOVED_DOORBELLS_CAPACITY: u32 = 4096;
 /// Address spaces of doorbells.
 pub const SPACE_MMIO: u32 = 0;
 pub const SPACE_PIO: u32 = 1;
@@ -300,21 +318,23 @@ pub struct DoorbellKey {
     pub addr: u64,
     pub datamatch: u64,
     pub wildcard: u32,
-    pub reserved: u32,
+    /// The access length the ioeventfd matches; 0 matches any (as KVM does).
+    pub len: u32,
 }
 
 /// What is known of a doorbell.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Doorbell {
-    /// Access length the ioeventfd matches (0: any).
-    pub len: u32,
     /// The queue it kicks (its datamatch), or [`ANY_QUEUE`].
     pub queue: u32,
     /// The VM's file descriptor in the VMM, for people.
     pub vm_fd: u32,
     /// The eventfd KVM signals, as a file descriptor of the VMM: its reads mark the kick served.
     pub eventfd: u32,
+    pub reserved: u32,
+    /// The cgroup of the thread that registered it: the tenant its kicks are counted for.
+    pub cgroup_id: u64,
 }
 
 /// Key of the pending-kick map: an eventfd of a VMM process.
@@ -338,7 +358,7 @@ pub struct PendingKick {
 /// Capacity of the pending-kick map: eventfds tracked at once.
 pub const PENDING_KICKS_CAPACITY: u32 = 16384;
 
-/// Key of [`KICKS_MAP`]: kicks per tenant, VM (VMM process and VM fd), doorbell and queue.
+/// Kicks are reported per tenant, VM (VMM process and VM fd), doorbell and queue.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KickKey {
@@ -510,7 +530,7 @@ pub enum Drop {
     DoorbellsFull = 5,
     /// A `struct kvm_ioeventfd` could not be read from the VMM's memory.
     IoeventfdUnreadable = 6,
-    /// [`KICKS_MAP`] was full, so a kick was not counted.
+    /// [`KICKS_MAP`] was full, so a doorbell was learnt but its kicks are not counted.
     KicksFull = 7,
     /// The pending-kick map could not take an entry, so that kick's service latency is unknown.
     PendingKicksFull = 8,
@@ -526,10 +546,12 @@ pub enum Drop {
     IommuFaultLost = 13,
     /// A memory slot could not be read or remembered, so memory returned from it counts whole.
     GuestMemoryLost = 14,
+    /// [`REMOVED_DOORBELLS_MAP`] was full, so a removed doorbell's last kicks are not reported.
+    RemovedDoorbellsFull = 15,
 }
 
 /// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
-pub const DROP_REASONS: u32 = 15;
+pub const DROP_REASONS: u32 = 16;
 
 #[cfg(feature = "user")]
 mod user {
@@ -541,10 +563,10 @@ mod user {
     unsafe impl aya::Pod for super::LatencyHistogram {}
     // SAFETY: repr(C), Copy, integers only, no padding (4 + 4 + 8 + 8 + 4 + 4 bytes).
     unsafe impl aya::Pod for super::DoorbellKey {}
-    // SAFETY: repr(C), Copy, four u32s.
+    // SAFETY: repr(C), Copy, four u32s then a u64, no padding.
     unsafe impl aya::Pod for super::Doorbell {}
-    // SAFETY: repr(C), Copy, integers only, no padding (8 + 4 + 4 + 8 + 4 + 4 bytes).
-    unsafe impl aya::Pod for super::KickKey {}
+    // SAFETY: repr(C), Copy, two u32s then a u64, no padding.
+    unsafe impl aya::Pod for super::DoorbellAddr {}
     // SAFETY: repr(C), Copy, 32 bytes then two u32s, no padding.
     unsafe impl aya::Pod for super::IommuFaultKey {}
 }

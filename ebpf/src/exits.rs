@@ -92,33 +92,39 @@ pub fn on_kvm_run() {
 }
 
 /// `kvm_pio(unsigned int rw, unsigned int port, unsigned int size, unsigned int count, const void *data)`.
+/// A write that hits a doorbell is counted as a kick on it alone; the agent adds kicks back into
+/// `pio.out`.
 #[raw_tracepoint(tracepoint = "kvm_pio")]
 pub fn kvm_pio(ctx: RawTracePointContext) -> i32 {
     let rw: u64 = ctx.arg(0);
-    let cgroup_id = current_cgroup_id();
-    count_for(cgroup_id, ExitKind::Pio, rw as u32);
     if rw == 1 {
         let port: u64 = ctx.arg(1);
         let size: u64 = ctx.arg(2);
         let data: u64 = ctx.arg(4);
-        on_guest_write(cgroup_id, SPACE_PIO, port, size as u32, data);
+        if on_guest_write(SPACE_PIO, port, size as u32, data) {
+            return 0;
+        }
     }
+    count(ExitKind::Pio, rw as u32);
     0
 }
 
 /// `kvm_mmio(int type, int len, u64 gpa, void *val)`.
+/// A write that hits a doorbell is counted as a kick on it alone; the agent adds kicks back into
+/// `mmio.write`.
 #[raw_tracepoint(tracepoint = "kvm_mmio")]
 pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     let mmio_type: u64 = ctx.arg(0);
     let mmio_type = mmio_type as u32;
-    let cgroup_id = current_cgroup_id();
-    count_for(cgroup_id, ExitKind::Mmio, mmio_type);
     if mmio_type == MmioType::Write as u32 {
         let len: u64 = ctx.arg(1);
         let gpa: u64 = ctx.arg(2);
         let data: u64 = ctx.arg(3);
-        on_guest_write(cgroup_id, SPACE_MMIO, gpa, len as u32, data);
+        if on_guest_write(SPACE_MMIO, gpa, len as u32, data) {
+            return 0;
+        }
     }
+    count(ExitKind::Mmio, mmio_type);
     0
 }
 

@@ -12,7 +12,7 @@ use crate::{
     exits::on_kvm_run,
     memory::on_set_memory_region,
     virtio::{on_ioeventfd, on_read},
-    vmm_process::note_kvm_run,
+    vmm_process::note_vmm,
 };
 
 /// Offsets of `fd`, `cmd` and `arg` in the `syscalls:sys_enter_ioctl` record, from the host's format
@@ -40,16 +40,18 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> i32 {
     };
     match cmd as u32 {
         KVM_RUN => {
-            note_kvm_run();
+            note_vmm();
             on_kvm_run();
         }
         KVM_SET_USER_MEMORY_REGION | KVM_SET_USER_MEMORY_REGION2 => {
+            note_vmm();
             // SAFETY: as above.
             if let Ok(arg) = unsafe { ctx.read_at::<u64>(arg_offset as usize) } {
                 on_set_memory_region(arg);
             }
         }
         KVM_IOEVENTFD => {
+            note_vmm();
             // SAFETY: as above.
             let fields = unsafe {
                 (

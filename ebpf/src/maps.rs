@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use vmtrace_common::{
-    DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellKey, Drop, EXIT_COUNTS_CAPACITY,
-    EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, EventfdKey, ExitKey, ExitKind, ExitStart,
-    KICKS_CAPACITY, KickKey, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
-    ServiceStart, THREAD_SLOTS,
+    DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, Drop,
+    EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, EventfdKey, ExitKey,
+    ExitKind, ExitStart, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
+    REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_SLOTS,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -47,9 +47,20 @@ pub static DOORBELLS: HashMap<DoorbellKey, Doorbell> =
 pub static PENDING_KICKS: LruHashMap<EventfdKey, PendingKick> =
     LruHashMap::with_max_entries(PENDING_KICKS_CAPACITY, 0);
 
-/// Kicks per (tenant, VMM process, doorbell, queue), per CPU.
+/// Kicks per doorbell, per CPU; an entry is made with its doorbell.
 #[map]
-static KICKS: PerCpuHashMap<KickKey, u64> = PerCpuHashMap::with_max_entries(KICKS_CAPACITY, 0);
+pub static KICKS: PerCpuHashMap<DoorbellKey, u64> =
+    PerCpuHashMap::with_max_entries(DOORBELLS_CAPACITY, 0);
+
+/// How many doorbells each address has.
+#[map]
+pub static DOORBELL_ADDRS: HashMap<DoorbellAddr, u32> =
+    HashMap::with_max_entries(DOORBELLS_CAPACITY, 0);
+
+/// Removed doorbells whose kicks the agent has yet to collect.
+#[map]
+pub static REMOVED_DOORBELLS: HashMap<DoorbellKey, Doorbell> =
+    HashMap::with_max_entries(REMOVED_DOORBELLS_CAPACITY, 0);
 
 /// The current task's cgroup v2 id, the tenant key.
 #[inline(always)]
@@ -94,12 +105,6 @@ pub fn add_for(cgroup_id: u64, kind: ExitKind, detail: u32, amount: u64) {
         reserved: 0,
     };
     increment(&EXIT_COUNTS, key, Drop::ExitCountsFull, amount);
-}
-
-/// Adds one to the kick counter of `key`.
-#[inline(always)]
-pub fn count_kick(key: KickKey) {
-    increment(&KICKS, key, Drop::KicksFull, 1);
 }
 
 /// Adds `amount` to this CPU's slot of `key` in `map`, adding the key if needed.

@@ -12,12 +12,15 @@ use aya_ebpf::{
     },
 };
 use vmtrace_common::{
-    ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, KVM_IOEVENTFD_FLAG_DATAMATCH,
-    KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KickKey, KvmIoeventfd, LatencyKey,
-    LatencyKind, PendingKick, SPACE_MMIO, SPACE_PIO,
+    ANY_QUEUE, Doorbell, DoorbellAddr, DoorbellKey, Drop, EventfdKey, KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KvmIoeventfd, LatencyKey, LatencyKind,
+    PendingKick, SPACE_MMIO, SPACE_PIO,
 };
 
-use crate::maps::{DOORBELLS, PENDING_KICKS, count_drop, count_kick, record_latency};
+use crate::maps::{
+    DOORBELL_ADDRS, DOORBELLS, KICKS, PENDING_KICKS, REMOVED_DOORBELLS, count_drop,
+    current_cgroup_id, record_latency,
+};
 
 /// The VMM process (thread group) of the current thread.
 #[inline(always)]
@@ -45,14 +48,24 @@ pub fn on_ioeventfd(vm_fd: u32, arg: u64) {
         addr: request.addr,
         datamatch: if has_datamatch { request.datamatch } else { 0 },
         wildcard: u32::from(!has_datamatch),
-        reserved: 0,
+        len: request.len,
     };
     if request.flags & KVM_IOEVENTFD_FLAG_DEASSIGN != 0 {
-        let _ = DOORBELLS.remove(key);
+        // The kicks stay counted under the key until the agent has collected them; it finds the
+        // doorbell among the removed ones and then deletes both.
+        // SAFETY: the value is copied out at once.
+        if let Some(doorbell) = unsafe { DOORBELLS.get(key) }.copied() {
+            if REMOVED_DOORBELLS.insert(key, doorbell, 0).is_err() {
+                count_drop(Drop::RemovedDoorbellsFull);
+            }
+            let _ = DOORBELLS.remove(key);
+            forget_address(&key);
+        }
         return;
     }
+    // SAFETY: only the presence of the entry is used.
+    let known = unsafe { DOORBELLS.get(key) }.is_some();
     let doorbell = Doorbell {
-        len: request.len,
         queue: if has_datamatch {
             request.datamatch as u32
         } else {
@@ -60,52 +73,120 @@ pub fn on_ioeventfd(vm_fd: u32, arg: u64) {
         },
         vm_fd,
         eventfd: request.fd as u32,
+        reserved: 0,
+        cgroup_id: current_cgroup_id(),
     };
     if DOORBELLS.insert(key, doorbell, 0).is_err() {
         count_drop(Drop::DoorbellsFull);
+        return;
+    }
+    if !known {
+        remember_address(&key);
+    }
+    // Registered again: its counter goes on. NOEXIST leaves an existing one as it is.
+    if let Err(err) = KICKS.insert(key, 0, BPF_NOEXIST as u64)
+        && err != -EEXIST
+    {
+        count_drop(Drop::KicksFull);
+    }
+    let _ = REMOVED_DOORBELLS.remove(key);
+}
+
+/// The address of a doorbell.
+#[inline(always)]
+fn address(key: &DoorbellKey) -> DoorbellAddr {
+    DoorbellAddr {
+        tgid: key.tgid,
+        space: key.space,
+        addr: key.addr,
+    }
+}
+
+/// One more doorbell at the address of `key`.
+#[inline(always)]
+fn remember_address(key: &DoorbellKey) {
+    let address = address(key);
+    match DOORBELL_ADDRS.get_ptr_mut(address) {
+        // SAFETY: the entry of this address; doorbells are set by the VMM's (serialised) ioctls.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            if DOORBELL_ADDRS.insert(address, 1, 0).is_err() {
+                count_drop(Drop::DoorbellsFull);
+            }
+        }
+    }
+}
+
+/// One doorbell fewer at the address of `key`.
+#[inline(always)]
+fn forget_address(key: &DoorbellKey) {
+    let address = address(key);
+    if let Some(count) = DOORBELL_ADDRS.get_ptr_mut(address) {
+        // SAFETY: as above.
+        let left = unsafe {
+            *count = (*count).saturating_sub(1);
+            *count
+        };
+        if left == 0 {
+            let _ = DOORBELL_ADDRS.remove(address);
+        }
     }
 }
 
 /// A guest write of `len` bytes at `addr` in `space`, whose value is at the kernel address `data`:
-/// counts a kick when it hits a known doorbell.
+/// if it hits a known doorbell, counts the kick and returns true (the write is then not counted as
+/// a plain MMIO or port write too: the agent adds the kicks back).
+///
+/// Matching is KVM's: a doorbell without datamatch matches any value, one with datamatch only its
+/// own; a doorbell of length 0 matches any access length, others only their own. A doorbell without
+/// datamatch of the access's length is tried first: that kick costs one lookup in a per-CPU map and
+/// an increment there. Then one lookup dismisses an address without doorbells; the other kinds of
+/// doorbell are tried only at addresses that have some.
 #[inline(always)]
-pub fn on_guest_write(cgroup_id: u64, space: u32, addr: u64, len: u32, data: u64) {
-    let Some(value) = read_value(data, len) else {
-        return;
-    };
+pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) -> bool {
     let mut key = DoorbellKey {
         tgid: current_tgid(),
         space,
         addr,
-        datamatch: value,
-        wildcard: 0,
-        reserved: 0,
+        datamatch: 0,
+        wildcard: 1,
+        len,
     };
-    // SAFETY: the value is copied out at once.
-    let mut doorbell = unsafe { DOORBELLS.get(key) }.copied();
-    if doorbell.is_none() {
-        key.datamatch = 0;
-        key.wildcard = 1;
-        // SAFETY: as above.
-        doorbell = unsafe { DOORBELLS.get(key) }.copied();
+    let mut kicks = KICKS.get_ptr_mut(key);
+    if kicks.is_none() {
+        // SAFETY: only the presence of the entry is used.
+        if unsafe { DOORBELL_ADDRS.get(address(&key)) }.is_none() {
+            return false;
+        }
+        key.len = 0;
+        kicks = KICKS.get_ptr_mut(key);
     }
-    let Some(doorbell) = doorbell else { return };
-    // As KVM does: an ioeventfd of length 0 matches any access, others only their own length.
-    if doorbell.len != 0 && doorbell.len != len {
-        return;
+    if kicks.is_none() {
+        let Some(value) = read_value(data, len) else {
+            return false;
+        };
+        key.datamatch = value;
+        key.wildcard = 0;
+        key.len = len;
+        kicks = KICKS.get_ptr_mut(key);
+        if kicks.is_none() {
+            key.len = 0;
+            kicks = KICKS.get_ptr_mut(key);
+        }
     }
-    count_kick(KickKey {
-        cgroup_id,
-        tgid: key.tgid,
-        space,
-        addr,
-        queue: doorbell.queue,
-        vm_fd: doorbell.vm_fd,
-    });
+    let Some(kicks) = kicks else {
+        return false;
+    };
+    // SAFETY: this CPU's value of the entry; tracepoint programs run with preemption disabled.
+    unsafe { *kicks += 1 };
     // SAFETY: a volatile read of a constant the loader may have rewritten.
     if unsafe { core::ptr::read_volatile(&KICK_LATENCY) } != 0 {
-        remember_kick(key.tgid, doorbell, cgroup_id);
+        // SAFETY: the value is copied out at once.
+        if let Some(doorbell) = unsafe { DOORBELLS.get(key) }.copied() {
+            remember_kick(key.tgid, doorbell);
+        }
     }
+    true
 }
 
 /// Set to 1 by the agent when kick service latency is wanted; it needs `sys_enter_read`, which costs
@@ -115,7 +196,7 @@ static KICK_LATENCY: u32 = 0;
 
 /// Keeps the time of a queue's first kick that its VMM has not read yet.
 #[inline(always)]
-fn remember_kick(tgid: u32, doorbell: Doorbell, cgroup_id: u64) {
+fn remember_kick(tgid: u32, doorbell: Doorbell) {
     let key = EventfdKey {
         tgid,
         fd: doorbell.eventfd,
@@ -123,7 +204,7 @@ fn remember_kick(tgid: u32, doorbell: Doorbell, cgroup_id: u64) {
     let pending = PendingKick {
         // SAFETY: the helper has no preconditions.
         time_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id,
+        cgroup_id: doorbell.cgroup_id,
         queue: doorbell.queue,
         reserved: 0,
     };

@@ -1,5 +1,6 @@
-//! Which processes are VMMs. A process becomes one at its first `KVM_RUN` and stops being one when
-//! it exits. Host page faults and TLB flushes happen in every process of the host; they are counted
+//! Which processes are VMMs. A process becomes one at its first `KVM_RUN`, memory slot or doorbell,
+//! and stops being one when it exits (the agent also forgets the doorbells of processes no longer
+//! here). Host page faults and TLB flushes happen in every process of the host; they are counted
 //! for VMMs only, so that tenants are the VMs, not every cgroup that takes a page fault.
 
 use aya_ebpf::{
@@ -15,7 +16,7 @@ use crate::{
     memory::forget_process,
 };
 
-/// VMM processes: tgid to the cgroup id of its first `KVM_RUN`.
+/// VMM processes: tgid to the cgroup id it had when first seen.
 #[map]
 static VMM_PROCESSES: HashMap<u32, u64> = HashMap::with_max_entries(VMM_PROCESSES_CAPACITY, 0);
 
@@ -32,9 +33,9 @@ pub fn in_vmm() -> bool {
     unsafe { VMM_PROCESSES.get(current_tgid()) }.is_some()
 }
 
-/// The current thread enters `KVM_RUN`: its process is a VMM.
+/// The current thread enters `KVM_RUN` or sets up a VM (memory, doorbells): its process is a VMM.
 #[inline(always)]
-pub fn note_kvm_run() {
+pub fn note_vmm() {
     let tgid = current_tgid();
     // SAFETY: only the presence of the entry is used.
     if unsafe { VMM_PROCESSES.get(tgid) }.is_none()

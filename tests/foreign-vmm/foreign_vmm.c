@@ -11,7 +11,8 @@
  * writes of 0 and K1 writes of 1 to the virtio-mmio QueueNotify register at
  * GPA 0xD0050. Two ioeventfds (datamatch 0 and 1) complete those writes inside
  * the kernel, so they never reach userspace; their number is read back from
- * the eventfd counters. Then `out 0x11, al` says DONE.
+ * the eventfd counters. Then `out 0x11, al` says DONE, and the doorbells are
+ * removed (KVM_IOEVENTFD with DEASSIGN) before the VMM exits.
  *
  * Build: cc -O2 -Wall -Wextra -Werror -o /tmp/foreign_vmm foreign_vmm.c
  * Usage: foreign_vmm [--port-writes N] [--kicks-q0 N] [--kicks-q1 N] [--cgroup DIR]
@@ -127,6 +128,18 @@ static int add_ioeventfd(int vm, uint64_t datamatch)
 	if (ioctl(vm, KVM_IOEVENTFD, &io) < 0)
 		die("KVM_IOEVENTFD");
 	return io.fd;
+}
+
+/* Removes a doorbell, as VMMs do when a device resets or the VM shuts down. */
+static void remove_ioeventfd(int vm, uint64_t datamatch, int efd)
+{
+	struct kvm_ioeventfd io = {
+		.datamatch = datamatch, .addr = DOORBELL, .len = 4, .fd = efd,
+		.flags = KVM_IOEVENTFD_FLAG_DATAMATCH | KVM_IOEVENTFD_FLAG_DEASSIGN,
+	};
+
+	if (ioctl(vm, KVM_IOEVENTFD, &io) < 0)
+		die("KVM_IOEVENTFD deassign");
 }
 
 static uint64_t read_eventfd(int efd)
@@ -263,6 +276,8 @@ int main(int argc, char **argv)
 	}
 
 	uint64_t got0 = read_eventfd(efd0), got1 = read_eventfd(efd1);
+	remove_ioeventfd(vm, 0, efd0);
+	remove_ioeventfd(vm, 1, efd1);
 	printf("{\"vmm\":\"foreign_vmm\",\"pid\":%d,\"cgroup_id\":%s,\"port_writes\":%llu,"
 	       "\"exits\":{\"io\":%llu,\"mmio\":%llu,\"hlt\":%llu,\"other\":%llu,\"eintr\":%llu},"
 	       "\"kicks\":{\"0\":%llu,\"1\":%llu},\"doorbell\":{\"addr\":%d,\"len\":4}}\n",

@@ -30,7 +30,7 @@ fn synthetic_iommu_faults_are_counted_per_device_and_flags_in_the_kernel() {
             .unwrap_or_else(|| panic!("{tracepoint} is not among the probes"));
         assert_eq!(status.error, None, "{tracepoint} did not attach");
     }
-    let counters = Counters::new(&mut probes.ebpf).unwrap();
+    let mut counters = Counters::new(&mut probes.ebpf).unwrap();
     // Names far from any real device of this host, so a real fault cannot mix in.
     for _ in 0..5 {
         probes.replay_io_page_fault("ffff:65:00.0", 2).unwrap();

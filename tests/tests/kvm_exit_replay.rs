@@ -69,7 +69,7 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
 
     let mut probes = Probes::attach(&host::detect_kvm(), &ProbeOptions::default())
         .expect("attaching the probes");
-    let counters = Counters::new(&mut probes.ebpf).unwrap();
+    let mut counters = Counters::new(&mut probes.ebpf).unwrap();
     probes.replay_kvm_exit(&records).expect("BPF_PROG_TEST_RUN");
     let snapshot = counters.read(&probes.reason_names).unwrap();
     let mut index = CgroupIndex::new(cgroup2_root().unwrap());
