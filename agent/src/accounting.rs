@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     cgroup_stats::{CgroupFs, CpuStat, MemoryStat, outermost},
+    counts::KindCounts,
     dtlb::{self, DtlbCounters},
     guest_time::GuestTime,
     tenants::TenantCounts,
@@ -97,24 +98,39 @@ impl Accounting {
                     .filter_map(|c| guest_by_cgroup.get(&c.id))
                     .sum();
                 let user_ns = cpu.user_usec * 1000;
-                let counts = &mut tenant.counts;
-                counts.insert(CPU_GUEST.to_owned(), guest_ns.min(user_ns));
-                counts.insert(TAX_KERNEL.to_owned(), cpu.system_usec * 1000);
-                counts.insert(TAX_VMM.to_owned(), user_ns.saturating_sub(guest_ns));
+                insert_counts(
+                    &mut tenant.counts,
+                    [
+                        (CPU_GUEST, guest_ns.min(user_ns)),
+                        (TAX_KERNEL, cpu.system_usec * 1000),
+                        (TAX_VMM, user_ns.saturating_sub(guest_ns)),
+                    ],
+                );
             }
             if let Some(memory) = memory {
                 tenant
                     .gauges
                     .insert(MEMORY_USAGE.to_owned(), memory.usage_bytes as f64);
-                for (kind, value) in [
-                    ("memcg.pgfault", memory.pgfault),
-                    ("memcg.pgmajfault", memory.pgmajfault),
-                    ("memcg.limit_hits", memory.limit_hits),
-                    ("memcg.oom_kills", memory.oom_kills),
-                ] {
-                    tenant.counts.insert(kind.to_owned(), value);
-                }
+                insert_counts(
+                    &mut tenant.counts,
+                    [
+                        ("memcg.pgfault", memory.pgfault),
+                        ("memcg.pgmajfault", memory.pgmajfault),
+                        ("memcg.limit_hits", memory.limit_hits),
+                        ("memcg.oom_kills", memory.oom_kills),
+                    ],
+                );
             }
+        }
+    }
+}
+
+/// Adds the counters that are above zero: like the probes' kinds, a counter appears once it has
+/// counted something, which keeps idle tenants small.
+fn insert_counts<const N: usize>(counts: &mut KindCounts, values: [(&str, u64); N]) {
+    for (kind, value) in values {
+        if value > 0 {
+            counts.insert(kind.to_owned(), value);
         }
     }
 }

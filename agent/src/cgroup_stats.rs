@@ -33,6 +33,8 @@ pub struct MemoryStat {
 pub struct CgroupFs {
     /// The cgroup v2 mount.
     pub v2: PathBuf,
+    /// Whether the v2 hierarchy has the memory controller (else no v2 cgroup has memory files).
+    pub v2_memory: bool,
     /// The cgroup v1 mount of the memory controller, on hybrid hosts.
     pub v1_memory: Option<PathBuf>,
 }
@@ -43,7 +45,13 @@ impl CgroupFs {
         let v1_memory = fs::read_to_string("/proc/self/mountinfo")
             .ok()
             .and_then(|text| v1_memory_mount(&text));
-        Self { v2, v1_memory }
+        let v2_memory = fs::read_to_string(v2.join("cgroup.controllers"))
+            .is_ok_and(|text| text.split_whitespace().any(|c| c == "memory"));
+        Self {
+            v2,
+            v2_memory,
+            v1_memory,
+        }
     }
 
     /// CPU time of the cgroup at `path` (relative to the v2 root, e.g. `/machine.slice/x`).
@@ -59,7 +67,11 @@ impl CgroupFs {
     /// the v1 memory controller's cgroup of the same path; `None` if neither has it.
     pub fn memory(&self, path: &str) -> Option<MemoryStat> {
         let v2 = self.v2.join(relative(path));
-        if let Ok(current) = fs::read_to_string(v2.join("memory.current")) {
+        if let Some(current) = self
+            .v2_memory
+            .then(|| fs::read_to_string(v2.join("memory.current")).ok())
+            .flatten()
+        {
             let stat = fs::read_to_string(v2.join("memory.stat")).unwrap_or_default();
             let events = fs::read_to_string(v2.join("memory.events")).unwrap_or_default();
             return Some(MemoryStat {
@@ -202,6 +214,7 @@ mod tests {
         .unwrap();
         let cgroups = CgroupFs {
             v2: dir.join("v2"),
+            v2_memory: true,
             v1_memory: Some(dir.join("v1")),
         };
         assert_eq!(

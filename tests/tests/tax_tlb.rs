@@ -92,9 +92,6 @@ fn tax_grows_with_exits_and_tlb_and_faults_are_counted_for_vmms_only() {
         heavy_tax > 3 * light_tax,
         "10x the exits must cost clearly more: {heavy_tax} ns vs {light_tax} ns"
     );
-    for counts in [&light_counts, &heavy_counts] {
-        assert!(counts.contains_key("cpu.guest"), "{counts:?}");
-    }
     // The share of CPU that was tax, over an interval in which the heavy tenant ran.
     let ratios: Vec<f64> = samples
         .iter()
