@@ -7,7 +7,7 @@
 //! was not guest time (the VMM serving exits in user space). Guest time is accounted as user time
 //! by the kernel, per thread. These are the cgroup's totals since it was created, in ns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::{
     cgroup_stats::{CgroupFs, CpuStat, MemoryStat, outermost},
@@ -28,12 +28,19 @@ pub const MEMORY_USAGE: &str = "memory.usage_bytes";
 /// Gauge: share of the tenant's CPU time over the last interval that was tax (0 to 1).
 pub const TAX_RATIO: &str = "tax.ratio";
 
+/// One cgroup's CPU and memory figures, where it has them.
+type Figures = (Option<CpuStat>, Option<MemoryStat>);
+
 /// Reads cgroup files, VMM threads' guest time and dTLB counters for the tenants of each sample.
 pub struct Accounting {
     cgroups: CgroupFs,
     guest: GuestTime,
     /// `Err` with the reason where the host cannot count dTLB misses.
     dtlb: Result<DtlbCounters, String>,
+    /// Last figures of each cgroup path, and whether the cgroup was empty when they were read: a
+    /// cgroup without tasks uses no CPU and takes no faults, so once read empty its figures are
+    /// kept while it stays empty.
+    last: HashMap<String, (Figures, bool)>,
 }
 
 impl Accounting {
@@ -42,7 +49,19 @@ impl Accounting {
             cgroups,
             guest: GuestTime::default(),
             dtlb: dtlb::availability().map(|()| DtlbCounters::default()),
+            last: HashMap::new(),
         }
+    }
+
+    /// CPU and memory figures of the cgroup at `path`.
+    fn read(&mut self, path: &str) -> Figures {
+        let empty = self.cgroups.populated(path) == Some(false);
+        if empty && let Some((figures, true)) = self.last.get(path) {
+            return *figures;
+        }
+        let figures = (self.cgroups.cpu(path), self.cgroups.memory(path));
+        self.last.insert(path.to_owned(), (figures, empty));
+        figures
     }
 
     /// Why dTLB misses are not counted, if they are not.
@@ -65,6 +84,7 @@ impl Accounting {
                 }
             }
         }
+        let mut seen = HashSet::new();
         for tenant in tenants.iter_mut().filter(|t| !t.removed) {
             // The root cgroup holds the whole host (its kernel threads age and reclaim guest
             // memory there): it is no tenant's to account.
@@ -77,12 +97,14 @@ impl Accounting {
             let mut cpu: Option<CpuStat> = None;
             let mut memory: Option<MemoryStat> = None;
             for path in outermost(&paths) {
-                if let Some(stat) = self.cgroups.cpu(path) {
+                seen.insert(path.to_owned());
+                let (cpu_stat, memory_stat) = self.read(path);
+                if let Some(stat) = cpu_stat {
                     let sum = cpu.get_or_insert_default();
                     sum.user_usec += stat.user_usec;
                     sum.system_usec += stat.system_usec;
                 }
-                if let Some(stat) = self.cgroups.memory(path) {
+                if let Some(stat) = memory_stat {
                     let sum = memory.get_or_insert_default();
                     sum.usage_bytes += stat.usage_bytes;
                     sum.pgfault += stat.pgfault;
@@ -122,6 +144,7 @@ impl Accounting {
                 );
             }
         }
+        self.last.retain(|path, _| seen.contains(path));
     }
 }
 

@@ -63,6 +63,12 @@ impl CgroupFs {
         })
     }
 
+    /// Whether the cgroup at `path` has tasks, from v2 `cgroup.events`; `None` if unknown.
+    pub fn populated(&self, path: &str) -> Option<bool> {
+        let text = fs::read_to_string(self.v2.join(relative(path)).join("cgroup.events")).ok()?;
+        field(&text, "populated").map(|v| v != 0)
+    }
+
     /// Memory of the cgroup at `path`: from v2 if the memory controller is enabled there, else from
     /// the v1 memory controller's cgroup of the same path; `None` if neither has it.
     pub fn memory(&self, path: &str) -> Option<MemoryStat> {
@@ -194,6 +200,7 @@ mod tests {
         )
         .unwrap();
         fs::write(v2.join("memory.current"), "4096\n").unwrap();
+        fs::write(v2.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
         fs::write(
             v2.join("memory.stat"),
             "anon 4096\npgfault 7\npgmajfault 1\n",
@@ -245,6 +252,8 @@ mod tests {
             (8192, 9, 4, 2)
         );
         assert_eq!(cgroups.memory("/absent"), None);
+        assert_eq!(cgroups.populated("/tenant"), Some(false));
+        assert_eq!(cgroups.populated("/absent"), None);
         fs::remove_dir_all(&dir).unwrap();
     }
 
