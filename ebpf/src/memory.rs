@@ -12,7 +12,7 @@ use aya_ebpf::{
 use vmtrace_common::{
     Drop, ExitKind, FaultMode, GUEST_SLOTS, GuestMemory, HvaDetail, KvmUserspaceMemoryRegion,
     MADV_DONTNEED, MADV_DONTNEED_LOCKED, MADV_FREE, MADV_REMOVE, MmuPageEvent, RETURNED_RANGES,
-    ReturnedRanges, VMM_PROCESSES_CAPACITY,
+    ReturnedRanges, VMM_MEMORY_CAPACITY,
 };
 
 use crate::{
@@ -28,12 +28,12 @@ static MADVISE_CALLS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 /// Each VMM's most recently returned ranges, by tgid.
 #[map]
 static RETURNED: HashMap<u32, ReturnedRanges> =
-    HashMap::with_max_entries(VMM_PROCESSES_CAPACITY, 0);
+    HashMap::with_max_entries(VMM_MEMORY_CAPACITY, 0);
 
 /// Each VMM's guest memory, from its `KVM_SET_USER_MEMORY_REGION` calls, by tgid.
 #[map]
 static GUEST_MEMORY: HashMap<u32, GuestMemory> =
-    HashMap::with_max_entries(VMM_PROCESSES_CAPACITY, 0);
+    HashMap::with_max_entries(VMM_MEMORY_CAPACITY, 0);
 
 /// First address above user space on x86-64 (4-level paging; 5-level starts higher, and kernel
 /// addresses are far above both).

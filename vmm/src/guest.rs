@@ -90,6 +90,12 @@ fn assemble(scenario: Scenario, paced: bool) -> Result<Vec<u8>, iced_x86::IcedEr
     a.inc(dword_ptr(edi))?;
     a.dec(esi)?;
     a.jnz(again)?;
+    done_and_halt(&mut a)
+}
+
+/// The end of every program: write DONE (the VMM stops the vCPU there), then halt for good; and
+/// the machine code, for [`CODE_GPA`].
+pub(crate) fn done_and_halt(a: &mut CodeAssembler) -> Result<Vec<u8>, iced_x86::IcedError> {
     a.out(u32::from(DONE_PORT), al)?;
     let mut halt = a.create_label();
     a.set_label(&mut halt)?;

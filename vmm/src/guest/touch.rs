@@ -34,13 +34,12 @@ use iced_x86::code_asm::{CodeAssembler, al, byte_ptr, dword_ptr, ebx, ecx, edi, 
 
 use crate::error::Error;
 use crate::layout::{
-    BALLOON_PORT, CODE_GPA, DONE_PORT, PACE_PORT, PAGE_SIZE, RETOUCH_PATTERN, TOUCH_PATTERN,
-    TOUCH_REGION_GPA,
+    BALLOON_PORT, PACE_PORT, PAGE_SIZE, RETOUCH_PATTERN, TOUCH_PATTERN, TOUCH_REGION_GPA,
 };
 use crate::region::Plan;
 
-/// Assembles the program every vCPU of `plan` runs, to be loaded at [`CODE_GPA`]. With `paced`
-/// the guest writes the PACE port after every page.
+/// Assembles the program every vCPU of `plan` runs, to be loaded at
+/// [`crate::layout::CODE_GPA`]. With `paced` the guest writes the PACE port after every page.
 pub fn program(plan: &Plan, paced: bool) -> Result<Vec<u8>, Error> {
     let name = if plan.balloon() { "balloon" } else { "touch" };
     let check = |what: &str, v: u64| {
@@ -66,12 +65,7 @@ fn assemble(
         a.mov(ebx, TOUCH_REGION_GPA as u32)?;
         write_pages(&mut a, RETOUCH_PATTERN, pages, PAGE_SIZE as u32, paced)?;
     }
-    a.out(u32::from(DONE_PORT), al)?;
-    let mut halt = a.create_label();
-    a.set_label(&mut halt)?;
-    a.hlt()?;
-    a.jmp(halt)?;
-    a.assemble(CODE_GPA)
+    super::done_and_halt(&mut a)
 }
 
 /// `pages` times: write `pattern` at [EBX], count it, EBX += `stride`.
