@@ -17,7 +17,7 @@ use crate::{
     tenants::TenantCounts,
 };
 
-/// CPU time in guest mode (ns).
+/// CPU time in guest mode (ns): measured by the probes where `kvm_entry`/`kvm_exit` fire.
 pub const CPU_GUEST: &str = "cpu.guest";
 /// Tax: CPU time in the kernel (ns).
 pub const TAX_KERNEL: &str = "tax.kernel";
@@ -114,11 +114,15 @@ impl Accounting {
                 }
             }
             if let Some(cpu) = cpu {
-                let guest_ns: u64 = tenant
+                // Guest time as the probes measured it (entry to exit, VMX and SVM), else as the
+                // kernel accounted it to the VMM threads.
+                let from_threads: u64 = tenant
                     .cgroups
                     .iter()
                     .filter_map(|c| guest_by_cgroup.get(&c.id))
                     .sum();
+                let from_probes = tenant.counts.get(CPU_GUEST).copied().unwrap_or(0);
+                let guest_ns = from_probes.max(from_threads);
                 let user_ns = cpu.user_usec * 1000;
                 insert_counts(
                     &mut tenant.counts,

@@ -147,6 +147,7 @@ pub fn kind_name(kind: ExitKind, isa: u32, detail: u32, names: &ExitReasonNames)
         ExitKind::HvaAge if detail == 0 => "mem.age".to_owned(),
         ExitKind::HvaAge => "mem.test_age".to_owned(),
         ExitKind::Refault => "mem.refault".to_owned(),
+        ExitKind::GuestTime => "cpu.guest".to_owned(),
         ExitKind::Iommu => match detail {
             d if d == IommuDetail::MapBytes as u32 => "iommu.map_bytes",
             d if d == IommuDetail::Unmap as u32 => "iommu.unmap",

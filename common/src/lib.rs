@@ -49,6 +49,9 @@ pub enum ExitKind {
     Refault = 16,
     /// IOMMU mappings made or removed by the tenant's tasks (VFIO DMA maps). Detail: [`IommuDetail`].
     Iommu = 17,
+    /// Time in guest mode, ns: a vCPU thread's `kvm_entry` to its next `kvm_exit` (VMX, SVM). The
+    /// counter adds the time instead of one. Detail: 0.
+    GuestTime = 18,
 }
 
 impl TryFrom<u32> for ExitKind {
@@ -71,6 +74,7 @@ impl TryFrom<u32> for ExitKind {
             15 => Self::HvaAge,
             16 => Self::Refault,
             17 => Self::Iommu,
+            18 => Self::GuestTime,
             other => return Err(other),
         })
     }
@@ -427,6 +431,17 @@ pub struct CgroupEvent {
     pub path_len: u32,
     /// Path below the cgroup v2 root, e.g. `/kubepods/burstable/pod…`, NUL-terminated.
     pub path: [u8; CGROUP_PATH_LEN],
+}
+
+/// A vCPU thread's entry into the guest that has not seen its exit yet, in the slot of its thread id
+/// modulo [`THREAD_SLOTS`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct GuestEntry {
+    /// When the vCPU entered the guest; 0 once its exit consumed it.
+    pub time_ns: u64,
+    pub tid: u32,
+    pub reserved: u32,
 }
 
 /// A vCPU thread's exit that has not seen its entry yet.

@@ -1,5 +1,6 @@
 //! `kvm:kvm_exit` and `kvm:kvm_entry` on hosts that emit them (VMX, SVM): every exit counted by ISA and
-//! reason, and its latency (exit to the same vCPU thread's next entry) in a log2 histogram.
+//! reason, its latency (exit to the same vCPU thread's next entry) in a log2 histogram, and the time
+//! in the guest (entry to the next exit) per tenant.
 //!
 //! The tracepoint handlers only decode their inputs and call [`on_exit`] and [`on_entry`]. The same
 //! functions are reachable through [`replay_kvm_exit`], a raw tracepoint program that is never attached:
@@ -11,11 +12,16 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use vmtrace_common::{Drop, ExitKey, ExitKind, ExitStart, LatencyKey, LatencyKind};
+use vmtrace_common::{
+    Drop, ExitKey, ExitKind, ExitStart, GuestEntry, LatencyKey, LatencyKind, THREAD_SLOTS,
+};
 
 use crate::{
     exits::current_tid,
-    maps::{EXIT_STARTS, count_drop, count_key, current_cgroup_id, record_latency},
+    maps::{
+        EXIT_STARTS, GUEST_ENTRIES, add_for, count_drop, count_key, current_cgroup_id,
+        record_latency,
+    },
 };
 
 /// Offsets of `exit_reason` and `isa` in the `kvm:kvm_exit` record, from the host's format file; the
@@ -83,7 +89,8 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// An exit: count it, and remember when it began for its latency.
+/// An exit: count it, add the time in the guest since the thread's entry, and remember when it
+/// began for its latency.
 #[inline(always)]
 fn on_exit(cgroup_id: u64, tid: u32, time_ns: u64, isa: u32, reason: u32) {
     count_key(ExitKey {
@@ -93,6 +100,19 @@ fn on_exit(cgroup_id: u64, tid: u32, time_ns: u64, isa: u32, reason: u32) {
         isa,
         reserved: 0,
     });
+    if let Some(entry) = GUEST_ENTRIES.get_ptr_mut(tid % THREAD_SLOTS) {
+        // SAFETY: an array slot of this map, read and marked consumed at once; only the thread
+        // whose id maps to it writes it (two live vCPU threads whose ids collide lose some guest
+        // time, never count another's).
+        let entered = unsafe {
+            let entered = *entry;
+            (*entry).time_ns = 0;
+            entered
+        };
+        if entered.time_ns != 0 && entered.tid == tid && time_ns > entered.time_ns {
+            add_for(cgroup_id, ExitKind::GuestTime, 0, time_ns - entered.time_ns);
+        }
+    }
     let start = ExitStart {
         time_ns,
         cgroup_id,
@@ -104,9 +124,19 @@ fn on_exit(cgroup_id: u64, tid: u32, time_ns: u64, isa: u32, reason: u32) {
     }
 }
 
-/// An entry: the thread's exit in progress, if any, has ended.
+/// An entry: the thread is in the guest from now, and its exit in progress, if any, has ended.
 #[inline(always)]
 fn on_entry(tid: u32, time_ns: u64) {
+    if let Some(entry) = GUEST_ENTRIES.get_ptr_mut(tid % THREAD_SLOTS) {
+        // SAFETY: as in `on_exit`.
+        unsafe {
+            *entry = GuestEntry {
+                time_ns,
+                tid,
+                reserved: 0,
+            }
+        };
+    }
     // SAFETY: the value is copied out at once.
     let Some(start) = (unsafe { EXIT_STARTS.get(tid) }).copied() else {
         // The first entry of a vCPU, or one whose exit was seen before the probes were attached.

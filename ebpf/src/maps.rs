@@ -8,8 +8,8 @@ use aya_ebpf::{
 use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, Drop,
     EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, EventfdKey, ExitKey,
-    ExitKind, ExitStart, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
-    REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_SLOTS,
+    ExitKind, ExitStart, GuestEntry, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY,
+    PendingKick, REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_SLOTS,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -35,6 +35,10 @@ pub static EXIT_STARTS: LruHashMap<u32, ExitStart> =
 /// modulo [`THREAD_SLOTS`]: an array lookup is far cheaper on this hot path than a hash map's.
 #[map]
 pub static SERVICE_STARTS: Array<ServiceStart> = Array::with_max_entries(THREAD_SLOTS, 0);
+
+/// Each vCPU thread's entry into the guest (VMX, SVM), until its next exit: the guest time.
+#[map]
+pub static GUEST_ENTRIES: Array<GuestEntry> = Array::with_max_entries(THREAD_SLOTS, 0);
 
 /// Doorbells learnt from the VMMs' `KVM_IOEVENTFD` calls. Written only on (de)registration, read on
 /// every guest write, so a plain hash map.

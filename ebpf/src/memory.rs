@@ -27,13 +27,11 @@ static MADVISE_CALLS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Each VMM's most recently returned ranges, by tgid.
 #[map]
-static RETURNED: HashMap<u32, ReturnedRanges> =
-    HashMap::with_max_entries(VMM_MEMORY_CAPACITY, 0);
+static RETURNED: HashMap<u32, ReturnedRanges> = HashMap::with_max_entries(VMM_MEMORY_CAPACITY, 0);
 
 /// Each VMM's guest memory, from its `KVM_SET_USER_MEMORY_REGION` calls, by tgid.
 #[map]
-static GUEST_MEMORY: HashMap<u32, GuestMemory> =
-    HashMap::with_max_entries(VMM_MEMORY_CAPACITY, 0);
+static GUEST_MEMORY: HashMap<u32, GuestMemory> = HashMap::with_max_entries(VMM_MEMORY_CAPACITY, 0);
 
 /// First address above user space on x86-64 (4-level paging; 5-level starts higher, and kernel
 /// addresses are far above both).

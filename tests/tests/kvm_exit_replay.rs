@@ -1,6 +1,7 @@
 //! The in-kernel kvm_exit logic, driven for real with synthetic VMX, SVM and PVM records through
 //! `BPF_PROG_TEST_RUN` (kvm_exit never fires on this PVM host), read back through the agent: reason
-//! names, counts and latency histogram buckets per tenant, and the TLB-relevant exits among them.
+//! names, counts and latency histogram buckets per tenant, the TLB-relevant exits among them, and
+//! the time in the guest between each entry and the next exit.
 
 use std::{collections::BTreeMap, os::unix::fs::MetadataExt};
 
@@ -17,7 +18,11 @@ const VMX: u64 = 1;
 const SVM: u64 = 2;
 const PVM: u64 = 3;
 
-/// One vCPU thread's exits: (isa, reason, latency ns), each followed by the matching entry.
+/// Time in the guest between an entry and the thread's next exit in these records.
+const GUEST_GAP_NS: u64 = 10_000;
+
+/// One vCPU thread's exits: (isa, reason, latency ns), each followed by the matching entry, and
+/// that by the next exit [`GUEST_GAP_NS`] later.
 fn exits_then_entries(cgroup_id: u64, tid: u64, exits: &[(u64, u64, u64)]) -> Vec<[u64; 6]> {
     let mut time = 1_000_000_000;
     let mut records = Vec::new();
@@ -25,9 +30,15 @@ fn exits_then_entries(cgroup_id: u64, tid: u64, exits: &[(u64, u64, u64)]) -> Ve
         records.push([0, cgroup_id, tid, time, isa, reason]);
         time += latency;
         records.push([1, 0, tid, time, 0, 0]);
-        time += 10_000;
+        time += GUEST_GAP_NS;
     }
     records
+}
+
+/// The guest time of one thread's [`exits_then_entries`]: every entry but the last is followed by
+/// an exit.
+fn guest_ns(exits: &[(u64, u64, u64)]) -> u64 {
+    (exits.len() as u64 - 1) * GUEST_GAP_NS
 }
 
 fn repeat(n: usize, exit: (u64, u64, u64)) -> Vec<(u64, u64, u64)> {
@@ -96,6 +107,8 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
         ("INVLPG", 4),
     ]);
     expected.insert("tlb.exit".to_owned(), 15);
+    // Guest time: from each entry to the thread's next exit, 10 µs apart in these records.
+    expected.insert("cpu.guest".to_owned(), guest_ns(&vmx_exits));
     assert_eq!(vmx.counts, expected);
     let io = &vmx.latency["kvm_exit.IO_INSTRUCTION"];
     assert_eq!(
@@ -109,15 +122,15 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
     let svm = tenant(&tenants[1]);
     let mut expected = counts(&[("io", 300), ("npf", 7), ("write_cr3", 6)]);
     expected.insert("tlb.exit".to_owned(), 6);
+    expected.insert("cpu.guest".to_owned(), guest_ns(&svm_exits));
     assert_eq!(svm.counts, expected);
     assert_eq!(svm.latency["kvm_exit.io"].buckets, vec![(512, 300)]);
     assert_eq!(svm.latency["kvm_exit.npf"].buckets, vec![(32_768, 7)]);
 
     let pvm = tenant(&tenants[2]);
-    assert_eq!(
-        pvm.counts,
-        counts(&[(PVM_SYSCALL, 200), (PVM_PAGE_FAULT, 10)])
-    );
+    let mut expected = counts(&[(PVM_SYSCALL, 200), (PVM_PAGE_FAULT, 10)]);
+    expected.insert("cpu.guest".to_owned(), guest_ns(&pvm_exits));
+    assert_eq!(pvm.counts, expected);
     assert_eq!(
         pvm.latency[&format!("kvm_exit.{PVM_SYSCALL}")].buckets,
         vec![(256, 200)]
