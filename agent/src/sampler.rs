@@ -19,7 +19,7 @@ use crate::{
     lifecycle::CgroupEvents,
     probes::{ExitSource, ProbeOptions, Probes},
     tenant::Tenant,
-    tenants::{TenantCounts, add_rates, by_tenant},
+    tenants::{PreviousCounts, TenantCounts, add_rates, by_tenant},
     vfio,
 };
 
@@ -71,7 +71,8 @@ pub struct Sampler {
     vfio: vfio::Roots,
     kvm: KvmDetection,
     started: Instant,
-    previous: Option<(Instant, Vec<TenantCounts>)>,
+    /// When the previous sample was taken, and its counts.
+    previous: Option<(Instant, PreviousCounts)>,
 }
 
 impl Sampler {
@@ -126,9 +127,10 @@ impl Sampler {
             }
         }
         let snapshot = self.counters.read(&self.probes.reason_names)?;
+        let no_counts = PreviousCounts::new();
         let (since, previous) = match &self.previous {
-            Some((at, tenants)) => (*at, tenants.as_slice()),
-            None => (self.started, &[][..]),
+            Some((at, counts)) => (*at, counts),
+            None => (self.started, &no_counts),
         };
         let interval_secs = now.duration_since(since).as_secs_f64();
         let mut tenants = by_tenant(&snapshot, &mut self.index);
@@ -147,7 +149,7 @@ impl Sampler {
             interval_secs,
             kvm: self.kvm.flavour,
             exit_source: self.probes.exit_source,
-            tenants: tenants.clone(),
+            tenants,
             dtlb_unavailable: self.accounting.dtlb_unavailable().map(str::to_owned),
             iommu_faults: attribute_iommu_faults(&snapshot.iommu_faults, &self.vfio),
             drops: snapshot
@@ -157,7 +159,12 @@ impl Sampler {
                 .collect(),
             last: false,
         };
-        self.previous = Some((now, tenants));
+        let counts = sample
+            .tenants
+            .iter()
+            .map(|t| (t.tenant.clone(), t.counts.clone()))
+            .collect();
+        self.previous = Some((now, counts));
         Ok(sample)
     }
 }

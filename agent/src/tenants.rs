@@ -112,15 +112,15 @@ pub fn by_tenant(snapshot: &Snapshot, index: &mut CgroupIndex) -> Vec<TenantCoun
     tenants.into_values().collect()
 }
 
-/// Sets each tenant's rates against `previous`, the last interval's tenants.
-pub fn add_rates(tenants: &mut [TenantCounts], previous: &[TenantCounts], interval_secs: f64) {
+/// Each tenant's counts, by tenant label: what the next interval's rates are computed against.
+pub type PreviousCounts = BTreeMap<String, KindCounts>;
+
+/// Sets each tenant's rates against `previous`, the last interval's counts.
+pub fn add_rates(tenants: &mut [TenantCounts], previous: &PreviousCounts, interval_secs: f64) {
     for tenant in tenants.iter_mut() {
-        let before = previous.iter().find(|p| p.tenant == tenant.tenant);
+        let before = previous.get(&tenant.tenant);
         for (kind, &count) in &tenant.counts {
-            let prior = before
-                .and_then(|b| b.counts.get(kind))
-                .copied()
-                .unwrap_or(0);
+            let prior = before.and_then(|b| b.get(kind)).copied().unwrap_or(0);
             let rate = if interval_secs > 0.0 {
                 count.saturating_sub(prior) as f64 / interval_secs
             } else {
