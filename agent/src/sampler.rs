@@ -3,7 +3,7 @@
 //! samples, so they all report the same numbers.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -69,6 +69,9 @@ pub struct Sampler {
     index: CgroupIndex,
     accounting: Accounting,
     vfio: vfio::Roots,
+    /// The tenant holding each faulting device, and when it was looked up: finding it scans every
+    /// process's open files, so it is done once a minute per device at most.
+    iommu_owners: HashMap<String, (Instant, String)>,
     kvm: KvmDetection,
     started: Instant,
     /// When the previous sample was taken, and its counts.
@@ -100,6 +103,7 @@ impl Sampler {
             reported_removed: HashSet::new(),
             accounting: Accounting::new(CgroupFs::new(root.clone())),
             vfio: vfio::Roots::default(),
+            iommu_owners: HashMap::new(),
             index: CgroupIndex::new(root),
             kvm,
             started: Instant::now(),
@@ -151,7 +155,7 @@ impl Sampler {
             exit_source: self.probes.exit_source,
             tenants,
             dtlb_unavailable: self.accounting.dtlb_unavailable().map(str::to_owned),
-            iommu_faults: attribute_iommu_faults(&snapshot.iommu_faults, &self.vfio),
+            iommu_faults: self.attribute_iommu_faults(&snapshot.iommu_faults, now),
             drops: snapshot
                 .drops
                 .iter()
@@ -167,20 +171,40 @@ impl Sampler {
         self.previous = Some((now, counts));
         Ok(sample)
     }
+
+    /// Names the tenant of each faulting device: the one whose VMM holds it through VFIO.
+    fn attribute_iommu_faults(
+        &mut self,
+        faults: &[IommuFaults],
+        now: Instant,
+    ) -> Vec<TenantIommuFaults> {
+        faults
+            .iter()
+            .map(|fault| {
+                let owner = match self.iommu_owners.get(&fault.device) {
+                    Some((at, tenant)) if now.duration_since(*at) < IOMMU_OWNER_TTL => {
+                        tenant.clone()
+                    }
+                    _ => {
+                        let tenant = self.vfio.owner_cgroup(&fault.device).map_or_else(
+                            || "unattributed".to_owned(),
+                            |path| Tenant::from_cgroup_path(&path).label(),
+                        );
+                        self.iommu_owners
+                            .insert(fault.device.clone(), (now, tenant.clone()));
+                        tenant
+                    }
+                };
+                TenantIommuFaults {
+                    tenant: owner,
+                    device: fault.device.clone(),
+                    flags: fault.flags,
+                    faults: fault.faults,
+                }
+            })
+            .collect()
+    }
 }
 
-/// Names the tenant of each faulting device: the one whose VMM holds it through VFIO.
-fn attribute_iommu_faults(faults: &[IommuFaults], vfio: &vfio::Roots) -> Vec<TenantIommuFaults> {
-    faults
-        .iter()
-        .map(|fault| TenantIommuFaults {
-            tenant: vfio.owner_cgroup(&fault.device).map_or_else(
-                || "unattributed".to_owned(),
-                |path| Tenant::from_cgroup_path(&path).label(),
-            ),
-            device: fault.device.clone(),
-            flags: fault.flags,
-            faults: fault.faults,
-        })
-        .collect()
-}
+/// How long the owner of a faulting device is trusted before it is looked up again.
+const IOMMU_OWNER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
