@@ -14,6 +14,7 @@ use crate::{
     counts::KindCounts,
     dtlb::{self, DtlbCounters},
     guest_time::GuestTime,
+    procfs::vmm_threads,
     tenants::TenantCounts,
 };
 
@@ -72,9 +73,10 @@ impl Accounting {
     /// Adds CPU, tax and memory figures to every tenant whose cgroups still exist.
     /// `vmm_processes` maps the VMM processes the probes know to their cgroup ids.
     pub fn add_to(&mut self, tenants: &mut [TenantCounts], vmm_processes: &BTreeMap<u32, u64>) {
-        let guest_by_cgroup = self.guest.update(vmm_processes);
+        let threads = vmm_threads(vmm_processes);
+        let guest_by_cgroup = self.guest.update(&threads);
         let dtlb_misses = match &mut self.dtlb {
-            Ok(counters) => counters.update(vmm_processes),
+            Ok(counters) => counters.update(&threads),
             Err(_) => Default::default(),
         };
         for tenant in tenants.iter_mut() {
@@ -100,17 +102,10 @@ impl Accounting {
                 seen.insert(path.to_owned());
                 let (cpu_stat, memory_stat) = self.read(path);
                 if let Some(stat) = cpu_stat {
-                    let sum = cpu.get_or_insert_default();
-                    sum.user_usec += stat.user_usec;
-                    sum.system_usec += stat.system_usec;
+                    *cpu.get_or_insert_default() += stat;
                 }
                 if let Some(stat) = memory_stat {
-                    let sum = memory.get_or_insert_default();
-                    sum.usage_bytes += stat.usage_bytes;
-                    sum.pgfault += stat.pgfault;
-                    sum.pgmajfault += stat.pgmajfault;
-                    sum.limit_hits += stat.limit_hits;
-                    sum.oom_kills += stat.oom_kills;
+                    *memory.get_or_insert_default() += stat;
                 }
             }
             if let Some(cpu) = cpu {

@@ -28,6 +28,24 @@ pub struct MemoryStat {
     pub oom_kills: u64,
 }
 
+impl std::ops::AddAssign for CpuStat {
+    fn add_assign(&mut self, other: Self) {
+        self.user_usec += other.user_usec;
+        self.system_usec += other.system_usec;
+    }
+}
+
+/// The figures of several disjoint cgroups add up.
+impl std::ops::AddAssign for MemoryStat {
+    fn add_assign(&mut self, other: Self) {
+        self.usage_bytes += other.usage_bytes;
+        self.pgfault += other.pgfault;
+        self.pgmajfault += other.pgmajfault;
+        self.limit_hits += other.limit_hits;
+        self.oom_kills += other.oom_kills;
+    }
+}
+
 /// Where a host keeps its cgroup files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupFs {

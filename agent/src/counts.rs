@@ -249,7 +249,7 @@ impl Counters {
             live.remove(&key);
             let _ = self.removed_doorbells.insert(key, doorbell, 0);
             let _ = self.doorbells.remove(&key);
-            let _ = self.doorbell_addrs.remove(&address(&key));
+            let _ = self.doorbell_addrs.remove(&key.address());
         }
         let mut removed = BTreeMap::new();
         for entry in self.removed_doorbells.iter() {
@@ -331,18 +331,9 @@ impl Counters {
             let _ = self.doorbells.remove(&key);
             let _ = self.removed_doorbells.remove(&key);
             let _ = self.kicks.remove(&key);
-            let _ = self.doorbell_addrs.remove(&address(&key));
+            let _ = self.doorbell_addrs.remove(&key.address());
         }
         Ok(())
-    }
-}
-
-/// The address of a doorbell, as the kernel side keys it.
-fn address(key: &DoorbellKey) -> DoorbellAddr {
-    DoorbellAddr {
-        tgid: key.tgid,
-        space: key.space,
-        addr: key.addr,
     }
 }
 

@@ -2,15 +2,14 @@
 //! where the host's PMU exposes them. Many virtual machines and some hosts have no hardware counters;
 //! there the agent says so once, with the kernel's reason, instead of reporting zeros.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fs,
-};
+use std::collections::HashMap;
 
 use perf_event::{
     Builder, Counter,
     events::{Cache, CacheOp, CacheResult, WhichCache},
 };
+
+use crate::procfs::VmmThread;
 
 /// The counted events and the kind names they are reported under.
 const EVENTS: [(CacheOp, &str); 2] = [
@@ -53,28 +52,20 @@ pub struct DtlbCounters {
 }
 
 impl DtlbCounters {
-    /// Opens counters on new threads of `processes` (tgid to cgroup id), reads all of them and
-    /// returns the misses per cgroup and kind so far.
-    pub fn update(&mut self, processes: &BTreeMap<u32, u64>) -> HashMap<(u64, &'static str), u64> {
+    /// Opens counters on new threads of `threads`, reads all of them and returns the misses per
+    /// cgroup and kind so far.
+    pub fn update(&mut self, threads: &[VmmThread]) -> HashMap<(u64, &'static str), u64> {
         let mut live = HashMap::new();
-        for (&tgid, &cgroup_id) in processes {
-            let Ok(tasks) = fs::read_dir(format!("/proc/{tgid}/task")) else {
-                continue;
+        for thread in threads {
+            let key = (thread.tgid, thread.tid);
+            let entry = match self.threads.remove(&key) {
+                Some(entry) => entry,
+                None => match open(thread.tid) {
+                    Some(counters) => (thread.cgroup_id, counters),
+                    None => continue,
+                },
             };
-            for tid in tasks
-                .flatten()
-                .filter_map(|t| t.file_name().to_str()?.parse().ok())
-            {
-                let thread = (tgid, tid);
-                let entry = match self.threads.remove(&thread) {
-                    Some(entry) => entry,
-                    None => match open(tid) {
-                        Some(counters) => (cgroup_id, counters),
-                        None => continue,
-                    },
-                };
-                live.insert(thread, entry);
-            }
+            live.insert(key, entry);
         }
         // Threads not seen any more keep their last readings.
         for (cgroup_id, counters) in self.threads.values() {

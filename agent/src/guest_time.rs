@@ -4,6 +4,8 @@
 
 use std::{collections::HashMap, fs};
 
+use crate::procfs::{VmmThread, clock_ticks_per_second, stat_field};
+
 /// Guest time per cgroup of the VMM processes the probes found.
 #[derive(Debug, Default)]
 pub struct GuestTime {
@@ -14,29 +16,15 @@ pub struct GuestTime {
 }
 
 impl GuestTime {
-    /// Reads the guest time of every thread of `processes` (tgid to cgroup id) and returns the
-    /// guest time per cgroup so far, in ns.
-    pub fn update(
-        &mut self,
-        processes: &std::collections::BTreeMap<u32, u64>,
-    ) -> HashMap<u64, u64> {
+    /// Reads the guest time of every thread in `threads` and returns the guest time per cgroup so
+    /// far, in ns.
+    pub fn update(&mut self, threads: &[VmmThread]) -> HashMap<u64, u64> {
         let mut seen = HashMap::new();
-        for (&tgid, &cgroup_id) in processes {
-            let Ok(tasks) = fs::read_dir(format!("/proc/{tgid}/task")) else {
-                continue;
-            };
-            for task in tasks.flatten() {
-                let Some(tid) = task
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-                if let Some(ticks) = guest_ticks(&stat) {
-                    seen.insert((tgid, tid), (cgroup_id, ticks));
-                }
+        for thread in threads {
+            let path = format!("/proc/{}/task/{}/stat", thread.tgid, thread.tid);
+            let stat = fs::read_to_string(path).unwrap_or_default();
+            if let Some(ticks) = guest_ticks(&stat) {
+                seen.insert((thread.tgid, thread.tid), (thread.cgroup_id, ticks));
             }
         }
         for (thread, (cgroup_id, ticks)) in &self.threads {
@@ -57,23 +45,15 @@ impl GuestTime {
     }
 }
 
-/// `guest_time` from the text of a `/proc/<pid>/task/<tid>/stat` file. The command name (field 2)
-/// may hold spaces and parentheses, so fields are counted from the last `)`.
+/// `guest_time`, field 43, from the text of a `/proc/<pid>/task/<tid>/stat` file.
 pub fn guest_ticks(stat: &str) -> Option<u64> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    // `rest` starts with field 3 (state); guest_time is field 43.
-    rest.split_whitespace().nth(43 - 3)?.parse().ok()
-}
-
-fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf only reads a system constant.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
+    stat_field(stat, 43)?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::procfs::vmm_threads;
 
     #[test]
     fn guest_time_is_field_43() {
@@ -88,7 +68,7 @@ mod tests {
         let mut guest = GuestTime::default();
         let me = std::process::id();
         let processes = [(me, 42u64)].into_iter().collect();
-        let by_cgroup = guest.update(&processes);
+        let by_cgroup = guest.update(&vmm_threads(&processes));
         // Not a VMM: no guest time, but its threads were read.
         assert_eq!(by_cgroup.get(&42), Some(&0));
         assert!(!guest.threads.is_empty());

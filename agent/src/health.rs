@@ -2,28 +2,18 @@
 
 use std::fs;
 
-/// User and system CPU seconds of this process.
+use crate::procfs::{clock_ticks_per_second, stat_field};
+
+/// User and system CPU seconds of this process (`utime` and `stime`, fields 14 and 15).
 pub fn cpu_secs() -> (f64, f64) {
-    let Ok(stat) = fs::read_to_string("/proc/self/stat") else {
-        return (0.0, 0.0);
-    };
-    // Fields after the command name (which may contain spaces, so split after its closing paren);
-    // utime and stime are fields 14 and 15 of the whole line.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let field = |i: usize| {
-        fields
-            .get(i)
+    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let ticks = clock_ticks_per_second() as f64;
+    let secs = |n: usize| {
+        stat_field(&stat, n)
             .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / ticks
+            .map_or(0.0, |t| t / ticks)
     };
-    (field(11), field(12))
+    (secs(14), secs(15))
 }
 
 /// Resident memory of this process in bytes.

@@ -21,6 +21,7 @@ pub mod latency;
 pub mod lifecycle;
 pub mod metrics;
 pub mod probes;
+pub mod procfs;
 pub mod record;
 pub mod replay;
 pub mod report;

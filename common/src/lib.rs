@@ -326,6 +326,18 @@ pub struct DoorbellKey {
     pub len: u32,
 }
 
+impl DoorbellKey {
+    /// The address of the doorbell, as [`DOORBELL_ADDRS_MAP`] keys it.
+    #[inline(always)]
+    pub fn address(&self) -> DoorbellAddr {
+        DoorbellAddr {
+            tgid: self.tgid,
+            space: self.space,
+            addr: self.addr,
+        }
+    }
+}
+
 /// What is known of a doorbell.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

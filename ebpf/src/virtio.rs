@@ -12,7 +12,7 @@ use aya_ebpf::{
     },
 };
 use vmtrace_common::{
-    ANY_QUEUE, Doorbell, DoorbellAddr, DoorbellKey, Drop, EventfdKey, KVM_IOEVENTFD_FLAG_DATAMATCH,
+    ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KvmIoeventfd, LatencyKey, LatencyKind,
     PendingKick, SPACE_MMIO, SPACE_PIO,
 };
@@ -92,20 +92,10 @@ pub fn on_ioeventfd(vm_fd: u32, arg: u64) {
     let _ = REMOVED_DOORBELLS.remove(key);
 }
 
-/// The address of a doorbell.
-#[inline(always)]
-fn address(key: &DoorbellKey) -> DoorbellAddr {
-    DoorbellAddr {
-        tgid: key.tgid,
-        space: key.space,
-        addr: key.addr,
-    }
-}
-
 /// One more doorbell at the address of `key`.
 #[inline(always)]
 fn remember_address(key: &DoorbellKey) {
-    let address = address(key);
+    let address = key.address();
     match DOORBELL_ADDRS.get_ptr_mut(address) {
         // SAFETY: the entry of this address; doorbells are set by the VMM's (serialised) ioctls.
         Some(count) => unsafe { *count += 1 },
@@ -120,7 +110,7 @@ fn remember_address(key: &DoorbellKey) {
 /// One doorbell fewer at the address of `key`.
 #[inline(always)]
 fn forget_address(key: &DoorbellKey) {
-    let address = address(key);
+    let address = key.address();
     if let Some(count) = DOORBELL_ADDRS.get_ptr_mut(address) {
         // SAFETY: as above.
         let left = unsafe {
@@ -155,7 +145,7 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) -> bool {
     let mut kicks = KICKS.get_ptr_mut(key);
     if kicks.is_none() {
         // SAFETY: only the presence of the entry is used.
-        if unsafe { DOORBELL_ADDRS.get(address(&key)) }.is_none() {
+        if unsafe { DOORBELL_ADDRS.get(key.address()) }.is_none() {
             return false;
         }
         key.len = 0;
