@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (crate `ebpf/`) for the BPF target and leaves the object in OUT_DIR, where
-//! `src/probes.rs` embeds it. The BPF target needs a compiler with the `core` library sources
+//! `src/probe/load.rs` embeds it. The BPF target needs a compiler with the `core` library sources
 //! (`-Z build-std=core`) and bpf-linker; `cargo xtask setup` installs both. Two toolchains qualify:
 //! Debian's rustc-web with rust-web-src (used through RUSTC_BOOTSTRAP, as stable compilers do not
 //! take `-Z` flags otherwise) and a rustup nightly with its rust-src component.

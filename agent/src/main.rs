@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use vmtrace::{config, daemon, doctor, record, replay, report, top, watch};
+use vmtrace::cmd::{agent as daemon, agent::config, doctor, record, replay, report, top, watch};
 
 /// vmtrace: which tenant's VMs are exiting, why, and what it costs them.
 ///

@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 use vmtrace::{
-    counts::{Counters, IommuFaults},
+    export::metrics::{self, AgentHealth, IOMMU_FAULTS, IOMMU_MAPPED, IOMMU_MAPPINGS, Value},
     host,
-    metrics::{self, AgentHealth, IOMMU_FAULTS, IOMMU_MAPPED, IOMMU_MAPPINGS, Value},
-    probes::{ProbeOptions, Probes},
-    sampler::Sample,
+    probe::counters::{Counters, IommuFaults},
+    probe::load::{ProbeOptions, Probes},
+    sample::sampler::Sample,
 };
 use vmtrace_tests::privileged_host;
 

@@ -6,11 +6,11 @@
 use std::{collections::BTreeMap, os::unix::fs::MetadataExt};
 
 use vmtrace::{
-    cgroups::CgroupIndex,
-    counts::Counters,
     host,
-    probes::{ProbeOptions, Probes},
-    tenants::{TenantCounts, by_tenant},
+    probe::counters::Counters,
+    probe::load::{ProbeOptions, Probes},
+    tenant::aggregate::{TenantCounts, by_tenant},
+    tenant::cgroup_index::CgroupIndex,
 };
 use vmtrace_tests::{TenantCgroup, cgroup2_root, privileged_host};
 

@@ -12,7 +12,7 @@ use std::{
 };
 
 use serde_json::json;
-use vmtrace::report::charts::{HEIGHT, LEGEND_WIDTH, WIDTH, color, hex, legend_label};
+use vmtrace::cmd::report::charts::{HEIGHT, LEGEND_WIDTH, WIDTH, color, hex, legend_label};
 use vmtrace_tests::{TenantCgroup, binary, privileged_host};
 
 fn temp(name: &str) -> PathBuf {

@@ -1,4 +1,6 @@
 //! Where the metrics go: a Prometheus endpoint (pull) and OTLP (push).
 
+pub mod metrics;
+
 pub mod otlp;
 pub mod prometheus;

@@ -1,7 +1,7 @@
 //! OTLP metrics push, over gRPC or HTTP/protobuf, configured by the standard `OTEL_EXPORTER_OTLP_*`
 //! variables.
 //!
-//! The request is built from [`crate::metrics`] with the official OTLP types (`opentelemetry-proto`)
+//! The request is built from [`crate::export::metrics`] with the official OTLP types (`opentelemetry-proto`)
 //! rather than through the OpenTelemetry SDK's instruments: the kernel already aggregated the data,
 //! and the SDK can only build a histogram by recording every value again, where vmtrace holds
 //! bucket counts. Counters and histograms are cumulative, so an export that fails loses nothing: the
@@ -32,7 +32,7 @@ use opentelemetry_proto::tonic::{
 use prost::Message;
 use tokio::sync::watch;
 
-use crate::metrics::{Family, MetricKind, Value};
+use crate::export::metrics::{Family, MetricKind, Value};
 
 /// `OTEL_EXPORTER_OTLP_PROTOCOL`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

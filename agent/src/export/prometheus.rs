@@ -1,4 +1,4 @@
-//! The Prometheus endpoint: `/metrics` (OpenMetrics text, the metrics of [`crate::metrics`] under the
+//! The Prometheus endpoint: `/metrics` (OpenMetrics text, the metrics of [`crate::export::metrics`] under the
 //! usual OpenTelemetry-to-Prometheus translation), `/api/timeline` (the agent's timeline, JSON),
 //! `/healthz` (the agent is alive) and `/readyz` (the probes are attached and a first sample was
 //! taken).
@@ -27,8 +27,8 @@ use serde::Deserialize;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    metrics::{Family, MetricKind, Value},
-    timeline::Timeline,
+    export::metrics::{Family, MetricKind, Value},
+    sample::timeline::Timeline,
 };
 
 /// The latest metrics, shared between the sampling loop and the HTTP server.
@@ -193,7 +193,7 @@ pub fn prometheus_name(name: &str, unit: &str) -> (String, Option<Unit>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{HistogramValue, Point, VM_EXITS, VMM_SERVICE_DURATION};
+    use crate::export::metrics::{HistogramValue, Point, VM_EXITS, VMM_SERVICE_DURATION};
 
     #[test]
     fn counters_and_histograms_follow_the_prometheus_translation() {

@@ -1,0 +1,529 @@
+//! The metrics vmtrace exports, defined once: names (OpenTelemetry, dot-separated), units (UCUM),
+//! descriptions, and how a [`Sample`] becomes data points. The OTLP exporter sends these as they are;
+//! the Prometheus endpoint shows them under the usual translation (`vmtrace.vm.exits` with unit
+//! `{exit}` becomes `vmtrace_vm_exits_total`; a histogram in `s` becomes `..._seconds`).
+
+use serde::Serialize;
+use vmtrace_common::LATENCY_BUCKETS;
+
+use crate::{
+    host::accounting,
+    sample::latency::{LatencySummary, bucket_lower_ns},
+    sample::sampler::Sample,
+    tenant::aggregate::TenantCounts,
+    tenant::resolve::Tenant,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricKind {
+    /// Monotonic, cumulative since the agent started.
+    Counter,
+    Gauge,
+    /// Cumulative explicit-bucket histogram.
+    Histogram,
+}
+
+/// One metric's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub kind: MetricKind,
+    pub description: &'static str,
+}
+
+pub const VM_EXITS: MetricDef = MetricDef {
+    name: "vmtrace.vm.exits",
+    unit: "{exit}",
+    kind: MetricKind::Counter,
+    description: "VM exits by tenant, source and reason. Source `vmm`: returns of KVM_RUN to the VMM, \
+                  reason `KVM_EXIT_*` (every host); source `kvm_exit`: every exit with its hardware \
+                  reason (VMX and SVM hosts).",
+};
+pub const VM_EVENTS: MetricDef = MetricDef {
+    name: "vmtrace.vm.events",
+    unit: "{event}",
+    kind: MetricKind::Counter,
+    description: "Guest events KVM handled, by tenant and event: pio.in, pio.out, mmio.read, \
+                  mmio.write, mmio.write.kernel (MMIO writes completed in the kernel, e.g. ioeventfd \
+                  doorbells), cpuid, run_error.<errno>.",
+};
+pub const VIRTIO_KICKS: MetricDef = MetricDef {
+    name: "vmtrace.virtio.kicks",
+    unit: "{kick}",
+    kind: MetricKind::Counter,
+    description: "Virtio queue kicks (guest writes to doorbells registered with KVM_IOEVENTFD), by \
+                  tenant and queue (`any` for doorbells without datamatch).",
+};
+pub const VM_EXIT_DURATION: MetricDef = MetricDef {
+    name: "vmtrace.vm.exit.duration",
+    unit: "s",
+    kind: MetricKind::Histogram,
+    description: "Time from a VM exit to the same vCPU's next entry, by tenant and reason (VMX and \
+                  SVM hosts). Buckets are powers of two of nanoseconds.",
+};
+pub const VMM_SERVICE_DURATION: MetricDef = MetricDef {
+    name: "vmtrace.vmm.service.duration",
+    unit: "s",
+    kind: MetricKind::Histogram,
+    description: "Time the VMM took to serve an exit: from KVM_RUN returning to it to its next \
+                  KVM_RUN on that vCPU thread, by tenant and reason. Buckets are powers of two of \
+                  nanoseconds.",
+};
+pub const KICK_SERVICE_DURATION: MetricDef = MetricDef {
+    name: "vmtrace.virtio.kick.service.duration",
+    unit: "s",
+    kind: MetricKind::Histogram,
+    description: "Time from a queue's first unserved kick to the VMM reading that queue's eventfd, \
+                  by tenant and queue (only with --kick-latency).",
+};
+pub const TLB_EVENTS: MetricDef = MetricDef {
+    name: "vmtrace.tlb.events",
+    unit: "{event}",
+    kind: MetricKind::Counter,
+    description: "TLB activity by tenant and event: flush.<reason> (host TLB flushes by VMM \
+                  processes, `tlb:tlb_flush` reasons), pv_flush (paravirtual flush requests), \
+                  hv_flush, hv_flush_ex (Hyper-V flush hypercalls), exit (kvm_exit reasons that \
+                  touch the TLB: CR accesses, INVLPG, INVPCID; VMX and SVM hosts).",
+};
+pub const MEMORY_FAULTS: MetricDef = MetricDef {
+    name: "vmtrace.memory.faults",
+    unit: "{fault}",
+    kind: MetricKind::Counter,
+    description: "Page faults by tenant and type: user (a VMM's own code), kernel (the kernel on a \
+                  VMM's memory, e.g. KVM's instruction emulator writing guest memory), guest (EPT/NPT \
+                  violations, VMX and SVM hosts), refault (faults on memory the VMM had returned to \
+                  the host).",
+};
+pub const MMU_PAGES: MetricDef = MetricDef {
+    name: "vmtrace.kvm.mmu.pages",
+    unit: "{page}",
+    kind: MetricKind::Counter,
+    description: "KVM shadow/TDP page-table pages by tenant and event: created, reused, zapped.",
+};
+pub const MEMORY_INVALIDATIONS: MetricDef = MetricDef {
+    name: "vmtrace.memory.invalidations",
+    unit: "{invalidation}",
+    kind: MetricKind::Counter,
+    description: "Host changes to a VMM's memory by tenant and event: unmap (kvm_unmap_hva_range), \
+                  returned (the part of a VMM's madvise discard that was guest memory: a balloon), \
+                  age, test_age (reclaim ageing guest memory).",
+};
+pub const MEMORY_INVALIDATED: MetricDef = MetricDef {
+    name: "vmtrace.memory.invalidated",
+    unit: "By",
+    kind: MetricKind::Counter,
+    description: "Bytes of those invalidations by tenant and event: unmap, returned.",
+};
+pub const MEMORY_USAGE: MetricDef = MetricDef {
+    name: "vmtrace.memory.usage",
+    unit: "By",
+    kind: MetricKind::Gauge,
+    description: "Memory charged to the tenant's cgroups (cgroup v2 memory.current, or the v1 \
+                  memory controller's usage on hybrid hosts).",
+};
+pub const MEMORY_CGROUP_EVENTS: MetricDef = MetricDef {
+    name: "vmtrace.memory.cgroup.events",
+    unit: "{event}",
+    kind: MetricKind::Counter,
+    description: "Memory events the kernel counted for the tenant's cgroups since they were created: \
+                  pgfault (every page fault, including KVM's on a guest's behalf), pgmajfault, \
+                  limit_hits, oom_kills.",
+};
+pub const IOMMU_MAPPINGS: MetricDef = MetricDef {
+    name: "vmtrace.iommu.mappings",
+    unit: "{mapping}",
+    kind: MetricKind::Counter,
+    description: "IOMMU mappings made (map) and removed (unmap) by the tenant's tasks (VFIO DMA maps).",
+};
+pub const IOMMU_MAPPED: MetricDef = MetricDef {
+    name: "vmtrace.iommu.mapped",
+    unit: "By",
+    kind: MetricKind::Counter,
+    description: "Bytes of those mappings, by operation (map, unmap).",
+};
+pub const IOMMU_FAULTS: MetricDef = MetricDef {
+    name: "vmtrace.iommu.faults",
+    unit: "{fault}",
+    kind: MetricKind::Counter,
+    description: "IOMMU faults by device and flags, with the tenant whose VMM holds the device \
+                  through VFIO (`unattributed` if none does).",
+};
+pub const CPU_TIME: MetricDef = MetricDef {
+    name: "vmtrace.cpu.time",
+    unit: "s",
+    kind: MetricKind::Counter,
+    description: "CPU time of the tenant's cgroups since they were created, by mode: guest (VMM \
+                  threads in guest mode), kernel, vmm (user space outside guest mode). kernel + vmm \
+                  is the virtualisation tax.",
+};
+pub const TAX_RATIO: MetricDef = MetricDef {
+    name: "vmtrace.virtualization.tax.ratio",
+    unit: "1",
+    kind: MetricKind::Gauge,
+    description: "Share of the tenant's CPU time over the last interval spent outside guest mode.",
+};
+pub const AGENT_DROPPED: MetricDef = MetricDef {
+    name: "vmtrace.agent.events.dropped",
+    unit: "{event}",
+    kind: MetricKind::Counter,
+    description: "Events the probes could not count, by reason (a full map, an unreadable record).",
+};
+pub const AGENT_TENANTS: MetricDef = MetricDef {
+    name: "vmtrace.agent.tenants",
+    unit: "{tenant}",
+    kind: MetricKind::Gauge,
+    description: "Tenants with KVM activity since the agent started.",
+};
+pub const AGENT_CPU_TIME: MetricDef = MetricDef {
+    name: "vmtrace.agent.cpu.time",
+    unit: "s",
+    kind: MetricKind::Counter,
+    description: "CPU time the agent process used, by mode (user, system).",
+};
+pub const AGENT_MEMORY: MetricDef = MetricDef {
+    name: "vmtrace.agent.memory.rss",
+    unit: "By",
+    kind: MetricKind::Gauge,
+    description: "Resident memory of the agent process.",
+};
+pub const AGENT_EXPORT_DROPPED: MetricDef = MetricDef {
+    name: "vmtrace.agent.export.dropped",
+    unit: "{export}",
+    kind: MetricKind::Counter,
+    description: "OTLP exports given up because the collector was unreachable or slow; counters are \
+                  cumulative, so the next export that succeeds carries everything counted meanwhile.",
+};
+
+/// Every metric, for documentation and tests.
+pub const ALL: [MetricDef; 23] = [
+    VM_EXITS,
+    VM_EVENTS,
+    VIRTIO_KICKS,
+    TLB_EVENTS,
+    MEMORY_FAULTS,
+    MMU_PAGES,
+    MEMORY_INVALIDATIONS,
+    MEMORY_INVALIDATED,
+    MEMORY_USAGE,
+    MEMORY_CGROUP_EVENTS,
+    IOMMU_MAPPINGS,
+    IOMMU_MAPPED,
+    IOMMU_FAULTS,
+    CPU_TIME,
+    TAX_RATIO,
+    VM_EXIT_DURATION,
+    VMM_SERVICE_DURATION,
+    KICK_SERVICE_DURATION,
+    AGENT_DROPPED,
+    AGENT_TENANTS,
+    AGENT_CPU_TIME,
+    AGENT_MEMORY,
+    AGENT_EXPORT_DROPPED,
+];
+
+/// A histogram data point: explicit bounds in seconds and the count in each bucket
+/// (`bounds.len() + 1` buckets, the last one open-ended).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramValue {
+    pub count: u64,
+    pub sum: f64,
+    pub max: f64,
+    pub bounds: Vec<f64>,
+    pub bucket_counts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Int(u64),
+    Float(f64),
+    Histogram(HistogramValue),
+}
+
+/// One data point: attributes (OpenTelemetry keys) and a value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub attributes: Vec<(&'static str, String)>,
+    pub value: Value,
+}
+
+/// A metric with its data points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    pub def: MetricDef,
+    pub points: Vec<Point>,
+}
+
+/// The agent's own health, measured by the exporter loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgentHealth {
+    pub cpu_user_secs: f64,
+    pub cpu_system_secs: f64,
+    pub rss_bytes: u64,
+    pub export_dropped: u64,
+}
+
+/// Every metric's data points for one sample.
+pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
+    let mut by_def: Vec<Family> = ALL
+        .iter()
+        .map(|&def| Family {
+            def,
+            points: Vec::new(),
+        })
+        .collect();
+    let mut push = |def: MetricDef, attributes: Vec<(&'static str, String)>, value: Value| {
+        if let Some(family) = by_def.iter_mut().find(|f| f.def == def) {
+            family.points.push(Point { attributes, value });
+        }
+    };
+    for tenant in &sample.tenants {
+        let base = tenant_attributes(tenant);
+        let with = |key: &'static str, value: &str| {
+            let mut attributes = base.clone();
+            attributes.push((key, value.to_owned()));
+            attributes
+        };
+        for (kind, &count) in &tenant.counts {
+            let (def, attributes, value) = match kind_metric(kind) {
+                KindMetric::Exit { source, reason } => (
+                    VM_EXITS,
+                    with2(with("exit.source", source), "exit.reason", reason),
+                    Value::Int(count),
+                ),
+                KindMetric::Labelled(def, key, label) => (def, with(key, label), Value::Int(count)),
+                KindMetric::CpuNs(mode) => (
+                    CPU_TIME,
+                    with("cpu.mode", mode),
+                    Value::Float(count as f64 / 1e9),
+                ),
+            };
+            push(def, attributes, value);
+        }
+        if let Some(&usage) = tenant.gauges.get(accounting::MEMORY_USAGE) {
+            push(MEMORY_USAGE, base.clone(), Value::Float(usage));
+        }
+        if let Some(&ratio) = tenant.gauges.get(accounting::TAX_RATIO) {
+            push(TAX_RATIO, base.clone(), Value::Float(ratio));
+        }
+        for (kind, latency) in &tenant.latency {
+            let (def, attributes) = if let Some(reason) = kind.strip_prefix("exit.") {
+                (VMM_SERVICE_DURATION, with("exit.reason", reason))
+            } else if let Some(reason) = kind.strip_prefix("kvm_exit.") {
+                (VM_EXIT_DURATION, with("exit.reason", reason))
+            } else if let Some(queue) = kind.strip_prefix("kick.") {
+                (
+                    KICK_SERVICE_DURATION,
+                    with("virtio.queue", queue.trim_start_matches('q')),
+                )
+            } else {
+                continue;
+            };
+            push(def, attributes, Value::Histogram(histogram(latency)));
+        }
+    }
+    for fault in &sample.iommu_faults {
+        push(
+            IOMMU_FAULTS,
+            vec![
+                ("tenant", fault.tenant.clone()),
+                ("iommu.device", fault.device.clone()),
+                ("iommu.flags", fault.flags.to_string()),
+            ],
+            Value::Int(fault.faults),
+        );
+    }
+    for (reason, &count) in &sample.drops {
+        push(
+            AGENT_DROPPED,
+            vec![("reason", reason.clone())],
+            Value::Int(count),
+        );
+    }
+    push(
+        AGENT_TENANTS,
+        Vec::new(),
+        Value::Int(sample.tenants.len() as u64),
+    );
+    push(
+        AGENT_CPU_TIME,
+        vec![("cpu.mode", "user".to_owned())],
+        Value::Float(health.cpu_user_secs),
+    );
+    push(
+        AGENT_CPU_TIME,
+        vec![("cpu.mode", "system".to_owned())],
+        Value::Float(health.cpu_system_secs),
+    );
+    push(AGENT_MEMORY, Vec::new(), Value::Int(health.rss_bytes));
+    push(
+        AGENT_EXPORT_DROPPED,
+        Vec::new(),
+        Value::Int(health.export_dropped),
+    );
+    by_def
+}
+
+/// Which metric a counter kind is exported as.
+enum KindMetric<'a> {
+    Exit {
+        source: &'static str,
+        reason: &'a str,
+    },
+    /// A metric with one attribute besides the tenant's.
+    Labelled(MetricDef, &'static str, &'a str),
+    /// CPU time in ns, by mode.
+    CpuNs(&'a str),
+}
+
+fn kind_metric(kind: &str) -> KindMetric<'_> {
+    use KindMetric::Labelled;
+    const PREFIXED: [(&str, MetricDef, &str); 4] = [
+        ("tlb.", TLB_EVENTS, "tlb.event"),
+        ("fault.", MEMORY_FAULTS, "fault.type"),
+        ("mmu.page.", MMU_PAGES, "mmu.event"),
+        ("memcg.", MEMORY_CGROUP_EVENTS, "memory.event"),
+    ];
+    if let Some(reason) = kind.strip_prefix("exit.") {
+        return KindMetric::Exit {
+            source: "vmm",
+            reason,
+        };
+    }
+    if let Some(reason) = kind.strip_prefix("kvm_exit.") {
+        return KindMetric::Exit {
+            source: "kvm_exit",
+            reason,
+        };
+    }
+    if let Some(queue) = kind.strip_prefix("kick.") {
+        return Labelled(VIRTIO_KICKS, "virtio.queue", queue.trim_start_matches('q'));
+    }
+    for (prefix, def, key) in PREFIXED {
+        if let Some(label) = kind.strip_prefix(prefix) {
+            return Labelled(def, key, label);
+        }
+    }
+    match kind {
+        accounting::CPU_GUEST => KindMetric::CpuNs("guest"),
+        accounting::TAX_KERNEL => KindMetric::CpuNs("kernel"),
+        accounting::TAX_VMM => KindMetric::CpuNs("vmm"),
+        "mem.refault" => Labelled(MEMORY_FAULTS, "fault.type", "refault"),
+        "mem.unmap_bytes" => Labelled(MEMORY_INVALIDATED, "memory.event", "unmap"),
+        "mem.returned_bytes" => Labelled(MEMORY_INVALIDATED, "memory.event", "returned"),
+        "iommu.map_bytes" => Labelled(IOMMU_MAPPED, "iommu.operation", "map"),
+        "iommu.unmap_bytes" => Labelled(IOMMU_MAPPED, "iommu.operation", "unmap"),
+        _ => match kind.split_once('.') {
+            Some(("mem", event)) => Labelled(MEMORY_INVALIDATIONS, "memory.event", event),
+            Some(("iommu", operation)) => Labelled(IOMMU_MAPPINGS, "iommu.operation", operation),
+            _ => Labelled(VM_EVENTS, "event", kind),
+        },
+    }
+}
+
+fn with2(
+    mut attributes: Vec<(&'static str, String)>,
+    key: &'static str,
+    value: &str,
+) -> Vec<(&'static str, String)> {
+    attributes.push((key, value.to_owned()));
+    attributes
+}
+
+/// `tenant`, and what is known of who the tenant is.
+fn tenant_attributes(tenant: &TenantCounts) -> Vec<(&'static str, String)> {
+    let mut attributes = vec![("tenant", tenant.tenant.clone())];
+    if let Some(pod) = &tenant.kubernetes {
+        attributes.push(("k8s.namespace.name", pod.namespace.clone()));
+        attributes.push(("k8s.pod.name", pod.name.clone()));
+        if let Some(vmi) = &pod.vmi {
+            attributes.push(("vm.name", vmi.clone()));
+        }
+    }
+    match &tenant.identity {
+        Some(Tenant::KubernetesPod { pod_uid, .. }) => {
+            attributes.push(("k8s.pod.uid", pod_uid.clone()))
+        }
+        Some(Tenant::LibvirtVm { name }) => attributes.push(("vm.name", name.clone())),
+        Some(Tenant::SystemdUnit { unit }) => attributes.push(("systemd.unit", unit.clone())),
+        Some(Tenant::Path { .. }) | None => {}
+    }
+    attributes
+}
+
+/// The explicit bucket bounds of every latency histogram, in seconds: 2, 4, 8, ... ns, matching the
+/// kernel's log2 buckets exactly, so no count moves between buckets on the way out.
+pub fn bounds_secs() -> Vec<f64> {
+    (1..LATENCY_BUCKETS)
+        .map(|i| bucket_lower_ns(i) as f64 / 1e9)
+        .collect()
+}
+
+fn histogram(latency: &LatencySummary) -> HistogramValue {
+    let mut bucket_counts = vec![0; LATENCY_BUCKETS];
+    for &(lowest_ns, count) in &latency.buckets {
+        let index = if lowest_ns == 0 {
+            0
+        } else {
+            lowest_ns.trailing_zeros() as usize
+        };
+        if let Some(slot) = bucket_counts.get_mut(index) {
+            *slot += count;
+        }
+    }
+    HistogramValue {
+        count: latency.count,
+        sum: latency.sum_ns as f64 / 1e9,
+        max: latency.max_ns as f64 / 1e9,
+        bounds: bounds_secs(),
+        bucket_counts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_reference_names_every_metric() {
+        let reference = include_str!("../../../docs/metrics.md");
+        for def in ALL {
+            assert!(
+                reference.contains(&format!("`{}`", def.name)),
+                "docs/metrics.md lacks {}",
+                def.name
+            );
+            assert!(
+                reference.contains(&format!("`{}`", def.unit)),
+                "docs/metrics.md lacks unit {}",
+                def.unit
+            );
+            assert!(!def.description.is_empty());
+        }
+    }
+
+    #[test]
+    fn bounds_match_the_kernel_buckets() {
+        let bounds = bounds_secs();
+        assert_eq!(bounds.len(), LATENCY_BUCKETS - 1);
+        assert_eq!(bounds[0], 2e-9);
+        assert_eq!(bounds[9], 1024e-9);
+        let summary = LatencySummary {
+            count: 3,
+            sum_ns: 3000,
+            mean_ns: 1000,
+            p50_ns: 1023,
+            p90_ns: 1023,
+            p99_ns: 2047,
+            max_ns: 1500,
+            buckets: vec![(512, 2), (1024, 1)],
+        };
+        let h = histogram(&summary);
+        assert_eq!(
+            (h.count, h.sum, h.bucket_counts[9], h.bucket_counts[10]),
+            (3, 3e-6, 2, 1)
+        );
+        assert_eq!(h.bucket_counts.len(), h.bounds.len() + 1);
+    }
+}

@@ -1,0 +1,185 @@
+//! Adds to each tenant what the kernel accounts per cgroup: CPU time by mode, from which the
+//! virtualisation tax, and memory usage and events; and, where the host has hardware counters, the
+//! dTLB misses of its VMM threads.
+//!
+//! The virtualisation tax is the host CPU a tenant uses outside guest mode: its cgroup's system time
+//! (KVM's exit handling and instruction emulation, the VMM's system calls) plus its user time that
+//! was not guest time (the VMM serving exits in user space). Guest time is accounted as user time
+//! by the kernel, per thread. These are the cgroup's totals since it was created, in ns.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::{
+    host::cgroupfs::{CgroupFs, CpuStat, MemoryStat, outermost},
+    host::dtlb::{self, DtlbCounters},
+    host::guest_time::GuestTime,
+    host::procfs::vmm_threads,
+    probe::counters::KindCounts,
+    tenant::aggregate::TenantCounts,
+};
+
+/// CPU time in guest mode (ns): measured by the probes where `kvm_entry`/`kvm_exit` fire.
+pub const CPU_GUEST: &str = "cpu.guest";
+/// Tax: CPU time in the kernel (ns).
+pub const TAX_KERNEL: &str = "tax.kernel";
+/// Tax: CPU time in user space outside guest mode (ns).
+pub const TAX_VMM: &str = "tax.vmm";
+/// Gauge: memory charged to the tenant's cgroups now (bytes).
+pub const MEMORY_USAGE: &str = "memory.usage_bytes";
+/// Gauge: share of the tenant's CPU time over the last interval that was tax (0 to 1).
+pub const TAX_RATIO: &str = "tax.ratio";
+
+/// One cgroup's CPU and memory figures, where it has them.
+type Figures = (Option<CpuStat>, Option<MemoryStat>);
+
+/// Reads cgroup files, VMM threads' guest time and dTLB counters for the tenants of each sample.
+pub struct Accounting {
+    cgroups: CgroupFs,
+    guest: GuestTime,
+    /// `Err` with the reason where the host cannot count dTLB misses.
+    dtlb: Result<DtlbCounters, String>,
+    /// Last figures of each cgroup path, and whether the cgroup was empty when they were read: a
+    /// cgroup without tasks uses no CPU and takes no faults, so once read empty its figures are
+    /// kept while it stays empty.
+    last: HashMap<String, (Figures, bool)>,
+}
+
+impl Accounting {
+    pub fn new(cgroups: CgroupFs) -> Self {
+        Self {
+            cgroups,
+            guest: GuestTime::default(),
+            dtlb: dtlb::availability().map(|()| DtlbCounters::default()),
+            last: HashMap::new(),
+        }
+    }
+
+    /// CPU and memory figures of the cgroup at `path`.
+    fn read(&mut self, path: &str) -> Figures {
+        let empty = self.cgroups.populated(path) == Some(false);
+        if empty && let Some((figures, true)) = self.last.get(path) {
+            return *figures;
+        }
+        let figures = (self.cgroups.cpu(path), self.cgroups.memory(path));
+        self.last.insert(path.to_owned(), (figures, empty));
+        figures
+    }
+
+    /// Why dTLB misses are not counted, if they are not.
+    pub fn dtlb_unavailable(&self) -> Option<&str> {
+        self.dtlb.as_ref().err().map(String::as_str)
+    }
+
+    /// Adds CPU, tax and memory figures to every tenant whose cgroups still exist.
+    /// `vmm_processes` maps the VMM processes the probes know to their cgroup ids.
+    pub fn add_to(&mut self, tenants: &mut [TenantCounts], vmm_processes: &BTreeMap<u32, u64>) {
+        let threads = vmm_threads(vmm_processes);
+        let guest_by_cgroup = self.guest.update(&threads);
+        let dtlb_misses = match &mut self.dtlb {
+            Ok(counters) => counters.update(&threads),
+            Err(_) => Default::default(),
+        };
+        for tenant in tenants.iter_mut() {
+            for ((cgroup_id, kind), misses) in &dtlb_misses {
+                if tenant.cgroups.iter().any(|c| c.id == *cgroup_id) {
+                    *tenant.counts.entry((*kind).to_owned()).or_default() += misses;
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        for tenant in tenants.iter_mut().filter(|t| !t.removed) {
+            // The root cgroup holds the whole host (its kernel threads age and reclaim guest
+            // memory there): it is no tenant's to account.
+            let paths: Vec<&str> = tenant
+                .cgroups
+                .iter()
+                .filter_map(|c| c.path.as_deref())
+                .filter(|path| *path != "/")
+                .collect();
+            let mut cpu: Option<CpuStat> = None;
+            let mut memory: Option<MemoryStat> = None;
+            for path in outermost(&paths) {
+                seen.insert(path.to_owned());
+                let (cpu_stat, memory_stat) = self.read(path);
+                if let Some(stat) = cpu_stat {
+                    *cpu.get_or_insert_default() += stat;
+                }
+                if let Some(stat) = memory_stat {
+                    *memory.get_or_insert_default() += stat;
+                }
+            }
+            if let Some(cpu) = cpu {
+                // Guest time as the probes measured it (entry to exit, VMX and SVM), else as the
+                // kernel accounted it to the VMM threads.
+                let from_threads: u64 = tenant
+                    .cgroups
+                    .iter()
+                    .filter_map(|c| guest_by_cgroup.get(&c.id))
+                    .sum();
+                let from_probes = tenant.counts.get(CPU_GUEST).copied().unwrap_or(0);
+                let guest_ns = from_probes.max(from_threads);
+                let user_ns = cpu.user_usec * 1000;
+                insert_counts(
+                    &mut tenant.counts,
+                    [
+                        (CPU_GUEST, guest_ns.min(user_ns)),
+                        (TAX_KERNEL, cpu.system_usec * 1000),
+                        (TAX_VMM, user_ns.saturating_sub(guest_ns)),
+                    ],
+                );
+            }
+            if let Some(memory) = memory {
+                tenant
+                    .gauges
+                    .insert(MEMORY_USAGE.to_owned(), memory.usage_bytes as f64);
+                insert_counts(
+                    &mut tenant.counts,
+                    [
+                        ("memcg.pgfault", memory.pgfault),
+                        ("memcg.pgmajfault", memory.pgmajfault),
+                        ("memcg.limit_hits", memory.limit_hits),
+                        ("memcg.oom_kills", memory.oom_kills),
+                    ],
+                );
+            }
+        }
+        self.last.retain(|path, _| seen.contains(path));
+    }
+}
+
+/// Adds the counters that are above zero: like the probes' kinds, a counter appears once it has
+/// counted something, which keeps idle tenants small.
+fn insert_counts<const N: usize>(counts: &mut KindCounts, values: [(&str, u64); N]) {
+    for (kind, value) in values {
+        if value > 0 {
+            counts.insert(kind.to_owned(), value);
+        }
+    }
+}
+
+/// The tax's share of a tenant's CPU time over the last interval, from its rates (ns/s), if it used
+/// any CPU.
+pub fn tax_ratio(rates: &BTreeMap<String, f64>) -> Option<f64> {
+    let rate = |kind: &str| rates.get(kind).copied().unwrap_or(0.0);
+    let tax = rate(TAX_KERNEL) + rate(TAX_VMM);
+    let total = tax + rate(CPU_GUEST);
+    (total > 0.0).then(|| tax / total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_is_tax_over_all_cpu() {
+        let rates: BTreeMap<String, f64> = [
+            (TAX_KERNEL.to_owned(), 1e8),
+            (TAX_VMM.to_owned(), 1e8),
+            (CPU_GUEST.to_owned(), 8e8),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(tax_ratio(&rates), Some(0.2));
+        assert_eq!(tax_ratio(&BTreeMap::new()), None);
+    }
+}

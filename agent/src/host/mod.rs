@@ -1,0 +1,156 @@
+//! Facts about the host that decide what the agent can do here: kernel, BTF, KVM flavour, privileges.
+//! Everything is detected at run time; nothing is assumed from the build machine.
+
+pub mod accounting;
+pub mod agent_usage;
+pub mod cgroupfs;
+pub mod dtlb;
+pub mod guest_time;
+pub mod procfs;
+pub mod vfio;
+
+use std::{fs, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// Which KVM backend runs guests here, which decides whether `kvm:kvm_exit` fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvmFlavour {
+    /// Intel VT-x (kvm_intel): kvm_exit fires on every exit, VMX reason codes.
+    Vmx,
+    /// AMD-V (kvm_amd): kvm_exit fires on every exit, SVM exit codes.
+    Svm,
+    /// Pagetable-based virtual machine (kvm_pvm): kvm_exit and kvm_entry never fire.
+    Pvm,
+    /// No KVM backend module is present.
+    None,
+}
+
+impl KvmFlavour {
+    /// The name people know it by: VMX, SVM, PVM, none.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vmx => "VMX",
+            Self::Svm => "SVM",
+            Self::Pvm => "PVM",
+            Self::None => "none",
+        }
+    }
+
+    /// Whether this flavour emits `kvm:kvm_exit` for guest exits.
+    pub fn emits_kvm_exit(self) -> bool {
+        matches!(self, Self::Vmx | Self::Svm)
+    }
+}
+
+/// The KVM flavour and the evidence it was read from.
+#[derive(Debug, Clone, Serialize)]
+pub struct KvmDetection {
+    pub flavour: KvmFlavour,
+    pub evidence: String,
+    pub dev_kvm: bool,
+}
+
+/// Detects the KVM backend from the modules present in /sys/module (built-in modules with parameters
+/// appear there too, as kvm_pvm does on PVM hosts).
+pub fn detect_kvm() -> KvmDetection {
+    detect_kvm_in(Path::new("/sys/module"), Path::new("/dev/kvm").exists())
+}
+
+fn detect_kvm_in(modules: &Path, dev_kvm: bool) -> KvmDetection {
+    let present = |name: &str| modules.join(name).exists();
+    let (flavour, module) = if present("kvm_intel") {
+        (KvmFlavour::Vmx, "kvm_intel")
+    } else if present("kvm_amd") {
+        (KvmFlavour::Svm, "kvm_amd")
+    } else if present("kvm_pvm") {
+        (KvmFlavour::Pvm, "kvm_pvm")
+    } else {
+        return KvmDetection {
+            flavour: KvmFlavour::None,
+            evidence: format!(
+                "none of kvm_intel, kvm_amd, kvm_pvm in {}",
+                modules.display()
+            ),
+            dev_kvm,
+        };
+    };
+    KvmDetection {
+        flavour,
+        evidence: format!("module {module} present in {}", modules.display()),
+        dev_kvm,
+    }
+}
+
+/// The running kernel's release, e.g. "6.18.44".
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Whether the kernel exposes its BTF, which CO-RE relocations need.
+pub fn has_btf() -> bool {
+    Path::new("/sys/kernel/btf/vmlinux").exists()
+}
+
+/// The capabilities BPF tracing needs, from the effective set of this process.
+#[derive(Debug, Clone, Serialize)]
+pub struct Privileges {
+    pub euid: u32,
+    pub cap_bpf: bool,
+    pub cap_perfmon: bool,
+    pub cap_sys_admin: bool,
+}
+
+impl Privileges {
+    /// Loading tracing programs needs CAP_BPF with CAP_PERFMON, or CAP_SYS_ADMIN.
+    pub fn can_trace(&self) -> bool {
+        self.cap_sys_admin || (self.cap_bpf && self.cap_perfmon)
+    }
+}
+
+pub fn privileges() -> Privileges {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let effective = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    Privileges {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        euid: unsafe { libc::geteuid() },
+        cap_bpf: has(CAP_BPF),
+        cap_perfmon: has(CAP_PERFMON),
+        cap_sys_admin: has(CAP_SYS_ADMIN),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flavour_follows_the_modules_present() {
+        let dir = std::env::temp_dir().join(format!("vmtrace-host-{}", std::process::id()));
+        fs::create_dir_all(dir.join("kvm")).unwrap();
+        assert_eq!(detect_kvm_in(&dir, false).flavour, KvmFlavour::None);
+        fs::create_dir_all(dir.join("kvm_pvm")).unwrap();
+        assert_eq!(detect_kvm_in(&dir, true).flavour, KvmFlavour::Pvm);
+        fs::create_dir_all(dir.join("kvm_amd")).unwrap();
+        assert_eq!(detect_kvm_in(&dir, true).flavour, KvmFlavour::Svm);
+        fs::create_dir_all(dir.join("kvm_intel")).unwrap();
+        let vmx = detect_kvm_in(&dir, true);
+        assert_eq!(vmx.flavour, KvmFlavour::Vmx);
+        assert!(vmx.evidence.contains("kvm_intel"));
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,441 @@
+//! Reading the in-kernel counters: per-CPU values summed, keyed by cgroup and reported kind name.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vmtrace_common::{
+    ANY_QUEUE, DOORBELL_ADDRS_MAP, DOORBELLS_MAP, DROPS_MAP, Doorbell, DoorbellAddr, DoorbellKey,
+    Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, IOMMU_FAULTS_MAP, IommuFaultKey,
+    KICKS_MAP, KickKey, LatencyHistogram, LatencyKey, LatencyKind, MmioType, REMOVED_DOORBELLS_MAP,
+    SPACE_PIO, VMM_PROCESSES_MAP,
+};
+
+use crate::{
+    kind::{
+        MMIO_WRITE_IN_KERNEL, TLB_EXITS, is_tlb_exit, kick_kind, kind_name, kvm_exit_kind,
+        userspace_exit_kind,
+    },
+    probe::exit_reasons::ExitReasonNames,
+    sample::latency::merge,
+};
+
+#[derive(Debug, Error)]
+pub enum CountsError {
+    #[error("the eBPF object has no map `{0}`")]
+    MissingMap(&'static str),
+    #[error("reading map `{0}`: {1}")]
+    Map(&'static str, aya::maps::MapError),
+}
+
+/// Counts of one cgroup by kind name, since the probes were attached.
+pub type KindCounts = BTreeMap<String, u64>;
+/// Latency histograms of one cgroup by kind name, since the probes were attached.
+pub type KindLatencies = BTreeMap<String, LatencyHistogram>;
+
+/// Kicks of one doorbell queue of one VMM process, within one cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DoorbellKicks {
+    /// The VMM's process id: the VM's owner.
+    pub pid: u32,
+    /// The VM's file descriptor in that process.
+    pub vm_fd: u32,
+    /// "mmio" or "pio".
+    pub space: String,
+    /// Guest-physical address or port of the doorbell.
+    pub addr: u64,
+    /// The queue (the doorbell's datamatch); `None` for a doorbell without datamatch.
+    pub queue: Option<u32>,
+    pub kicks: u64,
+}
+
+/// IOMMU faults of one device with one set of flags.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IommuFaults {
+    /// The device's name, e.g. `0000:65:00.0`.
+    pub device: String,
+    /// `IOMMU_FAULT_READ` (1) / `IOMMU_FAULT_WRITE` (2).
+    pub flags: u32,
+    pub faults: u64,
+}
+
+/// Everything the probes have counted so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub by_cgroup: BTreeMap<u64, KindCounts>,
+    pub latency_by_cgroup: BTreeMap<u64, KindLatencies>,
+    pub kicks_by_cgroup: BTreeMap<u64, Vec<DoorbellKicks>>,
+    /// IOMMU faults by device (not by cgroup: they arrive in interrupt context).
+    pub iommu_faults: Vec<IommuFaults>,
+    /// Live VMM processes: tgid to the cgroup of their first KVM_RUN.
+    pub vmm_processes: BTreeMap<u32, u64>,
+    /// Events lost, by reason.
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+/// Read access to the counter maps.
+pub struct Counters {
+    exits: PerCpuHashMap<MapData, ExitKey, u64>,
+    latency: PerCpuHashMap<MapData, LatencyKey, LatencyHistogram>,
+    kicks: PerCpuHashMap<MapData, DoorbellKey, u64>,
+    doorbells: HashMap<MapData, DoorbellKey, Doorbell>,
+    removed_doorbells: HashMap<MapData, DoorbellKey, Doorbell>,
+    doorbell_addrs: HashMap<MapData, DoorbellAddr, u32>,
+    /// Kicks of removed doorbells, collected from the kernel and deleted there.
+    collected_kicks: BTreeMap<KickKey, u64>,
+    iommu_faults: PerCpuHashMap<MapData, IommuFaultKey, u64>,
+    vmm_processes: HashMap<MapData, u32, u64>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+/// Every drop reason with its reported name.
+const DROP_NAMES: [(Drop, &str); 16] = [
+    (Drop::ExitCountsFull, "exit_counts_full"),
+    (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
+    (Drop::ExitLatencyFull, "exit_latency_full"),
+    (Drop::ExitStartsFull, "exit_starts_full"),
+    (Drop::ServiceSlotTaken, "service_slot_taken"),
+    (Drop::DoorbellsFull, "doorbells_full"),
+    (Drop::IoeventfdUnreadable, "ioeventfd_unreadable"),
+    (Drop::KicksFull, "kicks_full"),
+    (Drop::PendingKicksFull, "pending_kicks_full"),
+    (Drop::CgroupEventsFull, "cgroup_events_full"),
+    (Drop::VmmProcessesFull, "vmm_processes_full"),
+    (Drop::MadviseCallsFull, "madvise_calls_full"),
+    (Drop::ReturnedRangesFull, "returned_ranges_full"),
+    (Drop::IommuFaultLost, "iommu_fault_lost"),
+    (Drop::GuestMemoryLost, "guest_memory_lost"),
+    (Drop::RemovedDoorbellsFull, "removed_doorbells_full"),
+];
+
+impl Counters {
+    pub fn new(ebpf: &mut aya::Ebpf) -> Result<Self, CountsError> {
+        Ok(Self {
+            exits: take(ebpf, EXIT_COUNTS_MAP)?,
+            latency: take(ebpf, EXIT_LATENCY_MAP)?,
+            kicks: take(ebpf, KICKS_MAP)?,
+            doorbells: take(ebpf, DOORBELLS_MAP)?,
+            removed_doorbells: take(ebpf, REMOVED_DOORBELLS_MAP)?,
+            doorbell_addrs: take(ebpf, DOORBELL_ADDRS_MAP)?,
+            collected_kicks: BTreeMap::new(),
+            iommu_faults: take(ebpf, IOMMU_FAULTS_MAP)?,
+            vmm_processes: take(ebpf, VMM_PROCESSES_MAP)?,
+            drops: take(ebpf, DROPS_MAP)?,
+        })
+    }
+
+    pub fn read(&mut self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
+        let map_error = |name| move |e| CountsError::Map(name, e);
+        let mut raw = Vec::new();
+        for entry in self.exits.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(EXIT_COUNTS_MAP))?;
+            raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
+        }
+        let kicks = self.read_kicks()?;
+        // A kick is counted on its doorbell only, not also as the port or MMIO write it is.
+        for (key, &count) in &kicks {
+            let (kind, detail) = if key.space == SPACE_PIO {
+                (ExitKind::Pio, 1)
+            } else {
+                (ExitKind::Mmio, MmioType::Write as u32)
+            };
+            let write = ExitKey {
+                cgroup_id: key.cgroup_id,
+                kind: kind as u32,
+                detail,
+                isa: 0,
+                reserved: 0,
+            };
+            raw.push((write, count));
+        }
+        let mut snapshot = Snapshot {
+            by_cgroup: aggregate(&raw, names),
+            ..Snapshot::default()
+        };
+        for entry in self.latency.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(EXIT_LATENCY_MAP))?;
+            let kind = match LatencyKind::try_from(key.kind) {
+                Ok(LatencyKind::KvmExit) => kvm_exit_kind(key.isa, key.reason, names),
+                Ok(LatencyKind::ServiceTime) => userspace_exit_kind(key.reason),
+                Ok(LatencyKind::KickService) => kick_kind(key.reason),
+                Err(_) => continue,
+            };
+            let histogram = snapshot
+                .latency_by_cgroup
+                .entry(key.cgroup_id)
+                .or_default()
+                .entry(kind)
+                .or_insert(LatencyHistogram::EMPTY);
+            for cpu in per_cpu.iter() {
+                merge(histogram, cpu);
+            }
+        }
+        for (key, kicks) in kicks {
+            let queue = (key.queue != ANY_QUEUE).then_some(key.queue);
+            let counts = snapshot.by_cgroup.entry(key.cgroup_id).or_default();
+            *counts.entry(kick_kind(key.queue)).or_default() += kicks;
+            let doorbells = snapshot.kicks_by_cgroup.entry(key.cgroup_id).or_default();
+            doorbells.push(DoorbellKicks {
+                pid: key.tgid,
+                vm_fd: key.vm_fd,
+                space: if key.space == SPACE_PIO {
+                    "pio"
+                } else {
+                    "mmio"
+                }
+                .to_owned(),
+                addr: key.addr,
+                queue,
+                kicks,
+            });
+            doorbells.sort();
+        }
+        for entry in self.iommu_faults.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(IOMMU_FAULTS_MAP))?;
+            let length = key
+                .device
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(key.device.len());
+            snapshot.iommu_faults.push(IommuFaults {
+                device: String::from_utf8_lossy(&key.device[..length]).into_owned(),
+                flags: key.flags,
+                faults: per_cpu.iter().sum(),
+            });
+        }
+        snapshot.iommu_faults.sort();
+        snapshot.vmm_processes = self.read_vmm_processes()?;
+        for (reason, name) in DROP_NAMES {
+            let per_cpu = self
+                .drops
+                .get(&(reason as u32), 0)
+                .map_err(map_error(DROPS_MAP))?;
+            snapshot.drops.insert(name, per_cpu.iter().sum());
+        }
+        Ok(snapshot)
+    }
+}
+
+impl Counters {
+    /// Live VMM processes: tgid to cgroup id.
+    fn read_vmm_processes(&self) -> Result<BTreeMap<u32, u64>, CountsError> {
+        self.vmm_processes
+            .iter()
+            .map(|entry| entry.map_err(|e| CountsError::Map(VMM_PROCESSES_MAP, e)))
+            .collect()
+    }
+
+    /// Kicks per tenant, VM, doorbell and queue: those of live doorbells, and those of removed
+    /// doorbells (deassigned, or of a VMM that has exited), which are collected here once and then
+    /// deleted from the kernel's maps.
+    fn read_kicks(&mut self) -> Result<BTreeMap<KickKey, u64>, CountsError> {
+        let map_error = |name| move |e| CountsError::Map(name, e);
+        let mut live = BTreeMap::new();
+        for entry in self.doorbells.iter() {
+            let (key, doorbell) = entry.map_err(map_error(DOORBELLS_MAP))?;
+            live.insert(key, doorbell);
+        }
+        // A VMM that exited without removing its doorbells: they go the same way. The kernel side
+        // notes a VMM before it stores its first doorbell and forgets it when it exits, so reading
+        // the VMMs after the doorbells finds every live doorbell's owner.
+        let vmms = self.read_vmm_processes()?;
+        let exited: Vec<(DoorbellKey, Doorbell)> = live
+            .iter()
+            .filter(|(key, _)| !vmms.contains_key(&key.tgid))
+            .map(|(key, doorbell)| (*key, *doorbell))
+            .collect();
+        for (key, doorbell) in exited {
+            live.remove(&key);
+            let _ = self.removed_doorbells.insert(key, doorbell, 0);
+            let _ = self.doorbells.remove(&key);
+            let _ = self.doorbell_addrs.remove(&key.address());
+        }
+        let mut removed = BTreeMap::new();
+        for entry in self.removed_doorbells.iter() {
+            let (key, doorbell) = entry.map_err(map_error(REMOVED_DOORBELLS_MAP))?;
+            removed.insert(key, doorbell);
+        }
+        let mut kicks = self.collected_kicks.clone();
+        let mut collected = Vec::new();
+        for entry in self.kicks.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(KICKS_MAP))?;
+            let total: u64 = per_cpu.iter().sum();
+            if let Some(doorbell) = live.get(&key) {
+                *kicks.entry(kick_key(&key, doorbell)).or_default() += total;
+            } else if let Some(doorbell) = removed.get(&key) {
+                let kick = kick_key(&key, doorbell);
+                *kicks.entry(kick).or_default() += total;
+                collected.push((key, kick, total));
+            } else {
+                // Removed while the removed-doorbell map was full (a counted drop): its owner is
+                // unknown, so its entry only takes room.
+                collected.push((key, kick_key(&key, &ORPHAN), 0));
+            }
+        }
+        for (key, kick, total) in collected {
+            if total > 0 {
+                *self.collected_kicks.entry(kick).or_default() += total;
+            }
+            self.kicks
+                .remove(&key)
+                .map_err(|e| CountsError::Map(KICKS_MAP, e))?;
+            if removed.contains_key(&key) {
+                self.removed_doorbells
+                    .remove(&key)
+                    .map_err(|e| CountsError::Map(REMOVED_DOORBELLS_MAP, e))?;
+            }
+        }
+        // A doorbell that was never written has nothing to report.
+        kicks.retain(|_, count| *count > 0);
+        Ok(kicks)
+    }
+
+    /// Deletes every counter of `cgroups` (removed tenants whose last counts were reported), so
+    /// that the maps hold live tenants only.
+    pub fn forget(&mut self, cgroups: &std::collections::HashSet<u64>) -> Result<(), CountsError> {
+        let exits: Vec<ExitKey> = self
+            .exits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| cgroups.contains(&k.cgroup_id))
+            .collect();
+        for key in exits {
+            self.exits
+                .remove(&key)
+                .map_err(|e| CountsError::Map(EXIT_COUNTS_MAP, e))?;
+        }
+        let latency: Vec<LatencyKey> = self
+            .latency
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| cgroups.contains(&k.cgroup_id))
+            .collect();
+        for key in latency {
+            self.latency
+                .remove(&key)
+                .map_err(|e| CountsError::Map(EXIT_LATENCY_MAP, e))?;
+        }
+        self.collected_kicks
+            .retain(|key, _| !cgroups.contains(&key.cgroup_id));
+        let doorbells: Vec<DoorbellKey> = self
+            .doorbells
+            .iter()
+            .chain(self.removed_doorbells.iter())
+            .filter_map(Result::ok)
+            .filter(|(_, d)| cgroups.contains(&d.cgroup_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in doorbells {
+            // Each key is in one of the two maps; its kicks were reported.
+            let _ = self.doorbells.remove(&key);
+            let _ = self.removed_doorbells.remove(&key);
+            let _ = self.kicks.remove(&key);
+            let _ = self.doorbell_addrs.remove(&key.address());
+        }
+        Ok(())
+    }
+}
+
+/// What an unknown doorbell is reported as.
+const ORPHAN: Doorbell = Doorbell {
+    queue: ANY_QUEUE,
+    vm_fd: 0,
+    eventfd: 0,
+    reserved: 0,
+    cgroup_id: 0,
+};
+
+/// The kick counter key of a doorbell.
+fn kick_key(key: &DoorbellKey, doorbell: &Doorbell) -> KickKey {
+    KickKey {
+        cgroup_id: doorbell.cgroup_id,
+        tgid: key.tgid,
+        space: key.space,
+        addr: key.addr,
+        queue: doorbell.queue,
+        vm_fd: doorbell.vm_fd,
+    }
+}
+
+/// Takes a map out of the loaded object as the type the agent reads it with.
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, CountsError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(CountsError::MissingMap(name))?;
+    T::try_from(map).map_err(|e| CountsError::Map(name, e))
+}
+
+/// Turns raw (key, total) pairs into named counts per cgroup, adding the derived in-kernel MMIO writes.
+pub fn aggregate(raw: &[(ExitKey, u64)], names: &ExitReasonNames) -> BTreeMap<u64, KindCounts> {
+    let mut by_cgroup: BTreeMap<u64, KindCounts> = BTreeMap::new();
+    for (key, total) in raw {
+        let Ok(kind) = ExitKind::try_from(key.kind) else {
+            continue;
+        };
+        let name = kind_name(kind, key.isa, key.detail, names);
+        *by_cgroup
+            .entry(key.cgroup_id)
+            .or_default()
+            .entry(name)
+            .or_default() += total;
+    }
+    for counts in by_cgroup.values_mut() {
+        let get = |kind: &str| counts.get(kind).copied().unwrap_or(0);
+        // Every MMIO exit to the VMM is a read, which KVM logs as unsatisfied before exiting, or a
+        // write; the writes that did not exit were completed in the kernel. A write can be counted
+        // exiting before its kvm_mmio is read by this snapshot, so never go below zero.
+        let writes_to_vmm = get("exit.mmio").saturating_sub(get("mmio.read_unsatisfied"));
+        let in_kernel = get("mmio.write").saturating_sub(writes_to_vmm);
+        if in_kernel > 0 {
+            counts.insert(MMIO_WRITE_IN_KERNEL.to_owned(), in_kernel);
+        }
+        let tlb_exits: u64 = counts
+            .iter()
+            .filter(|(kind, _)| kind.strip_prefix("kvm_exit.").is_some_and(is_tlb_exit))
+            .map(|(_, count)| count)
+            .sum();
+        if tlb_exits > 0 {
+            counts.insert(TLB_EXITS.to_owned(), tlb_exits);
+        }
+    }
+    by_cgroup
+}
+
+#[cfg(test)]
+mod tests {
+    use vmtrace_common::MmioType;
+
+    use super::*;
+
+    fn key(cgroup_id: u64, kind: ExitKind, detail: u32) -> ExitKey {
+        ExitKey {
+            cgroup_id,
+            kind: kind as u32,
+            detail,
+            isa: 0,
+            reserved: 0,
+        }
+    }
+
+    #[test]
+    fn in_kernel_writes_are_the_writes_that_did_not_exit() {
+        let raw = [
+            // 150 writes and 30 reads; 100 writes and the 30 reads exited to the VMM.
+            (key(7, ExitKind::Mmio, MmioType::Write as u32), 150),
+            (key(7, ExitKind::Mmio, MmioType::ReadUnsatisfied as u32), 30),
+            (key(7, ExitKind::Mmio, MmioType::Read as u32), 30),
+            (key(7, ExitKind::Userspace, 6), 130),
+            (key(8, ExitKind::Mmio, MmioType::Write as u32), 40),
+            (key(8, ExitKind::Cpuid, 0), 3),
+        ];
+        let by_cgroup = aggregate(&raw, &ExitReasonNames::builtin());
+        assert_eq!(by_cgroup[&7]["mmio.write"], 150);
+        assert_eq!(by_cgroup[&7][MMIO_WRITE_IN_KERNEL], 50);
+        assert_eq!(by_cgroup[&7]["exit.mmio"], 130);
+        assert_eq!(by_cgroup[&8][MMIO_WRITE_IN_KERNEL], 40);
+        assert_eq!(by_cgroup[&8]["cpuid"], 3);
+        assert_eq!(by_cgroup[&8].get("exit.mmio"), None);
+    }
+}

@@ -1,0 +1,7 @@
+//! Samples: the one source of data every view reads (`sampler`), taken on one clock (`ticks`), with
+//! latency summaries (`latency`) and the recent past of every tenant (`timeline`).
+
+pub mod latency;
+pub mod sampler;
+pub mod ticks;
+pub mod timeline;

@@ -1,0 +1,210 @@
+//! The agent's one source of data: attaches the probes and, on each call, turns the in-kernel
+//! counters into a [`Sample`] per tenant. `watch`, the exporters, `top` and recordings all consume
+//! samples, so they all report the same numbers.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    host::accounting::Accounting,
+    host::cgroupfs::CgroupFs,
+    host::vfio,
+    host::{self, KvmDetection, KvmFlavour},
+    probe::counters::{Counters, IommuFaults},
+    probe::lifecycle::CgroupEvents,
+    probe::load::{ExitSource, ProbeOptions, Probes},
+    tenant::aggregate::{PreviousCounts, TenantCounts, add_rates, by_tenant},
+    tenant::cgroup_index::{CgroupIndex, find_v2_mount},
+    tenant::resolve::Tenant,
+};
+
+/// Everything known at one instant: totals since the probes were attached, and rates over the
+/// interval since the previous sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the Unix epoch.
+    pub timestamp: f64,
+    /// Seconds since the probes were attached; counts are totals since then.
+    pub elapsed_secs: f64,
+    /// Seconds since the previous sample, over which the rates are computed.
+    pub interval_secs: f64,
+    pub kvm: KvmFlavour,
+    pub exit_source: ExitSource,
+    pub tenants: Vec<TenantCounts>,
+    /// Why the hardware dTLB-miss counters are not counted on this host; absent where they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtlb_unavailable: Option<String>,
+    /// IOMMU faults by device, with the tenant that holds the device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iommu_faults: Vec<TenantIommuFaults>,
+    /// Events the probes could not count, by reason.
+    pub drops: BTreeMap<String, u64>,
+    /// True on the last sample, taken when the agent stops.
+    #[serde(default)]
+    pub last: bool,
+}
+
+/// IOMMU faults of one device, attributed to a tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantIommuFaults {
+    /// The tenant whose VMM holds the device through VFIO, or `unattributed`.
+    pub tenant: String,
+    pub device: String,
+    pub flags: u32,
+    pub faults: u64,
+}
+
+/// Attached probes and what is needed to read them.
+pub struct Sampler {
+    probes: Probes,
+    counters: Counters,
+    cgroup_events: CgroupEvents,
+    /// Removed cgroups already reported in a sample marked `removed`: dropped from the next one.
+    reported_removed: HashSet<u64>,
+    index: CgroupIndex,
+    accounting: Accounting,
+    vfio: vfio::Roots,
+    /// The tenant holding each faulting device, and when it was looked up: finding it scans every
+    /// process's open files, so it is done once a minute per device at most.
+    iommu_owners: HashMap<String, (Instant, String)>,
+    kvm: KvmDetection,
+    started: Instant,
+    /// When the previous sample was taken, and its counts.
+    previous: Option<(Instant, PreviousCounts)>,
+}
+
+impl Sampler {
+    /// Attaches the probes; counting starts now.
+    pub fn start(options: &ProbeOptions) -> Result<Self> {
+        let kvm = host::detect_kvm();
+        let mut probes = Probes::attach(&kvm, options).context("cannot start the probes")?;
+        let counters = Counters::new(&mut probes.ebpf)?;
+        let cgroup_events = CgroupEvents::new(&mut probes.ebpf)?;
+        let root = find_v2_mount().context(
+            "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
+        )?;
+        for failed in probes.status.iter().filter(|s| s.error.is_some()) {
+            // kvm_exit is expected to be missing where it never fires, and optional probes when off.
+            let expected = (failed.tracepoint == "kvm:kvm_exit" && !kvm.flavour.emits_kvm_exit())
+                || (failed.tracepoint == "syscalls:sys_enter_read" && !options.kick_latency);
+            if !expected {
+                tracing::warn!(tracepoint = %failed.tracepoint, error = ?failed.error, "probe not attached");
+            }
+        }
+        Ok(Self {
+            probes,
+            counters,
+            cgroup_events,
+            reported_removed: HashSet::new(),
+            accounting: Accounting::new(CgroupFs::new(root.clone())),
+            vfio: vfio::Roots::default(),
+            iommu_owners: HashMap::new(),
+            index: CgroupIndex::new(root),
+            kvm,
+            started: Instant::now(),
+            previous: None,
+        })
+    }
+
+    pub fn kvm(&self) -> &KvmDetection {
+        &self.kvm
+    }
+
+    pub fn probes(&self) -> &Probes {
+        &self.probes
+    }
+
+    /// Reads the counters now.
+    pub fn sample(&mut self) -> Result<Sample> {
+        let now = Instant::now();
+        self.cgroup_events.drain(&mut self.index);
+        // Removed tenants were reported once, marked removed: their series end here.
+        if !self.reported_removed.is_empty() {
+            self.counters.forget(&self.reported_removed)?;
+            for id in self.reported_removed.drain() {
+                self.index.forget(id);
+            }
+        }
+        let snapshot = self.counters.read(&self.probes.reason_names)?;
+        let no_counts = PreviousCounts::new();
+        let (since, previous) = match &self.previous {
+            Some((at, counts)) => (*at, counts),
+            None => (self.started, &no_counts),
+        };
+        let interval_secs = now.duration_since(since).as_secs_f64();
+        let mut tenants = by_tenant(&snapshot, &mut self.index);
+        self.accounting
+            .add_to(&mut tenants, &snapshot.vmm_processes);
+        add_rates(&mut tenants, previous, interval_secs);
+        for tenant in tenants.iter().filter(|t| t.removed) {
+            self.reported_removed
+                .extend(tenant.cgroups.iter().map(|c| c.id));
+        }
+        let sample = Sample {
+            timestamp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            elapsed_secs: now.duration_since(self.started).as_secs_f64(),
+            interval_secs,
+            kvm: self.kvm.flavour,
+            exit_source: self.probes.exit_source,
+            tenants,
+            dtlb_unavailable: self.accounting.dtlb_unavailable().map(str::to_owned),
+            iommu_faults: self.attribute_iommu_faults(&snapshot.iommu_faults, now),
+            drops: snapshot
+                .drops
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            last: false,
+        };
+        let counts = sample
+            .tenants
+            .iter()
+            .map(|t| (t.tenant.clone(), t.counts.clone()))
+            .collect();
+        self.previous = Some((now, counts));
+        Ok(sample)
+    }
+
+    /// Names the tenant of each faulting device: the one whose VMM holds it through VFIO.
+    fn attribute_iommu_faults(
+        &mut self,
+        faults: &[IommuFaults],
+        now: Instant,
+    ) -> Vec<TenantIommuFaults> {
+        faults
+            .iter()
+            .map(|fault| {
+                let owner = match self.iommu_owners.get(&fault.device) {
+                    Some((at, tenant)) if now.duration_since(*at) < IOMMU_OWNER_TTL => {
+                        tenant.clone()
+                    }
+                    _ => {
+                        let tenant = self.vfio.owner_cgroup(&fault.device).map_or_else(
+                            || "unattributed".to_owned(),
+                            |path| Tenant::from_cgroup_path(&path).label(),
+                        );
+                        self.iommu_owners
+                            .insert(fault.device.clone(), (now, tenant.clone()));
+                        tenant
+                    }
+                };
+                TenantIommuFaults {
+                    tenant: owner,
+                    device: fault.device.clone(),
+                    flags: fault.flags,
+                    faults: fault.faults,
+                }
+            })
+            .collect()
+    }
+}
+
+/// How long the owner of a faulting device is trusted before it is looked up again.
+const IOMMU_OWNER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
