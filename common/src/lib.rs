@@ -3,12 +3,48 @@
 //! Everything here crosses the kernel boundary through BPF maps, so every type is `#[repr(C)]`, `Copy`,
 //! has explicit widths and no implicit padding. Enums cross as `u32` and are converted with `TryFrom`
 //! on the agent side.
+//!
+//! Each such type's size and alignment are asserted at compile time right after it (kernel and
+//! agent compile this crate for different targets, and both builds check them), so a field that
+//! changes the layout, or adds padding, fails to build until its numbers are restated.
 #![no_std]
 
-/// Name of the per-CPU hash map of exit and exit-related event counts, keyed by [`ExitKey`].
-pub const EXIT_COUNTS_MAP: &str = "EXIT_COUNTS";
-/// Name of the per-CPU array of drop counters, indexed by [`Drop`].
-pub const DROPS_MAP: &str = "DROPS";
+pub mod names;
+
+// The names of the maps the agent reads, under the names it has always used for them.
+pub use names::maps::{
+    CGROUP_EVENTS as CGROUP_EVENTS_MAP, DOORBELL_ADDRS as DOORBELL_ADDRS_MAP,
+    DOORBELLS as DOORBELLS_MAP, DROPS as DROPS_MAP, EXIT_COUNTS as EXIT_COUNTS_MAP,
+    EXIT_LATENCY as EXIT_LATENCY_MAP, IOMMU_FAULTS as IOMMU_FAULTS_MAP, KICKS as KICKS_MAP,
+    REMOVED_DOORBELLS as REMOVED_DOORBELLS_MAP, VMM_PROCESSES as VMM_PROCESSES_MAP,
+};
+
+/// Fails the build unless `$type` is `$size` bytes with alignment `$align`: the layout the kernel
+/// side writes and the agent reads. The numbers are stated, not computed, so that any change to them
+/// is a deliberate edit here.
+macro_rules! assert_layout {
+    ($type:ty, size $size:literal, align $align:literal) => {
+        const _: () = assert!(
+            core::mem::size_of::<$type>() == $size,
+            concat!(
+                stringify!($type),
+                " is not ",
+                stringify!($size),
+                " bytes: a field changed the layout shared with the kernel or added padding"
+            )
+        );
+        const _: () = assert!(
+            core::mem::align_of::<$type>() == $align,
+            concat!(
+                stringify!($type),
+                " is not aligned to ",
+                stringify!($align),
+                " bytes: a field changed the layout shared with the kernel"
+            )
+        );
+    };
+}
+
 /// Capacity of [`EXIT_COUNTS_MAP`]: distinct (cgroup, kind, detail) triples held at once.
 pub const EXIT_COUNTS_CAPACITY: u32 = 16384;
 
@@ -166,8 +202,9 @@ pub struct ExitKey {
     pub reserved: u32,
 }
 
-/// Name of the per-CPU hash map of exit latency histograms, keyed by [`LatencyKey`].
-pub const EXIT_LATENCY_MAP: &str = "EXIT_LATENCY";
+// 8 + 4 * 4 bytes, no padding.
+assert_layout!(ExitKey, size 24, align 8);
+
 /// Capacity of [`EXIT_LATENCY_MAP`].
 pub const EXIT_LATENCY_CAPACITY: u32 = 4096;
 /// Capacity of the per-thread "exit in progress" map: vCPU threads tracked at once.
@@ -216,6 +253,9 @@ pub struct LatencyKey {
     pub reserved: u32,
 }
 
+// 8 + 4 * 4 bytes, no padding.
+assert_layout!(LatencyKey, size 24, align 8);
+
 /// A log2 histogram of exit latencies (exit to the next entry of the same vCPU thread), in ns.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -225,6 +265,9 @@ pub struct LatencyHistogram {
     pub sum_ns: u64,
     pub max_ns: u64,
 }
+
+// (40 + 3) * 8 bytes, no padding.
+assert_layout!(LatencyHistogram, size 344, align 8);
 
 impl LatencyHistogram {
     pub const EMPTY: Self = Self {
@@ -280,15 +323,14 @@ pub struct KvmIoeventfd {
     pub pad: [u8; 36],
 }
 
-/// Name of the hash map of doorbells learnt from `KVM_IOEVENTFD`: [`DoorbellKey`] to [`Doorbell`].
-pub const DOORBELLS_MAP: &str = "DOORBELLS";
+// 8 + 8 + 4 * 3 + 36 bytes, no padding.
+assert_layout!(KvmIoeventfd, size 64, align 8);
+// And the size the ioctl number encodes (its bits 16 to 29).
+const _: () =
+    assert!(core::mem::size_of::<KvmIoeventfd>() == ((KVM_IOEVENTFD >> 16) & 0x3fff) as usize);
+
+/// Capacity of [`DOORBELLS_MAP`], [`KICKS_MAP`] and [`DOORBELL_ADDRS_MAP`].
 pub const DOORBELLS_CAPACITY: u32 = 16384;
-/// Name of the per-CPU hash map of kicks per doorbell, keyed by [`DoorbellKey`]: an entry is made
-/// with the doorbell, so a guest write needs one lookup here to be found and counted as a kick.
-pub const KICKS_MAP: &str = "KICKS";
-/// Name of the hash map of addresses that have doorbells ([`DoorbellAddr`] to how many), which
-/// lets a write to any other address be dismissed with one lookup.
-pub const DOORBELL_ADDRS_MAP: &str = "DOORBELL_ADDRS";
 
 /// A guest address of one VMM process that has at least one doorbell.
 #[repr(C)]
@@ -300,9 +342,10 @@ pub struct DoorbellAddr {
     pub addr: u64,
 }
 
-/// Name of the hash map of removed doorbells ([`DoorbellKey`] to [`Doorbell`]) whose kicks the
-/// agent has not collected yet; it removes both entries once it has.
-pub const REMOVED_DOORBELLS_MAP: &str = "REMOVED_DOORBELLS";
+// 4 + 4 + 8 bytes, no padding.
+assert_layout!(DoorbellAddr, size 16, align 8);
+
+/// Capacity of [`REMOVED_DOORBELLS_MAP`].
 pub const REMOVED_DOORBELLS_CAPACITY: u32 = 4096;
 /// Address spaces of doorbells.
 pub const SPACE_MMIO: u32 = 0;
@@ -325,6 +368,9 @@ pub struct DoorbellKey {
     /// The access length the ioeventfd matches; 0 matches any (as KVM does).
     pub len: u32,
 }
+
+// 4 + 4 + 8 + 8 + 4 + 4 bytes, no padding.
+assert_layout!(DoorbellKey, size 32, align 8);
 
 impl DoorbellKey {
     /// The address of the doorbell, as [`DOORBELL_ADDRS_MAP`] keys it.
@@ -353,6 +399,9 @@ pub struct Doorbell {
     pub cgroup_id: u64,
 }
 
+// 4 * 4 + 8 bytes, no padding.
+assert_layout!(Doorbell, size 24, align 8);
+
 /// Key of the pending-kick map: an eventfd of a VMM process.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -360,6 +409,9 @@ pub struct EventfdKey {
     pub tgid: u32,
     pub fd: u32,
 }
+
+// 4 + 4 bytes, no padding.
+assert_layout!(EventfdKey, size 8, align 4);
 
 /// The first kick of a queue that its VMM has not read from the eventfd yet.
 #[repr(C)]
@@ -370,6 +422,9 @@ pub struct PendingKick {
     pub queue: u32,
     pub reserved: u32,
 }
+
+// 8 + 8 + 4 + 4 bytes, no padding.
+assert_layout!(PendingKick, size 24, align 8);
 
 /// Capacity of the pending-kick map: eventfds tracked at once.
 pub const PENDING_KICKS_CAPACITY: u32 = 16384;
@@ -399,12 +454,13 @@ pub struct ServiceStart {
     pub tid: u32,
 }
 
+// 8 + 8 + 4 + 4 bytes, no padding.
+assert_layout!(ServiceStart, size 24, align 8);
+
 /// Slots of the per-thread service-start array. A thread's slot is its id modulo this; two live
 /// vCPU threads whose ids collide share one, and the loser's service time is counted as lost.
 pub const THREAD_SLOTS: u32 = 65536;
 
-/// Name of the ring buffer of cgroup lifecycle events ([`CgroupEvent`]).
-pub const CGROUP_EVENTS_MAP: &str = "CGROUP_EVENTS";
 /// Longest cgroup path carried by a [`CgroupEvent`]; longer ones are cut.
 pub const CGROUP_PATH_LEN: usize = 256;
 
@@ -445,6 +501,9 @@ pub struct CgroupEvent {
     pub path: [u8; CGROUP_PATH_LEN],
 }
 
+// 8 + 4 + 4 + 256 bytes, no padding.
+assert_layout!(CgroupEvent, size 272, align 8);
+
 /// A vCPU thread's entry into the guest that has not seen its exit yet, in the slot of its thread id
 /// modulo [`THREAD_SLOTS`].
 #[repr(C)]
@@ -456,6 +515,9 @@ pub struct GuestEntry {
     pub reserved: u32,
 }
 
+// 8 + 4 + 4 bytes, no padding.
+assert_layout!(GuestEntry, size 16, align 8);
+
 /// A vCPU thread's exit that has not seen its entry yet.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -466,9 +528,10 @@ pub struct ExitStart {
     pub reason: u32,
 }
 
-/// Name of the hash map of VMM processes (tgid to the cgroup id of its last `KVM_RUN`), kept by the
-/// probes: host page faults and TLB flushes are counted for these processes only.
-pub const VMM_PROCESSES_MAP: &str = "VMM_PROCESSES";
+// 8 + 8 + 4 + 4 bytes, no padding.
+assert_layout!(ExitStart, size 24, align 8);
+
+/// Capacity of [`VMM_PROCESSES_MAP`].
 pub const VMM_PROCESSES_CAPACITY: u32 = 16384;
 /// VMMs whose guest memory slots and returned ranges are kept at once (their values are a few
 /// hundred bytes, preallocated: 4096 VMMs take about 1.6 MiB).
@@ -499,6 +562,14 @@ pub struct KvmUserspaceMemoryRegion {
     pub userspace_addr: u64,
 }
 
+// 4 + 4 + 8 * 3 bytes, no padding.
+assert_layout!(KvmUserspaceMemoryRegion, size 32, align 8);
+// And the size the first ioctl number encodes (its bits 16 to 29).
+const _: () = assert!(
+    core::mem::size_of::<KvmUserspaceMemoryRegion>()
+        == ((KVM_SET_USER_MEMORY_REGION >> 16) & 0x3fff) as usize
+);
+
 /// Memory slots remembered per VMM; slot `s` is kept at index `s % GUEST_SLOTS`, so a VMM with
 /// more slots than this (or two slots that collide) has some of its guest memory unknown.
 pub const GUEST_SLOTS: usize = 16;
@@ -509,6 +580,9 @@ pub const GUEST_SLOTS: usize = 16;
 pub struct GuestMemory {
     pub ranges: [[u64; 2]; GUEST_SLOTS],
 }
+
+// 16 * 2 * 8 bytes, no padding.
+assert_layout!(GuestMemory, size 256, align 8);
 
 /// Host virtual address ranges a VMM returned to the host, most recent first, kept to count the
 /// faults that take them back.
@@ -523,8 +597,10 @@ pub struct ReturnedRanges {
     pub next: u64,
 }
 
-/// Name of the per-CPU hash map of IOMMU faults per device, keyed by [`IommuFaultKey`].
-pub const IOMMU_FAULTS_MAP: &str = "IOMMU_FAULTS";
+// 8 * 2 * 8 + 8 bytes, no padding.
+assert_layout!(ReturnedRanges, size 136, align 8);
+
+/// Capacity of [`IOMMU_FAULTS_MAP`].
 pub const IOMMU_FAULTS_CAPACITY: u32 = 1024;
 /// Longest device name an [`IommuFaultKey`] holds (PCI names such as `0000:65:00.0` need 13).
 pub const DEVICE_NAME_LEN: usize = 32;
@@ -540,6 +616,9 @@ pub struct IommuFaultKey {
     pub flags: u32,
     pub reserved: u32,
 }
+
+// 32 + 4 + 4 bytes, no padding.
+assert_layout!(IommuFaultKey, size 40, align 4);
 
 /// Why an event could not be counted; the index into [`DROPS_MAP`].
 #[repr(u32)]
@@ -580,30 +659,158 @@ pub enum Drop {
     RemovedDoorbellsFull = 15,
 }
 
-/// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
-pub const DROP_REASONS: u32 = 16;
+impl Drop {
+    /// Every reason, in index order.
+    pub const ALL: &[Self] = &[
+        Self::ExitCountsFull,
+        Self::KvmExitUnreadable,
+        Self::ExitLatencyFull,
+        Self::ExitStartsFull,
+        Self::ServiceSlotTaken,
+        Self::DoorbellsFull,
+        Self::IoeventfdUnreadable,
+        Self::KicksFull,
+        Self::PendingKicksFull,
+        Self::CgroupEventsFull,
+        Self::VmmProcessesFull,
+        Self::MadviseCallsFull,
+        Self::ReturnedRangesFull,
+        Self::IommuFaultLost,
+        Self::GuestMemoryLost,
+        Self::RemovedDoorbellsFull,
+    ];
 
+    /// The reason as the agent exports it (a metric label, a recording's key).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ExitCountsFull => "exit_counts_full",
+            Self::KvmExitUnreadable => "kvm_exit_unreadable",
+            Self::ExitLatencyFull => "exit_latency_full",
+            Self::ExitStartsFull => "exit_starts_full",
+            Self::ServiceSlotTaken => "service_slot_taken",
+            Self::DoorbellsFull => "doorbells_full",
+            Self::IoeventfdUnreadable => "ioeventfd_unreadable",
+            Self::KicksFull => "kicks_full",
+            Self::PendingKicksFull => "pending_kicks_full",
+            Self::CgroupEventsFull => "cgroup_events_full",
+            Self::VmmProcessesFull => "vmm_processes_full",
+            Self::MadviseCallsFull => "madvise_calls_full",
+            Self::ReturnedRangesFull => "returned_ranges_full",
+            Self::IommuFaultLost => "iommu_fault_lost",
+            Self::GuestMemoryLost => "guest_memory_lost",
+            Self::RemovedDoorbellsFull => "removed_doorbells_full",
+        }
+    }
+}
+
+// Each reason sits at its own index in `Drop::ALL`, so `DROP_REASONS` slots hold them all.
+const _: () = {
+    let mut index = 0;
+    while index < Drop::ALL.len() {
+        assert!(
+            Drop::ALL[index] as usize == index,
+            "Drop::ALL must list every reason at the index of its value"
+        );
+        index += 1;
+    }
+};
+
+/// Number of [`Drop`] reasons, the size of [`DROPS_MAP`].
+pub const DROP_REASONS: u32 = Drop::ALL.len() as u32;
+
+/// The types the agent reads through maps. Every byte of each is a field of integers (any bit pattern
+/// is valid) and none is padding: its `assert_layout!` above fails the build if its size stops being
+/// the sum of its fields.
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: repr(C), Copy, integers only, no padding (8 + 4 * 4 bytes).
+    // SAFETY: repr(C), Copy, integers only; 24 bytes = 8 + 4 * 4, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::ExitKey {}
-    // SAFETY: repr(C), Copy, integers only, no padding (8 + 4 + 4 bytes).
+    // SAFETY: repr(C), Copy, integers only; 24 bytes = 8 + 4 * 4, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::LatencyKey {}
-    // SAFETY: repr(C), Copy, u64s only, no padding.
+    // SAFETY: repr(C), Copy, u64s only; 344 bytes = 43 * 8, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::LatencyHistogram {}
-    // SAFETY: repr(C), Copy, integers only, no padding (4 + 4 + 8 + 8 + 4 + 4 bytes).
+    // SAFETY: repr(C), Copy, integers only; 32 bytes = 4 + 4 + 8 + 8 + 4 + 4, no padding
+    // (assert_layout! above).
     unsafe impl aya::Pod for super::DoorbellKey {}
-    // SAFETY: repr(C), Copy, four u32s then a u64, no padding.
+    // SAFETY: repr(C), Copy, four u32s then a u64; 24 bytes, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::Doorbell {}
-    // SAFETY: repr(C), Copy, two u32s then a u64, no padding.
+    // SAFETY: repr(C), Copy, two u32s then a u64; 16 bytes, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::DoorbellAddr {}
-    // SAFETY: repr(C), Copy, 32 bytes then two u32s, no padding.
+    // SAFETY: repr(C), Copy, 32 bytes then two u32s; 40 bytes, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::IommuFaultKey {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reasons given, checked by an exhaustive match (no `_` arm) to be every variant: a new
+    /// reason fails to compile here until it is listed, and then the test below fails until
+    /// `Drop::ALL` has it.
+    macro_rules! every_reason {
+        ($($reason:ident),* $(,)?) => {{
+            fn exhaustive(reason: Drop) {
+                match reason {
+                    $(Drop::$reason)|* => {}
+                }
+            }
+            let _ = exhaustive;
+            [$(Drop::$reason),*]
+        }};
+    }
+
+    #[test]
+    fn drop_reasons_are_all_listed_at_their_indexes_with_their_exported_names() {
+        let every = every_reason!(
+            ExitCountsFull,
+            KvmExitUnreadable,
+            ExitLatencyFull,
+            ExitStartsFull,
+            ServiceSlotTaken,
+            DoorbellsFull,
+            IoeventfdUnreadable,
+            KicksFull,
+            PendingKicksFull,
+            CgroupEventsFull,
+            VmmProcessesFull,
+            MadviseCallsFull,
+            ReturnedRangesFull,
+            IommuFaultLost,
+            GuestMemoryLost,
+            RemovedDoorbellsFull,
+        );
+        assert_eq!(Drop::ALL.len(), every.len());
+        for reason in every {
+            assert!(Drop::ALL.contains(&reason), "Drop::ALL lacks {reason:?}");
+        }
+        for (index, reason) in Drop::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{reason:?}");
+        }
+        assert_eq!(DROP_REASONS as usize, every.len());
+        // The names are exported (metric labels, recordings): they never change.
+        let names: [&str; 16] = core::array::from_fn(|i| Drop::ALL[i].name());
+        assert_eq!(
+            names,
+            [
+                "exit_counts_full",
+                "kvm_exit_unreadable",
+                "exit_latency_full",
+                "exit_starts_full",
+                "service_slot_taken",
+                "doorbells_full",
+                "ioeventfd_unreadable",
+                "kicks_full",
+                "pending_kicks_full",
+                "cgroup_events_full",
+                "vmm_processes_full",
+                "madvise_calls_full",
+                "returned_ranges_full",
+                "iommu_fault_lost",
+                "guest_memory_lost",
+                "removed_doorbells_full",
+            ]
+        );
+    }
 
     #[test]
     fn buckets_are_floor_log2_clamped() {

@@ -89,26 +89,6 @@ pub struct Counters {
     drops: PerCpuArray<MapData, u64>,
 }
 
-/// Every drop reason with its reported name.
-const DROP_NAMES: [(Drop, &str); 16] = [
-    (Drop::ExitCountsFull, "exit_counts_full"),
-    (Drop::KvmExitUnreadable, "kvm_exit_unreadable"),
-    (Drop::ExitLatencyFull, "exit_latency_full"),
-    (Drop::ExitStartsFull, "exit_starts_full"),
-    (Drop::ServiceSlotTaken, "service_slot_taken"),
-    (Drop::DoorbellsFull, "doorbells_full"),
-    (Drop::IoeventfdUnreadable, "ioeventfd_unreadable"),
-    (Drop::KicksFull, "kicks_full"),
-    (Drop::PendingKicksFull, "pending_kicks_full"),
-    (Drop::CgroupEventsFull, "cgroup_events_full"),
-    (Drop::VmmProcessesFull, "vmm_processes_full"),
-    (Drop::MadviseCallsFull, "madvise_calls_full"),
-    (Drop::ReturnedRangesFull, "returned_ranges_full"),
-    (Drop::IommuFaultLost, "iommu_fault_lost"),
-    (Drop::GuestMemoryLost, "guest_memory_lost"),
-    (Drop::RemovedDoorbellsFull, "removed_doorbells_full"),
-];
-
 impl Counters {
     pub fn new(ebpf: &mut aya::Ebpf) -> Result<Self, CountsError> {
         Ok(Self {
@@ -206,12 +186,12 @@ impl Counters {
         }
         snapshot.iommu_faults.sort();
         snapshot.vmm_processes = self.read_vmm_processes()?;
-        for (reason, name) in DROP_NAMES {
+        for &reason in Drop::ALL {
             let per_cpu = self
                 .drops
                 .get(&(reason as u32), 0)
                 .map_err(map_error(DROPS_MAP))?;
-            snapshot.drops.insert(name, per_cpu.iter().sum());
+            snapshot.drops.insert(reason.name(), per_cpu.iter().sum());
         }
         Ok(snapshot)
     }

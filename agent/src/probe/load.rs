@@ -8,41 +8,47 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use vmtrace_common::names::{globals, programs};
 
 use crate::{host::KvmDetection, probe::exit_reasons::ExitReasonNames, probe::tracefs};
 
 /// The eBPF object built by build.rs from the `ebpf/` crate.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmtrace.bpf.o"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmtrace.bpf.o"));
 
 /// Raw tracepoints as (program, tracepoint, category): those that see exits where `kvm:kvm_exit` is
 /// silent (and complement it where it is not), `kvm_entry`, which ends an exit's latency where
 /// kvm_exit fires, then TLB, memory, IOMMU and VMM process lifetime. The category is only for people:
 /// raw tracepoints are found by event name.
 const RAW_PROBES: [(&str, &str, &str); 20] = [
-    ("kvm_userspace_exit", "kvm_userspace_exit", "kvm"),
-    ("kvm_pio", "kvm_pio", "kvm"),
-    ("kvm_mmio", "kvm_mmio", "kvm"),
-    ("kvm_cpuid", "kvm_cpuid", "kvm"),
-    ("kvm_entry", "kvm_entry", "kvm"),
-    ("sched_process_exit", "sched_process_exit", "sched"),
-    ("tlb_flush", "tlb_flush", "tlb"),
-    ("kvm_pv_tlb_flush", "kvm_pv_tlb_flush", "kvm"),
-    ("kvm_hv_flush_tlb", "kvm_hv_flush_tlb", "kvm"),
-    ("kvm_hv_flush_tlb_ex", "kvm_hv_flush_tlb_ex", "kvm"),
-    ("page_fault_user", "page_fault_user", "exceptions"),
-    ("page_fault_kernel", "page_fault_kernel", "exceptions"),
-    ("kvm_page_fault", "kvm_page_fault", "kvm"),
-    ("kvm_mmu_get_page", "kvm_mmu_get_page", "kvmmmu"),
+    (programs::KVM_USERSPACE_EXIT, "kvm_userspace_exit", "kvm"),
+    (programs::KVM_PIO, "kvm_pio", "kvm"),
+    (programs::KVM_MMIO, "kvm_mmio", "kvm"),
+    (programs::KVM_CPUID, "kvm_cpuid", "kvm"),
+    (programs::KVM_ENTRY, "kvm_entry", "kvm"),
+    (programs::SCHED_PROCESS_EXIT, "sched_process_exit", "sched"),
+    (programs::TLB_FLUSH, "tlb_flush", "tlb"),
+    (programs::KVM_PV_TLB_FLUSH, "kvm_pv_tlb_flush", "kvm"),
+    (programs::KVM_HV_FLUSH_TLB, "kvm_hv_flush_tlb", "kvm"),
+    (programs::KVM_HV_FLUSH_TLB_EX, "kvm_hv_flush_tlb_ex", "kvm"),
+    (programs::PAGE_FAULT_USER, "page_fault_user", "exceptions"),
     (
-        "kvm_mmu_prepare_zap_page",
+        programs::PAGE_FAULT_KERNEL,
+        "page_fault_kernel",
+        "exceptions",
+    ),
+    (programs::KVM_PAGE_FAULT, "kvm_page_fault", "kvm"),
+    (programs::KVM_MMU_GET_PAGE, "kvm_mmu_get_page", "kvmmmu"),
+    (
+        programs::KVM_MMU_PREPARE_ZAP_PAGE,
         "kvm_mmu_prepare_zap_page",
         "kvmmmu",
     ),
-    ("kvm_unmap_hva_range", "kvm_unmap_hva_range", "kvm"),
-    ("kvm_age_hva", "kvm_age_hva", "kvm"),
-    ("kvm_test_age_hva", "kvm_test_age_hva", "kvm"),
-    ("iommu_map", "map", "iommu"),
-    ("iommu_unmap", "unmap", "iommu"),
+    (programs::KVM_UNMAP_HVA_RANGE, "kvm_unmap_hva_range", "kvm"),
+    (programs::KVM_AGE_HVA, "kvm_age_hva", "kvm"),
+    (programs::KVM_TEST_AGE_HVA, "kvm_test_age_hva", "kvm"),
+    (programs::IOMMU_MAP, "map", "iommu"),
+    (programs::IOMMU_UNMAP, "unmap", "iommu"),
 ];
 
 #[derive(Debug, Error)]
@@ -144,7 +150,7 @@ impl Probes {
             .and_then(|f| offsets(&f, IO_PAGE_FAULT_FIELDS));
         let kick_latency = u32::from(read_offsets.is_ok());
         let mut loader = EbpfLoader::new();
-        loader.override_global("KICK_LATENCY", &kick_latency, true);
+        loader.override_global(globals::KICK_LATENCY, &kick_latency, true);
         let all_offsets = [
             &kvm_exit_offsets,
             &ioctl_offsets,
@@ -172,23 +178,27 @@ impl Probes {
         status.push(attach_classic(
             &mut ebpf,
             "kvm",
-            "kvm_exit",
+            programs::KVM_EXIT,
             kvm_exit_offsets.map(drop),
         ));
         let kvm_exit_attached = status.last().is_some_and(|s| s.error.is_none());
         status.push(attach_classic(
             &mut ebpf,
             "syscalls",
-            "sys_enter_ioctl",
+            programs::SYS_ENTER_IOCTL,
             ioctl_offsets.map(drop),
         ));
         status.push(attach_classic(
             &mut ebpf,
             "syscalls",
-            "sys_enter_read",
+            programs::SYS_ENTER_READ,
             read_offsets.map(drop),
         ));
-        for event in ["cgroup_mkdir", "cgroup_rmdir", "cgroup_attach_task"] {
+        for event in [
+            programs::CGROUP_MKDIR,
+            programs::CGROUP_RMDIR,
+            programs::CGROUP_ATTACH_TASK,
+        ] {
             let offsets = cgroup_offsets.as_ref().map(drop).map_err(Clone::clone);
             status.push(attach_classic(&mut ebpf, "cgroup", event, offsets));
         }
@@ -198,7 +208,7 @@ impl Probes {
         status.push(attach_classic(
             &mut ebpf,
             "syscalls",
-            "sys_exit_madvise",
+            programs::SYS_EXIT_MADVISE,
             madvise_exit,
         ));
         let madvise_exit_attached = status.last().is_some_and(|s| s.error.is_none());
@@ -210,13 +220,13 @@ impl Probes {
         status.push(attach_classic(
             &mut ebpf,
             "syscalls",
-            "sys_enter_madvise",
+            programs::SYS_ENTER_MADVISE,
             madvise_enter,
         ));
         status.push(attach_classic(
             &mut ebpf,
             "iommu",
-            "io_page_fault",
+            programs::IO_PAGE_FAULT,
             io_page_fault_offsets.map(drop),
         ));
         if status.iter().all(|s| s.error.is_some()) {
@@ -243,7 +253,7 @@ impl Probes {
     /// the kvm_exit and kvm_entry probes would on a VMX or SVM host. Each record is
     /// `[op, cgroup_id, tid, time_ns, isa, reason]`, `op` 0 for an exit and 1 for an entry.
     pub fn replay_kvm_exit(&mut self, records: &[[u64; 6]]) -> Result<(), ProbeError> {
-        let program: &mut RawTracePoint = program(&mut self.ebpf, "replay_kvm_exit")?;
+        let program: &mut RawTracePoint = program(&mut self.ebpf, programs::REPLAY_KVM_EXIT)?;
         if program.fd().is_err() {
             program.load().map_err(ProbeError::Replay)?;
         }
@@ -274,7 +284,7 @@ impl Probes {
             *arg = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
         }
         args[4] = u64::from(flags);
-        let program: &mut RawTracePoint = program(&mut self.ebpf, "replay_io_page_fault")?;
+        let program: &mut RawTracePoint = program(&mut self.ebpf, programs::REPLAY_IO_PAGE_FAULT)?;
         if program.fd().is_err() {
             program.load().map_err(ProbeError::Replay)?;
         }
@@ -291,17 +301,17 @@ impl Probes {
 }
 
 /// Fields the `syscalls:sys_enter_madvise` program reads.
-const MADVISE_FIELDS: &[(&str, u32, &str)] = &[("behavior", 8, "MADVISE_BEHAVIOR_OFFSET")];
+const MADVISE_FIELDS: &[(&str, u32, &str)] = &[("behavior", 8, globals::MADVISE_BEHAVIOR_OFFSET)];
 /// Fields the `iommu:io_page_fault` program reads; `device` is a `__data_loc` (4 bytes).
 const IO_PAGE_FAULT_FIELDS: &[(&str, u32, &str)] = &[
-    ("device", 4, "IO_PAGE_FAULT_DEVICE_OFFSET"),
-    ("flags", 4, "IO_PAGE_FAULT_FLAGS_OFFSET"),
+    ("device", 4, globals::IO_PAGE_FAULT_DEVICE_OFFSET),
+    ("flags", 4, globals::IO_PAGE_FAULT_FLAGS_OFFSET),
 ];
 
 /// Fields the `kvm:kvm_exit` program reads: (field, width, the program's offset global).
 const KVM_EXIT_FIELDS: &[(&str, u32, &str)] = &[
-    ("exit_reason", 4, "KVM_EXIT_REASON_OFFSET"),
-    ("isa", 4, "KVM_EXIT_ISA_OFFSET"),
+    ("exit_reason", 4, globals::KVM_EXIT_REASON_OFFSET),
+    ("isa", 4, globals::KVM_EXIT_ISA_OFFSET),
 ];
 /// The offsets the cgroup lifecycle programs read. They share `root` and `id` offsets, so the three
 /// formats must agree on them; `path` is a `__data_loc` (4 bytes).
@@ -310,9 +320,9 @@ fn cgroup_offsets(tracefs: &Result<PathBuf, String>) -> Result<Vec<(&'static str
     let rmdir = read_format(tracefs, "cgroup", "cgroup_rmdir")?;
     let attach = read_format(tracefs, "cgroup", "cgroup_attach_task")?;
     let fields = [
-        ("root", 4, "CGROUP_ROOT_OFFSET"),
-        ("id", 8, "CGROUP_ID_OFFSET"),
-        ("path", 4, "CGROUP_PATH_OFFSET"),
+        ("root", 4, globals::CGROUP_ROOT_OFFSET),
+        ("id", 8, globals::CGROUP_ID_OFFSET),
+        ("path", 4, globals::CGROUP_PATH_OFFSET),
     ];
     let mut offsets = offsets(&mkdir, &fields)?;
     if self::offsets(&rmdir, &fields)? != offsets {
@@ -321,9 +331,9 @@ fn cgroup_offsets(tracefs: &Result<PathBuf, String>) -> Result<Vec<(&'static str
     let attached = self::offsets(
         &attach,
         &[
-            ("dst_root", 4, "CGROUP_ROOT_OFFSET"),
-            ("dst_id", 8, "CGROUP_ID_OFFSET"),
-            ("dst_path", 4, "CGROUP_ATTACH_PATH_OFFSET"),
+            ("dst_root", 4, globals::CGROUP_ROOT_OFFSET),
+            ("dst_id", 8, globals::CGROUP_ID_OFFSET),
+            ("dst_path", 4, globals::CGROUP_ATTACH_PATH_OFFSET),
         ],
     )?;
     if attached[..2] != offsets[..2] {
@@ -336,12 +346,12 @@ fn cgroup_offsets(tracefs: &Result<PathBuf, String>) -> Result<Vec<(&'static str
 }
 
 /// Fields the `syscalls:sys_enter_read` program reads.
-const READ_FIELDS: &[(&str, u32, &str)] = &[("fd", 8, "READ_FD_OFFSET")];
+const READ_FIELDS: &[(&str, u32, &str)] = &[("fd", 8, globals::READ_FD_OFFSET)];
 /// Fields the `syscalls:sys_enter_ioctl` program reads.
 const IOCTL_FIELDS: &[(&str, u32, &str)] = &[
-    ("fd", 8, "IOCTL_FD_OFFSET"),
-    ("cmd", 8, "IOCTL_CMD_OFFSET"),
-    ("arg", 8, "IOCTL_ARG_OFFSET"),
+    ("fd", 8, globals::IOCTL_FD_OFFSET),
+    ("cmd", 8, globals::IOCTL_CMD_OFFSET),
+    ("arg", 8, globals::IOCTL_ARG_OFFSET),
 ];
 
 fn read_format(

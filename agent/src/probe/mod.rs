@@ -6,4 +6,6 @@ pub mod counters;
 pub mod exit_reasons;
 pub mod lifecycle;
 pub mod load;
+#[cfg(test)]
+mod object_check;
 pub mod tracefs;
