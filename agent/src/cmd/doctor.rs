@@ -186,7 +186,7 @@ pub fn render(d: &Diagnosis) -> String {
             if d.kvm.dev_kvm { "present" } else { "absent" }
         ),
     );
-    line("kvm:kvm_exit", d.kvm_exit.clone());
+    line(&KVM_EXIT.tracepoint(), d.kvm_exit.clone());
     line(
         "exit source",
         d.exit_source

@@ -113,8 +113,8 @@ impl ProbeStatus {
 /// Optional probes, off by default for what they cost the host.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProbeOptions {
-    /// Kick service latency: attaches `syscalls:sys_enter_read`, which runs on every read() of the
-    /// host, to see VMMs read their doorbell eventfds.
+    /// Kick service latency: attaches the probe table's read() tracepoint, which runs on every
+    /// read() of the host, to see VMMs read their doorbell eventfds.
     pub kick_latency: bool,
 }
 
