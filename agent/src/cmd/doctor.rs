@@ -261,3 +261,99 @@ fn probe_state(probe: &ProbeStatus) -> String {
     }
     state
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(error: Option<&str>) -> ProbeStatus {
+        ProbeStatus {
+            tracepoint: "kvm:kvm_mmio".to_owned(),
+            attach_type: "raw_tracepoint",
+            error: error.map(str::to_owned),
+            program: "kvm_mmio",
+            silent: None,
+            off_until: None,
+            btf_args: Some(BtfArgs::Checked),
+        }
+    }
+
+    #[test]
+    fn kvm_exit_line_comes_from_the_table() {
+        assert_eq!(
+            kvm_exit(KvmFlavour::Pvm),
+            "silent: PVM never emits kvm_exit, kvm_entry or kvm_page_fault; exits are derived from the events that fire"
+        );
+        assert_eq!(
+            kvm_exit(KvmFlavour::Svm),
+            "fires on every exit (SVM emits it)"
+        );
+        assert_eq!(kvm_exit(KvmFlavour::None), "no KVM");
+    }
+
+    #[test]
+    fn probe_states_say_what_is_expected() {
+        assert_eq!(probe_state(&status(None)), "attached");
+        let off = ProbeStatus {
+            off_until: Some("--kick-latency"),
+            btf_args: None,
+            ..status(Some("off (enable with --kick-latency)"))
+        };
+        assert_eq!(probe_state(&off), "off (enable with --kick-latency)");
+        let silent = ProbeStatus {
+            silent: Some("PVM never emits it".to_owned()),
+            ..status(None)
+        };
+        assert_eq!(
+            probe_state(&silent),
+            "attached; silent here: PVM never emits it"
+        );
+        let failed_silent = ProbeStatus {
+            silent: Some("PVM never emits it".to_owned()),
+            ..status(Some("ENOENT"))
+        };
+        assert_eq!(
+            probe_state(&failed_silent),
+            "not attached (PVM never emits it anyway): ENOENT"
+        );
+        // A BTF mismatch is a failure even where the probe would be silent.
+        let mismatch = ProbeStatus {
+            btf_args: Some(BtfArgs::Mismatch),
+            ..failed_silent
+        };
+        assert_eq!(probe_state(&mismatch), "NOT attached: ENOENT");
+        let unchecked = ProbeStatus {
+            btf_args: Some(BtfArgs::Unchecked("no BTF".to_owned())),
+            ..status(None)
+        };
+        assert_eq!(
+            probe_state(&unchecked),
+            "attached; arguments unchecked: no BTF"
+        );
+    }
+
+    #[test]
+    fn btf_line_counts_checks_and_says_when_btf_is_unreadable() {
+        let raw = PROBES
+            .iter()
+            .filter(|p| matches!(p.reads, Reads::Raw { .. }))
+            .count();
+        let all_checked: Vec<ProbeStatus> = (0..raw).map(|_| status(None)).collect();
+        assert_eq!(
+            btf_arguments(Some(&Ok(())), &all_checked),
+            format!("arguments of {raw} of {raw} raw tracepoints checked")
+        );
+        let mut one_differs = all_checked.clone();
+        one_differs[0].btf_args = Some(BtfArgs::Mismatch);
+        one_differs[1].btf_args = Some(BtfArgs::Unchecked("no typedef".to_owned()));
+        assert_eq!(
+            btf_arguments(Some(&Ok(())), &one_differs),
+            format!(
+                "arguments of {} of {raw} raw tracepoints checked, 1 differ (not attached), 1 unchecked (see probes)",
+                raw - 2
+            )
+        );
+        let unreadable = btf_arguments(Some(&Err("cannot read BTF".to_owned())), &[]);
+        assert!(unreadable.starts_with("arguments NOT checked (cannot read BTF)"));
+    }
+}

@@ -494,4 +494,34 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn a_btf_mismatch_keeps_the_probe_off_and_unreadable_btf_does_not() {
+        let Ok(btf) = KernelBtf::open() else {
+            eprintln!("skipped: no readable BTF here");
+            return;
+        };
+        let no_tracefs: Result<PathBuf, String> = Err("no tracefs".to_owned());
+        let wrong = ProbeSpec {
+            reads: Reads::Raw {
+                args: &[(1, "gpa")],
+                classes: &[],
+            },
+            ..*crate::probe::spec::find("kvm_mmio").unwrap()
+        };
+        let prepared = prepare(&wrong, &ProbeOptions::default(), &no_tracefs, &Ok(btf));
+        assert_eq!(prepared.btf_args, Some(BtfArgs::Mismatch));
+        let err = prepared.globals.unwrap_err();
+        assert!(
+            err.contains("kvm_mmio") && err.contains("argument 1") && err.contains("`gpa`"),
+            "{err}"
+        );
+        let unreadable: Result<KernelBtf, String> = Err("cannot read BTF".to_owned());
+        let prepared = prepare(&wrong, &ProbeOptions::default(), &no_tracefs, &unreadable);
+        assert!(prepared.globals.is_ok());
+        assert_eq!(
+            prepared.btf_args,
+            Some(BtfArgs::Unchecked("cannot read BTF".to_owned()))
+        );
+    }
 }
