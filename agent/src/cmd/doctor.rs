@@ -143,7 +143,7 @@ fn btf_arguments(btf_read: Option<&Result<(), String>>, probes: &[ProbeStatus]) 
             let mismatched = count(|a| *a == BtfArgs::Mismatch);
             let mut text = format!("arguments of {checked} of {raw} raw tracepoints checked");
             if mismatched > 0 {
-                text.push_str(&format!(", {mismatched} differ (not attached)"));
+                text.push_str(&format!(", {mismatched} mismatched (not attached)"));
             }
             if checked + mismatched < raw {
                 text.push_str(&format!(
@@ -349,7 +349,7 @@ mod tests {
         assert_eq!(
             btf_arguments(Some(&Ok(())), &one_differs),
             format!(
-                "arguments of {} of {raw} raw tracepoints checked, 1 differ (not attached), 1 unchecked (see probes)",
+                "arguments of {} of {raw} raw tracepoints checked, 1 mismatched (not attached), 1 unchecked (see probes)",
                 raw - 2
             )
         );

@@ -29,7 +29,7 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ArgError {
     #[error(
-        "{event}: argument {position} is `{found}` in this kernel's BTF, the program reads `{expected}` there; not attached, its counts would be wrong"
+        "{event}: argument {position} is `{found}` in this kernel's BTF, the program reads `{expected}` there (its counts would be wrong)"
     )]
     Mismatch {
         event: String,
@@ -38,7 +38,7 @@ pub enum ArgError {
         found: String,
     },
     #[error(
-        "{event}: the program reads argument {position} (`{expected}`), this kernel's tracepoint has {count} arguments; not attached"
+        "{event}: the program reads argument {position} (`{expected}`), this kernel's tracepoint has {count} arguments"
     )]
     Missing {
         event: String,
@@ -47,7 +47,7 @@ pub enum ArgError {
         count: usize,
     },
     #[error(
-        "{event}: `__bpf_trace_{class}` does not take the arguments of `btf_trace_{event}`: the event is not of class `{class}` in this kernel; not attached"
+        "{event}: `__bpf_trace_{class}` does not take the arguments of `btf_trace_{event}`: the event is not of class `{class}` in this kernel"
     )]
     WrongClass { event: String, class: String },
 }
