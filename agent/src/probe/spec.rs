@@ -7,8 +7,6 @@
 //! the format-file fields its program reads, their widths and the program globals their offsets set
 //! (checked against the format file, `probe::tracefs`).
 
-use serde::Serialize;
-
 use crate::host::KvmFlavour;
 
 /// One probe: an eBPF program and the tracepoint it attaches to.
@@ -64,8 +62,7 @@ pub enum When {
 }
 
 /// Options that turn optional probes on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeOption {
     /// `--kick-latency`.
     KickLatency,
@@ -119,14 +116,6 @@ impl ProbeSpec {
         match self.reads {
             Reads::Raw { .. } => "raw_tracepoint",
             Reads::Classic { .. } => "tracepoint",
-        }
-    }
-
-    /// Whether this probe is to be attached with these options.
-    pub fn wanted(&self, options: &super::load::ProbeOptions) -> bool {
-        match self.when {
-            When::Optional { option, .. } => options.is_on(option),
-            When::Required | When::Silent(_) => true,
         }
     }
 
