@@ -1,10 +1,11 @@
-//! The names by which the agent finds the eBPF object's maps, programs and globals.
+//! The names by which the agent finds the eBPF object's maps and its replay programs. (Attached
+//! programs and the globals they read are named in the agent's probe table.)
 //!
 //! On the kernel side a map is named by its static, a program by its function and a global by its
 //! `#[no_mangle]` static: aya-ebpf takes the identifier or a literal, never a constant. So the
 //! compiler cannot tie the two sides together; the agent's object test (agent/src/probe/
-//! object_check.rs) opens the built object and checks every name here, with each map's type, key
-//! and value sizes.
+//! object_check.rs) opens the built object and checks every name here and in the probe table,
+//! with each map's type, key and value sizes.
 
 /// Maps, by the names of their statics in `ebpf/src/`.
 pub mod maps {
@@ -53,65 +54,12 @@ pub mod maps {
     pub const GUEST_MEMORY: &str = "GUEST_MEMORY";
 }
 
-/// Programs, by the names of their functions in `ebpf/src/`.
+/// Programs the agent runs through `BPF_PROG_TEST_RUN` without attaching them, to drive the
+/// in-kernel logic of probes whose events do not fire on every host. The attached programs are
+/// named in the agent's probe table (agent/src/probe/spec.rs), the one list of probes.
 pub mod programs {
-    // Raw tracepoints.
-    pub const KVM_USERSPACE_EXIT: &str = "kvm_userspace_exit";
-    pub const KVM_PIO: &str = "kvm_pio";
-    pub const KVM_MMIO: &str = "kvm_mmio";
-    pub const KVM_CPUID: &str = "kvm_cpuid";
-    pub const KVM_ENTRY: &str = "kvm_entry";
-    pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
-    pub const TLB_FLUSH: &str = "tlb_flush";
-    pub const KVM_PV_TLB_FLUSH: &str = "kvm_pv_tlb_flush";
-    pub const KVM_HV_FLUSH_TLB: &str = "kvm_hv_flush_tlb";
-    pub const KVM_HV_FLUSH_TLB_EX: &str = "kvm_hv_flush_tlb_ex";
-    pub const PAGE_FAULT_USER: &str = "page_fault_user";
-    pub const PAGE_FAULT_KERNEL: &str = "page_fault_kernel";
-    pub const KVM_PAGE_FAULT: &str = "kvm_page_fault";
-    pub const KVM_MMU_GET_PAGE: &str = "kvm_mmu_get_page";
-    pub const KVM_MMU_PREPARE_ZAP_PAGE: &str = "kvm_mmu_prepare_zap_page";
-    pub const KVM_UNMAP_HVA_RANGE: &str = "kvm_unmap_hva_range";
-    pub const KVM_AGE_HVA: &str = "kvm_age_hva";
-    pub const KVM_TEST_AGE_HVA: &str = "kvm_test_age_hva";
-    /// On `iommu:map`.
-    pub const IOMMU_MAP: &str = "iommu_map";
-    /// On `iommu:unmap`.
-    pub const IOMMU_UNMAP: &str = "iommu_unmap";
-    /// The kvm_exit logic, driven by `BPF_PROG_TEST_RUN` with synthetic records.
+    /// Replays `kvm:kvm_exit` / `kvm:kvm_entry` records through the kvm_exit logic.
     pub const REPLAY_KVM_EXIT: &str = "replay_kvm_exit";
-    /// The IOMMU fault logic, driven by `BPF_PROG_TEST_RUN`.
+    /// Replays `iommu:io_page_fault` records through the IOMMU fault logic.
     pub const REPLAY_IO_PAGE_FAULT: &str = "replay_io_page_fault";
-
-    // Classic tracepoints, named like their events.
-    pub const KVM_EXIT: &str = "kvm_exit";
-    pub const SYS_ENTER_IOCTL: &str = "sys_enter_ioctl";
-    pub const SYS_ENTER_READ: &str = "sys_enter_read";
-    pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
-    pub const CGROUP_RMDIR: &str = "cgroup_rmdir";
-    pub const CGROUP_ATTACH_TASK: &str = "cgroup_attach_task";
-    pub const SYS_ENTER_MADVISE: &str = "sys_enter_madvise";
-    pub const SYS_EXIT_MADVISE: &str = "sys_exit_madvise";
-    pub const IO_PAGE_FAULT: &str = "io_page_fault";
-}
-
-/// Globals the agent sets at load (`EbpfLoader::override_global`), all `u32`, by the names of their
-/// `#[no_mangle]` statics in `ebpf/src/`.
-pub mod globals {
-    /// 1 when kick service latency is wanted.
-    pub const KICK_LATENCY: &str = "KICK_LATENCY";
-    // Offsets of the fields the classic tracepoint programs read, from the host's format files.
-    pub const KVM_EXIT_REASON_OFFSET: &str = "KVM_EXIT_REASON_OFFSET";
-    pub const KVM_EXIT_ISA_OFFSET: &str = "KVM_EXIT_ISA_OFFSET";
-    pub const IOCTL_FD_OFFSET: &str = "IOCTL_FD_OFFSET";
-    pub const IOCTL_CMD_OFFSET: &str = "IOCTL_CMD_OFFSET";
-    pub const IOCTL_ARG_OFFSET: &str = "IOCTL_ARG_OFFSET";
-    pub const READ_FD_OFFSET: &str = "READ_FD_OFFSET";
-    pub const CGROUP_ROOT_OFFSET: &str = "CGROUP_ROOT_OFFSET";
-    pub const CGROUP_ID_OFFSET: &str = "CGROUP_ID_OFFSET";
-    pub const CGROUP_PATH_OFFSET: &str = "CGROUP_PATH_OFFSET";
-    pub const CGROUP_ATTACH_PATH_OFFSET: &str = "CGROUP_ATTACH_PATH_OFFSET";
-    pub const MADVISE_BEHAVIOR_OFFSET: &str = "MADVISE_BEHAVIOR_OFFSET";
-    pub const IO_PAGE_FAULT_DEVICE_OFFSET: &str = "IO_PAGE_FAULT_DEVICE_OFFSET";
-    pub const IO_PAGE_FAULT_FLAGS_OFFSET: &str = "IO_PAGE_FAULT_FLAGS_OFFSET";
 }

@@ -4,7 +4,8 @@ use serde::Serialize;
 
 use crate::{
     host::{self, KvmDetection, KvmFlavour, Privileges},
-    probe::load::{ExitSource, ProbeOptions, ProbeStatus, Probes},
+    probe::load::{BtfArgs, ExitSource, ProbeOptions, ProbeStatus, Probes},
+    probe::spec::{HostTraits, KVM_EXIT, PROBES, Reads, Silence, When},
     probe::tracefs,
     tenant::cgroup_index::find_v2_mount,
 };
@@ -14,6 +15,8 @@ use crate::{
 pub struct Diagnosis {
     pub kernel: String,
     pub btf: bool,
+    /// Whether the raw tracepoints' arguments were checked against the kernel's BTF.
+    pub btf_arguments: String,
     pub tracefs: Result<String, String>,
     pub kvm: KvmDetection,
     /// Whether `kvm:kvm_exit` fires here, and why we think so.
@@ -54,34 +57,102 @@ pub fn diagnose() -> Diagnosis {
                 .to_owned(),
         );
     }
-    let (probes, exit_source) = if privileges.can_trace() {
+    let (probes, exit_source, btf_read) = if privileges.can_trace() {
         match Probes::attach(&kvm, &ProbeOptions::default()) {
-            Ok(p) => (p.status.clone(), Some(p.exit_source)),
+            Ok(p) => (p.status.clone(), Some(p.exit_source), Some(p.btf.clone())),
             Err(e) => {
                 blockers.push(format!("the probes cannot be attached: {e}"));
-                (Vec::new(), None)
+                (Vec::new(), None, None)
             }
         }
     } else {
-        (Vec::new(), None)
-    };
-    let kvm_exit = match kvm.flavour {
-        KvmFlavour::Vmx | KvmFlavour::Svm => "fires on every exit (VMX/SVM emit it)".to_owned(),
-        KvmFlavour::Pvm => "silent: PVM never emits kvm_exit or kvm_entry; exits are derived from the events that fire".to_owned(),
-        KvmFlavour::None => "no KVM".to_owned(),
+        (Vec::new(), None, None)
     };
     Diagnosis {
         kernel: host::kernel_release(),
         btf: host::has_btf(),
+        btf_arguments: btf_arguments(btf_read.as_ref(), &probes),
         tracefs,
+        kvm_exit: kvm_exit(kvm.flavour),
         kvm,
-        kvm_exit,
         exit_source,
         cgroup_v2,
         privileges,
         hardware_perf_counters: crate::host::dtlb::availability(),
         probes,
         blockers,
+    }
+}
+
+/// Whether `kvm:kvm_exit` fires on this KVM flavour, from the probe table: where it is silent, so
+/// are the other probes the table marks silent on the same flavours.
+fn kvm_exit(flavour: KvmFlavour) -> String {
+    let host = HostTraits {
+        kvm: flavour,
+        iommu: false,
+    };
+    if flavour == KvmFlavour::None {
+        return "no KVM".to_owned();
+    }
+    if KVM_EXIT.silent_on(&host).is_none() {
+        return format!("fires on every exit ({} emits it)", flavour.name());
+    }
+    let others = PROBES.iter().filter(|p| {
+        p.program != KVM_EXIT.program
+            && matches!(p.when, When::Silent(Silence::OnKvm(_)))
+            && p.silent_on(&host).is_some()
+    });
+    let silent: Vec<&str> = std::iter::once(KVM_EXIT.event)
+        .chain(others.map(|p| p.event))
+        .collect();
+    format!(
+        "silent: {} never emits {}; exits are derived from the events that fire",
+        flavour.name(),
+        or_list(&silent)
+    )
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn or_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_owned(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+/// How the raw tracepoints' arguments compare with the kernel's BTF, in one line.
+fn btf_arguments(btf_read: Option<&Result<(), String>>, probes: &[ProbeStatus]) -> String {
+    let raw = PROBES
+        .iter()
+        .filter(|p| matches!(p.reads, Reads::Raw { .. }))
+        .count();
+    let count = |wanted: fn(&BtfArgs) -> bool| {
+        probes
+            .iter()
+            .filter(|p| p.btf_args.as_ref().is_some_and(wanted))
+            .count()
+    };
+    match btf_read {
+        None => "arguments not checked (probes not loaded)".to_owned(),
+        Some(Err(e)) => format!(
+            "arguments NOT checked ({e}): the {raw} raw tracepoints were attached without the check"
+        ),
+        Some(Ok(())) => {
+            let checked = count(|a| *a == BtfArgs::Checked);
+            let mismatched = count(|a| *a == BtfArgs::Mismatch);
+            let mut text = format!("arguments of {checked} of {raw} raw tracepoints checked");
+            if mismatched > 0 {
+                text.push_str(&format!(", {mismatched} mismatched (not attached)"));
+            }
+            if checked + mismatched < raw {
+                text.push_str(&format!(
+                    ", {} unchecked (see probes)",
+                    raw - checked - mismatched
+                ));
+            }
+            text
+        }
     }
 }
 
@@ -93,7 +164,11 @@ pub fn render(d: &Diagnosis) -> String {
     line("kernel", d.kernel.clone());
     line(
         "BTF",
-        format!("{} (/sys/kernel/btf/vmlinux)", yes_no(d.btf)),
+        format!(
+            "{} (/sys/kernel/btf/vmlinux); {}",
+            yes_no(d.btf),
+            d.btf_arguments
+        ),
     );
     line(
         "tracefs",
@@ -111,7 +186,7 @@ pub fn render(d: &Diagnosis) -> String {
             if d.kvm.dev_kvm { "present" } else { "absent" }
         ),
     );
-    line("kvm:kvm_exit", d.kvm_exit.clone());
+    line(&KVM_EXIT.tracepoint(), d.kvm_exit.clone());
     line(
         "exit source",
         d.exit_source
@@ -144,15 +219,14 @@ pub fn render(d: &Diagnosis) -> String {
         },
     );
     for (i, probe) in d.probes.iter().enumerate() {
-        let state = match &probe.error {
-            None => "attached".to_owned(),
-            // Optional probes that are off by choice are not failures.
-            Some(e) if e.starts_with("off ") => e.clone(),
-            Some(e) => format!("NOT attached: {e}"),
-        };
         line(
             if i == 0 { "probes" } else { "" },
-            format!("{:<32} {:<15} {state}", probe.tracepoint, probe.attach_type),
+            format!(
+                "{:<32} {:<15} {}",
+                probe.tracepoint,
+                probe.attach_type,
+                probe_state(probe)
+            ),
         );
     }
     if d.blockers.is_empty() {
@@ -164,4 +238,122 @@ pub fn render(d: &Diagnosis) -> String {
         }
     }
     out
+}
+
+/// One probe's state: attached or why not, whether it fires here, how its arguments were checked.
+fn probe_state(probe: &ProbeStatus) -> String {
+    let mut state = match (&probe.error, &probe.silent) {
+        (None, _) => "attached".to_owned(),
+        // Optional probes that are off by choice are not failures.
+        (Some(e), _) if probe.off_until.is_some() => e.clone(),
+        (Some(e), Some(silent)) if probe.failure_expected() => {
+            format!("not attached ({silent} anyway): {e}")
+        }
+        (Some(e), _) => format!("NOT attached: {e}"),
+    };
+    if probe.error.is_none()
+        && let Some(silent) = &probe.silent
+    {
+        state.push_str(&format!("; silent here: {silent}"));
+    }
+    if let Some(BtfArgs::Unchecked(why)) = &probe.btf_args {
+        state.push_str(&format!("; arguments unchecked: {why}"));
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(error: Option<&str>) -> ProbeStatus {
+        ProbeStatus {
+            tracepoint: "kvm:kvm_mmio".to_owned(),
+            attach_type: "raw_tracepoint",
+            error: error.map(str::to_owned),
+            program: "kvm_mmio",
+            silent: None,
+            off_until: None,
+            btf_args: Some(BtfArgs::Checked),
+        }
+    }
+
+    #[test]
+    fn kvm_exit_line_comes_from_the_table() {
+        assert_eq!(
+            kvm_exit(KvmFlavour::Pvm),
+            "silent: PVM never emits kvm_exit, kvm_entry or kvm_page_fault; exits are derived from the events that fire"
+        );
+        assert_eq!(
+            kvm_exit(KvmFlavour::Svm),
+            "fires on every exit (SVM emits it)"
+        );
+        assert_eq!(kvm_exit(KvmFlavour::None), "no KVM");
+    }
+
+    #[test]
+    fn probe_states_say_what_is_expected() {
+        assert_eq!(probe_state(&status(None)), "attached");
+        let off = ProbeStatus {
+            off_until: Some("--kick-latency"),
+            btf_args: None,
+            ..status(Some("off (enable with --kick-latency)"))
+        };
+        assert_eq!(probe_state(&off), "off (enable with --kick-latency)");
+        let silent = ProbeStatus {
+            silent: Some("PVM never emits it".to_owned()),
+            ..status(None)
+        };
+        assert_eq!(
+            probe_state(&silent),
+            "attached; silent here: PVM never emits it"
+        );
+        let failed_silent = ProbeStatus {
+            silent: Some("PVM never emits it".to_owned()),
+            ..status(Some("ENOENT"))
+        };
+        assert_eq!(
+            probe_state(&failed_silent),
+            "not attached (PVM never emits it anyway): ENOENT"
+        );
+        // A BTF mismatch is a failure even where the probe would be silent.
+        let mismatch = ProbeStatus {
+            btf_args: Some(BtfArgs::Mismatch),
+            ..failed_silent
+        };
+        assert_eq!(probe_state(&mismatch), "NOT attached: ENOENT");
+        let unchecked = ProbeStatus {
+            btf_args: Some(BtfArgs::Unchecked("no BTF".to_owned())),
+            ..status(None)
+        };
+        assert_eq!(
+            probe_state(&unchecked),
+            "attached; arguments unchecked: no BTF"
+        );
+    }
+
+    #[test]
+    fn btf_line_counts_checks_and_says_when_btf_is_unreadable() {
+        let raw = PROBES
+            .iter()
+            .filter(|p| matches!(p.reads, Reads::Raw { .. }))
+            .count();
+        let all_checked: Vec<ProbeStatus> = (0..raw).map(|_| status(None)).collect();
+        assert_eq!(
+            btf_arguments(Some(&Ok(())), &all_checked),
+            format!("arguments of {raw} of {raw} raw tracepoints checked")
+        );
+        let mut one_differs = all_checked.clone();
+        one_differs[0].btf_args = Some(BtfArgs::Mismatch);
+        one_differs[1].btf_args = Some(BtfArgs::Unchecked("no typedef".to_owned()));
+        assert_eq!(
+            btf_arguments(Some(&Ok(())), &one_differs),
+            format!(
+                "arguments of {} of {raw} raw tracepoints checked, 1 mismatched (not attached), 1 unchecked (see probes)",
+                raw - 2
+            )
+        );
+        let unreadable = btf_arguments(Some(&Err("cannot read BTF".to_owned())), &[]);
+        assert!(unreadable.starts_with("arguments NOT checked (cannot read BTF)"));
+    }
 }

@@ -8,48 +8,19 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vmtrace_common::names::{globals, programs};
+use vmtrace_common::names::programs;
 
-use crate::{host::KvmDetection, probe::exit_reasons::ExitReasonNames, probe::tracefs};
+use crate::{
+    host::KvmDetection,
+    probe::btf_args::{ArgCheck, KernelBtf},
+    probe::exit_reasons::ExitReasonNames,
+    probe::spec::{FieldRead, HostTraits, KVM_EXIT, PROBES, ProbeOption, ProbeSpec, Reads, When},
+    probe::tracefs,
+};
 
 /// The eBPF object built by build.rs from the `ebpf/` crate.
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmtrace.bpf.o"));
-
-/// Raw tracepoints as (program, tracepoint, category): those that see exits where `kvm:kvm_exit` is
-/// silent (and complement it where it is not), `kvm_entry`, which ends an exit's latency where
-/// kvm_exit fires, then TLB, memory, IOMMU and VMM process lifetime. The category is only for people:
-/// raw tracepoints are found by event name.
-const RAW_PROBES: [(&str, &str, &str); 20] = [
-    (programs::KVM_USERSPACE_EXIT, "kvm_userspace_exit", "kvm"),
-    (programs::KVM_PIO, "kvm_pio", "kvm"),
-    (programs::KVM_MMIO, "kvm_mmio", "kvm"),
-    (programs::KVM_CPUID, "kvm_cpuid", "kvm"),
-    (programs::KVM_ENTRY, "kvm_entry", "kvm"),
-    (programs::SCHED_PROCESS_EXIT, "sched_process_exit", "sched"),
-    (programs::TLB_FLUSH, "tlb_flush", "tlb"),
-    (programs::KVM_PV_TLB_FLUSH, "kvm_pv_tlb_flush", "kvm"),
-    (programs::KVM_HV_FLUSH_TLB, "kvm_hv_flush_tlb", "kvm"),
-    (programs::KVM_HV_FLUSH_TLB_EX, "kvm_hv_flush_tlb_ex", "kvm"),
-    (programs::PAGE_FAULT_USER, "page_fault_user", "exceptions"),
-    (
-        programs::PAGE_FAULT_KERNEL,
-        "page_fault_kernel",
-        "exceptions",
-    ),
-    (programs::KVM_PAGE_FAULT, "kvm_page_fault", "kvm"),
-    (programs::KVM_MMU_GET_PAGE, "kvm_mmu_get_page", "kvmmmu"),
-    (
-        programs::KVM_MMU_PREPARE_ZAP_PAGE,
-        "kvm_mmu_prepare_zap_page",
-        "kvmmmu",
-    ),
-    (programs::KVM_UNMAP_HVA_RANGE, "kvm_unmap_hva_range", "kvm"),
-    (programs::KVM_AGE_HVA, "kvm_age_hva", "kvm"),
-    (programs::KVM_TEST_AGE_HVA, "kvm_test_age_hva", "kvm"),
-    (programs::IOMMU_MAP, "map", "iommu"),
-    (programs::IOMMU_UNMAP, "unmap", "iommu"),
-];
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
@@ -106,14 +77,55 @@ pub struct ProbeStatus {
     pub attach_type: &'static str,
     /// `None` when attached, else why not.
     pub error: Option<String>,
+    /// The program in the eBPF object.
+    pub program: &'static str,
+    /// Why this probe never fires on this host, where it does not: a failure to attach is expected
+    /// there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub silent: Option<String>,
+    /// For an optional probe left off, the flag that turns it on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_until: Option<&'static str>,
+    /// For raw tracepoints, how the arguments the program reads compare with the kernel's BTF.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub btf_args: Option<BtfArgs>,
+}
+
+/// The outcome of a raw tracepoint's BTF argument check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BtfArgs {
+    /// Every argument read has the expected name.
+    Checked,
+    /// The check could not be made (why): the probe was attached without it.
+    Unchecked(String),
+    /// The kernel's arguments differ: the probe was not attached (the error says how).
+    Mismatch,
+}
+
+impl ProbeStatus {
+    /// Whether a failure of this probe is expected here: optional and off, or never firing anyway;
+    /// never when its arguments differ from the kernel's.
+    pub fn failure_expected(&self) -> bool {
+        self.btf_args != Some(BtfArgs::Mismatch)
+            && (self.off_until.is_some() || self.silent.is_some())
+    }
 }
 
 /// Optional probes, off by default for what they cost the host.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProbeOptions {
-    /// Kick service latency: attaches `syscalls:sys_enter_read`, which runs on every read() of the
-    /// host, to see VMMs read their doorbell eventfds.
+    /// Kick service latency: attaches the probe table's read() tracepoint, which runs on every
+    /// read() of the host, to see VMMs read their doorbell eventfds.
     pub kick_latency: bool,
+}
+
+impl ProbeOptions {
+    pub fn is_on(&self, option: ProbeOption) -> bool {
+        match option {
+            ProbeOption::KickLatency => self.kick_latency,
+        }
+    }
 }
 
 /// The loaded, attached probes. Dropping this detaches them.
@@ -123,112 +135,76 @@ pub struct Probes {
     pub exit_source: ExitSource,
     /// Names of kvm_exit reasons, from this host's format file where it has them.
     pub reason_names: ExitReasonNames,
+    /// Whether the kernel's BTF could be read to check the raw tracepoints' arguments, and why not.
+    pub btf: Result<(), String>,
+}
+
+/// What a probe needs before the object is loaded: the globals its offsets set, or why it cannot be
+/// attached; and, for raw tracepoints, how the BTF check went.
+struct Prepared {
+    globals: Result<Vec<(&'static str, u32)>, String>,
+    btf_args: Option<BtfArgs>,
 }
 
 impl Probes {
-    /// Loads the programs and attaches every probe this host supports.
+    /// Loads the programs and attaches every probe of [`PROBES`] this host supports.
     pub fn attach(kvm: &KvmDetection, options: &ProbeOptions) -> Result<Self, ProbeError> {
+        let host = HostTraits {
+            kvm: kvm.flavour,
+            iommu: has_iommu_groups(),
+        };
         let tracefs = tracefs::find_or_mount().map_err(|e| e.to_string());
-        let kvm_exit_format = read_format(&tracefs, "kvm", "kvm_exit");
-        let reason_names = match &kvm_exit_format {
+        let btf = KernelBtf::open();
+        let reason_names = match read_format(&tracefs, KVM_EXIT.category, KVM_EXIT.event) {
             Ok(format) => ExitReasonNames::from_print_fmt(&format.print_fmt),
             Err(_) => ExitReasonNames::builtin(),
         };
-        let kvm_exit_offsets = kvm_exit_format.and_then(|f| offsets(&f, KVM_EXIT_FIELDS));
-        let ioctl_offsets = read_format(&tracefs, "syscalls", "sys_enter_ioctl")
-            .and_then(|f| offsets(&f, IOCTL_FIELDS));
-        let read_offsets = if options.kick_latency {
-            read_format(&tracefs, "syscalls", "sys_enter_read")
-                .and_then(|f| offsets(&f, READ_FIELDS))
-        } else {
-            Err("off (enable with --kick-latency)".to_owned())
-        };
-        let cgroup_offsets = cgroup_offsets(&tracefs);
-        let madvise_offsets = read_format(&tracefs, "syscalls", "sys_enter_madvise")
-            .and_then(|f| offsets(&f, MADVISE_FIELDS));
-        let io_page_fault_offsets = read_format(&tracefs, "iommu", "io_page_fault")
-            .and_then(|f| offsets(&f, IO_PAGE_FAULT_FIELDS));
-        let kick_latency = u32::from(read_offsets.is_ok());
+        let mut prepared: Vec<Prepared> = PROBES
+            .iter()
+            .map(|spec| prepare(spec, options, &tracefs, &btf))
+            .collect();
+        agree_on_shared_globals(PROBES, &mut prepared);
+        // Optional probes' switches: 1 where the probe is to be attached.
+        let switches: Vec<(&str, u32)> = PROBES
+            .iter()
+            .zip(&prepared)
+            .filter_map(|(spec, prepared)| match spec.when {
+                When::Optional { switch, .. } => {
+                    Some((switch, u32::from(prepared.globals.is_ok())))
+                }
+                _ => None,
+            })
+            .collect();
         let mut loader = EbpfLoader::new();
-        loader.override_global(globals::KICK_LATENCY, &kick_latency, true);
-        let all_offsets = [
-            &kvm_exit_offsets,
-            &ioctl_offsets,
-            &read_offsets,
-            &cgroup_offsets,
-            &madvise_offsets,
-            &io_page_fault_offsets,
-        ];
-        for (global, offset) in all_offsets.into_iter().flatten().flatten() {
+        for (switch, on) in &switches {
+            loader.override_global(switch, on, true);
+        }
+        for (global, offset) in prepared.iter().flat_map(|p| p.globals.iter().flatten()) {
             loader.override_global(global, offset, true);
         }
         let mut ebpf = loader.load(OBJECT)?;
-        let mut status = Vec::new();
-        for (name, event, category) in RAW_PROBES {
-            let program: &mut RawTracePoint = program(&mut ebpf, name)?;
-            let result = program
-                .load()
-                .and_then(|()| program.attach(event).map(drop));
+        let mut status: Vec<ProbeStatus> = Vec::with_capacity(PROBES.len());
+        for (spec, prepared) in PROBES.iter().zip(prepared) {
+            let ready = prepared.globals.map(drop).and_then(|()| match spec.after {
+                Some(after) if !is_attached(&status, after) => {
+                    Err(format!("{after} could not be attached"))
+                }
+                _ => Ok(()),
+            });
+            let result = ready.and_then(|()| attach_one(&mut ebpf, spec));
             status.push(ProbeStatus {
-                tracepoint: format!("{category}:{event}"),
-                attach_type: "raw_tracepoint",
-                error: result.err().map(|e| error_chain(&e)),
+                tracepoint: spec.tracepoint(),
+                attach_type: spec.attach_type(),
+                error: result.err(),
+                program: spec.program,
+                silent: spec.silent_on(&host),
+                off_until: match spec.when {
+                    When::Optional { option, .. } if !options.is_on(option) => Some(option.flag()),
+                    _ => None,
+                },
+                btf_args: prepared.btf_args,
             });
         }
-        status.push(attach_classic(
-            &mut ebpf,
-            "kvm",
-            programs::KVM_EXIT,
-            kvm_exit_offsets.map(drop),
-        ));
-        let kvm_exit_attached = status.last().is_some_and(|s| s.error.is_none());
-        status.push(attach_classic(
-            &mut ebpf,
-            "syscalls",
-            programs::SYS_ENTER_IOCTL,
-            ioctl_offsets.map(drop),
-        ));
-        status.push(attach_classic(
-            &mut ebpf,
-            "syscalls",
-            programs::SYS_ENTER_READ,
-            read_offsets.map(drop),
-        ));
-        for event in [
-            programs::CGROUP_MKDIR,
-            programs::CGROUP_RMDIR,
-            programs::CGROUP_ATTACH_TASK,
-        ] {
-            let offsets = cgroup_offsets.as_ref().map(drop).map_err(Clone::clone);
-            status.push(attach_classic(&mut ebpf, "cgroup", event, offsets));
-        }
-        // The exit probe first: an entry without its call is harmless, a call whose exit is
-        // missed would count that thread's later unmaps as returned memory.
-        let madvise_exit = madvise_offsets.as_ref().map(drop).map_err(Clone::clone);
-        status.push(attach_classic(
-            &mut ebpf,
-            "syscalls",
-            programs::SYS_EXIT_MADVISE,
-            madvise_exit,
-        ));
-        let madvise_exit_attached = status.last().is_some_and(|s| s.error.is_none());
-        let madvise_enter = if madvise_exit_attached {
-            madvise_offsets.map(drop)
-        } else {
-            Err("sys_exit_madvise could not be attached".to_owned())
-        };
-        status.push(attach_classic(
-            &mut ebpf,
-            "syscalls",
-            programs::SYS_ENTER_MADVISE,
-            madvise_enter,
-        ));
-        status.push(attach_classic(
-            &mut ebpf,
-            "iommu",
-            programs::IO_PAGE_FAULT,
-            io_page_fault_offsets.map(drop),
-        ));
         if status.iter().all(|s| s.error.is_some()) {
             let reasons: Vec<String> = status
                 .iter()
@@ -236,7 +212,8 @@ impl Probes {
                 .collect();
             return Err(ProbeError::NothingAttached(reasons.join("; ")));
         }
-        let exit_source = if kvm.flavour.emits_kvm_exit() && kvm_exit_attached {
+        let exit_source = if kvm.flavour.emits_kvm_exit() && is_attached(&status, KVM_EXIT.program)
+        {
             ExitSource::KvmExit
         } else {
             ExitSource::Derived
@@ -246,6 +223,7 @@ impl Probes {
             status,
             exit_source,
             reason_names,
+            btf: btf.map(drop),
         })
     }
 
@@ -300,59 +278,109 @@ impl Probes {
     }
 }
 
-/// Fields the `syscalls:sys_enter_madvise` program reads.
-const MADVISE_FIELDS: &[(&str, u32, &str)] = &[("behavior", 8, globals::MADVISE_BEHAVIOR_OFFSET)];
-/// Fields the `iommu:io_page_fault` program reads; `device` is a `__data_loc` (4 bytes).
-const IO_PAGE_FAULT_FIELDS: &[(&str, u32, &str)] = &[
-    ("device", 4, globals::IO_PAGE_FAULT_DEVICE_OFFSET),
-    ("flags", 4, globals::IO_PAGE_FAULT_FLAGS_OFFSET),
-];
-
-/// Fields the `kvm:kvm_exit` program reads: (field, width, the program's offset global).
-const KVM_EXIT_FIELDS: &[(&str, u32, &str)] = &[
-    ("exit_reason", 4, globals::KVM_EXIT_REASON_OFFSET),
-    ("isa", 4, globals::KVM_EXIT_ISA_OFFSET),
-];
-/// The offsets the cgroup lifecycle programs read. They share `root` and `id` offsets, so the three
-/// formats must agree on them; `path` is a `__data_loc` (4 bytes).
-fn cgroup_offsets(tracefs: &Result<PathBuf, String>) -> Result<Vec<(&'static str, u32)>, String> {
-    let mkdir = read_format(tracefs, "cgroup", "cgroup_mkdir")?;
-    let rmdir = read_format(tracefs, "cgroup", "cgroup_rmdir")?;
-    let attach = read_format(tracefs, "cgroup", "cgroup_attach_task")?;
-    let fields = [
-        ("root", 4, globals::CGROUP_ROOT_OFFSET),
-        ("id", 8, globals::CGROUP_ID_OFFSET),
-        ("path", 4, globals::CGROUP_PATH_OFFSET),
-    ];
-    let mut offsets = offsets(&mkdir, &fields)?;
-    if self::offsets(&rmdir, &fields)? != offsets {
-        return Err("cgroup_rmdir's record differs from cgroup_mkdir's".to_owned());
-    }
-    let attached = self::offsets(
-        &attach,
-        &[
-            ("dst_root", 4, globals::CGROUP_ROOT_OFFSET),
-            ("dst_id", 8, globals::CGROUP_ID_OFFSET),
-            ("dst_path", 4, globals::CGROUP_ATTACH_PATH_OFFSET),
-        ],
-    )?;
-    if attached[..2] != offsets[..2] {
-        return Err(
-            "cgroup_attach_task's root and id are not where cgroup_mkdir has them".to_owned(),
-        );
-    }
-    offsets.push(attached[2]);
-    Ok(offsets)
+/// Whether `program` is among the attached probes.
+fn is_attached(status: &[ProbeStatus], program: &str) -> bool {
+    status
+        .iter()
+        .any(|s| s.program == program && s.error.is_none())
 }
 
-/// Fields the `syscalls:sys_enter_read` program reads.
-const READ_FIELDS: &[(&str, u32, &str)] = &[("fd", 8, globals::READ_FD_OFFSET)];
-/// Fields the `syscalls:sys_enter_ioctl` program reads.
-const IOCTL_FIELDS: &[(&str, u32, &str)] = &[
-    ("fd", 8, globals::IOCTL_FD_OFFSET),
-    ("cmd", 8, globals::IOCTL_CMD_OFFSET),
-    ("arg", 8, globals::IOCTL_ARG_OFFSET),
-];
+/// Whether any device here is translated by an IOMMU (the IOMMU events fire only then).
+fn has_iommu_groups() -> bool {
+    std::fs::read_dir("/sys/kernel/iommu_groups").is_ok_and(|mut groups| groups.next().is_some())
+}
+
+/// What `spec` needs before the object is loaded, on this host with these options.
+fn prepare(
+    spec: &ProbeSpec,
+    options: &ProbeOptions,
+    tracefs: &Result<PathBuf, String>,
+    btf: &Result<KernelBtf, String>,
+) -> Prepared {
+    if let When::Optional { option, .. } = spec.when
+        && !options.is_on(option)
+    {
+        return Prepared {
+            globals: Err(format!("off (enable with {})", option.flag())),
+            btf_args: None,
+        };
+    }
+    match spec.reads {
+        Reads::Raw { args, classes } => {
+            let (globals, note) = match btf.as_ref().map(|b| b.check(spec.event, classes, args)) {
+                Ok(Ok(ArgCheck::Checked)) => (Ok(Vec::new()), BtfArgs::Checked),
+                Ok(Ok(ArgCheck::Unchecked(why))) => (Ok(Vec::new()), BtfArgs::Unchecked(why)),
+                Ok(Err(mismatch)) => (Err(mismatch.to_string()), BtfArgs::Mismatch),
+                // Why, once for all probes, is in `Probes::btf`.
+                Err(_) => (
+                    Ok(Vec::new()),
+                    BtfArgs::Unchecked("the kernel's BTF could not be read".to_owned()),
+                ),
+            };
+            Prepared {
+                globals,
+                btf_args: Some(note),
+            }
+        }
+        Reads::Classic { fields } => {
+            let globals = if fields.is_empty() {
+                Ok(Vec::new())
+            } else {
+                read_format(tracefs, spec.category, spec.event).and_then(|f| offsets(&f, fields))
+            };
+            Prepared {
+                globals,
+                btf_args: None,
+            }
+        }
+    }
+}
+
+/// Probes that set the same global (the cgroup events' root and id) must have found it at the same
+/// offset: the first to set it wins, a later one that disagrees is not attached.
+fn agree_on_shared_globals(specs: &[ProbeSpec], prepared: &mut [Prepared]) {
+    let mut set: Vec<(&'static str, u32, &'static str)> = Vec::new();
+    for (spec, prepared) in specs.iter().zip(prepared.iter_mut()) {
+        let Ok(globals) = &prepared.globals else {
+            continue;
+        };
+        let conflict = globals.iter().find_map(|&(global, offset)| {
+            set.iter()
+                .find(|&&(g, o, _)| g == global && o != offset)
+                .map(|&(_, o, by)| {
+                    format!(
+                        "{}'s record has {global} at offset {offset}, {by}'s at {o}: they share it",
+                        spec.event
+                    )
+                })
+        });
+        match conflict {
+            Some(error) => prepared.globals = Err(error),
+            None => set.extend(globals.iter().map(|&(g, o)| (g, o, spec.event))),
+        }
+    }
+}
+
+/// Loads and attaches one probe's program.
+fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), String> {
+    match spec.reads {
+        Reads::Raw { .. } => {
+            let program: &mut RawTracePoint =
+                program(ebpf, spec.program).map_err(|e| e.to_string())?;
+            program
+                .load()
+                .and_then(|()| program.attach(spec.event).map(drop))
+        }
+        Reads::Classic { .. } => {
+            let program: &mut TracePoint =
+                program(ebpf, spec.program).map_err(|e| e.to_string())?;
+            program
+                .load()
+                .and_then(|()| program.attach(spec.category, spec.event).map(drop))
+        }
+    }
+    .map_err(|e| error_chain(&e))
+}
 
 fn read_format(
     tracefs: &Result<PathBuf, String>,
@@ -367,36 +395,17 @@ fn read_format(
 /// kernel whose record differs gets a clear error, not wrong numbers.
 fn offsets(
     format: &tracefs::EventFormat,
-    fields: &[(&str, u32, &'static str)],
+    fields: &[FieldRead],
 ) -> Result<Vec<(&'static str, u32)>, String> {
     fields
         .iter()
-        .map(|&(field, width, global)| {
-            let offset = format.offset_of(field, width).map_err(|e| e.to_string())?;
-            Ok((global, offset))
+        .map(|f| {
+            let offset = format
+                .offset_of(f.field, f.width)
+                .map_err(|e| e.to_string())?;
+            Ok((f.global, offset))
         })
         .collect()
-}
-
-/// Loads and attaches the classic tracepoint program named like its event, once its offsets are known.
-fn attach_classic(
-    ebpf: &mut Ebpf,
-    category: &str,
-    event: &'static str,
-    offsets: Result<(), String>,
-) -> ProbeStatus {
-    let result = offsets.and_then(|()| {
-        let program: &mut TracePoint = program(ebpf, event).map_err(|e| e.to_string())?;
-        program
-            .load()
-            .and_then(|()| program.attach(category, event).map(drop))
-            .map_err(|e| error_chain(&e))
-    });
-    ProbeStatus {
-        tracepoint: format!("{category}:{event}"),
-        attach_type: "tracepoint",
-        error: result.err(),
-    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProbeError>
@@ -432,7 +441,10 @@ mod tests {
     #[test]
     fn kvm_exit_offsets_come_from_the_format_file_and_are_checked() {
         let format = tracefs::EventFormat::parse(PathBuf::from("kvm_exit/format"), LINUX_6_18);
-        let offsets = |f: &tracefs::EventFormat| offsets(f, KVM_EXIT_FIELDS);
+        let Reads::Classic { fields } = KVM_EXIT.reads else {
+            panic!("kvm_exit is a classic tracepoint");
+        };
+        let offsets = |f: &tracefs::EventFormat| offsets(f, fields);
         assert_eq!(
             offsets(&format),
             Ok(vec![
@@ -455,5 +467,65 @@ mod tests {
                 .unwrap_err()
                 .contains("`exit_reason` not found")
         );
+    }
+
+    #[test]
+    fn probes_sharing_a_global_must_agree_on_its_offset() {
+        let cgroup: Vec<ProbeSpec> = PROBES
+            .iter()
+            .filter(|p| p.category == "cgroup")
+            .copied()
+            .collect();
+        let found = |id: u32, attach_id: u32| -> Vec<Prepared> {
+            [("mkdir", id), ("rmdir", id), ("attach", attach_id)]
+                .into_iter()
+                .map(|(_, id)| Prepared {
+                    globals: Ok(vec![
+                        ("CGROUP_ROOT_OFFSET", 8),
+                        ("CGROUP_ID_OFFSET", id),
+                        ("CGROUP_PATH_OFFSET", 24),
+                    ]),
+                    btf_args: None,
+                })
+                .collect()
+        };
+        let mut agreeing = found(16, 16);
+        agree_on_shared_globals(&cgroup, &mut agreeing);
+        assert!(agreeing.iter().all(|p| p.globals.is_ok()));
+        let mut differing = found(16, 20);
+        agree_on_shared_globals(&cgroup, &mut differing);
+        assert!(differing[..2].iter().all(|p| p.globals.is_ok()));
+        let err = differing[2].globals.as_ref().unwrap_err();
+        assert!(
+            err.contains("cgroup_attach_task") && err.contains("CGROUP_ID_OFFSET"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_btf_mismatch_keeps_the_probe_off_and_unreadable_btf_does_not() {
+        let Ok(btf) = KernelBtf::open() else {
+            eprintln!("skipped: no readable BTF here");
+            return;
+        };
+        let no_tracefs: Result<PathBuf, String> = Err("no tracefs".to_owned());
+        let wrong = ProbeSpec {
+            reads: Reads::Raw {
+                args: &[(1, "gpa")],
+                classes: &[],
+            },
+            ..*crate::probe::spec::find("kvm_mmio").unwrap()
+        };
+        let prepared = prepare(&wrong, &ProbeOptions::default(), &no_tracefs, &Ok(btf));
+        assert_eq!(prepared.btf_args, Some(BtfArgs::Mismatch));
+        let err = prepared.globals.unwrap_err();
+        assert!(
+            err.contains("kvm_mmio") && err.contains("argument 1") && err.contains("`gpa`"),
+            "{err}"
+        );
+        let unreadable: Result<KernelBtf, String> = Err("cannot read BTF".to_owned());
+        let prepared = prepare(&wrong, &ProbeOptions::default(), &no_tracefs, &unreadable);
+        assert!(prepared.globals.is_ok());
+        assert!(matches!(prepared.btf_args, Some(BtfArgs::Unchecked(_))));
     }
 }

@@ -19,10 +19,13 @@ use vmtrace_common::{
     GuestMemory, IOMMU_FAULTS_CAPACITY, IommuFaultKey, LatencyHistogram, LatencyKey,
     PENDING_KICKS_CAPACITY, PendingKick, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges, ServiceStart,
     THREAD_SLOTS, VMM_MEMORY_CAPACITY, VMM_PROCESSES_CAPACITY,
-    names::{globals, maps, programs},
+    names::{maps, programs},
 };
 
-use super::load::OBJECT;
+use super::{
+    load::OBJECT,
+    spec::{PROBES, Reads, When},
+};
 
 /// A map as the agent and the kernel side must both see it.
 struct MapSpec {
@@ -123,57 +126,37 @@ enum Attach {
     TracePoint,
 }
 
-const PROGRAMS: &[(&str, Attach)] = &[
-    (programs::KVM_USERSPACE_EXIT, Attach::RawTracePoint),
-    (programs::KVM_PIO, Attach::RawTracePoint),
-    (programs::KVM_MMIO, Attach::RawTracePoint),
-    (programs::KVM_CPUID, Attach::RawTracePoint),
-    (programs::KVM_ENTRY, Attach::RawTracePoint),
-    (programs::SCHED_PROCESS_EXIT, Attach::RawTracePoint),
-    (programs::TLB_FLUSH, Attach::RawTracePoint),
-    (programs::KVM_PV_TLB_FLUSH, Attach::RawTracePoint),
-    (programs::KVM_HV_FLUSH_TLB, Attach::RawTracePoint),
-    (programs::KVM_HV_FLUSH_TLB_EX, Attach::RawTracePoint),
-    (programs::PAGE_FAULT_USER, Attach::RawTracePoint),
-    (programs::PAGE_FAULT_KERNEL, Attach::RawTracePoint),
-    (programs::KVM_PAGE_FAULT, Attach::RawTracePoint),
-    (programs::KVM_MMU_GET_PAGE, Attach::RawTracePoint),
-    (programs::KVM_MMU_PREPARE_ZAP_PAGE, Attach::RawTracePoint),
-    (programs::KVM_UNMAP_HVA_RANGE, Attach::RawTracePoint),
-    (programs::KVM_AGE_HVA, Attach::RawTracePoint),
-    (programs::KVM_TEST_AGE_HVA, Attach::RawTracePoint),
-    (programs::IOMMU_MAP, Attach::RawTracePoint),
-    (programs::IOMMU_UNMAP, Attach::RawTracePoint),
-    (programs::REPLAY_KVM_EXIT, Attach::RawTracePoint),
-    (programs::REPLAY_IO_PAGE_FAULT, Attach::RawTracePoint),
-    (programs::KVM_EXIT, Attach::TracePoint),
-    (programs::SYS_ENTER_IOCTL, Attach::TracePoint),
-    (programs::SYS_ENTER_READ, Attach::TracePoint),
-    (programs::CGROUP_MKDIR, Attach::TracePoint),
-    (programs::CGROUP_RMDIR, Attach::TracePoint),
-    (programs::CGROUP_ATTACH_TASK, Attach::TracePoint),
-    (programs::SYS_ENTER_MADVISE, Attach::TracePoint),
-    (programs::SYS_EXIT_MADVISE, Attach::TracePoint),
-    (programs::IO_PAGE_FAULT, Attach::TracePoint),
-];
+/// Every program the agent loads: the probe table's, and the replay programs it runs through
+/// `BPF_PROG_TEST_RUN` without attaching them.
+fn programs() -> Vec<(&'static str, Attach)> {
+    let replays = [programs::REPLAY_KVM_EXIT, programs::REPLAY_IO_PAGE_FAULT];
+    PROBES
+        .iter()
+        .map(|spec| {
+            let attach = match spec.reads {
+                Reads::Raw { .. } => Attach::RawTracePoint,
+                Reads::Classic { .. } => Attach::TracePoint,
+            };
+            (spec.program, attach)
+        })
+        .chain(replays.map(|name| (name, Attach::RawTracePoint)))
+        .collect()
+}
 
-/// The globals the agent overrides at load; all are `u32`.
-const GLOBALS: &[&str] = &[
-    globals::KICK_LATENCY,
-    globals::KVM_EXIT_REASON_OFFSET,
-    globals::KVM_EXIT_ISA_OFFSET,
-    globals::IOCTL_FD_OFFSET,
-    globals::IOCTL_CMD_OFFSET,
-    globals::IOCTL_ARG_OFFSET,
-    globals::READ_FD_OFFSET,
-    globals::CGROUP_ROOT_OFFSET,
-    globals::CGROUP_ID_OFFSET,
-    globals::CGROUP_PATH_OFFSET,
-    globals::CGROUP_ATTACH_PATH_OFFSET,
-    globals::MADVISE_BEHAVIOR_OFFSET,
-    globals::IO_PAGE_FAULT_DEVICE_OFFSET,
-    globals::IO_PAGE_FAULT_FLAGS_OFFSET,
-];
+/// The globals the agent overrides at load, all `u32`: the probe table's field offsets and the
+/// switches of its optional probes.
+fn globals() -> BTreeSet<&'static str> {
+    let mut globals = BTreeSet::new();
+    for spec in PROBES {
+        if let Reads::Classic { fields } = spec.reads {
+            globals.extend(fields.iter().map(|field| field.global));
+        }
+        if let When::Optional { switch, .. } = spec.when {
+            globals.insert(switch);
+        }
+    }
+    globals
+}
 
 fn object() -> Object {
     Object::parse(OBJECT).expect("the embedded eBPF object parses")
@@ -233,7 +216,7 @@ fn every_map_has_the_type_sizes_and_capacity_the_agent_expects() {
 fn every_program_is_there_with_its_attach_type() {
     let object = object();
     let mut problems = Vec::new();
-    for &(name, attach) in PROGRAMS {
+    for &(name, attach) in &programs() {
         let Some(program) = object.programs.get(name) else {
             problems.push(format!("no program `{name}`"));
             continue;
@@ -250,11 +233,11 @@ fn every_program_is_there_with_its_attach_type() {
             ));
         }
     }
-    let named: BTreeSet<&str> = PROGRAMS.iter().map(|&(name, _)| name).collect();
+    let named: BTreeSet<&str> = programs().iter().map(|&(name, _)| name).collect();
     for name in object.programs.keys() {
         if !named.contains(name.as_str()) {
             problems.push(format!(
-                "program `{name}` is not in vmtrace_common::names::programs"
+                "program `{name}` is neither in the probe table nor a replay program"
             ));
         }
     }
@@ -267,9 +250,9 @@ fn every_global_the_agent_sets_is_a_u32_in_the_object() {
     // one whose size differs from the value's.
     let mut object = object();
     let value = [0u8; size_of::<u32>()];
-    let problems: Vec<String> = GLOBALS
-        .iter()
-        .filter_map(|&name| {
+    let problems: Vec<String> = globals()
+        .into_iter()
+        .filter_map(|name| {
             let globals = HashMap::from([(name, (&value[..], true))]);
             object
                 .patch_map_data(globals)

@@ -88,13 +88,16 @@ impl Sampler {
         let root = find_v2_mount().context(
             "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
         )?;
-        for failed in probes.status.iter().filter(|s| s.error.is_some()) {
-            // kvm_exit is expected to be missing where it never fires, and optional probes when off.
-            let expected = (failed.tracepoint == "kvm:kvm_exit" && !kvm.flavour.emits_kvm_exit())
-                || (failed.tracepoint == "syscalls:sys_enter_read" && !options.kick_latency);
-            if !expected {
-                tracing::warn!(tracepoint = %failed.tracepoint, error = ?failed.error, "probe not attached");
-            }
+        // Optional probes left off and those that never fire on this host may fail harmlessly.
+        for failed in probes
+            .status
+            .iter()
+            .filter(|s| s.error.is_some() && !s.failure_expected())
+        {
+            tracing::warn!(tracepoint = %failed.tracepoint, error = ?failed.error, "probe not attached");
+        }
+        if let Err(e) = &probes.btf {
+            tracing::warn!(error = %e, "raw tracepoint arguments not checked against the kernel's BTF");
         }
         Ok(Self {
             probes,

@@ -1,0 +1,339 @@
+//! Every probe the agent attaches, declared once. Attaching (`load`), the sampler's judgement of which
+//! failures matter and `vmtrace doctor` all read [`PROBES`]; no other list of probe names exists.
+//!
+//! Raw tracepoints hand the program the tracepoint's `TP_PROTO` arguments: each entry names the
+//! positions its program reads, and those names are checked against the kernel's BTF at load
+//! (`probe::btf_args`). Classic tracepoints hand over the record the kernel builds: each entry names
+//! the format-file fields its program reads, their widths and the program globals their offsets set
+//! (checked against the format file, `probe::tracefs`).
+
+use crate::host::KvmFlavour;
+
+/// One probe: an eBPF program and the tracepoint it attaches to.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSpec {
+    /// The program's name in the eBPF object.
+    pub program: &'static str,
+    /// The tracepoint's category (only for people and classic attachment: raw tracepoints are found
+    /// by event name).
+    pub category: &'static str,
+    pub event: &'static str,
+    pub reads: Reads,
+    pub when: When,
+    /// Attach only once this program (an earlier entry) is attached.
+    pub after: Option<&'static str>,
+}
+
+/// What the program reads of its tracepoint.
+#[derive(Debug, Clone, Copy)]
+pub enum Reads {
+    /// A raw tracepoint: the `TP_PROTO` arguments it reads, as (position, the kernel's name).
+    /// `classes` names the event class(es) it may be defined with (`DEFINE_EVENT(class, event)`),
+    /// whose `__bpf_trace_<class>` carries the argument names when the event has none of its own.
+    Raw {
+        args: &'static [(usize, &'static str)],
+        classes: &'static [&'static str],
+    },
+    /// A classic tracepoint: the record fields it reads.
+    Classic { fields: &'static [FieldRead] },
+}
+
+/// One field of a classic tracepoint's record: its name in the format file, its width in bytes and
+/// the program global that receives its offset. Probes that set the same global must agree on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldRead {
+    pub field: &'static str,
+    pub width: u32,
+    pub global: &'static str,
+}
+
+/// When a probe is expected to attach and to fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Always attached; a failure is worth a warning.
+    Required,
+    /// Attached only when `option` is on; `switch` is a program global set to 1 when it is.
+    Optional {
+        option: ProbeOption,
+        switch: &'static str,
+    },
+    /// Always attached, but on some hosts it never fires (and may not attach): no warning there.
+    Silent(Silence),
+}
+
+/// Options that turn optional probes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOption {
+    /// `--kick-latency`.
+    KickLatency,
+}
+
+impl ProbeOption {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::KickLatency => "--kick-latency",
+        }
+    }
+}
+
+/// The hosts where a probe never fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// KVM flavours that never emit the event.
+    OnKvm(&'static [KvmFlavour]),
+    /// Hosts without IOMMU groups (no device is translated by an IOMMU).
+    WithoutIommu,
+}
+
+/// What a host offers that decides whether a probe fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostTraits {
+    pub kvm: KvmFlavour,
+    pub iommu: bool,
+}
+
+impl Silence {
+    /// Why the probe is silent on `host`, or `None` where it fires.
+    pub fn reason(self, host: &HostTraits) -> Option<String> {
+        match self {
+            Self::OnKvm(flavours) if flavours.contains(&host.kvm) => {
+                Some(format!("{} never emits it", host.kvm.name()))
+            }
+            Self::WithoutIommu if !host.iommu => Some("no IOMMU groups on this host".to_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl ProbeSpec {
+    /// `category:event`.
+    pub fn tracepoint(&self) -> String {
+        format!("{}:{}", self.category, self.event)
+    }
+
+    /// `raw_tracepoint` or `tracepoint`, as aya and bpftool name them.
+    pub fn attach_type(&self) -> &'static str {
+        match self.reads {
+            Reads::Raw { .. } => "raw_tracepoint",
+            Reads::Classic { .. } => "tracepoint",
+        }
+    }
+
+    /// Why this probe does not fire on `host`, if it does not.
+    pub fn silent_on(&self, host: &HostTraits) -> Option<String> {
+        match self.when {
+            When::Silent(silence) => silence.reason(host),
+            When::Required | When::Optional { .. } => None,
+        }
+    }
+}
+
+/// The flavours that never emit `kvm_exit` and `kvm_entry`.
+const NO_KVM_EXIT: &[KvmFlavour] = &[KvmFlavour::Pvm, KvmFlavour::None];
+
+const fn raw(
+    program: &'static str,
+    category: &'static str,
+    event: &'static str,
+    args: &'static [(usize, &'static str)],
+    when: When,
+) -> ProbeSpec {
+    ProbeSpec {
+        program,
+        category,
+        event,
+        reads: Reads::Raw { args, classes: &[] },
+        when,
+        after: None,
+    }
+}
+
+const fn classic(
+    category: &'static str,
+    event: &'static str,
+    fields: &'static [FieldRead],
+    when: When,
+) -> ProbeSpec {
+    ProbeSpec {
+        program: event,
+        category,
+        event,
+        reads: Reads::Classic { fields },
+        when,
+        after: None,
+    }
+}
+
+impl ProbeSpec {
+    /// A raw tracepoint defined with `DEFINE_EVENT(class, event)`: its argument names are found
+    /// under one of these classes.
+    const fn of_class(mut self, classes: &'static [&'static str]) -> Self {
+        if let Reads::Raw { args, .. } = self.reads {
+            self.reads = Reads::Raw { args, classes };
+        }
+        self
+    }
+
+    /// Attached only once `program` is.
+    const fn after(mut self, program: &'static str) -> Self {
+        self.after = Some(program);
+        self
+    }
+}
+
+/// The x86 page fault events' class (arch/x86/include/asm/trace/exceptions.h): `exceptions` on this
+/// project's 6.18 hosts, `x86_exceptions` in other kernels' sources.
+const X86_EXCEPTIONS: &[&str] = &["exceptions", "x86_exceptions"];
+
+const fn field(field: &'static str, width: u32, global: &'static str) -> FieldRead {
+    FieldRead {
+        field,
+        width,
+        global,
+    }
+}
+
+use When::{Required, Silent};
+
+/// `kvm:kvm_exit`: every exit with its hardware reason where the host emits it (VMX, SVM). The
+/// reason is only in the record, so it is a classic tracepoint.
+pub const KVM_EXIT: ProbeSpec = classic(
+    "kvm",
+    "kvm_exit",
+    &[
+        field("exit_reason", 4, "KVM_EXIT_REASON_OFFSET"),
+        field("isa", 4, "KVM_EXIT_ISA_OFFSET"),
+    ],
+    Silent(Silence::OnKvm(NO_KVM_EXIT)),
+);
+
+/// The cgroup lifecycle events read `root`, `id` and `path`; `path` is a `__data_loc` (4 bytes).
+/// The three share the root and id globals, so their records must agree on those offsets.
+const CGROUP_FIELDS: &[FieldRead] = &[
+    field("root", 4, "CGROUP_ROOT_OFFSET"),
+    field("id", 8, "CGROUP_ID_OFFSET"),
+    field("path", 4, "CGROUP_PATH_OFFSET"),
+];
+
+/// Every probe, in attach order (and the order `doctor` lists them). Raw tracepoints first: those
+/// that see exits where `kvm:kvm_exit` is silent (and complement it where it is not), `kvm_entry`,
+/// which ends an exit's latency where kvm_exit fires, then TLB, memory, IOMMU and VMM process
+/// lifetime; then the classic ones.
+#[rustfmt::skip]
+pub static PROBES: &[ProbeSpec] = &[
+    raw("kvm_userspace_exit", "kvm", "kvm_userspace_exit", &[(0, "reason"), (1, "errno")], Required),
+    raw("kvm_pio", "kvm", "kvm_pio", &[(0, "rw"), (1, "port"), (2, "size"), (4, "data")], Required),
+    raw("kvm_mmio", "kvm", "kvm_mmio", &[(0, "type"), (1, "len"), (2, "gpa"), (3, "val")], Required),
+    raw("kvm_cpuid", "kvm", "kvm_cpuid", &[], Required),
+    raw("kvm_entry", "kvm", "kvm_entry", &[], Silent(Silence::OnKvm(NO_KVM_EXIT))),
+    raw("sched_process_exit", "sched", "sched_process_exit", &[], Required),
+    raw("tlb_flush", "tlb", "tlb_flush", &[(0, "reason")], Required),
+    raw("kvm_pv_tlb_flush", "kvm", "kvm_pv_tlb_flush", &[(1, "need_flush_tlb")], Required),
+    raw("kvm_hv_flush_tlb", "kvm", "kvm_hv_flush_tlb", &[], Required),
+    raw("kvm_hv_flush_tlb_ex", "kvm", "kvm_hv_flush_tlb_ex", &[], Required),
+    raw("page_fault_user", "exceptions", "page_fault_user", &[(0, "address")], Required).of_class(X86_EXCEPTIONS),
+    raw("page_fault_kernel", "exceptions", "page_fault_kernel", &[(0, "address")], Required).of_class(X86_EXCEPTIONS),
+    raw("kvm_page_fault", "kvm", "kvm_page_fault", &[], Silent(Silence::OnKvm(NO_KVM_EXIT))),
+    raw("kvm_mmu_get_page", "kvmmmu", "kvm_mmu_get_page", &[(1, "created")], Required),
+    raw("kvm_mmu_prepare_zap_page", "kvmmmu", "kvm_mmu_prepare_zap_page", &[], Required).of_class(&["kvm_mmu_page_class"]),
+    raw("kvm_unmap_hva_range", "kvm", "kvm_unmap_hva_range", &[(0, "start"), (1, "end")], Required),
+    raw("kvm_age_hva", "kvm", "kvm_age_hva", &[], Required),
+    raw("kvm_test_age_hva", "kvm", "kvm_test_age_hva", &[], Required),
+    raw("iommu_map", "iommu", "map", &[(2, "size")], Silent(Silence::WithoutIommu)),
+    raw("iommu_unmap", "iommu", "unmap", &[(2, "unmapped_size")], Silent(Silence::WithoutIommu)),
+    KVM_EXIT,
+    classic(
+        "syscalls",
+        "sys_enter_ioctl",
+        &[
+            field("fd", 8, "IOCTL_FD_OFFSET"),
+            field("cmd", 8, "IOCTL_CMD_OFFSET"),
+            field("arg", 8, "IOCTL_ARG_OFFSET"),
+        ],
+        Required,
+    ),
+    // Kick service latency: runs on every read() of the host, to see VMMs read their doorbell
+    // eventfds, so it is off unless asked for.
+    classic(
+        "syscalls",
+        "sys_enter_read",
+        &[field("fd", 8, "READ_FD_OFFSET")],
+        When::Optional { option: ProbeOption::KickLatency, switch: "KICK_LATENCY" },
+    ),
+    classic("cgroup", "cgroup_mkdir", CGROUP_FIELDS, Required),
+    classic("cgroup", "cgroup_rmdir", CGROUP_FIELDS, Required),
+    classic(
+        "cgroup",
+        "cgroup_attach_task",
+        &[
+            field("dst_root", 4, "CGROUP_ROOT_OFFSET"),
+            field("dst_id", 8, "CGROUP_ID_OFFSET"),
+            field("dst_path", 4, "CGROUP_ATTACH_PATH_OFFSET"),
+        ],
+        Required,
+    ),
+    classic("syscalls", "sys_exit_madvise", &[], Required),
+    // After its exit probe: an entry without its exit would count that thread's later unmaps as
+    // returned memory, while an exit without its entry is harmless.
+    classic("syscalls", "sys_enter_madvise", &[field("behavior", 8, "MADVISE_BEHAVIOR_OFFSET")], Required)
+        .after("sys_exit_madvise"),
+    // `device` is a `__data_loc` (4 bytes).
+    classic(
+        "iommu",
+        "io_page_fault",
+        &[
+            field("device", 4, "IO_PAGE_FAULT_DEVICE_OFFSET"),
+            field("flags", 4, "IO_PAGE_FAULT_FLAGS_OFFSET"),
+        ],
+        Silent(Silence::WithoutIommu),
+    ),
+];
+
+/// The spec of `program`.
+pub fn find(program: &str) -> Option<&'static ProbeSpec> {
+    PROBES.iter().find(|p| p.program == program)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_unique_and_orderings_point_backwards() {
+        for (i, probe) in PROBES.iter().enumerate() {
+            assert!(
+                PROBES[..i].iter().all(|p| p.program != probe.program),
+                "{} twice",
+                probe.program
+            );
+            if let Some(after) = probe.after {
+                assert!(
+                    PROBES[..i].iter().any(|p| p.program == after),
+                    "{} must come after {after}, which is not an earlier entry",
+                    probe.program
+                );
+            }
+        }
+        assert!(find(KVM_EXIT.program).is_some());
+    }
+
+    #[test]
+    fn silence_depends_on_the_host() {
+        let pvm = HostTraits {
+            kvm: KvmFlavour::Pvm,
+            iommu: false,
+        };
+        let svm = HostTraits {
+            kvm: KvmFlavour::Svm,
+            iommu: true,
+        };
+        assert_eq!(
+            KVM_EXIT.silent_on(&pvm).as_deref(),
+            Some("PVM never emits it")
+        );
+        assert_eq!(KVM_EXIT.silent_on(&svm), None);
+        let io_page_fault = find("io_page_fault").unwrap();
+        assert!(io_page_fault.silent_on(&pvm).is_some());
+        assert_eq!(io_page_fault.silent_on(&svm), None);
+    }
+}
