@@ -356,3 +356,49 @@ fn each_kind_knows_its_metric_column_and_latency() {
     assert!(kind("memcg.pgfault").is_host_side());
     assert!(!kind("kick.any").is_host_side());
 }
+
+#[test]
+fn the_metrics_reference_names_every_attribute_value_a_kind_gets() {
+    let reference = include_str!("../../../docs/metrics.md");
+    let mut kinds: Vec<Kind> = every_key_kind().into_iter().map(|(kind, _)| kind).collect();
+    kinds.extend(OTHER_NAMES.iter().map(|name| kind(name)));
+    for kind in kinds {
+        let Some(metric) = kind.metric() else {
+            panic!("{kind} has no metric");
+        };
+        assert!(
+            reference.contains(&format!("`{}`", metric.def.name)),
+            "{kind}"
+        );
+        // Reasons, errnos and queues are open-ended: the page names their form, not each value.
+        let open_ended = match &kind {
+            Kind::Exit(_) | Kind::KvmExit(_) | Kind::RunError(_) | Kind::Kick(_) => true,
+            Kind::Mmio(access) => matches!(access, MmioAccess::Other(_)),
+            Kind::Tlb(event) => matches!(event, TlbEvent::Flush(reason) if reason.0 > 4),
+            Kind::Pio(_)
+            | Kind::Cpuid
+            | Kind::Fault(_)
+            | Kind::MmuPage(_)
+            | Kind::Mem(_)
+            | Kind::Memcg(_)
+            | Kind::Iommu(_)
+            | Kind::Cpu(_)
+            | Kind::Unknown(_) => false,
+        };
+        if open_ended {
+            continue;
+        }
+        for (key, value) in &metric.attributes {
+            assert!(reference.contains(&format!("`{key}`")), "{kind}: {key}");
+            let value = value.strip_prefix("flush.").unwrap_or(value);
+            assert!(
+                reference.contains(&format!("`{value}`")),
+                "docs/metrics.md lacks {key}={value} ({kind})"
+            );
+        }
+    }
+    for gauge in [Gauge::MemoryUsage, Gauge::TaxRatio] {
+        let def = gauge.metric().unwrap();
+        assert!(reference.contains(&format!("`{}`", def.name)));
+    }
+}

@@ -314,30 +314,62 @@ impl CpuMode {
 
 impl Kind {
     /// The kind's name, e.g. `exit.io`; borrowed wherever the name is fixed.
-    pub fn text(&self) -> Cow<'static, str> {
-        let owned = |text: String| Cow::Owned(text);
+    pub fn text(&self) -> Cow<'_, str> {
+        match self.parts() {
+            (whole, Cow::Borrowed("")) => Cow::Borrowed(whole),
+            (family, rest) => Cow::Owned(format!("{family}{rest}")),
+        }
+    }
+
+    /// The name in two parts, a fixed one and the rest, so that names compare without being
+    /// built: only numbers of unnamed reasons, errnos and queues are formatted.
+    fn parts(&self) -> (&'static str, Cow<'_, str>) {
+        let rest = |name: &'static str| Cow::Borrowed(name);
         match self {
             Self::Exit(reason) => match reason.known_name() {
-                Some(name) => owned(format!("exit.{name}")),
-                None => owned(format!("exit.reason_{}", reason.0)),
+                Some(name) => ("exit.", rest(name)),
+                None => ("exit.reason_", Cow::Owned(reason.0.to_string())),
             },
-            Self::KvmExit(KvmExitReason(name)) => owned(format!("kvm_exit.{name}")),
-            Self::RunError(errno) => owned(format!("run_error.{errno}")),
-            Self::Pio(direction) => Cow::Borrowed(direction.name()),
-            Self::Mmio(MmioAccess::Other(code)) => owned(format!("mmio.type_{code}")),
-            Self::Mmio(access) => owned(format!("mmio.{}", access.name().unwrap_or_default())),
-            Self::Cpuid => Cow::Borrowed("cpuid"),
-            Self::Kick(queue) => owned(format!("kick.{queue}")),
-            Self::Tlb(TlbEvent::Flush(reason)) => owned(format!("tlb.flush.{reason}")),
-            Self::Tlb(event) => owned(format!("tlb.{}", event.name().unwrap_or_default())),
-            Self::Fault(fault) => Cow::Borrowed(fault.name()),
-            Self::MmuPage(event) => Cow::Borrowed(event.name()),
-            Self::Mem(event) => Cow::Borrowed(event.name()),
-            Self::Memcg(event) => Cow::Borrowed(event.name()),
-            Self::Iommu(op) => Cow::Borrowed(op.name()),
-            Self::Cpu(mode) => Cow::Borrowed(mode.name()),
-            Self::Unknown(UnknownKind(text)) => owned(text.clone()),
+            Self::KvmExit(KvmExitReason(name)) => ("kvm_exit.", Cow::Borrowed(name.as_str())),
+            Self::RunError(errno) => match errno.known_name() {
+                Some(name) => ("run_error.", rest(name)),
+                None => ("run_error.errno_", Cow::Owned(errno.0.to_string())),
+            },
+            Self::Pio(direction) => (direction.name(), rest("")),
+            Self::Mmio(MmioAccess::Other(code)) => ("mmio.type_", Cow::Owned(code.to_string())),
+            Self::Mmio(access) => ("mmio.", rest(access.name().unwrap_or_default())),
+            Self::Cpuid => ("cpuid", rest("")),
+            Self::Kick(Queue::Any) => ("kick.any", rest("")),
+            Self::Kick(Queue::Index(queue)) => ("kick.q", Cow::Owned(queue.to_string())),
+            Self::Tlb(TlbEvent::Flush(reason)) => match reason.known_name() {
+                Some(name) => ("tlb.flush.", rest(name)),
+                None => ("tlb.flush.reason_", Cow::Owned(reason.0.to_string())),
+            },
+            Self::Tlb(event) => ("tlb.", rest(event.name().unwrap_or_default())),
+            Self::Fault(fault) => (fault.name(), rest("")),
+            Self::MmuPage(event) => (event.name(), rest("")),
+            Self::Mem(event) => (event.name(), rest("")),
+            Self::Memcg(event) => (event.name(), rest("")),
+            Self::Iommu(op) => (op.name(), rest("")),
+            Self::Cpu(mode) => (mode.name(), rest("")),
+            Self::Unknown(UnknownKind(text)) => ("", Cow::Borrowed(text.as_str())),
         }
+    }
+}
+
+impl Ord for Kind {
+    /// The order of the names (byte by byte, as `str` orders), without building them.
+    fn cmp(&self, other: &Self) -> Ordering {
+        let (family, rest) = self.parts();
+        let (other_family, other_rest) = other.parts();
+        let bytes = family.bytes().chain(rest.bytes());
+        bytes.cmp(other_family.bytes().chain(other_rest.bytes()))
+    }
+}
+
+impl PartialOrd for Kind {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -426,8 +458,12 @@ impl fmt::Display for Series {
 }
 
 impl Ord for Series {
+    /// The order of the names, as a timeline of names kept them.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.text().cmp(&other.text())
+        match (self, other) {
+            (Self::Rate(kind), Self::Rate(other)) => kind.cmp(other),
+            _ => self.text().cmp(&other.text()),
+        }
     }
 }
 
@@ -437,22 +473,23 @@ impl PartialOrd for Series {
     }
 }
 
-/// Ordered as their names are, so that a map keyed by them lists its keys as a map keyed by the
-/// names would (recordings stay byte for byte what they were).
-macro_rules! ordered_and_serialised_by_name {
+impl Ord for Gauge {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.text().cmp(other.text())
+    }
+}
+
+impl PartialOrd for Gauge {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Written and read as their names. Kinds and gauges are ordered as their names are, so that a map
+/// keyed by them lists its keys as a map keyed by the names would: recordings stay byte for byte
+/// what they were.
+macro_rules! serialised_by_name {
     ($type:ty) => {
-        impl Ord for $type {
-            fn cmp(&self, other: &Self) -> Ordering {
-                self.text().cmp(&other.text())
-            }
-        }
-
-        impl PartialOrd for $type {
-            fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-                Some(self.cmp(other))
-            }
-        }
-
         impl Serialize for $type {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 serializer.serialize_str(&self.text())
@@ -468,5 +505,5 @@ macro_rules! ordered_and_serialised_by_name {
     };
 }
 
-ordered_and_serialised_by_name!(Kind);
-ordered_and_serialised_by_name!(Gauge);
+serialised_by_name!(Kind);
+serialised_by_name!(Gauge);
