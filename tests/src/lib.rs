@@ -276,7 +276,7 @@ pub fn all_agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeM
 /// memory and CPU, have none there).
 pub fn agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<String, u64>> {
     let mut counts = all_agent_counts(report, path)?;
-    counts.retain(|kind, _| !vmtrace::kind::is_host_side(kind));
+    counts.retain(|kind, _| !vmtrace::kind::Kind::from_recorded(kind).is_host_side());
     Some(counts)
 }
 

@@ -7,9 +7,11 @@ use std::{collections::BTreeMap, os::unix::fs::MetadataExt};
 
 use vmtrace::{
     host,
+    kind::Kind,
     probe::counters::Counters,
     probe::load::{ProbeOptions, Probes},
-    tenant::aggregate::{TenantCounts, by_tenant},
+    sample::latency::LatencySummary,
+    tenant::aggregate::by_tenant,
     tenant::cgroup_index::CgroupIndex,
 };
 use vmtrace_tests::{TenantCgroup, cgroup2_root, privileged_host};
@@ -85,11 +87,15 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
     let snapshot = counters.read(&probes.reason_names).unwrap();
     let mut index = CgroupIndex::new(cgroup2_root().unwrap());
     let reported = by_tenant(&snapshot, &mut index);
-    let tenant = |t: &TenantCgroup| -> &TenantCounts {
-        reported
+    let tenant = |t: &TenantCgroup| -> Reported {
+        let found = reported
             .iter()
             .find(|r| r.tenant == t.agent_path())
-            .unwrap_or_else(|| panic!("{} missing from {reported:#?}", t.agent_path()))
+            .unwrap_or_else(|| panic!("{} missing from {reported:#?}", t.agent_path()));
+        Reported {
+            counts: by_name(&found.counts),
+            latency: by_name(&found.latency),
+        }
     };
     let counts = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
         pairs
@@ -144,6 +150,18 @@ fn kvm_exit_records_of_every_isa_give_reasons_counts_and_latency_histograms() {
     for (name, count) in &snapshot.drops {
         assert_eq!(*count, 0, "events lost: {name}");
     }
+}
+
+/// A tenant's counts and latencies by kind name, as the agent reports them.
+struct Reported {
+    counts: BTreeMap<String, u64>,
+    latency: BTreeMap<String, LatencySummary>,
+}
+
+fn by_name<V: Clone>(map: &BTreeMap<Kind, V>) -> BTreeMap<String, V> {
+    map.iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 /// VMX basic reason 33 (INVALID_STATE) with the FAILED_VMENTRY flag bit.

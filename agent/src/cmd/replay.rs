@@ -345,7 +345,12 @@ mod tests {
     use std::io::Cursor;
 
     use super::*;
-    use crate::{cmd::record::RecordingWriter, host::KvmFlavour, probe::load::ExitSource};
+    use crate::{
+        cmd::record::RecordingWriter,
+        host::KvmFlavour,
+        kind::{ExitReason, Gauge, Kind},
+        probe::load::ExitSource,
+    };
 
     fn sample(elapsed: f64, io: u64) -> Sample {
         serde_json::from_value(serde_json::json!({
@@ -356,6 +361,38 @@ mod tests {
                          "counts": {"kvm_exit.EPT_VIOLATION": io}, "rates": {"kvm_exit.EPT_VIOLATION": 10.0}}]
         }))
         .unwrap()
+    }
+
+    /// A recording `vmtrace record` wrote on a PVM host (agent/tests/data/README.md).
+    const RECORDING_V1: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/recording-v1.jsonl"
+    ));
+
+    #[test]
+    fn a_recorded_file_reads_back_and_rewrites_byte_for_byte() {
+        let mut reader = reader(RECORDING_V1).unwrap();
+        assert!(reader.header().is_some());
+        let samples: Vec<Sample> = reader.by_ref().collect::<Result<_, _>>().unwrap();
+        let lines: Vec<&str> = RECORDING_V1.lines().skip(1).collect();
+        assert_eq!(samples.len(), lines.len());
+        assert!(samples.iter().any(|s| !s.tenants.is_empty()));
+        // Every kind and gauge the agent wrote then is one this vmtrace knows.
+        for tenant in samples.iter().flat_map(|s| &s.tenants) {
+            let kinds = tenant.counts.keys().chain(tenant.rates.keys());
+            for kind in kinds.chain(tenant.latency.keys()) {
+                assert!(!matches!(kind, Kind::Unknown(_)), "{kind}");
+            }
+            for gauge in tenant.gauges.keys() {
+                assert!(!matches!(gauge, Gauge::Unknown(_)), "{gauge}");
+            }
+        }
+        let tenant = &samples[2].tenants[0];
+        assert!(tenant.counts[&Kind::Exit(ExitReason(2))] > 0);
+        assert!(tenant.gauges.contains_key(&Gauge::TaxRatio));
+        for (sample, line) in samples.iter().zip(lines) {
+            assert_eq!(serde_json::to_string(sample).unwrap(), line);
+        }
     }
 
     fn reader(text: &str) -> Result<RecordingReader, RecordingError> {

@@ -8,8 +8,7 @@ use clap::Args;
 
 use crate::{
     cmd::args::{ProbeArgs, parse_interval},
-    host::accounting,
-    kind::is_host_side,
+    kind::{Gauge, Kind, MemEvent, TopColumn},
     sample::sampler::{Sample, Sampler},
     sample::ticks::Ticks,
     tenant::aggregate::TenantCounts,
@@ -81,34 +80,34 @@ pub fn print_sample(sample: &Sample, json: bool) -> Result<bool> {
 /// percentiles where the kind has them, then one line of what the host spends on the tenant.
 /// What the host spends on a tenant, on one line: tax, memory, faults, TLB flushes, balloon.
 fn host_line(tenant: &TenantCounts) -> Option<String> {
-    let rate = |prefix: &str| -> Option<f64> {
-        let mut rates = tenant.rates.iter().filter(|(k, _)| k.starts_with(prefix));
+    let rate = |of: &dyn Fn(&Kind) -> bool| -> Option<f64> {
+        let mut rates = tenant.rates.iter().filter(|(k, _)| of(k));
         let first = rates.next()?;
         Some(first.1 + rates.map(|(_, r)| r).sum::<f64>())
     };
-    let count = |kind: &str| tenant.counts.get(kind).copied().filter(|&c| c > 0);
+    let count = |kind: Kind| tenant.counts.get(&kind).copied().filter(|&c| c > 0);
     let mut parts = Vec::new();
-    if let Some(tax) = rate("tax.") {
-        let ratio = tenant.gauges.get(accounting::TAX_RATIO);
+    if let Some(tax) = rate(&|k| k.top_column() == TopColumn::Tax) {
+        let ratio = tenant.gauges.get(&Gauge::TaxRatio);
         parts.push(format!(
             "tax {:.2} CPU{}",
             tax / 1e9,
             ratio.map_or_else(String::new, |r| format!(" ({:.0}%)", r * 100.0))
         ));
     }
-    if let Some(bytes) = tenant.gauges.get(accounting::MEMORY_USAGE) {
+    if let Some(bytes) = tenant.gauges.get(&Gauge::MemoryUsage) {
         parts.push(format!("memory {:.1} MiB", bytes / MIB));
     }
-    if let Some(faults) = rate("fault.") {
+    if let Some(faults) = rate(&|k| k.top_column() == TopColumn::Faults) {
         parts.push(format!("faults {faults:.0}/s"));
     }
-    if let Some(flushes) = rate("tlb.flush.") {
+    if let Some(flushes) = rate(&Kind::is_tlb_flush) {
         parts.push(format!("TLB flushes {flushes:.0}/s"));
     }
-    if let Some(bytes) = count("mem.returned_bytes") {
+    if let Some(bytes) = count(Kind::Mem(MemEvent::ReturnedBytes)) {
         parts.push(format!("returned {:.1} MiB", bytes as f64 / MIB));
     }
-    if let Some(pages) = count("mem.refault") {
+    if let Some(pages) = count(Kind::Mem(MemEvent::Refault)) {
         parts.push(format!("refaults {pages}"));
     }
     (!parts.is_empty()).then(|| format!("host: {}", parts.join(" · ")))
@@ -133,7 +132,7 @@ fn render_table(report: &Sample) -> String {
         out.push_str("(no KVM activity yet)\n");
     }
     for tenant in &report.tenants {
-        let guest_side = tenant.counts.iter().filter(|(k, _)| !is_host_side(k));
+        let guest_side = tenant.counts.iter().filter(|(k, _)| !k.is_host_side());
         for (i, (kind, count)) in guest_side.enumerate() {
             let name = if i == 0 { tenant.tenant.as_str() } else { "" };
             let rate = tenant.rates.get(kind).copied().unwrap_or(0.0);
@@ -145,7 +144,8 @@ fn render_table(report: &Sample) -> String {
                     (us(l.p50_ns), us(l.p99_ns))
                 });
             out.push_str(&format!(
-                "{name:<40} {kind:<26} {count:>11} {rate:>10.1} {p50:>9} {p99:>9}\n"
+                "{name:<40} {:<26} {count:>11} {rate:>10.1} {p50:>9} {p99:>9}\n",
+                kind.text()
             ));
         }
         if let Some(line) = host_line(tenant) {

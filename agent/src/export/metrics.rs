@@ -7,7 +7,6 @@ use serde::Serialize;
 use vmtrace_common::LATENCY_BUCKETS;
 
 use crate::{
-    host::accounting,
     sample::latency::{LatencySummary, bucket_lower_ns},
     sample::sampler::Sample,
     tenant::aggregate::TenantCounts,
@@ -280,47 +279,29 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
     };
     for tenant in &sample.tenants {
         let base = tenant_attributes(tenant);
-        let with = |key: &'static str, value: &str| {
-            let mut attributes = base.clone();
-            attributes.push((key, value.to_owned()));
-            attributes
+        let with = |attributes: Vec<(&'static str, String)>| {
+            let mut all = base.clone();
+            all.extend(attributes);
+            all
         };
         for (kind, &count) in &tenant.counts {
-            let (def, attributes, value) = match kind_metric(kind) {
-                KindMetric::Exit { source, reason } => (
-                    VM_EXITS,
-                    with2(with("exit.source", source), "exit.reason", reason),
-                    Value::Int(count),
-                ),
-                KindMetric::Labelled(def, key, label) => (def, with(key, label), Value::Int(count)),
-                KindMetric::CpuNs(mode) => (
-                    CPU_TIME,
-                    with("cpu.mode", mode),
-                    Value::Float(count as f64 / 1e9),
-                ),
-            };
-            push(def, attributes, value);
+            if let Some(metric) = kind.metric() {
+                push(
+                    metric.def,
+                    with(metric.attributes),
+                    metric.scale.value(count),
+                );
+            }
         }
-        if let Some(&usage) = tenant.gauges.get(accounting::MEMORY_USAGE) {
-            push(MEMORY_USAGE, base.clone(), Value::Float(usage));
-        }
-        if let Some(&ratio) = tenant.gauges.get(accounting::TAX_RATIO) {
-            push(TAX_RATIO, base.clone(), Value::Float(ratio));
+        for (gauge, &value) in &tenant.gauges {
+            if let Some(def) = gauge.metric() {
+                push(def, base.clone(), Value::Float(value));
+            }
         }
         for (kind, latency) in &tenant.latency {
-            let (def, attributes) = if let Some(reason) = kind.strip_prefix("exit.") {
-                (VMM_SERVICE_DURATION, with("exit.reason", reason))
-            } else if let Some(reason) = kind.strip_prefix("kvm_exit.") {
-                (VM_EXIT_DURATION, with("exit.reason", reason))
-            } else if let Some(queue) = kind.strip_prefix("kick.") {
-                (
-                    KICK_SERVICE_DURATION,
-                    with("virtio.queue", queue.trim_start_matches('q')),
-                )
-            } else {
-                continue;
-            };
-            push(def, attributes, Value::Histogram(histogram(latency)));
+            if let Some((def, attributes)) = kind.latency_metric() {
+                push(def, with(attributes), Value::Histogram(histogram(latency)));
+            }
         }
     }
     for fault in &sample.iommu_faults {
@@ -363,72 +344,6 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
         Value::Int(health.export_dropped),
     );
     by_def
-}
-
-/// Which metric a counter kind is exported as.
-enum KindMetric<'a> {
-    Exit {
-        source: &'static str,
-        reason: &'a str,
-    },
-    /// A metric with one attribute besides the tenant's.
-    Labelled(MetricDef, &'static str, &'a str),
-    /// CPU time in ns, by mode.
-    CpuNs(&'a str),
-}
-
-fn kind_metric(kind: &str) -> KindMetric<'_> {
-    use KindMetric::Labelled;
-    const PREFIXED: [(&str, MetricDef, &str); 4] = [
-        ("tlb.", TLB_EVENTS, "tlb.event"),
-        ("fault.", MEMORY_FAULTS, "fault.type"),
-        ("mmu.page.", MMU_PAGES, "mmu.event"),
-        ("memcg.", MEMORY_CGROUP_EVENTS, "memory.event"),
-    ];
-    if let Some(reason) = kind.strip_prefix("exit.") {
-        return KindMetric::Exit {
-            source: "vmm",
-            reason,
-        };
-    }
-    if let Some(reason) = kind.strip_prefix("kvm_exit.") {
-        return KindMetric::Exit {
-            source: "kvm_exit",
-            reason,
-        };
-    }
-    if let Some(queue) = kind.strip_prefix("kick.") {
-        return Labelled(VIRTIO_KICKS, "virtio.queue", queue.trim_start_matches('q'));
-    }
-    for (prefix, def, key) in PREFIXED {
-        if let Some(label) = kind.strip_prefix(prefix) {
-            return Labelled(def, key, label);
-        }
-    }
-    match kind {
-        accounting::CPU_GUEST => KindMetric::CpuNs("guest"),
-        accounting::TAX_KERNEL => KindMetric::CpuNs("kernel"),
-        accounting::TAX_VMM => KindMetric::CpuNs("vmm"),
-        "mem.refault" => Labelled(MEMORY_FAULTS, "fault.type", "refault"),
-        "mem.unmap_bytes" => Labelled(MEMORY_INVALIDATED, "memory.event", "unmap"),
-        "mem.returned_bytes" => Labelled(MEMORY_INVALIDATED, "memory.event", "returned"),
-        "iommu.map_bytes" => Labelled(IOMMU_MAPPED, "iommu.operation", "map"),
-        "iommu.unmap_bytes" => Labelled(IOMMU_MAPPED, "iommu.operation", "unmap"),
-        _ => match kind.split_once('.') {
-            Some(("mem", event)) => Labelled(MEMORY_INVALIDATIONS, "memory.event", event),
-            Some(("iommu", operation)) => Labelled(IOMMU_MAPPINGS, "iommu.operation", operation),
-            _ => Labelled(VM_EVENTS, "event", kind),
-        },
-    }
-}
-
-fn with2(
-    mut attributes: Vec<(&'static str, String)>,
-    key: &'static str,
-    value: &str,
-) -> Vec<(&'static str, String)> {
-    attributes.push((key, value.to_owned()));
-    attributes
 }
 
 /// `tenant`, and what is known of who the tenant is.

@@ -14,20 +14,17 @@ use crate::{
     host::dtlb::{self, DtlbCounters},
     host::guest_time::GuestTime,
     host::procfs::vmm_threads,
+    kind::{CpuMode, Gauge, Kind, MemcgEvent},
     probe::counters::KindCounts,
     tenant::aggregate::TenantCounts,
 };
 
 /// CPU time in guest mode (ns): measured by the probes where `kvm_entry`/`kvm_exit` fire.
-pub const CPU_GUEST: &str = "cpu.guest";
+const CPU_GUEST: Kind = Kind::Cpu(CpuMode::Guest);
 /// Tax: CPU time in the kernel (ns).
-pub const TAX_KERNEL: &str = "tax.kernel";
+const TAX_KERNEL: Kind = Kind::Cpu(CpuMode::TaxKernel);
 /// Tax: CPU time in user space outside guest mode (ns).
-pub const TAX_VMM: &str = "tax.vmm";
-/// Gauge: memory charged to the tenant's cgroups now (bytes).
-pub const MEMORY_USAGE: &str = "memory.usage_bytes";
-/// Gauge: share of the tenant's CPU time over the last interval that was tax (0 to 1).
-pub const TAX_RATIO: &str = "tax.ratio";
+const TAX_VMM: Kind = Kind::Cpu(CpuMode::TaxVmm);
 
 /// One cgroup's CPU and memory figures, where it has them.
 type Figures = (Option<CpuStat>, Option<MemoryStat>);
@@ -82,7 +79,7 @@ impl Accounting {
         for tenant in tenants.iter_mut() {
             for ((cgroup_id, kind), misses) in &dtlb_misses {
                 if tenant.cgroups.iter().any(|c| c.id == *cgroup_id) {
-                    *tenant.counts.entry((*kind).to_owned()).or_default() += misses;
+                    *tenant.counts.entry(kind.clone()).or_default() += misses;
                 }
             }
         }
@@ -116,7 +113,7 @@ impl Accounting {
                     .iter()
                     .filter_map(|c| guest_by_cgroup.get(&c.id))
                     .sum();
-                let from_probes = tenant.counts.get(CPU_GUEST).copied().unwrap_or(0);
+                let from_probes = tenant.counts.get(&CPU_GUEST).copied().unwrap_or(0);
                 let guest_ns = from_probes.max(from_threads);
                 let user_ns = cpu.user_usec * 1000;
                 insert_counts(
@@ -131,14 +128,14 @@ impl Accounting {
             if let Some(memory) = memory {
                 tenant
                     .gauges
-                    .insert(MEMORY_USAGE.to_owned(), memory.usage_bytes as f64);
+                    .insert(Gauge::MemoryUsage, memory.usage_bytes as f64);
                 insert_counts(
                     &mut tenant.counts,
                     [
-                        ("memcg.pgfault", memory.pgfault),
-                        ("memcg.pgmajfault", memory.pgmajfault),
-                        ("memcg.limit_hits", memory.limit_hits),
-                        ("memcg.oom_kills", memory.oom_kills),
+                        (Kind::Memcg(MemcgEvent::Pgfault), memory.pgfault),
+                        (Kind::Memcg(MemcgEvent::Pgmajfault), memory.pgmajfault),
+                        (Kind::Memcg(MemcgEvent::LimitHits), memory.limit_hits),
+                        (Kind::Memcg(MemcgEvent::OomKills), memory.oom_kills),
                     ],
                 );
             }
@@ -149,18 +146,18 @@ impl Accounting {
 
 /// Adds the counters that are above zero: like the probes' kinds, a counter appears once it has
 /// counted something, which keeps idle tenants small.
-fn insert_counts<const N: usize>(counts: &mut KindCounts, values: [(&str, u64); N]) {
+fn insert_counts<const N: usize>(counts: &mut KindCounts, values: [(Kind, u64); N]) {
     for (kind, value) in values {
         if value > 0 {
-            counts.insert(kind.to_owned(), value);
+            counts.insert(kind, value);
         }
     }
 }
 
 /// The tax's share of a tenant's CPU time over the last interval, from its rates (ns/s), if it used
 /// any CPU.
-pub fn tax_ratio(rates: &BTreeMap<String, f64>) -> Option<f64> {
-    let rate = |kind: &str| rates.get(kind).copied().unwrap_or(0.0);
+pub fn tax_ratio(rates: &BTreeMap<Kind, f64>) -> Option<f64> {
+    let rate = |kind: Kind| rates.get(&kind).copied().unwrap_or(0.0);
     let tax = rate(TAX_KERNEL) + rate(TAX_VMM);
     let total = tax + rate(CPU_GUEST);
     (total > 0.0).then(|| tax / total)
@@ -172,13 +169,9 @@ mod tests {
 
     #[test]
     fn the_ratio_is_tax_over_all_cpu() {
-        let rates: BTreeMap<String, f64> = [
-            (TAX_KERNEL.to_owned(), 1e8),
-            (TAX_VMM.to_owned(), 1e8),
-            (CPU_GUEST.to_owned(), 8e8),
-        ]
-        .into_iter()
-        .collect();
+        let rates: BTreeMap<Kind, f64> = [(TAX_KERNEL, 1e8), (TAX_VMM, 1e8), (CPU_GUEST, 8e8)]
+            .into_iter()
+            .collect();
         assert_eq!(tax_ratio(&rates), Some(0.2));
         assert_eq!(tax_ratio(&BTreeMap::new()), None);
     }

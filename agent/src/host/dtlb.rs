@@ -9,12 +9,15 @@ use perf_event::{
     events::{Cache, CacheOp, CacheResult, WhichCache},
 };
 
-use crate::host::procfs::VmmThread;
+use crate::{
+    host::procfs::VmmThread,
+    kind::{Kind, TlbEvent},
+};
 
-/// The counted events and the kind names they are reported under.
-const EVENTS: [(CacheOp, &str); 2] = [
-    (CacheOp::READ, "tlb.dtlb_load_miss"),
-    (CacheOp::WRITE, "tlb.dtlb_store_miss"),
+/// The counted events and the kinds they are reported under.
+const EVENTS: [(CacheOp, Kind); 2] = [
+    (CacheOp::READ, Kind::Tlb(TlbEvent::DtlbLoadMiss)),
+    (CacheOp::WRITE, Kind::Tlb(TlbEvent::DtlbStoreMiss)),
 ];
 
 fn dtlb_miss(operation: CacheOp) -> Cache {
@@ -48,13 +51,13 @@ pub struct DtlbCounters {
     /// Per live thread (tgid, tid): its process's cgroup, its counters and their last readings.
     threads: HashMap<(u32, u32), (u64, ThreadCounters)>,
     /// Misses of threads that ended, per cgroup and kind.
-    ended: HashMap<(u64, &'static str), u64>,
+    ended: HashMap<(u64, Kind), u64>,
 }
 
 impl DtlbCounters {
     /// Opens counters on new threads of `threads`, reads all of them and returns the misses per
     /// cgroup and kind so far.
-    pub fn update(&mut self, threads: &[VmmThread]) -> HashMap<(u64, &'static str), u64> {
+    pub fn update(&mut self, threads: &[VmmThread]) -> HashMap<(u64, Kind), u64> {
         let mut live = HashMap::new();
         for thread in threads {
             let key = (thread.tgid, thread.tid);

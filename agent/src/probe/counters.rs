@@ -13,10 +13,7 @@ use vmtrace_common::{
 };
 
 use crate::{
-    kind::{
-        MMIO_WRITE_IN_KERNEL, TLB_EXITS, is_tlb_exit, kick_kind, kind_name, kvm_exit_kind,
-        userspace_exit_kind,
-    },
+    kind::{ExitReason, Kind, KvmExitReason, MmioAccess, TlbEvent},
     probe::exit_reasons::ExitReasonNames,
     sample::latency::merge,
 };
@@ -29,10 +26,10 @@ pub enum CountsError {
     Map(&'static str, aya::maps::MapError),
 }
 
-/// Counts of one cgroup by kind name, since the probes were attached.
-pub type KindCounts = BTreeMap<String, u64>;
-/// Latency histograms of one cgroup by kind name, since the probes were attached.
-pub type KindLatencies = BTreeMap<String, LatencyHistogram>;
+/// Counts of one cgroup by kind, since the probes were attached.
+pub type KindCounts = BTreeMap<Kind, u64>;
+/// Latency histograms of one cgroup by kind, since the probes were attached.
+pub type KindLatencies = BTreeMap<Kind, LatencyHistogram>;
 
 /// Kicks of one doorbell queue of one VMM process, within one cgroup.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -135,12 +132,10 @@ impl Counters {
         };
         for entry in self.latency.iter() {
             let (key, per_cpu) = entry.map_err(map_error(EXIT_LATENCY_MAP))?;
-            let kind = match LatencyKind::try_from(key.kind) {
-                Ok(LatencyKind::KvmExit) => kvm_exit_kind(key.isa, key.reason, names),
-                Ok(LatencyKind::ServiceTime) => userspace_exit_kind(key.reason),
-                Ok(LatencyKind::KickService) => kick_kind(key.reason),
-                Err(_) => continue,
+            let Ok(latency_kind) = LatencyKind::try_from(key.kind) else {
+                continue;
             };
+            let kind = Kind::from_latency_key(latency_kind, key.isa, key.reason, names);
             let histogram = snapshot
                 .latency_by_cgroup
                 .entry(key.cgroup_id)
@@ -154,7 +149,7 @@ impl Counters {
         for (key, kicks) in kicks {
             let queue = (key.queue != ANY_QUEUE).then_some(key.queue);
             let counts = snapshot.by_cgroup.entry(key.cgroup_id).or_default();
-            *counts.entry(kick_kind(key.queue)).or_default() += kicks;
+            *counts.entry(Kind::kick(key.queue)).or_default() += kicks;
             let doorbells = snapshot.kicks_by_cgroup.entry(key.cgroup_id).or_default();
             doorbells.push(DoorbellKicks {
                 pid: key.tgid,
@@ -354,30 +349,34 @@ pub fn aggregate(raw: &[(ExitKey, u64)], names: &ExitReasonNames) -> BTreeMap<u6
         let Ok(kind) = ExitKind::try_from(key.kind) else {
             continue;
         };
-        let name = kind_name(kind, key.isa, key.detail, names);
+        let kind = Kind::from_exit_key(kind, key.isa, key.detail, names);
         *by_cgroup
             .entry(key.cgroup_id)
             .or_default()
-            .entry(name)
+            .entry(kind)
             .or_default() += total;
     }
     for counts in by_cgroup.values_mut() {
-        let get = |kind: &str| counts.get(kind).copied().unwrap_or(0);
+        let get = |kind: Kind| counts.get(&kind).copied().unwrap_or(0);
         // Every MMIO exit to the VMM is a read, which KVM logs as unsatisfied before exiting, or a
         // write; the writes that did not exit were completed in the kernel. A write can be counted
         // exiting before its kvm_mmio is read by this snapshot, so never go below zero.
-        let writes_to_vmm = get("exit.mmio").saturating_sub(get("mmio.read_unsatisfied"));
-        let in_kernel = get("mmio.write").saturating_sub(writes_to_vmm);
+        let writes_to_vmm = get(Kind::Exit(ExitReason::MMIO))
+            .saturating_sub(get(Kind::Mmio(MmioAccess::ReadUnsatisfied)));
+        let in_kernel = get(Kind::Mmio(MmioAccess::Write)).saturating_sub(writes_to_vmm);
         if in_kernel > 0 {
-            counts.insert(MMIO_WRITE_IN_KERNEL.to_owned(), in_kernel);
+            counts.insert(Kind::Mmio(MmioAccess::WriteKernel), in_kernel);
         }
         let tlb_exits: u64 = counts
             .iter()
-            .filter(|(kind, _)| kind.strip_prefix("kvm_exit.").is_some_and(is_tlb_exit))
+            .filter(|(kind, _)| {
+                kind.kvm_exit_reason()
+                    .is_some_and(KvmExitReason::touches_tlb)
+            })
             .map(|(_, count)| count)
             .sum();
         if tlb_exits > 0 {
-            counts.insert(TLB_EXITS.to_owned(), tlb_exits);
+            counts.insert(Kind::Tlb(TlbEvent::Exit), tlb_exits);
         }
     }
     by_cgroup
@@ -411,11 +410,12 @@ mod tests {
             (key(8, ExitKind::Cpuid, 0), 3),
         ];
         let by_cgroup = aggregate(&raw, &ExitReasonNames::builtin());
-        assert_eq!(by_cgroup[&7]["mmio.write"], 150);
-        assert_eq!(by_cgroup[&7][MMIO_WRITE_IN_KERNEL], 50);
-        assert_eq!(by_cgroup[&7]["exit.mmio"], 130);
-        assert_eq!(by_cgroup[&8][MMIO_WRITE_IN_KERNEL], 40);
-        assert_eq!(by_cgroup[&8]["cpuid"], 3);
-        assert_eq!(by_cgroup[&8].get("exit.mmio"), None);
+        let kind = |name: &str| name.parse::<Kind>().unwrap();
+        assert_eq!(by_cgroup[&7][&kind("mmio.write")], 150);
+        assert_eq!(by_cgroup[&7][&kind("mmio.write.kernel")], 50);
+        assert_eq!(by_cgroup[&7][&kind("exit.mmio")], 130);
+        assert_eq!(by_cgroup[&8][&kind("mmio.write.kernel")], 40);
+        assert_eq!(by_cgroup[&8][&Kind::Cpuid], 3);
+        assert_eq!(by_cgroup[&8].get(&kind("exit.mmio")), None);
     }
 }

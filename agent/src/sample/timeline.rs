@@ -12,7 +12,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::sample::sampler::Sample;
+use crate::{
+    kind::{Kind, Series, name_matches},
+    sample::sampler::Sample,
+};
 
 /// Recent samples of every tenant, at most `capacity` of them.
 #[derive(Debug, Clone)]
@@ -21,7 +24,7 @@ pub struct Timeline {
     /// Unix time of each point, oldest first.
     times: VecDeque<f64>,
     /// Per tenant and series (a counter kind's rate per second, or a gauge): one value per point.
-    tenants: BTreeMap<String, BTreeMap<String, VecDeque<f64>>>,
+    tenants: BTreeMap<String, BTreeMap<Series, VecDeque<f64>>>,
 }
 
 /// What `/api/timeline` returns: the points' times and each tenant's series.
@@ -69,9 +72,17 @@ impl Timeline {
         let points = self.times.len();
         for tenant in &sample.tenants {
             let series = self.tenants.entry(tenant.tenant.clone()).or_default();
-            for (name, &value) in tenant.rates.iter().chain(&tenant.gauges) {
+            let rates = tenant
+                .rates
+                .iter()
+                .map(|(kind, value)| (Series::Rate(kind.clone()), value));
+            let gauges = tenant
+                .gauges
+                .iter()
+                .map(|(gauge, value)| (Series::Gauge(gauge.clone()), value));
+            for (name, &value) in rates.chain(gauges) {
                 series
-                    .entry(name.clone())
+                    .entry(name)
                     .or_insert_with(|| VecDeque::from(vec![0.0; points - 1]))
                     .push_back(value);
             }
@@ -93,26 +104,38 @@ impl Timeline {
         self.tenants.keys().map(String::as_str)
     }
 
-    /// One value per point for `tenant`: `value` applied to its series at each point (empty if the
-    /// tenant is not on the timeline).
+    /// One value per point for `tenant`: `value` applied to its kinds' rates at each point (empty
+    /// if the tenant is not on the timeline).
     pub fn values(
         &self,
         tenant: &str,
-        value: impl Fn(&dyn Fn(&str) -> f64, &[&str]) -> f64,
+        value: impl Fn(&dyn Fn(&Kind) -> f64, &[&Kind]) -> f64,
     ) -> Vec<f64> {
         let Some(series) = self.tenants.get(tenant) else {
             return Vec::new();
         };
-        let names: Vec<&str> = series.keys().map(String::as_str).collect();
+        let kinds: Vec<&Kind> = series
+            .keys()
+            .filter_map(|s| match s {
+                Series::Rate(kind) => Some(kind),
+                Series::Gauge(_) => None,
+            })
+            .collect();
         (0..self.times.len())
             .map(|i| {
-                let at = |name: &str| series.get(name).and_then(|v| v.get(i)).copied();
-                value(&|name| at(name).unwrap_or(0.0), &names)
+                let at = |kind: &Kind| {
+                    series
+                        .get(&Series::Rate(kind.clone()))
+                        .and_then(|v| v.get(i))
+                        .copied()
+                };
+                value(&|kind| at(kind).unwrap_or(0.0), &kinds)
             })
             .collect()
     }
 
-    /// The timeline, optionally only for one tenant and for series whose names start with `prefix`.
+    /// The timeline, optionally only for one tenant and for series whose names match `prefix` (see
+    /// [`name_matches`]).
     pub fn view(
         &self,
         interval: Duration,
@@ -126,8 +149,9 @@ impl Timeline {
             .map(|(name, series)| {
                 let series = series
                     .iter()
-                    .filter(|(kind, _)| prefix.is_none_or(|p| kind.starts_with(p)))
-                    .map(|(kind, values)| (kind.clone(), values.iter().copied().collect()))
+                    .map(|(series, values)| (series.to_string(), values))
+                    .filter(|(name, _)| prefix.is_none_or(|p| name_matches(name, p)))
+                    .map(|(name, values)| (name, values.iter().copied().collect()))
                     .collect();
                 (name.clone(), series)
             })
@@ -190,7 +214,7 @@ mod tests {
             [4096.0, 0.0, 4096.0]
         );
         assert_eq!(view.tenants["b"]["tlb.flush.task_switch"], [5.0, 6.0, 0.0]);
-        let exits = timeline.values("a", |at, _| at("exit.io"));
+        let exits = timeline.values("a", |at, _| at(&"exit.io".parse().unwrap()));
         assert_eq!(exits, [20.0, 0.0, 40.0]);
 
         let only = timeline.view(Duration::from_secs(1), Some("a"), Some("fault."));

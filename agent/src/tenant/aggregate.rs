@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use vmtrace_common::LatencyHistogram;
 
 use crate::{
-    host::accounting::{TAX_RATIO, tax_ratio},
+    host::accounting::tax_ratio,
+    kind::{Gauge, Kind},
     probe::counters::{DoorbellKicks, KindCounts, Snapshot},
     sample::latency::{LatencySummary, merge},
     tenant::cgroup_index::CgroupIndex,
@@ -33,14 +34,14 @@ pub struct TenantCounts {
     pub cgroups: Vec<CgroupRef>,
     pub counts: KindCounts,
     /// Events per second over the last interval, by kind.
-    pub rates: BTreeMap<String, f64>,
+    pub rates: BTreeMap<Kind, f64>,
     /// Values that go up and down, by name (memory usage, the tax ratio).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub gauges: BTreeMap<String, f64>,
+    pub gauges: BTreeMap<Gauge, f64>,
     /// Latency by kind: for `kvm_exit.*` kinds, exit to the vCPU's next entry (VMX, SVM); for
     /// `exit.*` kinds, the VMM's service time, from the return to the VMM to its next KVM_RUN.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub latency: BTreeMap<String, LatencySummary>,
+    pub latency: BTreeMap<Kind, LatencySummary>,
     /// True on the last sample that reports a tenant whose cgroups were all removed; the tenant is
     /// absent from later samples.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -56,7 +57,7 @@ pub struct TenantCounts {
 /// Groups per-cgroup counts by tenant; [`add_rates`] completes them.
 pub fn by_tenant(snapshot: &Snapshot, index: &mut CgroupIndex) -> Vec<TenantCounts> {
     let mut tenants: BTreeMap<String, TenantCounts> = BTreeMap::new();
-    let mut histograms: BTreeMap<String, BTreeMap<String, LatencyHistogram>> = BTreeMap::new();
+    let mut histograms: BTreeMap<String, BTreeMap<Kind, LatencyHistogram>> = BTreeMap::new();
     let cgroup_ids = snapshot
         .by_cgroup
         .keys()
@@ -129,7 +130,7 @@ pub fn add_rates(tenants: &mut [TenantCounts], previous: &PreviousCounts, interv
             tenant.rates.insert(kind.clone(), rate);
         }
         if let Some(ratio) = tax_ratio(&tenant.rates) {
-            tenant.gauges.insert(TAX_RATIO.to_owned(), ratio);
+            tenant.gauges.insert(Gauge::TaxRatio, ratio);
         }
     }
 }

@@ -6,10 +6,8 @@ use std::fmt::Write;
 use super::series::TenantSeries;
 use crate::{
     cmd::record::Header,
-    cmd::top::{
-        format,
-        metrics::{is_exit_kind, reason_name},
-    },
+    cmd::top::{format, metrics::has_hardware_exits},
+    kind::TopColumn,
 };
 
 /// Text safe inside HTML elements and attributes.
@@ -124,22 +122,22 @@ fn summary_table(tenants: &[TenantSeries]) -> String {
          <th>top reason</th><th>p99 latency</th><th>virtio kicks</th></tr>\n",
     );
     for t in tenants {
-        let hardware = t.totals.keys().any(|k| k.starts_with("kvm_exit."));
+        let hardware = has_hardware_exits(t.totals.keys());
         let exits: u64 = t
             .totals
             .iter()
-            .filter(|(k, _)| is_exit_kind(k, hardware))
+            .filter(|(k, _)| k.counts_as_exit(hardware))
             .map(|(_, c)| c)
             .sum();
         let top = t
             .totals
             .iter()
-            .filter(|(k, _)| is_exit_kind(k, hardware))
+            .filter(|(k, _)| k.counts_as_exit(hardware))
             .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)));
         let kicks: u64 = t
             .totals
             .iter()
-            .filter(|(k, _)| k.starts_with("kick."))
+            .filter(|(k, _)| k.top_column() == TopColumn::Kicks)
             .map(|(_, c)| c)
             .sum();
         let values: Vec<f64> = t.exits.points.iter().map(|p| p.1).collect();
@@ -155,7 +153,7 @@ fn summary_table(tenants: &[TenantSeries]) -> String {
             escape(&t.tenant),
             format::rate(mean),
             format::rate(peak),
-            escape(&top.map_or_else(|| format::MISSING.to_owned(), |(k, _)| reason_name(k))),
+            escape(&top.map_or_else(|| format::MISSING.to_owned(), |(k, _)| k.reason_name())),
             escape(&p99),
         );
     }

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    cmd::top::metrics::{is_exit_kind, reason_name, tenant_row},
+    cmd::top::metrics::{has_hardware_exits, tenant_row},
+    kind::{Kind, TopColumn},
+    probe::counters::KindCounts,
     sample::latency::LatencySummary,
     sample::sampler::Sample,
 };
@@ -25,7 +27,7 @@ pub struct Series {
 /// One latency kind's histogram: log2 buckets as (lowest ns, count).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Histogram {
-    pub kind: String,
+    pub kind: Kind,
     pub summary: LatencySummary,
 }
 
@@ -40,7 +42,7 @@ pub struct TenantSeries {
     pub timeline: Vec<Series>,
     pub histograms: Vec<Histogram>,
     /// Totals at the last sample, by kind.
-    pub totals: BTreeMap<String, u64>,
+    pub totals: KindCounts,
 }
 
 /// A value of every sample for one tenant: 0 where the tenant is absent from a sample.
@@ -62,10 +64,10 @@ fn track(
         .collect()
 }
 
-fn sum_rates(t: &crate::tenant::aggregate::TenantCounts, prefix: &str) -> f64 {
+fn sum_rates(t: &crate::tenant::aggregate::TenantCounts, column: TopColumn) -> f64 {
     t.rates
         .iter()
-        .filter(|(k, _)| k.starts_with(prefix))
+        .filter(|(k, _)| k.top_column() == column)
         .map(|(_, r)| r)
         .sum()
 }
@@ -83,11 +85,11 @@ pub fn tenant_series(samples: &[Sample]) -> Vec<TenantSeries> {
     let mut out: Vec<TenantSeries> = last
         .into_iter()
         .map(|(name, t)| {
-            let hardware = t.counts.keys().any(|k| k.starts_with("kvm_exit."));
-            let mut kinds: Vec<(&String, u64)> = t
+            let hardware = has_hardware_exits(t.counts.keys());
+            let mut kinds: Vec<(&Kind, u64)> = t
                 .counts
                 .iter()
-                .filter(|(k, _)| is_exit_kind(k, hardware))
+                .filter(|(k, _)| k.counts_as_exit(hardware))
                 .map(|(k, c)| (k, *c))
                 .collect();
             kinds.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
@@ -95,14 +97,14 @@ pub fn tenant_series(samples: &[Sample]) -> Vec<TenantSeries> {
             let mut timeline: Vec<Series> = shown
                 .iter()
                 .map(|(kind, _)| Series {
-                    name: format!("exit {}", reason_name(kind)),
+                    name: format!("exit {}", kind.reason_name()),
                     points: track(samples, name, |t| {
                         t.rates.get(*kind).copied().unwrap_or(0.0)
                     }),
                 })
                 .collect();
             if !rest.is_empty() {
-                let rest: Vec<&String> = rest.iter().map(|(k, _)| *k).collect();
+                let rest: Vec<&Kind> = rest.iter().map(|(k, _)| *k).collect();
                 timeline.push(Series {
                     name: format!("exit: {} other reasons", rest.len()),
                     points: track(samples, name, |t| {
@@ -110,15 +112,15 @@ pub fn tenant_series(samples: &[Sample]) -> Vec<TenantSeries> {
                     }),
                 });
             }
-            for (prefix, label) in [
-                ("kick.", "virtio kicks"),
-                ("tlb.", "TLB flushes"),
-                ("fault.", "faults"),
+            for (column, label) in [
+                (TopColumn::Kicks, "virtio kicks"),
+                (TopColumn::Tlb, "TLB flushes"),
+                (TopColumn::Faults, "faults"),
             ] {
-                if t.counts.keys().any(|k| k.starts_with(prefix)) {
+                if t.counts.keys().any(|k| k.top_column() == column) {
                     timeline.push(Series {
                         name: label.to_owned(),
-                        points: track(samples, name, |t| sum_rates(t, prefix)),
+                        points: track(samples, name, |t| sum_rates(t, column)),
                     });
                 }
             }
@@ -229,8 +231,9 @@ mod tests {
         let a = &series[1];
         assert_eq!(a.timeline[0].name, "exit io");
         assert_eq!(a.timeline[0].points, vec![(1.0, 10.0), (2.0, 20.0)]);
-        assert_eq!(a.histograms[0].kind, "exit.io");
-        assert_eq!(a.totals["exit.io"], 30);
+        let io: Kind = "exit.io".parse().unwrap();
+        assert_eq!(a.histograms[0].kind, io);
+        assert_eq!(a.totals[&io], 30);
     }
 
     #[test]

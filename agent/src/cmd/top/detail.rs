@@ -16,7 +16,10 @@ use super::{
     view::draw_timeline,
 };
 use crate::{
-    sample::latency::LatencySummary, tenant::aggregate::TenantCounts, tenant::resolve::Tenant,
+    kind::{Kind, Latency},
+    sample::latency::LatencySummary,
+    tenant::aggregate::TenantCounts,
+    tenant::resolve::Tenant,
 };
 
 pub fn draw(frame: &mut Frame, app: &App, area: Rect) {
@@ -109,11 +112,11 @@ fn truncate_right(s: &str, width: usize) -> String {
 }
 
 /// A tenant's kinds, busiest first.
-pub fn kinds_by_rate(tenant: &TenantCounts) -> Vec<(&str, u64, f64)> {
-    let mut kinds: Vec<(&str, u64, f64)> = tenant
+pub fn kinds_by_rate(tenant: &TenantCounts) -> Vec<(&Kind, u64, f64)> {
+    let mut kinds: Vec<(&Kind, u64, f64)> = tenant
         .counts
         .iter()
-        .map(|(k, &c)| (k.as_str(), c, tenant.rates.get(k).copied().unwrap_or(0.0)))
+        .map(|(k, &c)| (k, c, tenant.rates.get(k).copied().unwrap_or(0.0)))
         .collect();
     kinds.sort_by(|a, b| b.2.total_cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(b.0)));
     kinds
@@ -129,7 +132,7 @@ fn draw_kinds(frame: &mut Frame, tenant: &TenantCounts, area: Rect) {
                 |l| (format::latency_ns(l.p50_ns), format::latency_ns(l.p99_ns)),
             );
             Row::new([
-                truncate_right(kind, kind_width as usize),
+                truncate_right(&kind.text(), kind_width as usize),
                 format!("{:>8}", format::count(count)),
                 format!("{:>7}", format::rate(rate)),
                 format!("{p50:>6}"),
@@ -153,28 +156,16 @@ fn draw_kinds(frame: &mut Frame, tenant: &TenantCounts, area: Rect) {
 }
 
 /// The latency kinds a tenant has, most measured first.
-pub fn latency_kinds(tenant: &TenantCounts) -> Vec<(&str, &LatencySummary)> {
-    let mut kinds: Vec<(&str, &LatencySummary)> = tenant
-        .latency
-        .iter()
-        .filter(|(_, l)| l.count > 0)
-        .map(|(k, l)| (k.as_str(), l))
-        .collect();
+pub fn latency_kinds(tenant: &TenantCounts) -> Vec<(&Kind, &LatencySummary)> {
+    let mut kinds: Vec<(&Kind, &LatencySummary)> =
+        tenant.latency.iter().filter(|(_, l)| l.count > 0).collect();
     kinds.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
     kinds
 }
 
 /// What a kind's latency measures.
-fn latency_meaning(kind: &str) -> &'static str {
-    if kind.starts_with("kvm_exit.") {
-        "exit→entry"
-    } else if kind.starts_with("exit.") {
-        "VMM service"
-    } else if kind.starts_with("kick.") {
-        "kick service"
-    } else {
-        "latency"
-    }
+fn latency_meaning(kind: &Kind) -> &'static str {
+    kind.latency().map_or("latency", Latency::meaning)
 }
 
 fn draw_histogram(frame: &mut Frame, tenant: &TenantCounts, choice: usize, area: Rect) {
@@ -285,7 +276,7 @@ mod tests {
             .find(|t| t.tenant == "/y/other")
             .unwrap();
         other.latency.insert(
-            "exit.io".to_owned(),
+            "exit.io".parse().unwrap(),
             serde_json::from_value(serde_json::json!({
                 "count": 100, "mean_ns": 3000, "p50_ns": 2047, "p90_ns": 4095, "p99_ns": 16383,
                 "max_ns": 9000, "buckets": [[1024, 60], [2048, 30], [8192, 10]],

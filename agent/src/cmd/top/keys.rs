@@ -177,7 +177,9 @@ pub(crate) mod tests {
             "/x/tenant-a"
         );
         let mut sample = app.sample.clone().unwrap();
-        sample.tenants[0].rates.insert("exit.io".to_owned(), 1000.0);
+        sample.tenants[0]
+            .rates
+            .insert("exit.io".parse().unwrap(), 1000.0);
         app.push(sample);
         let rows = app.rows();
         assert_eq!(rows[0].tenant, "/x/tenant-a");

@@ -2,11 +2,15 @@
 //! counts, rates and latencies in a sample. Pure, so sorting and formatting are unit-tested.
 //!
 //! Metrics whose probes do not exist on this host (or in this vmtrace yet) are `None` and shown as
-//! "–": TLB flushes come from `tlb.*` kinds, faults from `fault.*`, the virtualisation tax from
-//! `tax` / `tax.*` kinds (nanoseconds of host CPU spent outside guest mode, so their rate in ns/s
-//! is a share of one CPU). They appear as soon as a sample carries such kinds.
+//! "–": each kind names its column ([`Kind::top_column`]): TLB flushes, faults, the
+//! virtualisation tax (nanoseconds of host CPU spent outside guest mode, so their rate in ns/s is a
+//! share of one CPU). They appear as soon as a sample carries such kinds.
 
-use crate::{sample::latency::LatencySummary, tenant::aggregate::TenantCounts};
+use crate::{
+    kind::{Kind, Latency, TopColumn},
+    sample::latency::LatencySummary,
+    tenant::aggregate::TenantCounts,
+};
 
 /// What `top` shows for one tenant.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,12 +18,12 @@ pub struct TenantRow {
     pub tenant: String,
     /// Exits per second: every `kvm_exit.*` where the host emits kvm_exit; else exits to the VMM
     /// (`exit.*`) plus the exits the kernel served itself that the probes see (`mmio.write.kernel`,
-    /// `cpuid`).
+    /// `cpuid`). See [`Kind::counts_as_exit`].
     pub exits: f64,
     /// The exit kind with the highest rate (or, when idle, the highest count), short name.
     pub top_reason: Option<String>,
     /// The kind behind `top_reason`, e.g. `exit.io`.
-    pub top_kind: Option<String>,
+    pub top_kind: Option<Kind>,
     /// p99 latency of the top reason (VMM service time for `exit.*`, exit to entry for
     /// `kvm_exit.*`), else of the exit kind with the most measured latencies.
     pub p99_ns: Option<u64>,
@@ -31,64 +35,45 @@ pub struct TenantRow {
     pub tax: Option<f64>,
 }
 
-/// In-kernel exit kinds counted on hosts without kvm_exit.
-const KERNEL_EXIT_KINDS: [&str; 2] = ["mmio.write.kernel", "cpuid"];
-
-/// Whether `kind` counts as an exit for a tenant; `hardware` is true when the tenant's exits come
-/// from kvm_exit (which already includes every other kind's exits).
-pub fn is_exit_kind(kind: &str, hardware: bool) -> bool {
-    if hardware {
-        kind.starts_with("kvm_exit.")
-    } else {
-        kind.starts_with("exit.") || KERNEL_EXIT_KINDS.contains(&kind)
-    }
+/// Whether a tenant with these kinds has its exits from kvm_exit (which already includes every
+/// other kind's exits).
+pub fn has_hardware_exits<'a>(mut kinds: impl Iterator<Item = &'a Kind>) -> bool {
+    kinds.any(Kind::is_hardware_exit)
 }
 
-/// Exits per second at one point of a timeline: `at` gives a series' value, `names` the tenant's
-/// series (the same kinds [`tenant_row`] sums).
-pub fn exits_at(at: &dyn Fn(&str) -> f64, names: &[&str]) -> f64 {
-    let hardware = names.iter().any(|k| k.starts_with("kvm_exit."));
-    names
+/// Exits per second at one point of a timeline: `at` gives a kind's rate, `kinds` the tenant's
+/// kinds (the same kinds [`tenant_row`] sums).
+pub fn exits_at(at: &dyn Fn(&Kind) -> f64, kinds: &[&Kind]) -> f64 {
+    let hardware = has_hardware_exits(kinds.iter().copied());
+    kinds
         .iter()
-        .filter(|k| is_exit_kind(k, hardware))
+        .filter(|k| k.counts_as_exit(hardware))
         .map(|k| at(k))
         .sum()
 }
 
-/// The short name people read: `io` for `exit.io`, `EPT_VIOLATION` for `kvm_exit.EPT_VIOLATION`,
-/// `mmio.kern` for in-kernel MMIO writes.
-pub fn reason_name(kind: &str) -> String {
-    if kind == "mmio.write.kernel" {
-        return "mmio.kern".to_owned();
-    }
-    kind.strip_prefix("kvm_exit.")
-        .or_else(|| kind.strip_prefix("exit."))
-        .unwrap_or(kind)
-        .to_owned()
-}
-
-fn sum_rates(t: &TenantCounts, matches: impl Fn(&str) -> bool) -> Option<f64> {
+fn sum_rates(t: &TenantCounts, column: TopColumn) -> Option<f64> {
     let mut found = false;
     let mut sum = 0.0;
     for (kind, rate) in &t.rates {
-        if matches(kind) {
+        if kind.top_column() == column {
             found = true;
             sum += rate;
         }
     }
     // A kind with a count but no rate yet (first sample) still shows that the metric exists.
-    found |= t.counts.keys().any(|k| matches(k));
+    found |= t.counts.keys().any(|k| k.top_column() == column);
     found.then_some(sum)
 }
 
 pub fn tenant_row(t: &TenantCounts) -> TenantRow {
-    let hardware = t.counts.keys().any(|k| k.starts_with("kvm_exit."));
-    let exit_kinds: Vec<&String> = t
+    let hardware = has_hardware_exits(t.counts.keys());
+    let exit_kinds: Vec<&Kind> = t
         .counts
         .keys()
-        .filter(|k| is_exit_kind(k, hardware))
+        .filter(|k| k.counts_as_exit(hardware))
         .collect();
-    let rate = |k: &str| t.rates.get(k).copied().unwrap_or(0.0);
+    let rate = |k: &Kind| t.rates.get(k).copied().unwrap_or(0.0);
     let exits = exit_kinds.iter().map(|k| rate(k)).sum();
     let top_kind = exit_kinds
         .iter()
@@ -111,22 +96,28 @@ pub fn tenant_row(t: &TenantCounts) -> TenantRow {
     TenantRow {
         tenant: t.tenant.clone(),
         exits,
-        top_reason: top_kind.as_deref().map(reason_name),
+        top_reason: top_kind.as_ref().map(Kind::reason_name),
         top_kind,
         p99_ns,
-        kicks: sum_rates(t, |k| k.starts_with("kick.")).unwrap_or(0.0),
-        tlb: sum_rates(t, |k| k.starts_with("tlb.")),
-        faults: sum_rates(t, |k| k.starts_with("fault.")),
-        tax: sum_rates(t, |k| k == "tax" || k.starts_with("tax.")).map(|ns_per_s| ns_per_s / 1e9),
+        kicks: sum_rates(t, TopColumn::Kicks).unwrap_or(0.0),
+        tlb: sum_rates(t, TopColumn::Tlb),
+        faults: sum_rates(t, TopColumn::Faults),
+        tax: sum_rates(t, TopColumn::Tax).map(|ns_per_s| ns_per_s / 1e9),
     }
 }
 
-/// The exit kind's latency with the most measurements.
+/// The exit kind's latency with the most measurements: exit to entry, or where the host has no
+/// kvm_exit, the VMM's service time.
 fn busiest_latency(t: &TenantCounts, hardware: bool) -> Option<&LatencySummary> {
     t.latency
         .iter()
         .filter(|(k, l)| {
-            l.count > 0 && (k.starts_with("kvm_exit.") || (!hardware && k.starts_with("exit.")))
+            l.count > 0
+                && match k.latency() {
+                    Some(Latency::ExitToEntry) => true,
+                    Some(Latency::VmmService) => !hardware,
+                    Some(Latency::KickService) | None => false,
+                }
         })
         .max_by_key(|(_, l)| l.count)
         .map(|(_, l)| l)
