@@ -5,6 +5,15 @@
 //! on the agent side.
 #![no_std]
 
+// Parsing of the host's mount table and cgroup membership, shared by the agent, the reference VMM,
+// xtask and the tests; the eBPF programs build without it.
+#[cfg(feature = "std")]
+extern crate std;
+#[cfg(feature = "std")]
+pub mod cgroup;
+#[cfg(feature = "std")]
+pub mod mounts;
+
 /// Name of the per-CPU hash map of exit and exit-related event counts, keyed by [`ExitKey`].
 pub const EXIT_COUNTS_MAP: &str = "EXIT_COUNTS";
 /// Name of the per-CPU array of drop counters, indexed by [`Drop`].

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use vmtrace_common::mounts::MountTable;
 use vmtrace_vmm::{Report, Scenario};
 
 pub mod otlp_receiver;
@@ -49,11 +50,8 @@ fn missing_capability() -> Option<String> {
 
 /// The cgroup v2 mount point.
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-    })
+    let table = MountTable::read().ok()?;
+    table.cgroup2().map(|mount| mount.mount_point.clone())
 }
 
 /// Path of a workspace binary (`vmtrace`, `vmtrace-vmm`), built first so that it is current.
