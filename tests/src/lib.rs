@@ -1,5 +1,7 @@
 //! Helpers for the end-to-end tests: the binaries under test, tenant cgroups, a running agent, and
-//! what the agent should report for a set of reference-VMM runs.
+//! what the agent should report for a set of reference-VMM runs; in the modules, the harnesses
+//! (a real Prometheus, a pod as the DaemonSet runs it, deploy/'s manifests, an OTLP receiver) and
+//! the clean-up and waiting every test shares.
 
 use std::{
     collections::BTreeMap,
@@ -13,7 +15,13 @@ use std::{
 use vmtrace_common::mounts::MountTable;
 use vmtrace_vmm::{Report, Scenario};
 
+pub mod manifests;
 pub mod otlp_receiver;
+pub mod pod;
+pub mod process;
+pub mod prometheus;
+pub mod temp;
+pub mod wait;
 
 /// Set to 1 on machines that have every capability (CI): a test that would skip fails instead.
 pub const REQUIRE_CAPS: &str = "VMTRACE_REQUIRE_CAPS";
@@ -28,6 +36,28 @@ pub fn privileged_host(test: &str) -> bool {
     }
     eprintln!("SKIP: {test}: {missing}");
     false
+}
+
+/// Whether `ok`, the check that a test's tool or server (`what`) is here, passed. When it did
+/// not, says so and returns false, or panics when [`REQUIRE_CAPS`] is set.
+pub fn have(test: &str, ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var(REQUIRE_CAPS).is_ok_and(|v| v == "1") {
+        panic!("{test}: {what}");
+    }
+    eprintln!("SKIP: {test}: {what}");
+    false
+}
+
+/// Whether `program` is on PATH.
+pub fn on_path(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn missing_capability() -> Option<String> {
