@@ -250,8 +250,8 @@ fn manifests_validate_and_keep_to_least_privilege() {
     // The OTLP example: the collector receives gRPC and HTTP, and the patch points the agents at it.
     let collector = docs_of("otel-collector.yaml");
     let config_map = find_kind(collector, "ConfigMap");
-    let config_path =
-        std::env::temp_dir().join(format!("vmtrace-otelcol-{}.yaml", std::process::id()));
+    let scratch = TempDir::new("manifests");
+    let config_path = scratch.join("otel-collector-config.yaml");
     fs::write(
         &config_path,
         config_map["data"]["config.yaml"]
@@ -260,7 +260,6 @@ fn manifests_validate_and_keep_to_least_privilege() {
     )
     .unwrap();
     let config = yaml_docs(&python, &config_path).remove(0);
-    fs::remove_file(&config_path).unwrap();
     let protocols = &config["receivers"]["otlp"]["protocols"];
     assert!(
         protocols["grpc"]["endpoint"]
@@ -314,10 +313,9 @@ fn manifests_validate_and_keep_to_least_privilege() {
     let mut both = daemonset.clone();
     merge(&mut both, &docs_of("patches/otlp-export.yaml")[0]);
     merge(&mut both, &docs_of("patches/run-as-root.yaml")[0]);
-    let path = std::env::temp_dir().join(format!("vmtrace-patched-{}.json", std::process::id()));
+    let path = scratch.join("patched-daemonset.json");
     fs::write(&path, serde_json::to_string_pretty(&both).unwrap()).unwrap();
     kubernetes_validate(&python, &path);
-    fs::remove_file(&path).unwrap();
 
     // The kustomize base renders, with every optional piece too, when kubectl is here.
     if on_path("kubectl") {
