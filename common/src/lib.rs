@@ -9,6 +9,15 @@
 //! changes the layout, or adds padding, fails to build until its numbers are restated.
 #![no_std]
 
+// Parsing of the host's mount table and cgroup membership, shared by the agent, the reference VMM,
+// xtask and the tests; the eBPF programs build without it.
+#[cfg(feature = "std")]
+extern crate std;
+#[cfg(feature = "std")]
+pub mod cgroup;
+#[cfg(feature = "std")]
+pub mod mounts;
+
 pub mod names;
 
 // The names of the maps the agent reads, under the names it has always used for them.

@@ -1,5 +1,7 @@
 //! Helpers for the end-to-end tests: the binaries under test, tenant cgroups, a running agent, and
-//! what the agent should report for a set of reference-VMM runs.
+//! what the agent should report for a set of reference-VMM runs; in the modules, the harnesses
+//! (a real Prometheus, a pod as the DaemonSet runs it, deploy/'s manifests, an OTLP receiver) and
+//! the clean-up and waiting every test shares.
 
 use std::{
     collections::BTreeMap,
@@ -10,9 +12,16 @@ use std::{
     time::Duration,
 };
 
+use vmtrace_common::mounts::MountTable;
 use vmtrace_vmm::{Report, Scenario};
 
+pub mod manifests;
 pub mod otlp_receiver;
+pub mod pod;
+pub mod process;
+pub mod prometheus;
+pub mod temp;
+pub mod wait;
 
 /// Set to 1 on machines that have every capability (CI): a test that would skip fails instead.
 pub const REQUIRE_CAPS: &str = "VMTRACE_REQUIRE_CAPS";
@@ -27,6 +36,28 @@ pub fn privileged_host(test: &str) -> bool {
     }
     eprintln!("SKIP: {test}: {missing}");
     false
+}
+
+/// Whether `ok`, the check that a test's tool or server (`what`) is here, passed. When it did
+/// not, says so and returns false, or panics when [`REQUIRE_CAPS`] is set.
+pub fn have(test: &str, ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var(REQUIRE_CAPS).is_ok_and(|v| v == "1") {
+        panic!("{test}: {what}");
+    }
+    eprintln!("SKIP: {test}: {what}");
+    false
+}
+
+/// Whether `program` is on PATH.
+pub fn on_path(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn missing_capability() -> Option<String> {
@@ -49,11 +80,8 @@ fn missing_capability() -> Option<String> {
 
 /// The cgroup v2 mount point.
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-    })
+    let table = MountTable::read().ok()?;
+    table.cgroup2().map(|mount| mount.mount_point.clone())
 }
 
 /// Path of a workspace binary (`vmtrace`, `vmtrace-vmm`), built first so that it is current.

@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use axum::{Router, body::Bytes, extract::State, routing::post};
@@ -105,14 +105,11 @@ impl Receiver {
         what: &str,
         done: impl Fn(&[ExportMetricsServiceRequest]) -> bool,
     ) {
-        let deadline = Instant::now() + limit;
-        while !done(&self.requests()) {
-            assert!(
-                Instant::now() < deadline,
-                "OTLP receiver: {what} not seen within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let seen = crate::wait::poll(limit, || done(&self.requests()).then_some(()));
+        assert!(
+            seen.is_some(),
+            "OTLP receiver: {what} not seen within {limit:?}"
+        );
     }
 }
 

@@ -7,19 +7,21 @@ use std::{
     fs,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use vmtrace_tests::{
-    REQUIRE_CAPS, TenantCgroup, binary, cgroup2_root, free_port, http_get, privileged_host,
+    TenantCgroup, binary, cgroup2_root, free_port, have, http_get, privileged_host,
+    process::Proc,
+    prometheus::{self, Prometheus, describe_result, kubernetes_pod_job},
+    temp::{RmdirOnDrop, TempDir},
+    wait::{poll, wait_for},
 };
 
-const PROMETHEUS: &str = "/usr/bin/prometheus";
-/// The example scrape job whose relabelling the test's Prometheus uses, and the labels it gives the
-/// agent's target: its job name, its `cluster` replacement, and the node the test pretends to be.
-const SCRAPE_CONFIG: &str = "deploy/prometheus-scrape-config.yaml";
+/// The labels the example scrape job (`prometheus::SCRAPE_CONFIG`) gives the agent's target: its
+/// job name, its `cluster` replacement, and the node the test pretends to be.
 const JOB: &str = "vmtrace";
 const CLUSTER: &str = "my-cluster";
 const NODE: &str = "test-node";
@@ -352,255 +354,6 @@ fn substitution_follows_grafana() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes and HTTP.
-
-/// A child process killed (and reaped) on drop.
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(name: &str, command: &mut Command) -> Self {
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Self {
-            name: name.to_owned(),
-            child,
-        }
-    }
-
-    /// Panics with `context` if the process has exited.
-    fn assert_running(&mut self, context: &str) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{} exited with {status} {context}", self.name);
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A directory removed with its contents on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A directory removed (empty) on drop: the parent of the tenant cgroups.
-struct RmdirOnDrop(PathBuf);
-
-impl Drop for RmdirOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.0);
-    }
-}
-
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Polls `check` every 500 ms until it returns Some, for at most `limit`; panics with `what`.
-fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// A Prometheus server with its own configuration and storage, scraping one target every second.
-struct Prometheus {
-    port: u16,
-    process: Proc,
-    log: PathBuf,
-}
-
-impl Prometheus {
-    /// Scrapes `target` every second with the relabelling of deploy/'s example scrape job. The
-    /// target carries the labels Kubernetes pod discovery would give the agent's pod (Debian's
-    /// Prometheus is built without Kubernetes discovery).
-    fn start(dir: &Path, target: u16) -> Self {
-        let port = free_port();
-        let config = dir.join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      \
-                 - targets: ['127.0.0.1:{target}']\n        labels:\n          \
-                 __meta_kubernetes_pod_annotation_prometheus_io_scrape: 'true'\n          \
-                 __meta_kubernetes_pod_annotation_prometheus_io_port: '{target}'\n          \
-                 __meta_kubernetes_pod_annotation_prometheus_io_path: /metrics\n          \
-                 __meta_kubernetes_pod_label_app_kubernetes_io_name: vmtrace\n          \
-                 __meta_kubernetes_pod_node_name: {NODE}\n          \
-                 __meta_kubernetes_pod_name: vmtrace-test\n{}",
-                relabel_configs()
-            ),
-        )
-        .expect("writing prometheus.yml");
-        let log = dir.join("prometheus.log");
-        let log_file = fs::File::create(&log).expect("prometheus.log");
-        let process = Proc::spawn(
-            "prometheus",
-            Command::new(PROMETHEUS)
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.join("data").display()
-                ))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .arg("--log.level=warn")
-                .stdout(Stdio::null())
-                .stderr(log_file),
-        );
-        let mut prometheus = Self { port, process, log };
-        wait_for("Prometheus to be ready", Duration::from_secs(60), || {
-            prometheus.process.assert_running(&prometheus.log_tail());
-            matches!(http_get(port, "/-/ready"), Ok((200, _))).then_some(())
-        });
-        prometheus
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "(prometheus log:\n{})",
-            lines[lines.len().saturating_sub(20)..].join("\n")
-        )
-    }
-
-    /// GET an API path; the `data` member of a successful answer.
-    fn api(&self, path: &str) -> Result<Value, String> {
-        let (status, body) = http_get(self.port, path).map_err(|e| e.to_string())?;
-        let json: Value = serde_json::from_str(&body)
-            .map_err(|e| format!("HTTP {status}, not JSON ({e}): {body}"))?;
-        if json["status"] != "success" {
-            return Err(format!("HTTP {status}: {body}"));
-        }
-        Ok(json["data"].clone())
-    }
-
-    /// An instant query at the current time.
-    fn query(&self, expr: &str) -> Result<Value, String> {
-        self.api(&format!("/api/v1/query?query={}", url_encode(expr)))
-    }
-
-    /// Values of `label` on the series matching `selector` in the last 5 minutes.
-    fn label_values(&self, selector: &str, label: &str) -> Result<BTreeSet<String>, String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let data = self.api(&format!(
-            "/api/v1/series?match[]={}&start={}&end={now}",
-            url_encode(selector),
-            now - 300
-        ))?;
-        Ok(data
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|series| series[label].as_str().map(str::to_owned))
-            .collect())
-    }
-}
-
-/// The `relabel_configs:` block of the example scrape job, verbatim (indented as a job's key).
-fn relabel_configs() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(SCRAPE_CONFIG);
-    let text =
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let mut lines = text.lines().skip_while(|l| l.trim() != "relabel_configs:");
-    let first = lines
-        .next()
-        .unwrap_or_else(|| panic!("{SCRAPE_CONFIG}: no relabel_configs"));
-    let indent = first.len() - first.trim_start().len();
-    let mut block = format!("    {}\n", first.trim_start());
-    for line in lines {
-        let trimmed = line.trim_start();
-        if !trimmed.is_empty() && line.len() - trimmed.len() <= indent {
-            break;
-        }
-        let relative = line.get(indent..).unwrap_or("");
-        block.push_str(&format!("    {relative}\n"));
-    }
-    block
-}
-
-/// What an instant query returned, in a line; `Err` when it returned no finite value.
-fn describe_result(data: &Value) -> Result<String, String> {
-    let result = &data["result"];
-    let samples: Vec<(String, String)> = match data["resultType"].as_str() {
-        Some("scalar") => vec![(String::new(), result[1].as_str().unwrap_or("").to_owned())],
-        Some("vector") => result
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| {
-                (
-                    s["metric"].to_string(),
-                    s["value"][1].as_str().unwrap_or("").to_owned(),
-                )
-            })
-            .collect(),
-        Some("matrix") => result
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| {
-                let last = s["values"].as_array()?.last()?;
-                Some((s["metric"].to_string(), last[1].as_str()?.to_owned()))
-            })
-            .collect(),
-        other => return Err(format!("unexpected result type {other:?}")),
-    };
-    if samples.is_empty() {
-        return Err("no series".to_owned());
-    }
-    let finite = samples
-        .iter()
-        .filter(|(_, v)| v.parse::<f64>().is_ok_and(f64::is_finite))
-        .count();
-    if finite == 0 {
-        return Err(format!(
-            "{} series, none with a finite value: {:?}",
-            samples.len(),
-            samples.iter().take(3).collect::<Vec<_>>()
-        ));
-    }
-    let (labels, value) = &samples[0];
-    Ok(format!(
-        "{} series ({finite} finite), e.g. {labels} = {value}",
-        samples.len()
-    ))
-}
-
-// ---------------------------------------------------------------------------------------------
 // The end-to-end check.
 
 /// The reference VMMs: what each tenant runs, chosen so that every metric the panels use has data
@@ -635,13 +388,14 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     if !privileged_host(name) {
         return;
     }
-    if !Path::new(PROMETHEUS).exists() {
-        let why =
-            format!("{PROMETHEUS} missing (`cargo xtask setup` installs Debian's prometheus)");
-        if std::env::var(REQUIRE_CAPS).is_ok_and(|v| v == "1") {
-            panic!("{name}: {why}");
-        }
-        eprintln!("SKIP: {name}: {why}");
+    if !have(
+        name,
+        Path::new(prometheus::BINARY).exists(),
+        &format!(
+            "{} missing (`cargo xtask setup` installs Debian's prometheus)",
+            prometheus::BINARY
+        ),
+    ) {
         return;
     }
     let all = dashboards();
@@ -654,8 +408,7 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
         .iter()
         .map(|(t, _)| (*t, TenantCgroup::new(&format!("{parent}/{t}"))))
         .collect();
-    let dir = TempDir(std::env::temp_dir().join(&parent));
-    fs::create_dir_all(&dir.0).expect("temp dir");
+    let dir = TempDir::new("dashboards");
 
     let agent_port = free_port();
     let mut agent = Proc::spawn(
@@ -676,7 +429,10 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
         agent.assert_running("before it was ready (its stderr is above)");
         matches!(http_get(agent_port, "/readyz"), Ok((200, _))).then_some(())
     });
-    let prometheus = Prometheus::start(&dir.0, agent_port);
+    let prometheus = Prometheus::start(
+        dir.path(),
+        &kubernetes_pod_job(JOB, agent_port, NODE, "vmtrace-test"),
+    );
 
     let mut vmms: Vec<Proc> = LOAD
         .iter()
@@ -806,14 +562,11 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
                     checked += 1;
                     // A series that appeared late (first kick, first service time) may need a
                     // few more scrapes before a rate window holds two samples of it.
-                    let deadline = Instant::now() + Duration::from_secs(20);
-                    let outcome = loop {
-                        let outcome = prometheus.query(&query).and_then(|d| describe_result(&d));
-                        if outcome.is_ok() || Instant::now() > deadline {
-                            break outcome;
-                        }
-                        std::thread::sleep(Duration::from_secs(1));
-                    };
+                    let mut outcome = Err(String::new());
+                    poll(Duration::from_secs(20), || {
+                        outcome = prometheus.query(&query).and_then(|d| describe_result(&d));
+                        outcome.is_ok().then_some(())
+                    });
                     match outcome {
                         Ok(summary) => eprintln!("ok   {file} | {title} | {set}: {summary}"),
                         Err(why) => {

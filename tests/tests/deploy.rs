@@ -7,297 +7,27 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    os::unix::{fs::PermissionsExt, io::AsRawFd},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::OnceLock,
-    time::{Duration, Instant},
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::Command,
+    time::Duration,
 };
 
 use serde_json::Value;
 use vmtrace_tests::{
-    REQUIRE_CAPS, TenantCgroup, binary, cgroup2_root, expected_agent_counts, http_get,
-    privileged_host, run_vmm,
+    TenantCgroup, binary, cgroup2_root, expected_agent_counts, have,
+    manifests::{
+        containerfile_capabilities, deploy_dir, find_kind, kubernetes_validate, merge,
+        pod_and_container, python, security, strings, yaml_docs,
+    },
+    on_path,
+    pod::{Grant, capability_number, start_pod},
+    privileged_host,
+    prometheus::sample,
+    run_vmm,
+    temp::{RmdirOnDrop, TempDir, copy_dir},
+    wait::poll,
 };
-
-/// Kubernetes versions the manifests are validated against: an older one still in wide use, and
-/// the newest kubernetes-validate knows (its default).
-const KUBERNETES_VERSIONS: [Option<&str>; 2] = [Some("1.28"), None];
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// The target directory (target/debug/deps/<test> -> target).
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.ancestors().nth(3).expect("target dir").to_owned()
-}
-
-/// Skips (returns false) when `what` is missing, or panics when every capability is required.
-fn have(test: &str, ok: bool, what: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var(REQUIRE_CAPS).is_ok_and(|v| v == "1") {
-        panic!("{test}: {what}");
-    }
-    eprintln!("SKIP: {test}: {what}");
-    false
-}
-
-fn on_path(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Python: kubernetes-validate, and PyYAML (its dependency) to read the manifests.
-
-/// The venv's python with kubernetes-validate and PyYAML importable, installed on first use.
-fn python() -> Result<PathBuf, String> {
-    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            let venv = target_dir().join("kubernetes-validate-venv");
-            let python = venv.join("bin/python");
-            let importable = || {
-                Command::new(&python)
-                    .args(["-c", "import kubernetes_validate, yaml"])
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            };
-            if importable() {
-                return Ok(python);
-            }
-            let run = |command: &mut Command, what: &str| -> Result<(), String> {
-                let output = command
-                    .output()
-                    .map_err(|e| format!("{what}: cannot run: {e}"))?;
-                if output.status.success() {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{what} failed: {}",
-                        String::from_utf8_lossy(&output.stderr)
-                    ))
-                }
-            };
-            if !python.exists() {
-                run(
-                    Command::new("python3").arg("-m").arg("venv").arg(&venv),
-                    "python3 -m venv (Debian: apt-get install python3-venv)",
-                )?;
-            }
-            run(
-                Command::new(&python).args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "kubernetes-validate",
-                ]),
-                "pip install kubernetes-validate",
-            )?;
-            if importable() {
-                Ok(python)
-            } else {
-                Err("kubernetes-validate installed but not importable".to_owned())
-            }
-        })
-        .clone()
-}
-
-/// The YAML documents of `path` as JSON (empty documents left out).
-fn yaml_docs(python: &Path, path: &Path) -> Vec<Value> {
-    let output = Command::new(python)
-        .args([
-            "-c",
-            "import sys, json, yaml\n\
-             docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
-             json.dump(docs, sys.stdout)",
-        ])
-        .arg(path)
-        .output()
-        .expect("running python");
-    assert!(
-        output.status.success(),
-        "{} is not valid YAML: {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("JSON from python")
-}
-
-/// Validates `path` with kubernetes-validate --strict against each of [`KUBERNETES_VERSIONS`].
-fn kubernetes_validate(python: &Path, path: &Path) {
-    for version in KUBERNETES_VERSIONS {
-        let mut command = Command::new(python);
-        command.args(["-m", "kubernetes_validate", "--strict"]);
-        if let Some(v) = version {
-            command.args(["-k", v]);
-        }
-        let output = command.arg(path).output().expect("kubernetes-validate");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(
-            output.status.success() && !text.contains("ERROR"),
-            "{} does not validate against Kubernetes {}:\n{text}",
-            path.display(),
-            version.unwrap_or("(newest)")
-        );
-        eprint!("{text}");
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The manifests as data.
-
-fn find_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} among {} documents", docs.len()))
-}
-
-/// The DaemonSet's pod spec and its `agent` container.
-fn pod_and_container(daemonset: &Value) -> (&Value, &Value) {
-    let pod = &daemonset["spec"]["template"]["spec"];
-    let container = pod["containers"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == "agent"))
-        .expect("a container named agent");
-    (pod, container)
-}
-
-/// A container setting, the container's securityContext winning over the pod's.
-fn security<'a>(pod: &'a Value, container: &'a Value, key: &str) -> &'a Value {
-    let own = &container["securityContext"][key];
-    if own.is_null() {
-        &pod["securityContext"][key]
-    } else {
-        own
-    }
-}
-
-fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(str::to_owned))
-        .collect()
-}
-
-/// Applies a strategic-merge patch the way kubectl does for the fields these patches touch:
-/// objects merge, `containers` and `env` merge by `name`, other lists are replaced.
-fn merge(base: &mut Value, patch: &Value) {
-    match (base, patch) {
-        (Value::Object(base), Value::Object(patch)) => {
-            for (key, value) in patch {
-                match base.get_mut(key) {
-                    Some(Value::Array(items))
-                        if matches!(key.as_str(), "containers" | "env") && value.is_array() =>
-                    {
-                        for item in value.as_array().unwrap() {
-                            match items.iter_mut().find(|i| i["name"] == item["name"]) {
-                                Some(existing) => merge(existing, item),
-                                None => items.push(item.clone()),
-                            }
-                        }
-                    }
-                    Some(existing) => merge(existing, value),
-                    None => {
-                        base.insert(key.clone(), value.clone());
-                    }
-                }
-            }
-        }
-        (base, patch) => *base = patch.clone(),
-    }
-}
-
-/// The capability numbers of capabilities(7).
-fn capability_number(name: &str) -> u32 {
-    const NAMES: [&str; 41] = [
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "DAC_READ_SEARCH",
-        "FOWNER",
-        "FSETID",
-        "KILL",
-        "SETGID",
-        "SETUID",
-        "SETPCAP",
-        "LINUX_IMMUTABLE",
-        "NET_BIND_SERVICE",
-        "NET_BROADCAST",
-        "NET_ADMIN",
-        "NET_RAW",
-        "IPC_LOCK",
-        "IPC_OWNER",
-        "SYS_MODULE",
-        "SYS_RAWIO",
-        "SYS_CHROOT",
-        "SYS_PTRACE",
-        "SYS_PACCT",
-        "SYS_ADMIN",
-        "SYS_BOOT",
-        "SYS_NICE",
-        "SYS_RESOURCE",
-        "SYS_TIME",
-        "SYS_TTY_CONFIG",
-        "MKNOD",
-        "LEASE",
-        "AUDIT_WRITE",
-        "AUDIT_CONTROL",
-        "SETFCAP",
-        "MAC_OVERRIDE",
-        "MAC_ADMIN",
-        "SYSLOG",
-        "WAKE_ALARM",
-        "BLOCK_SUSPEND",
-        "AUDIT_READ",
-        "PERFMON",
-        "BPF",
-        "CHECKPOINT_RESTORE",
-    ];
-    let bare = name.trim_start_matches("CAP_");
-    NAMES
-        .iter()
-        .position(|n| *n == bare)
-        .unwrap_or_else(|| panic!("unknown capability {name}")) as u32
-}
-
-/// The capabilities the Containerfile's `setcap` gives the binary, as Kubernetes names them.
-fn containerfile_capabilities() -> BTreeSet<String> {
-    let text =
-        fs::read_to_string(deploy_dir().join("Containerfile")).expect("deploy/Containerfile");
-    let line = text
-        .lines()
-        .find(|l| l.contains("setcap "))
-        .expect("a setcap line in the Containerfile");
-    let spec = line
-        .split_whitespace()
-        .skip_while(|w| *w != "setcap")
-        .nth(1)
-        .expect("setcap's capability list");
-    let (caps, flags) = spec.split_once('=').expect("caps=flags");
-    assert_eq!(
-        flags, "ep",
-        "the file capabilities must be effective and permitted"
-    );
-    caps.split(',')
-        .map(|c| c.trim_start_matches("cap_").to_uppercase())
-        .collect()
-}
 
 #[test]
 fn manifests_validate_and_keep_to_least_privilege() {
@@ -520,8 +250,8 @@ fn manifests_validate_and_keep_to_least_privilege() {
     // The OTLP example: the collector receives gRPC and HTTP, and the patch points the agents at it.
     let collector = docs_of("otel-collector.yaml");
     let config_map = find_kind(collector, "ConfigMap");
-    let config_path =
-        std::env::temp_dir().join(format!("vmtrace-otelcol-{}.yaml", std::process::id()));
+    let scratch = TempDir::new("manifests");
+    let config_path = scratch.join("otel-collector-config.yaml");
     fs::write(
         &config_path,
         config_map["data"]["config.yaml"]
@@ -530,7 +260,6 @@ fn manifests_validate_and_keep_to_least_privilege() {
     )
     .unwrap();
     let config = yaml_docs(&python, &config_path).remove(0);
-    fs::remove_file(&config_path).unwrap();
     let protocols = &config["receivers"]["otlp"]["protocols"];
     assert!(
         protocols["grpc"]["endpoint"]
@@ -584,20 +313,18 @@ fn manifests_validate_and_keep_to_least_privilege() {
     let mut both = daemonset.clone();
     merge(&mut both, &docs_of("patches/otlp-export.yaml")[0]);
     merge(&mut both, &docs_of("patches/run-as-root.yaml")[0]);
-    let path = std::env::temp_dir().join(format!("vmtrace-patched-{}.json", std::process::id()));
+    let path = scratch.join("patched-daemonset.json");
     fs::write(&path, serde_json::to_string_pretty(&both).unwrap()).unwrap();
     kubernetes_validate(&python, &path);
-    fs::remove_file(&path).unwrap();
 
     // The kustomize base renders, with every optional piece too, when kubectl is here.
     if on_path("kubectl") {
-        let work = std::env::temp_dir().join(format!("vmtrace-kustomize-{}", std::process::id()));
-        let _cleanup = RemoveOnDrop(work.clone());
-        copy_dir(&dir, &work);
+        let work = TempDir::new("kustomize");
+        copy_dir(&dir, work.path());
         let render = |what: &str| {
             let output = Command::new("kubectl")
                 .arg("kustomize")
-                .arg(&work)
+                .arg(work.path())
                 .output()
                 .expect("kubectl kustomize");
             assert!(
@@ -642,256 +369,6 @@ fn manifests_validate_and_keep_to_least_privilege() {
     } else {
         eprintln!("kubectl not found: the kustomize rendering was not checked");
     }
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Running the agent as the DaemonSet would.
-
-/// How the pod's user comes to hold its capabilities.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Grant {
-    /// As Kubernetes does for a non-root container: the bounding set is the manifest's
-    /// capabilities, nothing is inherited or ambient, and the image's binary carries them as file
-    /// capabilities (deploy/Containerfile).
-    FileCapabilities,
-    /// The capabilities as ambient capabilities of the process, with no file capabilities.
-    Ambient,
-    /// uid 0: the bounding set alone decides what root holds.
-    Root,
-}
-
-/// A pod: `unshare` with the agent as the first process of its PID namespace. Both are killed on
-/// drop.
-struct Pod {
-    unshare: Child,
-    stderr: PathBuf,
-}
-
-impl Pod {
-    /// The agent's pid (in the host's PID namespace): unshare's child.
-    fn agent_pid(&self) -> Option<u32> {
-        let pid = self.unshare.id();
-        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    }
-
-    /// GET from inside the pod's network namespace (a thread that joins it).
-    fn http_get(&self, port: u16, path: &str) -> std::io::Result<(u16, String)> {
-        let pid = self.unshare.id();
-        let own = fs::read_link("/proc/self/ns/net")?;
-        let theirs = fs::read_link(format!("/proc/{pid}/ns/net"))?;
-        if own == theirs {
-            return Err(std::io::Error::other(
-                "the pod's network namespace is not set up yet",
-            ));
-        }
-        let ns = fs::File::open(format!("/proc/{pid}/ns/net"))?;
-        let path = path.to_owned();
-        std::thread::spawn(move || {
-            // SAFETY: setns with a valid namespace fd; it changes only this thread's network
-            // namespace, and the thread ends after this request.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            http_get(port, &path)
-        })
-        .join()
-        .expect("http thread")
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        if let Some(pid) = self.agent_pid() {
-            // SAFETY: kill has no memory-safety preconditions; the pid is our pod's first process.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            // unshare reaps it and exits, leaving the pod's cgroup empty for its removal.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(self.unshare.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.unshare.kill();
-        let _ = self.unshare.wait();
-    }
-}
-
-fn quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
-}
-
-/// What Kubernetes would set for the container's environment variables (values, and the downward
-/// API fields the manifest uses), with `$(NAME)` references expanded.
-fn environment(container: &Value, node: &str, pod_name: &str) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = Vec::new();
-    for var in container["env"].as_array().into_iter().flatten() {
-        let name = var["name"].as_str().expect("env name").to_owned();
-        let value = if let Some(value) = var["value"].as_str() {
-            let mut value = value.to_owned();
-            for (earlier, v) in &env {
-                value = value.replace(&format!("$({earlier})"), v);
-            }
-            value
-        } else {
-            match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                Some("spec.nodeName") => node.to_owned(),
-                Some("metadata.name") => pod_name.to_owned(),
-                Some("metadata.namespace") => "vmtrace".to_owned(),
-                other => panic!("env {name}: unsupported source {other:?}"),
-            }
-        };
-        env.push((name, value));
-    }
-    env
-}
-
-/// Starts the DaemonSet's agent container as a pod would run: the pod's cgroup, new namespaces
-/// (mount, UTS, cgroup, and network and PID unless the pod shares the host's), the hostPath
-/// volumes bind-mounted at their mountPaths (read-only where the manifest says), the manifest's
-/// environment only, its user and group, its capabilities granted as `grant` says, no_new_privs
-/// unless privilege escalation is allowed, then the image's entrypoint with the manifest's args.
-fn start_pod(
-    daemonset: &Value,
-    grant: Grant,
-    executable: &Path,
-    pod_cgroup: &TenantCgroup,
-    dir: &Path,
-    label: &str,
-) -> Pod {
-    let (pod, container) = pod_and_container(daemonset);
-    let pod_name = format!("vmtrace-{label}");
-    let volumes: BTreeMap<&str, &str> = pod["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| Some((v["name"].as_str()?, v["hostPath"]["path"].as_str()?)))
-        .collect();
-    let mut inner = vec!["set -e".to_owned()];
-    for mount in container["volumeMounts"].as_array().into_iter().flatten() {
-        let Some(host) = volumes.get(mount["name"].as_str().unwrap_or_default()) else {
-            continue;
-        };
-        let target = mount["mountPath"].as_str().expect("mountPath");
-        inner.push(format!("mount --rbind {} {}", quote(host), quote(target)));
-        if mount["readOnly"] == true {
-            inner.push(format!("mount -o remount,bind,ro {}", quote(target)));
-        }
-    }
-    let host_network = pod["hostNetwork"] == true;
-    if !host_network {
-        inner.push("ip link set lo up".to_owned());
-    }
-    inner.push(format!("hostname {}", quote(&pod_name)));
-
-    let uid = security(pod, container, "runAsUser").as_u64().unwrap_or(0);
-    let gid = security(pod, container, "runAsGroup").as_u64().unwrap_or(0);
-    let caps = strings(&container["securityContext"]["capabilities"]["add"]);
-    assert_eq!(
-        strings(&container["securityContext"]["capabilities"]["drop"]),
-        ["ALL"]
-    );
-    let set = format!(
-        "-all{}",
-        caps.iter()
-            .map(|c| format!(",+{}", c.to_lowercase()))
-            .collect::<String>()
-    );
-    let mut setpriv = vec![
-        "setpriv".to_owned(),
-        format!("--reuid={uid}"),
-        format!("--regid={gid}"),
-        "--clear-groups".to_owned(),
-        format!("--bounding-set={set}"),
-    ];
-    match grant {
-        Grant::Ambient => {
-            setpriv.push(format!("--inh-caps={set}"));
-            setpriv.push(format!("--ambient-caps={set}"));
-        }
-        Grant::FileCapabilities | Grant::Root => setpriv.push("--inh-caps=-all".to_owned()),
-    }
-    if security(pod, container, "allowPrivilegeEscalation") == &Value::Bool(false) {
-        setpriv.push("--nnp".to_owned());
-    }
-    let mut exec = vec![
-        "exec".to_owned(),
-        "env".to_owned(),
-        "-i".to_owned(),
-        "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
-        format!("HOSTNAME={pod_name}"),
-    ];
-    for (name, value) in environment(container, "test-node", &pod_name) {
-        exec.push(format!("{name}={value}"));
-    }
-    exec.extend(setpriv);
-    exec.push(executable.display().to_string());
-    assert!(
-        container["command"].is_null(),
-        "the manifest relies on the image's entrypoint (vmtrace)"
-    );
-    exec.extend(strings(&container["args"]));
-    inner.push(exec.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "));
-
-    let mut namespaces = vec!["--mount", "--propagation", "private", "--uts", "--cgroup"];
-    if !host_network {
-        namespaces.push("--net");
-    }
-    if pod["hostPID"] != true {
-        namespaces.extend(["--pid", "--fork", "--mount-proc"]);
-    }
-    let outer = format!(
-        "echo $$ > \"$2/cgroup.procs\"; exec unshare {} -- sh -c \"$1\"",
-        namespaces.join(" ")
-    );
-    let stderr = dir.join(format!("{label}.stderr"));
-    let unshare = Command::new("sh")
-        .args(["-c", &outer, "sh", &inner.join("\n")])
-        .arg(&pod_cgroup.path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&stderr).expect("stderr file"))
-        .spawn()
-        .expect("starting unshare");
-    Pod { unshare, stderr }
-}
-
-/// The value of the sample `name{labels}` whose labels include all of `wanted`.
-fn sample(metrics: &str, name: &str, wanted: &[(&str, &str)]) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
-        let (labels, value) = rest.split_once("} ")?;
-        let has = |(k, v): &(&str, &str)| labels.split(',').any(|l| l == format!("{k}=\"{v}\""));
-        wanted.iter().all(has).then(|| value.trim().parse().ok())?
-    })
 }
 
 /// The metric sample that carries one of `expected_agent_counts`' kinds for `tenant`.
@@ -947,18 +424,14 @@ fn run_as_pod(daemonset: &Value, grant: Grant, executable: &Path, parent: &str, 
     let (ready_port, ready_path) = port_of("readinessProbe");
     let (live_port, live_path) = port_of("livenessProbe");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if matches!(pod.http_get(ready_port, &ready_path), Ok((200, _))) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{label}: {ready_path} not 200 within 60 s; the pod's stderr:\n{}",
-            pod.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let ready = poll(Duration::from_secs(60), || {
+        matches!(pod.http_get(ready_port, &ready_path), Ok((200, _))).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "{label}: {ready_path} not 200 within 60 s; the pod's stderr:\n{}",
+        pod.stderr()
+    );
     let (status, _) = pod.http_get(live_port, &live_path).expect("liveness");
     assert_eq!(status, 200, "{label}: {live_path}");
 
@@ -1015,20 +488,17 @@ fn run_as_pod(daemonset: &Value, grant: Grant, executable: &Path, parent: &str, 
     ];
     let expected = expected_agent_counts(&reports);
     let path = tenant.agent_path();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let metrics = loop {
-        let metrics = pod
+    let mut metrics = String::new();
+    poll(Duration::from_secs(30), || {
+        metrics = pod
             .http_get(ready_port, "/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default();
-        let done = expected
+        expected
             .iter()
-            .all(|(kind, &n)| count_of(&metrics, &path, kind) == Some(n as f64));
-        if done || Instant::now() > deadline {
-            break metrics;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+            .all(|(kind, &n)| count_of(&metrics, &path, kind) == Some(n as f64))
+            .then_some(())
+    });
     for (kind, &n) in &expected {
         assert_eq!(
             count_of(&metrics, &path, kind),
@@ -1094,10 +564,8 @@ fn the_agent_runs_as_the_daemonset_would() {
 
     let parent = format!("vmtrace-deploy-{}", std::process::id());
     let _parent = RmdirOnDrop(cgroup2_root().expect("cgroup v2").join(&parent));
-    let work = std::env::temp_dir().join(&parent);
-    fs::create_dir_all(&work).unwrap();
-    let _work = RemoveOnDrop(work.clone());
-    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+    let work = TempDir::new("deploy");
+    fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755)).unwrap();
 
     // The image's binary: a copy with the Containerfile's file capabilities.
     let image_binary = work.join("vmtrace");
@@ -1122,19 +590,10 @@ fn the_agent_runs_as_the_daemonset_would() {
         Grant::FileCapabilities,
         &image_binary,
         &parent,
-        &work,
+        work.path(),
     );
-    run_as_pod(&daemonset, Grant::Ambient, &vmtrace, &parent, &work);
-    run_as_pod(&as_root, Grant::Root, &vmtrace, &parent, &work);
-}
-
-/// A directory removed (empty) on drop: the parent of the test's cgroups.
-struct RmdirOnDrop(PathBuf);
-
-impl Drop for RmdirOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.0);
-    }
+    run_as_pod(&daemonset, Grant::Ambient, &vmtrace, &parent, work.path());
+    run_as_pod(&as_root, Grant::Root, &vmtrace, &parent, work.path());
 }
 
 #[test]

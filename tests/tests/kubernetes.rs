@@ -4,9 +4,9 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use axum::{
@@ -15,7 +15,12 @@ use axum::{
     extract::{Query, State},
     routing::get,
 };
-use vmtrace_tests::{TenantCgroup, binary, free_port, http_get, privileged_host, run_vmm};
+use vmtrace_tests::{
+    TenantCgroup, binary, free_port, http_get, privileged_host,
+    process::Proc,
+    run_vmm,
+    wait::{poll, wait_for},
+};
 
 const WEB_UID: &str = "0f5c3e6a-8d2b-4f1e-9a7c-2b6d4e8f1a3c";
 const LAUNCHER_UID: &str = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
@@ -82,15 +87,6 @@ fn tokio_stream_from(
 
 use futures_util::StreamExt;
 
-struct AgentProcess(Child);
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn pod_tenants_are_named_from_the_api_server() {
     if !privileged_host("pod_tenants_are_named_from_the_api_server") {
@@ -109,7 +105,8 @@ fn pod_tenants_are_named_from_the_api_server() {
 
     let port = free_port();
     let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-    let _agent = AgentProcess(
+    let _agent = Proc::spawn(
+        "vmtrace agent",
         Command::new(binary("vmtrace"))
             .args([
                 "agent",
@@ -124,15 +121,11 @@ fn pod_tenants_are_named_from_the_api_server() {
                 "--node-name",
                 "node-1",
             ])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::inherit()),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(http_get(port, "/readyz"), Ok((200, _))) {
-        assert!(Instant::now() < deadline, "the agent never became ready");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for("the agent to be ready", Duration::from_secs(60), || {
+        matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
+    });
     run_vmm(&[
         "--scenario",
         "pio",
@@ -158,18 +151,18 @@ fn pod_tenants_are_named_from_the_api_server() {
             "k8s_namespace_name=\"vms\",k8s_pod_name=\"virt-launcher-db-x7k2p\",vm_name=\"db\",k8s_pod_uid=\"{LAUNCHER_UID}\",exit_source=\"vmm\",exit_reason=\"io\"}} 701"
         ),
     ];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, metrics) = http_get(port, "/metrics").expect("GET /metrics");
-        if wanted.iter().all(|w| metrics.contains(w.as_str())) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pod labels missing; wanted {wanted:#?} in:\n{metrics}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut metrics = String::new();
+    let labelled = poll(Duration::from_secs(20), || {
+        metrics = http_get(port, "/metrics").expect("GET /metrics").1;
+        wanted
+            .iter()
+            .all(|w| metrics.contains(w.as_str()))
+            .then_some(())
+    });
+    assert!(
+        labelled.is_some(),
+        "pod labels missing; wanted {wanted:#?} in:\n{metrics}"
+    );
     let queries = queries.lock().unwrap();
     assert!(
         queries.iter().all(|q| q.contains("spec.nodeName=node-1")),

@@ -3,7 +3,7 @@
 //! collector, which must neither stop probing nor grow memory, and whose drops are counted.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -13,27 +13,31 @@ use opentelemetry_proto::tonic::{
 use vmtrace_tests::{
     TenantCgroup, binary, free_port,
     otlp_receiver::{Receiver, attribute, int_value, metric},
-    privileged_host, run_vmm,
+    privileged_host,
+    process::Proc,
+    run_vmm,
 };
 
-/// `vmtrace agent` exporting to `endpoint` only, stopped with SIGTERM (after a last export) on drop.
-struct AgentProcess(Child);
+/// `vmtrace agent` exporting to `endpoint` only, stopped with SIGTERM (after a last export) by
+/// [`AgentProcess::stop`], killed on drop.
+struct AgentProcess(Proc);
 
 impl AgentProcess {
     fn start(protocol: &str, endpoint: &str) -> Self {
-        let child = Command::new(binary("vmtrace"))
-            .args(["agent", "--listen", "off", "--interval", "200ms"])
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-            .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
-            .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
-            .env("OTEL_RESOURCE_ATTRIBUTES", "k8s.cluster.name=test-cluster")
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting vmtrace agent");
+        let process = Proc::spawn(
+            "vmtrace agent",
+            Command::new(binary("vmtrace"))
+                .args(["agent", "--listen", "off", "--interval", "200ms"])
+                .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+                .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
+                .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
+                .env("OTEL_RESOURCE_ATTRIBUTES", "k8s.cluster.name=test-cluster")
+                .stderr(Stdio::inherit()),
+        );
         // Give the probes time to attach before guests run.
         std::thread::sleep(Duration::from_millis(1500));
-        Self(child)
+        Self(process)
     }
 
     fn rss_kib(&self) -> u64 {
@@ -45,15 +49,8 @@ impl AgentProcess {
     fn stop(mut self) {
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let status = self.0.wait().unwrap();
+        let status = self.0.child.wait().unwrap();
         assert!(status.success(), "vmtrace agent exited with {status}");
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -3,8 +3,8 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
@@ -12,24 +12,26 @@ use std::{
 
 use serde_json::{Value, json};
 use vmtrace_tests::{
-    TenantCgroup, agent_counts, binary, expected_agent_counts, privileged_host, run_vmm,
+    TenantCgroup, agent_counts, binary, expected_agent_counts, privileged_host, process::Proc,
+    run_vmm, temp::TempDir,
 };
 
-/// A running `vmtrace record`, stopped with SIGINT.
+/// A running `vmtrace record`, stopped with SIGINT by [`Recorder::stop`], killed on drop.
 struct Recorder {
-    child: Child,
+    process: Proc,
 }
 
 impl Recorder {
     fn start(path: &Path) -> Self {
-        let mut child = Command::new(binary("vmtrace"))
-            .args(["record", "--interval", "200ms", "-o"])
-            .arg(path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting vmtrace record");
+        let mut process = Proc::spawn(
+            "vmtrace record",
+            Command::new(binary("vmtrace"))
+                .args(["record", "--interval", "200ms", "-o"])
+                .arg(path)
+                .stderr(Stdio::piped()),
+        );
         let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
+        let stderr = process.child.stderr.take().expect("stderr");
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[vmtrace record] {line}");
@@ -38,28 +40,23 @@ impl Recorder {
         });
         loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) if line.starts_with("vmtrace: recording to") => return Self { child },
+                Ok(line) if line.starts_with("vmtrace: recording to") => return Self { process },
                 Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!("vmtrace record did not start ({e}); its stderr is above");
-                }
+                // The process is killed as it is dropped.
+                Err(e) => panic!("vmtrace record did not start ({e}); its stderr is above"),
             }
         }
     }
 
     fn stop(mut self) {
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().expect("waiting for vmtrace record");
+        unsafe { libc::kill(self.process.id() as i32, libc::SIGINT) };
+        let status = self
+            .process
+            .child
+            .wait()
+            .expect("waiting for vmtrace record");
         assert!(status.success(), "vmtrace record exited with {status}");
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -77,10 +74,6 @@ fn json_lines(text: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-fn temp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmtrace-test-{name}-{}", std::process::id()))
-}
-
 /// Two tenants' guests run while `vmtrace record` records; the file has a versioned header, its
 /// last sample holds the VMMs' ground truth, and `vmtrace replay --json` gives back every recorded
 /// sample exactly, so the replayed per-tenant counts equal the recorded ones and the ground truth.
@@ -93,7 +86,8 @@ fn replay_reproduces_the_recorded_per_tenant_counts_exactly() {
     let _base = TenantCgroup::new(&base);
     let a = TenantCgroup::new(&format!("{base}/tenant-a"));
     let b = TenantCgroup::new(&format!("{base}/tenant-b"));
-    let file = temp("recording.jsonl");
+    let dir = TempDir::new("record");
+    let file = dir.join("recording.jsonl");
 
     let recorder = Recorder::start(&file);
     let (ra, rb) = thread::scope(|s| {
@@ -188,14 +182,14 @@ fn replay_reproduces_the_recorded_per_tenant_counts_exactly() {
         table.contains("· final"),
         "the last sample is marked final:\n{table}"
     );
-    let _ = std::fs::remove_file(&file);
 }
 
 /// A hand-made recording from a VMX host (other kernel, exit source kvm_exit, reasons named as
 /// that host names them) replays here unchanged, in every view.
 #[test]
 fn a_recording_from_another_host_replays_here() {
-    let file = temp("foreign.jsonl");
+    let dir = TempDir::new("foreign-recording");
+    let file = dir.join("foreign.jsonl");
     let header = json!({
         "format": "vmtrace-recording", "version": 1, "vmtrace_version": "0.1.0",
         "host": "other-host.example", "kernel": "5.15.0-generic", "kvm": "vmx",
@@ -274,13 +268,13 @@ fn a_recording_from_another_host_replays_here() {
         took >= Duration::from_millis(450),
         "2 gaps of 1 s at 4x: {took:?}"
     );
-    let _ = std::fs::remove_file(&file);
 }
 
 /// Files that are not recordings, or of a newer version, are refused with one clear line.
 #[test]
 fn bad_recordings_get_one_clear_error() {
-    let file = temp("bad.jsonl");
+    let dir = TempDir::new("bad-recording");
+    let file = dir.join("bad.jsonl");
     let path = file.to_str().unwrap();
     let cases = [
         (
@@ -321,5 +315,4 @@ fn bad_recordings_get_one_clear_error() {
         String::from_utf8_lossy(&missing.stderr)
             .contains("cannot read /nonexistent/recording.jsonl")
     );
-    let _ = std::fs::remove_file(&file);
 }

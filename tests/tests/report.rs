@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Cursor},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -13,11 +13,7 @@ use std::{
 
 use serde_json::json;
 use vmtrace::cmd::report::charts::{HEIGHT, LEGEND_WIDTH, WIDTH, color, hex, legend_label};
-use vmtrace_tests::{TenantCgroup, binary, privileged_host};
-
-fn temp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmtrace-test-{name}-{}", std::process::id()))
-}
+use vmtrace_tests::{TenantCgroup, binary, privileged_host, temp::TempDir};
 
 fn report(recording: &Path, out: &Path, extra: &[&str]) {
     let output = Command::new(binary("vmtrace"))
@@ -176,8 +172,9 @@ fn assert_tenants_plotted(out: &Path, tenants: &[&str], samples: usize) {
 /// (SVG and PNG), its timeline shows its reasons and kicks, its histogram its buckets.
 #[test]
 fn a_report_plots_every_tenants_series() {
-    let recording = temp("report-input.jsonl");
-    let out = temp("report-out");
+    let dir = TempDir::new("report");
+    let recording = dir.join("report-input.jsonl");
+    let out = dir.join("report-out");
     let samples = 20;
     let mut text = serde_json::to_string(&json!({
         "format": "vmtrace-recording", "version": 1, "host": "test", "kernel": "6.18",
@@ -241,8 +238,6 @@ fn a_report_plots_every_tenants_series() {
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&out);
-    let _ = std::fs::remove_file(&recording);
 }
 
 /// A recording of real guests in two tenants, reported: both tenants' exit rates are plotted.
@@ -255,8 +250,9 @@ fn a_report_of_a_real_recording_plots_both_tenants() {
     let _base = TenantCgroup::new(&base);
     let busy = TenantCgroup::new(&format!("{base}/busy"));
     let calm = TenantCgroup::new(&format!("{base}/calm"));
-    let recording = temp("report-real.jsonl");
-    let out = temp("report-real-out");
+    let dir = TempDir::new("report-real");
+    let recording = dir.join("report-real.jsonl");
+    let out = dir.join("report-real-out");
 
     let mut recorder = Command::new(binary("vmtrace"))
         .args(["record", "--interval", "250ms", "--duration", "4s", "-o"])
@@ -291,8 +287,6 @@ fn a_report_of_a_real_recording_plots_both_tenants() {
     let samples = std::fs::read_to_string(&recording).unwrap().lines().count() - 1;
     report(&recording, &out, &["--filter", &base]);
     assert_tenants_plotted(&out, &[&busy.agent_path(), &calm.agent_path()], samples);
-    let _ = std::fs::remove_dir_all(&out);
-    let _ = std::fs::remove_file(&recording);
 }
 
 fn wait_for_line(child: &mut Child, prefix: &str) {

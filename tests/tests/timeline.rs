@@ -2,22 +2,16 @@
 //! window, served at `/api/timeline`, filtered by tenant and series prefix.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
-use vmtrace_tests::{TenantCgroup, binary, free_port, http_get, privileged_host, run_vmm};
-
-struct AgentProcess(Child);
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use vmtrace_tests::{
+    TenantCgroup, binary, free_port, http_get, privileged_host, process::Proc, run_vmm,
+    wait::wait_for,
+};
 
 fn timeline(port: u16, query: &str) -> Value {
     let (status, body) = http_get(port, &format!("/api/timeline{query}")).expect("GET");
@@ -34,20 +28,17 @@ fn the_timeline_holds_a_window_of_every_tenants_series() {
     let _base = TenantCgroup::new(&base);
     let tenant = TenantCgroup::new(&format!("{base}/busy"));
     let port = free_port();
-    let _agent = AgentProcess(
+    let _agent = Proc::spawn(
+        "vmtrace agent",
         Command::new(binary("vmtrace"))
             .args(["agent", "--interval", "250ms", "--window", "4s", "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting vmtrace agent"),
+            .stderr(Stdio::inherit()),
     );
-    let ready = Instant::now();
-    while !matches!(http_get(port, "/readyz"), Ok((200, _))) {
-        assert!(ready.elapsed() < Duration::from_secs(60), "agent not ready");
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the agent to be ready", Duration::from_secs(60), || {
+        matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
+    });
     let report = run_vmm(&[
         "--scenario",
         "pio",

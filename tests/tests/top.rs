@@ -2,11 +2,13 @@
 //! capture-pane, while reference VMMs run in three tenant cgroups.
 
 use std::{
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output, Stdio},
+    time::Duration,
 };
 
-use vmtrace_tests::{REQUIRE_CAPS, TenantCgroup, binary, privileged_host};
+use vmtrace_tests::{
+    TenantCgroup, binary, have, privileged_host, process::Proc, temp::TempDir, wait::poll,
+};
 
 /// A tmux server of our own (its own socket), killed on drop.
 struct Tmux {
@@ -77,18 +79,16 @@ impl Tmux {
 
     /// Waits until `check` accepts the screen; panics with the last screen after `timeout`.
     fn wait_for(&self, what: &str, timeout: Duration, check: impl Fn(&str) -> bool) -> String {
-        let started = Instant::now();
-        loop {
-            let screen = self.screen();
-            if check(&screen) {
-                return screen;
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "timed out waiting for {what}; the screen:\n{screen}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let mut screen = String::new();
+        let seen = poll(timeout, || {
+            screen = self.screen();
+            check(&screen).then_some(())
+        });
+        assert!(
+            seen.is_some(),
+            "timed out waiting for {what}; the screen:\n{screen}"
+        );
+        screen
     }
 }
 
@@ -98,31 +98,16 @@ impl Drop for Tmux {
     }
 }
 
-/// Reference VMMs, killed on drop (they are paced to outlive the test).
-struct Vmms(Vec<Child>);
-
-impl Drop for Vmms {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn tmux_available(test: &str) -> bool {
-    if Command::new("tmux")
+    let found = Command::new("tmux")
         .arg("-V")
         .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return true;
-    }
-    if std::env::var(REQUIRE_CAPS).is_ok_and(|v| v == "1") {
-        panic!("{test}: tmux is missing (`cargo xtask setup` installs it)");
-    }
-    eprintln!("SKIP: {test}: tmux is missing");
-    false
+        .is_ok_and(|o| o.status.success());
+    have(
+        test,
+        found,
+        "tmux is missing (`cargo xtask setup` installs it)",
+    )
 }
 
 /// The table rows, in screen order, as (tenant cell, exits/s value).
@@ -196,18 +181,19 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
         ("virtio", "1000", &tenants[1]),
         ("pio", "3000", &tenants[2]),
     ];
-    let _vmms = Vmms(
-        plan.iter()
-            .map(|(scenario, rate, cgroup)| {
+    // Killed on drop: they are paced to outlive the test.
+    let _vmms: Vec<Proc> = plan
+        .iter()
+        .map(|(scenario, rate, cgroup)| {
+            Proc::spawn(
+                "vmtrace-vmm",
                 Command::new(&vmm)
                     .args(["--scenario", scenario, "--rate", rate, "--count", "1000000"])
                     .args(["--cgroup", &cgroup.relative, "--quiet"])
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("starting vmtrace-vmm")
-            })
-            .collect(),
-    );
+                    .stdout(Stdio::null()),
+            )
+        })
+        .collect();
 
     let screen = tmux.wait_for("three tenants with rates", Duration::from_secs(30), |s| {
         let r = rows(s);
@@ -360,8 +346,8 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     }
 
     // An error while running (a bad line in a recording) restores it too, and says what failed.
-    let bad =
-        std::env::temp_dir().join(format!("vmtrace-test-top-bad-{}.jsonl", std::process::id()));
+    let dir = TempDir::new("top-bad");
+    let bad = dir.join("bad.jsonl");
     std::fs::write(
         &bad,
         concat!(
@@ -385,7 +371,6 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
         !tmux.alternate_screen(),
         "alternate screen left after an error:\n{shell}"
     );
-    let _ = std::fs::remove_file(&bad);
 }
 
 /// Batch mode prints plain frames without a terminal: `-n` of them, no escape sequences.

@@ -11,117 +11,20 @@ use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
+use vmtrace_common::cgroup as proc_cgroup;
+use vmtrace_common::mounts::{self, Mount, MountTable};
+
 use crate::error::Error;
 use crate::report::CgroupReport;
 
-/// A cgroup2 mount found in `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cgroup2Mount {
-    /// Where it is mounted, e.g. `/sys/fs/cgroup` or `/sys/fs/cgroup/unified`.
-    pub mount_point: PathBuf,
-    /// The cgroup the mount shows at its mount point (`/` unless bind-mounted or namespaced).
-    pub root: PathBuf,
-}
-
-/// The directory of cgroup `relative` in a hierarchy whose `root` is mounted at `mount_point`.
-fn dir_in(mount_point: &Path, root: &Path, relative: &Path) -> PathBuf {
-    let inside = relative.strip_prefix(root).unwrap_or(relative);
-    let inside = inside.strip_prefix("/").unwrap_or(inside);
-    if inside.as_os_str().is_empty() {
-        mount_point.to_path_buf()
-    } else {
-        mount_point.join(inside)
-    }
-}
-
-impl Cgroup2Mount {
-    /// The directory of cgroup `relative` (a path inside the hierarchy such as `/a/b`, as
-    /// `/proc/PID/cgroup` shows it).
-    pub fn dir_of(&self, relative: &Path) -> PathBuf {
-        dir_in(&self.mount_point, &self.root, relative)
-    }
-
-    /// The path inside the hierarchy of cgroup directory `dir` (the inverse of [`Self::dir_of`]).
-    pub fn relative_of(&self, dir: &Path) -> PathBuf {
-        let inside = dir.strip_prefix(&self.mount_point).unwrap_or(dir);
-        self.root.join(inside)
-    }
-}
+/// A cgroup2 mount found in `/proc/self/mountinfo`: its `mount_point` (e.g. `/sys/fs/cgroup` or
+/// `/sys/fs/cgroup/unified`) and the cgroup it shows there (`root`, `/` unless bind-mounted or
+/// namespaced).
+pub type Cgroup2Mount = Mount;
 
 /// A cgroup v1 hierarchy with the memory controller, found in `/proc/self/mountinfo` (hybrid
-/// and legacy hosts).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoryV1Mount {
-    /// Where it is mounted, e.g. `/sys/fs/cgroup/memory`.
-    pub mount_point: PathBuf,
-    /// The cgroup the mount shows at its mount point (`/` unless bind-mounted or namespaced).
-    pub root: PathBuf,
-}
-
-impl MemoryV1Mount {
-    /// The directory of cgroup `relative` (a path inside the hierarchy such as `/a/b`, as
-    /// `/proc/PID/cgroup` shows it).
-    pub fn dir_of(&self, relative: &Path) -> PathBuf {
-        dir_in(&self.mount_point, &self.root, relative)
-    }
-}
-
-/// Undoes the octal escapes (`\040` for space, ...) of `/proc/self/mountinfo` fields.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(digits) = bytes.get(i + 1..i + 4)
-            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
-        {
-            let value = digits.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
-            out.push(value as u8);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The first cgroup2 mount listed in `mountinfo` (the text of `/proc/self/mountinfo`).
-pub fn parse_mountinfo(mountinfo: &str) -> Option<Cgroup2Mount> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let fields: Vec<&str> = left.split_whitespace().collect();
-        Some(Cgroup2Mount {
-            root: PathBuf::from(unescape(fields.get(3)?)),
-            mount_point: PathBuf::from(unescape(fields.get(4)?)),
-        })
-    })
-}
-
-/// The first cgroup v1 mount in `mountinfo` whose super options (the last field) include the
-/// `memory` controller, e.g. `... - cgroup cgroup rw,memory`.
-pub fn parse_memory_v1_mountinfo(mountinfo: &str) -> Option<MemoryV1Mount> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut right = right.split_whitespace();
-        if right.next()? != "cgroup" {
-            return None;
-        }
-        let super_options = right.nth(1)?;
-        if !super_options.split(',').any(|o| o == "memory") {
-            return None;
-        }
-        let fields: Vec<&str> = left.split_whitespace().collect();
-        Some(MemoryV1Mount {
-            root: PathBuf::from(unescape(fields.get(3)?)),
-            mount_point: PathBuf::from(unescape(fields.get(4)?)),
-        })
-    })
-}
+/// and legacy hosts), e.g. at `/sys/fs/cgroup/memory`.
+pub type MemoryV1Mount = Mount;
 
 fn read_proc(path: &str) -> Result<String, Error> {
     fs::read_to_string(path).map_err(|e| Error::Cgroup {
@@ -130,38 +33,29 @@ fn read_proc(path: &str) -> Result<String, Error> {
     })
 }
 
+fn mount_table() -> Result<MountTable, Error> {
+    Ok(MountTable::parse(&read_proc(mounts::MOUNTINFO)?))
+}
+
 /// The cgroup2 mount of this process's mount namespace, if there is one.
 pub fn find_mount() -> Result<Option<Cgroup2Mount>, Error> {
-    Ok(parse_mountinfo(&read_proc("/proc/self/mountinfo")?))
+    Ok(mount_table()?.cgroup2().cloned())
 }
 
 /// The cgroup v1 memory hierarchy of this process's mount namespace, if one is mounted.
 pub fn find_memory_v1_mount() -> Result<Option<MemoryV1Mount>, Error> {
-    let text = read_proc("/proc/self/mountinfo")?;
-    Ok(parse_memory_v1_mountinfo(&text))
+    Ok(mount_table()?.cgroup_v1("memory").cloned())
 }
 
 /// The cgroup v2 path (`0::/path` line) in `proc_cgroup`, the text of `/proc/PID/cgroup`.
 pub fn parse_proc_cgroup(proc_cgroup: &str) -> Option<PathBuf> {
-    proc_cgroup
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(|p| PathBuf::from(p.trim_end_matches(" (deleted)")))
+    proc_cgroup::v2_path(proc_cgroup).map(PathBuf::from)
 }
 
 /// The path of the cgroup v1 hierarchy with `controller` (a `N:controller,...:/path` line) in
 /// `proc_cgroup`, the text of `/proc/PID/cgroup`.
 pub fn parse_proc_cgroup_v1(proc_cgroup: &str, controller: &str) -> Option<PathBuf> {
-    proc_cgroup.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let _id = parts.next()?;
-        let controllers = parts.next()?;
-        let path = parts.next()?;
-        controllers
-            .split(',')
-            .any(|c| c == controller)
-            .then(|| PathBuf::from(path.trim_end_matches(" (deleted)")))
-    })
+    proc_cgroup::v1_path(proc_cgroup, controller).map(PathBuf::from)
 }
 
 /// The id of cgroup directory `dir`: its inode number.
@@ -347,6 +241,22 @@ pub fn join(dir: &Path, mount: &Cgroup2Mount) -> Result<CgroupReport, Error> {
 mod tests {
     use super::*;
 
+    /// The first cgroup v1 memory hierarchy of a mountinfo text, as [`find_memory_v1_mount`] finds it.
+    fn memory_v1(mountinfo: &str) -> Option<MemoryV1Mount> {
+        MountTable::parse(mountinfo).cgroup_v1("memory").cloned()
+    }
+
+    /// A hierarchy's root mounted at `mount_point`.
+    fn mount(mount_point: &str) -> Mount {
+        Mount {
+            root: "/".into(),
+            mount_point: mount_point.into(),
+            fstype: "cgroup".into(),
+            source: "cgroup".into(),
+            super_options: "rw,memory".into(),
+        }
+    }
+
     const HYBRID: &str = "\
 25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
 31 25 0:27 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
@@ -356,7 +266,7 @@ mod tests {
 
     #[test]
     fn finds_hybrid_mount() {
-        let m = parse_mountinfo(HYBRID).unwrap();
+        let m = MountTable::parse(HYBRID).cgroup2().cloned().unwrap();
         assert_eq!(m.mount_point, Path::new("/sys/fs/cgroup/unified"));
         assert_eq!(m.root, Path::new("/"));
         assert_eq!(
@@ -375,7 +285,7 @@ mod tests {
 
     #[test]
     fn finds_memory_v1_mount() {
-        let m = parse_memory_v1_mountinfo(HYBRID).unwrap();
+        let m = memory_v1(HYBRID).unwrap();
         assert_eq!(m.mount_point, Path::new("/sys/fs/cgroup/memory"));
         assert_eq!(m.root, Path::new("/"));
         assert_eq!(
@@ -387,7 +297,7 @@ mod tests {
 40 31 0:40 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
 41 31 0:41 /lxc/c1 /sys/fs/cgroup/mem\\040ory rw,relatime shared:12 - cgroup none rw,memory,memsw
 ";
-        let m = parse_memory_v1_mountinfo(text).unwrap();
+        let m = memory_v1(text).unwrap();
         assert_eq!(m.mount_point, Path::new("/sys/fs/cgroup/mem ory"));
         assert_eq!(m.root, Path::new("/lxc/c1"));
         assert_eq!(
@@ -403,9 +313,9 @@ mod tests {
 43 31 0:40 / /sys/fs/cgroup/x rw - cgroup cgroup rw,memory_x
 44 31 0:41 / /mnt/memory rw - tmpfs memory rw,memory
 ";
-        assert!(parse_memory_v1_mountinfo(none).is_none());
-        assert!(parse_memory_v1_mountinfo("").is_none());
-        assert!(parse_memory_v1_mountinfo("garbage - cgroup\n").is_none());
+        assert!(memory_v1(none).is_none());
+        assert!(memory_v1("").is_none());
+        assert!(memory_v1("garbage - cgroup\n").is_none());
     }
 
     #[test]
@@ -429,10 +339,7 @@ mod tests {
     /// cgroup is caught by reading /proc/self/cgroup back (the process stays where it is).
     #[test]
     fn memory_v1_join_errors_name_the_directory() {
-        let nowhere = MemoryV1Mount {
-            mount_point: "/proc/vmtrace-no-such-hierarchy".into(),
-            root: "/".into(),
-        };
+        let nowhere = mount("/proc/vmtrace-no-such-hierarchy");
         let err = join_memory_v1(Path::new("/t/a"), &nowhere)
             .unwrap_err()
             .to_string();
@@ -442,10 +349,7 @@ mod tests {
             "{err}"
         );
         let fake = std::env::temp_dir().join(format!("vmtrace-v1-{}", std::process::id()));
-        let not_cgroup = MemoryV1Mount {
-            mount_point: fake.clone(),
-            root: "/".into(),
-        };
+        let not_cgroup = mount(&fake.display().to_string());
         let err = join_memory_v1(Path::new("/t"), &not_cgroup);
         fs::remove_dir_all(&fake).unwrap();
         let err = err.unwrap_err().to_string();
@@ -459,9 +363,13 @@ mod tests {
     #[test]
     fn unescapes_and_skips_v1() {
         let text = "40 1 0:40 / /mnt/my\\040cg rw - cgroup2 none rw\n";
-        let m = parse_mountinfo(text).unwrap();
+        let m = MountTable::parse(text).cgroup2().cloned().unwrap();
         assert_eq!(m.mount_point, Path::new("/mnt/my cg"));
-        assert!(parse_mountinfo("33 31 0:29 / /x rw - cgroup cgroup rw,memory\n").is_none());
+        assert!(
+            MountTable::parse("33 31 0:29 / /x rw - cgroup cgroup rw,memory\n")
+                .cgroup2()
+                .is_none()
+        );
     }
 
     #[test]
@@ -473,10 +381,7 @@ mod tests {
 
     #[test]
     fn resolves() {
-        let m = Cgroup2Mount {
-            mount_point: "/sys/fs/cgroup".into(),
-            root: "/".into(),
-        };
+        let m = mount("/sys/fs/cgroup");
         assert_eq!(
             resolve(Path::new("t/a"), &m).unwrap(),
             Path::new("/sys/fs/cgroup/t/a")

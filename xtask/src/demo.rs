@@ -8,10 +8,9 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{
-    mounts::{cgroup2_mount, memory_v1_mount},
-    setup,
-};
+use vmtrace_common::mounts::MountTable;
+
+use crate::setup;
 
 /// (tenant cgroup, scenario, vCPUs, operations per second per vCPU).
 const TENANTS: [(&str, &str, u32, u32); 3] = [
@@ -73,8 +72,9 @@ impl Drop for Guests {
 fn remove_demo_cgroups() {
     // On hybrid hosts `vmtrace-vmm --cgroup` also created the tenants in the cgroup v1 memory
     // hierarchy.
-    let roots = [cgroup2_mount(), memory_v1_mount()];
-    for root in roots.into_iter().flatten() {
+    let table = MountTable::read().unwrap_or_default();
+    let roots = [table.cgroup2(), table.cgroup_v1("memory")];
+    for root in roots.into_iter().flatten().map(|m| &m.mount_point) {
         for (cgroup, ..) in TENANTS {
             let _ = std::fs::remove_dir(root.join(cgroup));
         }

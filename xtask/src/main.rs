@@ -2,7 +2,6 @@
 
 mod bench;
 mod demo;
-mod mounts;
 mod setup;
 mod test;
 

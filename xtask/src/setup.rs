@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use vmtrace_common::mounts::{self, MountTable};
 
 /// Debian packages: a rustc with the core library sources (the BPF target needs `-Z build-std=core`;
 /// rustup cannot add rust-src here) and its clippy; LLVM 22 to build bpf-linker; bpftool for people;
@@ -111,25 +112,19 @@ fn bpf_linker_path() -> PathBuf {
 
 /// Classic tracepoints (kvm:kvm_exit) are attached through tracefs, which some hosts do not mount.
 fn mount_tracefs() -> Result<()> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
-    {
+    if mount_table()?.tracefs().is_some() {
         return Ok(());
     }
     eprintln!("setup: mounting tracefs at /sys/kernel/tracing");
     exec(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
 }
 
+fn mount_table() -> Result<MountTable> {
+    MountTable::read().with_context(|| format!("reading {}", mounts::MOUNTINFO))
+}
+
 fn check_cgroup_v2() -> Result<()> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    if !mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
-    {
+    if mount_table()?.cgroup2().is_none() {
         bail!(
             "no cgroup v2 hierarchy is mounted; tenants are cgroup v2 groups (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)"
         );

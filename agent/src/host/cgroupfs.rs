@@ -8,6 +8,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use vmtrace_common::mounts::MountTable;
+
 /// One cgroup's CPU time since it was created, in µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuStat {
@@ -60,9 +62,9 @@ pub struct CgroupFs {
 impl CgroupFs {
     /// Finds the v1 memory controller beside the given v2 mount.
     pub fn new(v2: PathBuf) -> Self {
-        let v1_memory = fs::read_to_string("/proc/self/mountinfo")
+        let v1_memory = MountTable::read()
             .ok()
-            .and_then(|text| v1_memory_mount(&text));
+            .and_then(|table| v1_memory_mount(&table));
         let v2_memory = fs::read_to_string(v2.join("cgroup.controllers"))
             .is_ok_and(|text| text.split_whitespace().any(|c| c == "memory"));
         Self {
@@ -138,19 +140,13 @@ fn field(text: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// The mount point of the v1 hierarchy that has the memory controller, from `/proc/self/mountinfo`.
-pub fn v1_memory_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut right = right.split_whitespace();
-        let (fstype, _source, options) = (right.next()?, right.next()?, right.next()?);
-        let memory = fstype == "cgroup" && options.split(',').any(|o| o == "memory");
-        // Only a mount of the hierarchy's root (field 4 is `/`) shows every cgroup at its path.
-        let mut left = left.split_whitespace();
-        let root = left.nth(3)?;
-        let mount_point = left.next()?;
-        (memory && root == "/").then(|| PathBuf::from(mount_point))
-    })
+/// The mount point of the v1 hierarchy that has the memory controller.
+pub fn v1_memory_mount(table: &MountTable) -> Option<PathBuf> {
+    table
+        .cgroup_v1_mounts("memory")
+        // Only a mount of the hierarchy's root shows every cgroup at its path.
+        .find(|mount| mount.root == Path::new("/"))
+        .map(|mount| mount.mount_point.clone())
 }
 
 /// The cgroups of `paths` that are not inside another of them: a parent's figures include its
@@ -186,7 +182,7 @@ mod tests {
     #[test]
     fn finds_the_v1_memory_controller() {
         assert_eq!(
-            v1_memory_mount(MOUNTINFO),
+            v1_memory_mount(&MountTable::parse(MOUNTINFO)),
             Some(PathBuf::from("/sys/fs/cgroup/memory"))
         );
         let unified_only = MOUNTINFO
@@ -194,7 +190,7 @@ mod tests {
             .filter(|l| !l.contains("rw,memory"))
             .collect::<Vec<_>>()
             .join("\n");
-        assert_eq!(v1_memory_mount(&unified_only), None);
+        assert_eq!(v1_memory_mount(&MountTable::parse(&unified_only)), None);
     }
 
     #[test]

@@ -73,9 +73,7 @@ impl Roots {
     /// The cgroup v2 path of process `pid` (`/machine.slice/...`).
     pub fn cgroup_of(&self, pid: u32) -> Option<String> {
         let text = fs::read_to_string(self.proc.join(pid.to_string()).join("cgroup")).ok()?;
-        text.lines()
-            .find_map(|line| line.strip_prefix("0::"))
-            .map(str::to_owned)
+        vmtrace_common::cgroup::v2_path(&text).map(str::to_owned)
     }
 
     /// The cgroup path of the first process that holds `device`, if any does.

@@ -10,6 +10,7 @@ use std::{
 };
 
 use thiserror::Error;
+use vmtrace_common::mounts::MountTable;
 
 /// Where tracefs is mounted by default on current kernels.
 pub const DEFAULT_MOUNT: &str = "/sys/kernel/tracing";
@@ -36,22 +37,14 @@ pub enum TracefsError {
     },
 }
 
-/// Finds the tracefs mount point from /proc/self/mounts (tracefs itself, or debugfs' tracing dir).
+/// Finds the tracefs mount point from the mount table (tracefs itself, or debugfs' tracing dir).
 pub fn find() -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
-    let mut debugfs = None;
-    for line in mounts.lines() {
-        let mut parts = line.split_whitespace();
-        let (_, Some(dir), Some(fstype)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        match fstype {
-            "tracefs" => return Some(PathBuf::from(dir)),
-            "debugfs" => debugfs = Some(Path::new(dir).join("tracing")),
-            _ => {}
-        }
+    let table = MountTable::read().ok()?;
+    if let Some(tracefs) = table.tracefs() {
+        return Some(tracefs.mount_point.clone());
     }
-    debugfs.filter(|d| d.join("events").is_dir())
+    let debugfs = table.debugfs()?.mount_point.join("tracing");
+    debugfs.join("events").is_dir().then_some(debugfs)
 }
 
 /// Returns the tracefs mount point, mounting tracefs at its default place if it is not mounted.

@@ -8,14 +8,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use vmtrace_common::mounts::MountTable;
+
 /// Finds the cgroup v2 mount: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid ones.
 pub fn find_v2_mount() -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut parts = line.split_whitespace();
-        let (_, dir, fstype) = (parts.next()?, parts.next()?, parts.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir))
-    })
+    let table = MountTable::read().ok()?;
+    table.cgroup2().map(|mount| mount.mount_point.clone())
 }
 
 /// Maps cgroup ids to paths relative to the cgroup v2 root ("/kubepods/...").

@@ -8,19 +8,26 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::mounts::{cgroup2_mount, memory_v1_mount};
+use vmtrace_common::mounts::MountTable;
 
 pub const ROOT: &str = "vmtrace-bench";
 
 pub struct Cgroups {
     root: PathBuf,
+    /// The cgroup v1 memory hierarchy (hybrid hosts), where `vmtrace-vmm --cgroup` also creates
+    /// and joins the tenant's path.
+    memory_v1: Option<PathBuf>,
 }
 
 impl Cgroups {
     pub fn new() -> Result<Self> {
-        let mount = cgroup2_mount().context("no cgroup v2 hierarchy is mounted")?;
+        let table = MountTable::read().context("reading the mount table")?;
+        let mount = table
+            .cgroup2()
+            .context("no cgroup v2 hierarchy is mounted")?;
         let cgroups = Self {
-            root: mount.join(ROOT),
+            root: mount.mount_point.join(ROOT),
+            memory_v1: table.cgroup_v1("memory").map(|m| m.mount_point.clone()),
         };
         cgroups.remove_all();
         std::fs::create_dir_all(&cgroups.root)
@@ -39,14 +46,14 @@ impl Cgroups {
     /// Removes `vmtrace-bench/<rel>` and everything below it (and its cgroup v1 memory twin).
     pub fn remove(&self, rel: &str) {
         remove_tree(&self.root.join(rel));
-        if let Some(memory) = memory_v1_mount() {
+        if let Some(memory) = &self.memory_v1 {
             remove_tree(&memory.join(ROOT).join(rel));
         }
     }
 
     fn remove_all(&self) {
         remove_tree(&self.root);
-        if let Some(memory) = memory_v1_mount() {
+        if let Some(memory) = &self.memory_v1 {
             remove_tree(&memory.join(ROOT));
         }
     }

@@ -1,0 +1,228 @@
+//! A real Prometheus (Debian's `prometheus`) started by a test with its own configuration and
+//! storage, its HTTP query API, and the text exposition format the agent serves.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{free_port, http_get, process::Proc, wait::wait_for};
+
+/// Where Debian's package installs the server (`cargo xtask setup` installs it).
+pub const BINARY: &str = "/usr/bin/prometheus";
+/// The example scrape job of deploy/, whose relabelling [`kubernetes_pod_job`] copies.
+pub const SCRAPE_CONFIG: &str = "deploy/prometheus-scrape-config.yaml";
+
+/// A Prometheus server with its own configuration and storage, scraping and evaluating every
+/// second; killed on drop.
+pub struct Prometheus {
+    port: u16,
+    process: Proc,
+    log: PathBuf,
+}
+
+impl Prometheus {
+    /// Starts Prometheus with its configuration, storage and log in `dir` and the scrape jobs
+    /// `scrape_configs` (the items of the `scrape_configs:` list, indented by two spaces), and
+    /// waits until it is ready.
+    pub fn start(dir: &Path, scrape_configs: &str) -> Self {
+        let port = free_port();
+        let config = dir.join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n{scrape_configs}"
+            ),
+        )
+        .expect("writing prometheus.yml");
+        let log = dir.join("prometheus.log");
+        let log_file = fs::File::create(&log).expect("prometheus.log");
+        let process = Proc::spawn(
+            "prometheus",
+            Command::new(BINARY)
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--log.level=warn")
+                .stdout(Stdio::null())
+                .stderr(log_file),
+        );
+        let mut prometheus = Self { port, process, log };
+        wait_for("Prometheus to be ready", Duration::from_secs(60), || {
+            let tail = prometheus.log_tail();
+            prometheus.process.assert_running(&tail);
+            matches!(http_get(port, "/-/ready"), Ok((200, _))).then_some(())
+        });
+        prometheus
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The last lines of the server's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "(prometheus log:\n{})",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
+    }
+
+    /// GET an API path; the `data` member of a successful answer.
+    pub fn api(&self, path: &str) -> Result<Value, String> {
+        let (status, body) = http_get(self.port, path).map_err(|e| e.to_string())?;
+        let json: Value = serde_json::from_str(&body)
+            .map_err(|e| format!("HTTP {status}, not JSON ({e}): {body}"))?;
+        if json["status"] != "success" {
+            return Err(format!("HTTP {status}: {body}"));
+        }
+        Ok(json["data"].clone())
+    }
+
+    /// An instant query at the current time.
+    pub fn query(&self, expr: &str) -> Result<Value, String> {
+        self.api(&format!("/api/v1/query?query={}", url_encode(expr)))
+    }
+
+    /// Values of `label` on the series matching `selector` in the last 5 minutes.
+    pub fn label_values(&self, selector: &str, label: &str) -> Result<BTreeSet<String>, String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let data = self.api(&format!(
+            "/api/v1/series?match[]={}&start={}&end={now}",
+            url_encode(selector),
+            now - 300
+        ))?;
+        Ok(data
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|series| series[label].as_str().map(str::to_owned))
+            .collect())
+    }
+}
+
+/// A scrape job `job` of the loopback target `target`, which carries the labels Kubernetes pod
+/// discovery would give the agent's pod `pod_name` on `node`, relabelled as [`SCRAPE_CONFIG`]'s
+/// example job does (Debian's Prometheus is built without Kubernetes discovery).
+pub fn kubernetes_pod_job(job: &str, target: u16, node: &str, pod_name: &str) -> String {
+    format!(
+        "  - job_name: {job}\n    static_configs:\n      \
+         - targets: ['127.0.0.1:{target}']\n        labels:\n          \
+         __meta_kubernetes_pod_annotation_prometheus_io_scrape: 'true'\n          \
+         __meta_kubernetes_pod_annotation_prometheus_io_port: '{target}'\n          \
+         __meta_kubernetes_pod_annotation_prometheus_io_path: /metrics\n          \
+         __meta_kubernetes_pod_label_app_kubernetes_io_name: vmtrace\n          \
+         __meta_kubernetes_pod_node_name: {node}\n          \
+         __meta_kubernetes_pod_name: {pod_name}\n{}",
+        relabel_configs()
+    )
+}
+
+/// The `relabel_configs:` block of the example scrape job, verbatim (indented as a job's key).
+fn relabel_configs() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(SCRAPE_CONFIG);
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut lines = text.lines().skip_while(|l| l.trim() != "relabel_configs:");
+    let first = lines
+        .next()
+        .unwrap_or_else(|| panic!("{SCRAPE_CONFIG}: no relabel_configs"));
+    let indent = first.len() - first.trim_start().len();
+    let mut block = format!("    {}\n", first.trim_start());
+    for line in lines {
+        let trimmed = line.trim_start();
+        if !trimmed.is_empty() && line.len() - trimmed.len() <= indent {
+            break;
+        }
+        let relative = line.get(indent..).unwrap_or("");
+        block.push_str(&format!("    {relative}\n"));
+    }
+    block
+}
+
+/// Percent-encodes `text` for a URL's query string.
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// What an instant query returned, in a line; `Err` when it returned no finite value.
+pub fn describe_result(data: &Value) -> Result<String, String> {
+    let result = &data["result"];
+    let samples: Vec<(String, String)> = match data["resultType"].as_str() {
+        Some("scalar") => vec![(String::new(), result[1].as_str().unwrap_or("").to_owned())],
+        Some("vector") => result
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                (
+                    s["metric"].to_string(),
+                    s["value"][1].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect(),
+        Some("matrix") => result
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let last = s["values"].as_array()?.last()?;
+                Some((s["metric"].to_string(), last[1].as_str()?.to_owned()))
+            })
+            .collect(),
+        other => return Err(format!("unexpected result type {other:?}")),
+    };
+    if samples.is_empty() {
+        return Err("no series".to_owned());
+    }
+    let finite = samples
+        .iter()
+        .filter(|(_, v)| v.parse::<f64>().is_ok_and(f64::is_finite))
+        .count();
+    if finite == 0 {
+        return Err(format!(
+            "{} series, none with a finite value: {:?}",
+            samples.len(),
+            samples.iter().take(3).collect::<Vec<_>>()
+        ));
+    }
+    let (labels, value) = &samples[0];
+    Ok(format!(
+        "{} series ({finite} finite), e.g. {labels} = {value}",
+        samples.len()
+    ))
+}
+
+/// The value of the sample `name{labels}` of a text exposition (`/metrics`) whose labels include
+/// all of `wanted`.
+pub fn sample(metrics: &str, name: &str, wanted: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let (labels, value) = rest.split_once("} ")?;
+        let has = |(k, v): &(&str, &str)| labels.split(',').any(|l| l == format!("{k}=\"{v}\""));
+        wanted.iter().all(has).then(|| value.trim().parse().ok())?
+    })
+}
