@@ -1,10 +1,121 @@
-//! The commands of the `vmtrace` binary, one module each, and the argument types they share.
+//! The `vmtrace` command line: one module per command, and the argument types they share.
 
-pub mod agent;
-pub mod args;
-pub mod doctor;
-pub mod record;
-pub mod replay;
+mod agent;
+mod args;
+mod doctor;
+mod record;
+mod replay;
 pub mod report;
-pub mod top;
-pub mod watch;
+mod top;
+mod watch;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// vmtrace: which tenant's VMs are exiting, why, and what it costs them.
+///
+/// vmtrace counts KVM exits in the kernel with eBPF and attributes them to tenants: cgroup v2 groups
+/// resolved to Kubernetes pods, libvirt VMs, systemd units or plain paths. It needs root (or
+/// CAP_BPF and CAP_PERFMON); `vmtrace doctor` checks a host.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check whether vmtrace can run here: kernel, BTF, tracefs, KVM flavour (VMX/SVM/PVM),
+    /// which probes attach and which exit source is used, cgroup v2, privileges, perf counters.
+    /// Exits non-zero when vmtrace cannot run on this host.
+    Doctor {
+        /// Print the diagnosis as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    Watch(watch::WatchArgs),
+    /// Run as the agent: sample the probes every interval and export the metrics through a
+    /// Prometheus endpoint (/metrics, /healthz, /readyz; 127.0.0.1:9464 unless --listen says
+    /// otherwise) and, when an endpoint is configured, OTLP push (gRPC or HTTP/protobuf, the
+    /// standard OTEL_EXPORTER_OTLP_* and OTEL_RESOURCE_ATTRIBUTES variables). Settings come from
+    /// flags, then environment, then --config FILE, then defaults (docs/configuration.md).
+    /// Stops on SIGINT/SIGTERM after a last export.
+    Agent(agent::config::AgentArgs),
+    Top(top::TopArgs),
+    Record(record::RecordArgs),
+    Replay(replay::ReplayArgs),
+    Report(report::ReportArgs),
+}
+
+/// Runs the command line: parses the arguments, sets up logging, runs the command and turns an
+/// error into one line on stderr and a failing exit code.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMTRACE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmtrace: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Doctor { json } => {
+            let diagnosis = doctor::diagnose();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&diagnosis)?);
+            } else {
+                print!("{}", doctor::render(&diagnosis));
+            }
+            Ok(if diagnosis.blockers.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Watch(args) => {
+            runtime()?.block_on(watch::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => {
+            runtime()?.block_on(agent::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Top(args) => {
+            top::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Record(args) => {
+            runtime()?.block_on(record::run(&args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay(args) => {
+            replay::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report(args) => {
+            report::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The agent's event loop: one thread is plenty, the work is a map read per tick.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}

@@ -2,5 +2,5 @@
 
 pub mod metrics;
 
-pub mod otlp;
-pub mod prometheus;
+pub(crate) mod otlp;
+pub(crate) mod prometheus;

@@ -1,13 +1,13 @@
 //! Facts about the host that decide what the agent can do here: kernel, BTF, KVM flavour, privileges.
 //! Everything is detected at run time; nothing is assumed from the build machine.
 
-pub mod accounting;
-pub mod agent_usage;
-pub mod cgroupfs;
-pub mod dtlb;
-pub mod guest_time;
-pub mod procfs;
-pub mod vfio;
+pub(crate) mod accounting;
+pub(crate) mod agent_usage;
+pub(crate) mod cgroupfs;
+pub(crate) mod dtlb;
+pub(crate) mod guest_time;
+pub(crate) mod procfs;
+pub(crate) mod vfio;
 
 use std::{fs, path::Path};
 

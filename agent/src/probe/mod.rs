@@ -3,12 +3,12 @@
 //! (`btf_args`), the counters read back (`counters`), cgroup lifecycle events (`lifecycle`), tracefs
 //! and the kernel's names for exit reasons (`tracefs`, `exit_reasons`).
 
-pub mod btf_args;
+pub(crate) mod btf_args;
 pub mod counters;
-pub mod exit_reasons;
-pub mod lifecycle;
+pub(crate) mod exit_reasons;
+pub(crate) mod lifecycle;
 pub mod load;
 #[cfg(test)]
 mod object_check;
-pub mod spec;
-pub mod tracefs;
+pub(crate) mod spec;
+pub(crate) mod tracefs;

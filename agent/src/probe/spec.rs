@@ -289,6 +289,7 @@ pub static PROBES: &[ProbeSpec] = &[
     ),
 ];
 
+#[cfg(test)]
 /// The spec of `program`.
 pub fn find(program: &str) -> Option<&'static ProbeSpec> {
     PROBES.iter().find(|p| p.program == program)

@@ -3,5 +3,5 @@
 
 pub mod latency;
 pub mod sampler;
-pub mod ticks;
-pub mod timeline;
+pub(crate) mod ticks;
+pub(crate) mod timeline;

@@ -55,6 +55,7 @@ impl Timeline {
     }
 
     /// Points kept at most.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -100,6 +101,7 @@ impl Timeline {
     }
 
     /// The tenants on the timeline.
+    #[cfg(test)]
     pub fn tenants(&self) -> impl Iterator<Item = &str> {
         self.tenants.keys().map(String::as_str)
     }

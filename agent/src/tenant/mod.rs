@@ -4,5 +4,5 @@
 
 pub mod aggregate;
 pub mod cgroup_index;
-pub mod kubernetes;
-pub mod resolve;
+pub(crate) mod kubernetes;
+pub(crate) mod resolve;

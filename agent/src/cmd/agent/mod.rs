@@ -1,7 +1,7 @@
 //! `vmtrace agent`: the long-running agent. Samples the probes every interval, keeps the timeline
 //! and exports the metrics through a Prometheus endpoint and OTLP push.
 
-pub mod config;
+pub(crate) mod config;
 
 use std::{
     sync::{

@@ -5,9 +5,9 @@
 //! [`series`] takes the numbers out of the samples, [`charts`] draws them, [`html`] lays out the page.
 
 pub mod charts;
-pub mod html;
-pub mod png;
-pub mod series;
+pub(crate) mod html;
+pub(crate) mod png;
+pub(crate) mod series;
 
 use std::{
     fs,

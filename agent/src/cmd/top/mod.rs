@@ -7,16 +7,16 @@
 //! feeds samples from the probes, a recording or stdin; [`terminal`] makes sure the user's terminal
 //! comes back on every way out.
 
-pub mod batch;
-pub mod columns;
-pub mod detail;
-pub mod format;
-pub mod keys;
-pub mod metrics;
-pub mod source;
-pub mod state;
-pub mod terminal;
-pub mod view;
+pub(crate) mod batch;
+pub(crate) mod columns;
+pub(crate) mod detail;
+pub(crate) mod format;
+pub(crate) mod keys;
+pub(crate) mod metrics;
+pub(crate) mod source;
+pub(crate) mod state;
+pub(crate) mod terminal;
+pub(crate) mod view;
 
 use std::{
     io::{IsTerminal, Write},
