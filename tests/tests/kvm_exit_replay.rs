@@ -7,12 +7,12 @@ use std::{collections::BTreeMap, os::unix::fs::MetadataExt};
 
 use vmtrace::{
     host,
+    host::cgroup_index::CgroupIndex,
     kind::Kind,
     probe::counters::Counters,
+    probe::latency::LatencySummary,
     probe::load::{ProbeOptions, Probes},
-    sample::latency::LatencySummary,
     tenant::aggregate::by_tenant,
-    tenant::cgroup_index::CgroupIndex,
 };
 use vmtrace_tests::{TenantCgroup, cgroup2_root, privileged_host};
 

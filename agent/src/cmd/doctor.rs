@@ -3,11 +3,11 @@
 use serde::Serialize;
 
 use crate::{
+    host::cgroup_index::find_v2_mount,
     host::{self, KvmDetection, KvmFlavour, Privileges},
     probe::load::{BtfArgs, ExitSource, ProbeOptions, ProbeStatus, Probes},
     probe::spec::{HostTraits, KVM_EXIT, PROBES, Reads, Silence, When},
     probe::tracefs,
-    tenant::cgroup_index::find_v2_mount,
 };
 
 /// Everything doctor found.

@@ -1,138 +1,22 @@
 //! `vmtrace record`: samples written to a file for later (`vmtrace replay`, `vmtrace top --replay`,
-//! `vmtrace report`), possibly on another machine.
-//!
-//! The file is JSON lines: one header object, then one [`Sample`] per line, exactly as `vmtrace watch
-//! --json` prints them. JSON lines because a recording cut short (the agent killed, the disk full)
-//! is still valid up to its last complete line, `jq` and `grep` read it, and serde already knows the
-//! sample. The format is described in docs/recording-format.md; bump [`VERSION`] on any change an
-//! older reader would misread.
+//! `vmtrace report`), possibly on another machine, in the format of `sample::recording`.
 
 use std::{
     fs::File,
     io::{BufWriter, IsTerminal, Write},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
-
-use anyhow::{Context, Result};
-use clap::Args;
-use serde::{Deserialize, Serialize};
 
 use crate::{
     cmd::args::{ProbeArgs, parse_interval},
-    host::{self, KvmFlavour},
-    probe::load::ExitSource,
+    sample::recording::{Header, RecordingWriter},
     sample::sampler::{Sample, Sampler},
     sample::ticks::Ticks,
 };
+use anyhow::{Context, Result};
+use clap::Args;
 
-/// The `format` field of every recording's header.
-pub const FORMAT: &str = "vmtrace-recording";
-/// The format version this vmtrace writes and the newest it reads.
-pub const VERSION: u32 = 1;
-
-/// The first line of a recording: what was recorded where. Only `format` and `version` are needed
-/// to replay; the rest is for people and reports.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Header {
-    /// Always [`FORMAT`].
-    pub format: String,
-    /// [`VERSION`] when written by this vmtrace.
-    pub version: u32,
-    /// The vmtrace that wrote the file.
-    #[serde(default)]
-    pub vmtrace_version: String,
-    /// Host name of the recording machine.
-    #[serde(default)]
-    pub host: String,
-    /// Kernel release of the recording machine.
-    #[serde(default)]
-    pub kernel: String,
-    /// KVM flavour of the recording machine.
-    pub kvm: KvmFlavour,
-    /// Where its exit counts came from.
-    pub exit_source: ExitSource,
-    /// When the probes were attached, RFC 3339 in UTC.
-    pub started: String,
-    /// The same instant, seconds since the Unix epoch.
-    pub started_unix: f64,
-    /// The requested time between samples, in seconds.
-    pub interval_secs: f64,
-    /// Whether kick service latency was measured (`--kick-latency`).
-    #[serde(default)]
-    pub kick_latency: bool,
-}
-
-impl Header {
-    /// A header for a recording that starts now on this machine.
-    pub fn new(kvm: KvmFlavour, exit_source: ExitSource, interval: Duration, kick: bool) -> Self {
-        let now = SystemTime::now();
-        Self {
-            format: FORMAT.to_owned(),
-            version: VERSION,
-            vmtrace_version: env!("CARGO_PKG_VERSION").to_owned(),
-            host: hostname(),
-            kernel: host::kernel_release(),
-            kvm,
-            exit_source,
-            started: humantime::format_rfc3339_seconds(now).to_string(),
-            started_unix: now
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-            interval_secs: interval.as_secs_f64(),
-            kick_latency: kick,
-        }
-    }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
-}
-
-/// Writes a recording line by line, flushing each line so that a reader (or a crash) never sees a
-/// partial sample except possibly the very last line.
-pub struct RecordingWriter<W: Write> {
-    out: W,
-    samples: u64,
-    bytes: u64,
-}
-
-impl<W: Write> RecordingWriter<W> {
-    /// Starts a recording with its header.
-    pub fn new(mut out: W, header: &Header) -> std::io::Result<Self> {
-        let line = serde_json::to_string(header)? + "\n";
-        out.write_all(line.as_bytes())?;
-        out.flush()?;
-        Ok(Self {
-            out,
-            samples: 0,
-            bytes: line.len() as u64,
-        })
-    }
-
-    /// Appends one sample.
-    pub fn write(&mut self, sample: &Sample) -> std::io::Result<()> {
-        let line = serde_json::to_string(sample)? + "\n";
-        self.out.write_all(line.as_bytes())?;
-        self.out.flush()?;
-        self.samples += 1;
-        self.bytes += line.len() as u64;
-        Ok(())
-    }
-
-    pub fn samples(&self) -> u64 {
-        self.samples
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-}
-
-/// Record samples to a file for `vmtrace replay`, `vmtrace top --replay` and `vmtrace report`.
-///
 /// The file is JSON lines: a header (format "vmtrace-recording", version, host, kernel, KVM flavour,
 /// exit source, start time, interval), then one sample per line as `vmtrace watch --json` prints it
 /// (see docs/recording-format.md). Each line is flushed as it is written, so a recording cut short
@@ -267,47 +151,6 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_names_format_and_version_and_round_trips() {
-        let header = Header::new(
-            KvmFlavour::Pvm,
-            ExitSource::Derived,
-            Duration::from_millis(500),
-            false,
-        );
-        assert_eq!(header.format, FORMAT);
-        assert_eq!(header.version, VERSION);
-        assert_eq!(header.interval_secs, 0.5);
-        let line = serde_json::to_string(&header).unwrap();
-        assert!(line.starts_with(r#"{"format":"vmtrace-recording","version":1,"#));
-        let back: Header = serde_json::from_str(&line).unwrap();
-        assert_eq!(back, header);
-    }
-
-    #[test]
-    fn writer_counts_samples_and_bytes() {
-        let header = Header::new(KvmFlavour::Vmx, ExitSource::KvmExit, Duration::ZERO, true);
-        let mut buf = Vec::new();
-        let mut writer = RecordingWriter::new(&mut buf, &header).unwrap();
-        let sample = Sample {
-            timestamp: 1.0,
-            elapsed_secs: 1.0,
-            interval_secs: 1.0,
-            kvm: KvmFlavour::Vmx,
-            exit_source: ExitSource::KvmExit,
-            tenants: Vec::new(),
-            dtlb_unavailable: None,
-            iommu_faults: Vec::new(),
-            drops: Default::default(),
-            last: true,
-        };
-        writer.write(&sample).unwrap();
-        assert_eq!(writer.samples(), 1);
-        let bytes = writer.bytes();
-        assert_eq!(bytes, buf.len() as u64);
-        assert_eq!(String::from_utf8(buf).unwrap().lines().count(), 2);
-    }
 
     #[test]
     fn progress_and_sizes_read_well() {

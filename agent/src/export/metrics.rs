@@ -7,7 +7,7 @@ use serde::Serialize;
 use vmtrace_common::LATENCY_BUCKETS;
 
 use crate::{
-    sample::latency::{LatencySummary, bucket_lower_ns},
+    probe::latency::{LatencySummary, bucket_lower_ns},
     sample::sampler::Sample,
     tenant::aggregate::TenantCounts,
     tenant::resolve::Tenant,

@@ -1,5 +1,6 @@
 //! Where the metrics go: a Prometheus endpoint (pull) and OTLP (push).
 
+pub(crate) mod kind_metric;
 pub mod metrics;
 
 pub(crate) mod otlp;

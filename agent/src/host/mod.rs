@@ -1,8 +1,8 @@
 //! Facts about the host that decide what the agent can do here: kernel, BTF, KVM flavour, privileges.
 //! Everything is detected at run time; nothing is assumed from the build machine.
 
-pub(crate) mod accounting;
 pub(crate) mod agent_usage;
+pub mod cgroup_index;
 pub(crate) mod cgroupfs;
 pub(crate) mod dtlb;
 pub(crate) mod guest_time;

@@ -1,14 +1,12 @@
 //! What the agent counts, as one type from probe to view: [`Kind`] for counters (`exit.io`,
 //! `pio.out`, `mmio.write`, `tlb.flush.task_switch`, ...) and [`Gauge`] for values that go up and
-//! down. A kernel key becomes a `Kind` here (`from_key`), every view asks the `Kind` what it needs
-//! (`view`, `metric`), and strings exist only at the edges: recordings and labels (`text`).
+//! down. A kernel key becomes a `Kind` in one place (`probe::kinds`), every view asks the `Kind`
+//! what it needs (`view` here, the exported metric in `export::kind_metric`), and strings exist only
+//! at the edges: recordings and labels (`text`).
 
-mod from_key;
-pub mod metric;
 mod text;
 pub mod view;
 
-pub use from_key::is_tlb_exit;
 pub use text::{ParseKindError, UnknownKind, name_matches};
 pub use view::{Latency, TopColumn};
 

@@ -338,7 +338,7 @@ fn each_kind_knows_its_metric_column_and_latency() {
     let kernel = kind("tax.kernel").metric().unwrap();
     assert_eq!(
         (kernel.def, kernel.scale),
-        (CPU_TIME, metric::Scale::NanosToSeconds)
+        (CPU_TIME, crate::export::kind_metric::Scale::NanosToSeconds)
     );
     let flush = kind("tlb.flush.task_switch").metric().unwrap();
     assert_eq!(flush.def, TLB_EVENTS);

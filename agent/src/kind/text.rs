@@ -11,7 +11,6 @@ use thiserror::Error;
 use super::{
     CpuMode, Errno, ExitReason, FaultType, FlushReason, Gauge, IommuOp, Kind, KvmExitReason,
     MemEvent, MemcgEvent, MmioAccess, MmuEvent, PioDirection, Queue, Series, TlbEvent,
-    from_key::{ERRNO_NAMES, TLB_FLUSH_REASONS},
 };
 
 /// A name that is no kind (or gauge) this vmtrace knows.
@@ -132,7 +131,7 @@ impl fmt::Display for FlushReason {
 impl PioDirection {
     const ALL: [Self; 2] = [Self::In, Self::Out];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::In => "pio.in",
             Self::Out => "pio.out",
@@ -149,7 +148,7 @@ impl MmioAccess {
     ];
 
     /// The name after `mmio.`; `None` for [`MmioAccess::Other`].
-    pub(super) fn name(self) -> Option<&'static str> {
+    pub(crate) fn name(self) -> Option<&'static str> {
         match self {
             Self::Read => Some("read"),
             Self::Write => Some("write"),
@@ -200,7 +199,7 @@ impl TlbEvent {
     ];
 
     /// The name after `tlb.`; `None` for [`TlbEvent::Flush`], whose name has its reason.
-    pub(super) fn name(self) -> Option<&'static str> {
+    pub(crate) fn name(self) -> Option<&'static str> {
         match self {
             Self::Flush(_) => None,
             Self::PvFlush => Some("pv_flush"),
@@ -224,7 +223,7 @@ impl TlbEvent {
 impl FaultType {
     const ALL: [Self; 3] = [Self::User, Self::Kernel, Self::Guest];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::User => "fault.user",
             Self::Kernel => "fault.kernel",
@@ -236,7 +235,7 @@ impl FaultType {
 impl MmuEvent {
     const ALL: [Self; 3] = [Self::Created, Self::Reused, Self::Zapped];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Created => "mmu.page.created",
             Self::Reused => "mmu.page.reused",
@@ -256,7 +255,7 @@ impl MemEvent {
         Self::Refault,
     ];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Unmap => "mem.unmap",
             Self::UnmapBytes => "mem.unmap_bytes",
@@ -277,7 +276,7 @@ impl MemcgEvent {
         Self::OomKills,
     ];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Pgfault => "memcg.pgfault",
             Self::Pgmajfault => "memcg.pgmajfault",
@@ -290,7 +289,7 @@ impl MemcgEvent {
 impl IommuOp {
     const ALL: [Self; 4] = [Self::Map, Self::MapBytes, Self::Unmap, Self::UnmapBytes];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Map => "iommu.map",
             Self::MapBytes => "iommu.map_bytes",
@@ -303,7 +302,7 @@ impl IommuOp {
 impl CpuMode {
     const ALL: [Self; 3] = [Self::Guest, Self::TaxKernel, Self::TaxVmm];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Guest => "cpu.guest",
             Self::TaxKernel => "tax.kernel",
@@ -507,3 +506,20 @@ macro_rules! serialised_by_name {
 
 serialised_by_name!(Kind);
 serialised_by_name!(Gauge);
+
+/// Errnos with a name of their own.
+const ERRNO_NAMES: [(i32, &str); 4] = [
+    (libc::EINTR, "eintr"),
+    (libc::EAGAIN, "eagain"),
+    (libc::EFAULT, "efault"),
+    (libc::EINVAL, "einval"),
+];
+
+/// `enum tlb_flush_reason` (include/linux/mm_types.h), indexed by value.
+const TLB_FLUSH_REASONS: [&str; 5] = [
+    "task_switch",
+    "remote_shootdown",
+    "local_shootdown",
+    "local_mm_shootdown",
+    "remote_send_ipi",
+];

@@ -15,7 +15,7 @@ use vmtrace_common::{
 use crate::{
     kind::{ExitReason, Kind, KvmExitReason, MmioAccess, TlbEvent},
     probe::exit_reasons::ExitReasonNames,
-    sample::latency::merge,
+    probe::latency::merge,
 };
 
 #[derive(Debug, Error)]

@@ -5,7 +5,7 @@
 use aya::maps::{MapData, RingBuf};
 use vmtrace_common::{CGROUP_EVENTS_MAP, CgroupEvent, CgroupEventKind};
 
-use crate::{probe::counters::CountsError, tenant::cgroup_index::CgroupIndex};
+use crate::{host::cgroup_index::CgroupIndex, probe::counters::CountsError};
 
 pub struct CgroupEvents {
     ring: RingBuf<MapData>,

@@ -1,11 +1,14 @@
 //! The kernel side as the agent sees it: every probe declared once (`spec`), the embedded eBPF object
 //! loaded and those probes attached (`load`), their arguments checked against the kernel's BTF
-//! (`btf_args`), the counters read back (`counters`), cgroup lifecycle events (`lifecycle`), tracefs
-//! and the kernel's names for exit reasons (`tracefs`, `exit_reasons`).
+//! (`btf_args`), the counters read back (`counters`) with their keys turned into kinds (`kinds`) and
+//! their histograms summarised (`latency`), cgroup lifecycle events (`lifecycle`), tracefs and the
+//! kernel's names for exit reasons (`tracefs`, `exit_reasons`).
 
 pub(crate) mod btf_args;
 pub mod counters;
 pub(crate) mod exit_reasons;
+pub(crate) mod kinds;
+pub mod latency;
 pub(crate) mod lifecycle;
 pub mod load;
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Samples: the one source of data every view reads (`sampler`), taken on one clock (`ticks`), with
-//! latency summaries (`latency`) and the recent past of every tenant (`timeline`).
+//! what the kernel accounts per cgroup added to each tenant (`accounting`: CPU by mode, the
+//! virtualisation tax, memory, dTLB) and the recent past of every tenant (`timeline`).
 
-pub mod latency;
+pub(crate) mod accounting;
+pub(crate) mod recording;
 pub mod sampler;
 pub(crate) mod ticks;
 pub(crate) mod timeline;

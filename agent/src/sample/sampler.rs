@@ -11,15 +11,15 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    host::accounting::Accounting,
+    host::cgroup_index::{CgroupIndex, find_v2_mount},
     host::cgroupfs::CgroupFs,
     host::vfio,
     host::{self, KvmDetection, KvmFlavour},
     probe::counters::{Counters, IommuFaults},
     probe::lifecycle::CgroupEvents,
     probe::load::{ExitSource, ProbeOptions, Probes},
+    sample::accounting::Accounting,
     tenant::aggregate::{PreviousCounts, TenantCounts, add_rates, by_tenant},
-    tenant::cgroup_index::{CgroupIndex, find_v2_mount},
     tenant::resolve::Tenant,
 };
 

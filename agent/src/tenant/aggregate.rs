@@ -8,11 +8,10 @@ use serde::{Deserialize, Serialize};
 use vmtrace_common::LatencyHistogram;
 
 use crate::{
-    host::accounting::tax_ratio,
-    kind::{Gauge, Kind},
+    host::cgroup_index::CgroupIndex,
+    kind::{CpuMode, Gauge, Kind},
     probe::counters::{DoorbellKicks, KindCounts, Snapshot},
-    sample::latency::{LatencySummary, merge},
-    tenant::cgroup_index::CgroupIndex,
+    probe::latency::{LatencySummary, merge},
     tenant::kubernetes::PodMeta,
     tenant::resolve::Tenant,
 };
@@ -132,5 +131,32 @@ pub fn add_rates(tenants: &mut [TenantCounts], previous: &PreviousCounts, interv
         if let Some(ratio) = tax_ratio(&tenant.rates) {
             tenant.gauges.insert(Gauge::TaxRatio, ratio);
         }
+    }
+}
+
+/// The tax's share of a tenant's CPU time over the last interval, from its rates (ns/s), if it used
+/// any CPU.
+pub fn tax_ratio(rates: &BTreeMap<Kind, f64>) -> Option<f64> {
+    let rate = |kind: Kind| rates.get(&kind).copied().unwrap_or(0.0);
+    let tax = rate(Kind::Cpu(CpuMode::TaxKernel)) + rate(Kind::Cpu(CpuMode::TaxVmm));
+    let total = tax + rate(Kind::Cpu(CpuMode::Guest));
+    (total > 0.0).then(|| tax / total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_is_tax_over_all_cpu() {
+        let rates: BTreeMap<Kind, f64> = [
+            (Kind::Cpu(CpuMode::TaxKernel), 1e8),
+            (Kind::Cpu(CpuMode::TaxVmm), 1e8),
+            (Kind::Cpu(CpuMode::Guest), 8e8),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(tax_ratio(&rates), Some(0.2));
+        assert_eq!(tax_ratio(&BTreeMap::new()), None);
     }
 }

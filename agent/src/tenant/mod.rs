@@ -1,8 +1,7 @@
-//! Who a cgroup belongs to: cgroup ids to paths (`cgroup_index`), paths to workloads (`resolve`),
-//! pods to their Kubernetes metadata (`kubernetes`), and per-cgroup counts summed per tenant
-//! (`aggregate`).
+//! Who a cgroup belongs to: paths to workloads (`resolve`), pods to their Kubernetes metadata
+//! (`kubernetes`), and per-cgroup counts summed per tenant (`aggregate`). Cgroup ids become paths
+//! in `host::cgroup_index`.
 
 pub mod aggregate;
-pub mod cgroup_index;
 pub(crate) mod kubernetes;
 pub(crate) mod resolve;

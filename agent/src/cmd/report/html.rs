@@ -5,9 +5,9 @@ use std::fmt::Write;
 
 use super::series::TenantSeries;
 use crate::{
-    cmd::record::Header,
     cmd::top::{format, metrics::has_hardware_exits},
     kind::TopColumn,
+    sample::recording::Header,
 };
 
 /// Text safe inside HTML elements and attributes.

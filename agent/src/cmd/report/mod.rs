@@ -20,7 +20,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use plotters::prelude::{DrawingBackend, IntoDrawingArea, SVGBackend};
 
-use crate::{cmd::record::human_bytes, cmd::replay::read_all};
+use crate::{cmd::record::human_bytes, sample::recording::read_all};
 use charts::{HEIGHT, HistogramChart, LineChart, WIDTH};
 use series::{Series, TenantSeries, slug, tenant_series};
 

@@ -8,7 +8,7 @@ use crate::{
     cmd::top::metrics::{has_hardware_exits, tenant_row},
     kind::{Kind, TopColumn},
     probe::counters::KindCounts,
-    sample::latency::LatencySummary,
+    probe::latency::LatencySummary,
     sample::sampler::Sample,
 };
 

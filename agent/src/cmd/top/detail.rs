@@ -13,11 +13,11 @@ use super::{
     format::{self, MISSING},
     metrics::tenant_row,
     state::App,
-    view::draw_timeline,
+    timeline,
 };
 use crate::{
     kind::{Kind, Latency},
-    sample::latency::LatencySummary,
+    probe::latency::LatencySummary,
     tenant::aggregate::TenantCounts,
     tenant::resolve::Tenant,
 };
@@ -31,7 +31,7 @@ pub fn draw(frame: &mut Frame, app: &App, area: Rect) {
         return;
     };
     let doorbell_rows = tenant.doorbells.len().min(4) as u16;
-    let [info, timeline, middle, doorbells] = Layout::vertical([
+    let [info, timeline_area, middle, doorbells] = Layout::vertical([
         Constraint::Length(2),
         Constraint::Length(5),
         Constraint::Fill(1),
@@ -43,7 +43,7 @@ pub fn draw(frame: &mut Frame, app: &App, area: Rect) {
     ])
     .areas(area);
     frame.render_widget(info_lines(tenant, info.width as usize), info);
-    draw_timeline(frame, app, &tenant.tenant, timeline);
+    timeline::draw(frame, app, &tenant.tenant, timeline_area);
     let side_by_side = middle.width >= 76;
     let (kinds_area, histogram_area) = if side_by_side {
         let [k, h] = Layout::horizontal([Constraint::Length(50), Constraint::Fill(1)])

@@ -8,7 +8,7 @@
 
 use crate::{
     kind::{Kind, Latency, TopColumn},
-    sample::latency::LatencySummary,
+    probe::latency::LatencySummary,
     tenant::aggregate::TenantCounts,
 };
 

@@ -16,6 +16,7 @@ pub(crate) mod metrics;
 pub(crate) mod source;
 pub(crate) mod state;
 pub(crate) mod terminal;
+pub(crate) mod timeline;
 pub(crate) mod view;
 
 use std::{
@@ -30,7 +31,7 @@ use ratatui::crossterm::event::{self, Event};
 
 use crate::{
     cmd::args::{ProbeArgs, parse_interval},
-    cmd::replay::parse_speed,
+    sample::recording::parse_speed,
 };
 use columns::Column;
 use source::{Feed, Source};

@@ -10,8 +10,8 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    cmd::replay::{Pacer, RecordingReader, describe},
     probe::load::ProbeOptions,
+    sample::recording::{Pacer, RecordingReader, describe},
     sample::sampler::{Sample, Sampler},
 };
 

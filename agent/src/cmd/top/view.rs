@@ -6,7 +6,7 @@ use ratatui::{
     layout::{Constraint, Layout, Rect},
     style::{Color, Modifier, Style, Stylize},
     text::{Line, Span},
-    widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Sparkline, Table, TableState},
+    widgets::{Block, Cell, Clear, Paragraph, Row, Table, TableState},
 };
 
 use super::{
@@ -15,6 +15,7 @@ use super::{
     format::{self, truncate_left},
     keys::HELP,
     state::{App, Screen},
+    timeline,
 };
 
 /// Width of the trend (sparkline) column.
@@ -100,7 +101,7 @@ fn draw_table_screen(frame: &mut Frame, app: &App, area: Rect) {
     draw_tenants(frame, app, &rows, table_area);
     if timeline {
         let selected = &rows[app.selected_row(&rows)];
-        draw_timeline(frame, app, &selected.tenant, timeline_area);
+        timeline::draw(frame, app, &selected.tenant, timeline_area);
     }
 }
 
@@ -184,27 +185,6 @@ fn align(column: Column, text: &str, width: usize) -> String {
     } else {
         format!("{text:>width$}")
     }
-}
-
-/// The selected tenant's exits per second over the kept history.
-pub fn draw_timeline(frame: &mut Frame, app: &App, tenant: &str, area: Rect) {
-    let values: Vec<f64> = app.exit_history(tenant);
-    let inner = area.width.saturating_sub(2) as usize;
-    let shown = &values[values.len().saturating_sub(inner)..];
-    let max = shown.iter().copied().fold(0.0, f64::max);
-    let now = shown.last().copied().unwrap_or(0.0);
-    let title = format!(
-        " exits/s · {} · now {} · max {} ",
-        truncate_left(tenant, inner.saturating_sub(30).max(8)),
-        format::rate(now),
-        format::rate(max)
-    );
-    let data: Vec<u64> = shown.iter().map(|v| v.max(0.0).round() as u64).collect();
-    let sparkline = Sparkline::default()
-        .block(Block::new().borders(Borders::TOP).title(title))
-        .data(data)
-        .style(Style::new().fg(Color::Cyan));
-    frame.render_widget(sparkline, area);
 }
 
 fn draw_help(frame: &mut Frame, area: Rect) {

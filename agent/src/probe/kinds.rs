@@ -4,7 +4,7 @@ use vmtrace_common::{
     ExitKind, FaultMode, HvaDetail, IommuDetail, LatencyKind, MmioType, MmuPageEvent,
 };
 
-use super::{
+use crate::kind::{
     CpuMode, Errno, ExitReason, FaultType, FlushReason, IommuOp, Kind, KvmExitReason, MemEvent,
     MmioAccess, MmuEvent, PioDirection, TlbEvent,
 };
@@ -159,20 +159,3 @@ impl ExitReason {
         Some(Self(code as u32))
     }
 }
-
-/// Errnos with a name of their own.
-pub(super) const ERRNO_NAMES: [(i32, &str); 4] = [
-    (libc::EINTR, "eintr"),
-    (libc::EAGAIN, "eagain"),
-    (libc::EFAULT, "efault"),
-    (libc::EINVAL, "einval"),
-];
-
-/// `enum tlb_flush_reason` (include/linux/mm_types.h), indexed by value.
-pub(super) const TLB_FLUSH_REASONS: [&str; 5] = [
-    "task_switch",
-    "remote_shootdown",
-    "local_shootdown",
-    "local_mm_shootdown",
-    "remote_send_ipi",
-];

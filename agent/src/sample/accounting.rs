@@ -153,26 +153,3 @@ fn insert_counts<const N: usize>(counts: &mut KindCounts, values: [(Kind, u64); 
         }
     }
 }
-
-/// The tax's share of a tenant's CPU time over the last interval, from its rates (ns/s), if it used
-/// any CPU.
-pub fn tax_ratio(rates: &BTreeMap<Kind, f64>) -> Option<f64> {
-    let rate = |kind: Kind| rates.get(&kind).copied().unwrap_or(0.0);
-    let tax = rate(TAX_KERNEL) + rate(TAX_VMM);
-    let total = tax + rate(CPU_GUEST);
-    (total > 0.0).then(|| tax / total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ratio_is_tax_over_all_cpu() {
-        let rates: BTreeMap<Kind, f64> = [(TAX_KERNEL, 1e8), (TAX_VMM, 1e8), (CPU_GUEST, 8e8)]
-            .into_iter()
-            .collect();
-        assert_eq!(tax_ratio(&rates), Some(0.2));
-        assert_eq!(tax_ratio(&BTreeMap::new()), None);
-    }
-}

@@ -1,15 +1,15 @@
 //! The metric each kind and gauge is exported as: its definition, its attributes besides the
 //! tenant's, and the conversion of its value to the metric's unit.
 
-use super::{
-    CpuMode, FaultType, Gauge, IommuOp, Kind, KvmExitReason, Latency, MemEvent, MemcgEvent,
-    MmuEvent, Queue, TlbEvent,
-};
 use crate::export::metrics::{
     CPU_TIME, IOMMU_MAPPED, IOMMU_MAPPINGS, KICK_SERVICE_DURATION, MEMORY_CGROUP_EVENTS,
     MEMORY_FAULTS, MEMORY_INVALIDATED, MEMORY_INVALIDATIONS, MEMORY_USAGE, MMU_PAGES, MetricDef,
     TAX_RATIO, TLB_EVENTS, VIRTIO_KICKS, VM_EVENTS, VM_EXIT_DURATION, VM_EXITS,
     VMM_SERVICE_DURATION, Value,
+};
+use crate::kind::{
+    CpuMode, FaultType, Gauge, IommuOp, Kind, KvmExitReason, Latency, MemEvent, MemcgEvent,
+    MmuEvent, Queue, TlbEvent,
 };
 
 /// Attributes of a data point besides the tenant's.
