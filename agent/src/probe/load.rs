@@ -51,6 +51,10 @@ pub enum ProbeError {
         "loading the eBPF programs failed (vmtrace needs root, or CAP_BPF and CAP_PERFMON; `vmtrace doctor` checks the host)"
     )]
     Load(#[from] aya::EbpfError),
+    #[error(
+        "this vmtrace was built with VMTRACE_EBPF_STUB=1 and has no eBPF programs: rebuild it without (docs/building.md)"
+    )]
+    BuiltWithStub,
     #[error("the eBPF object has no program `{0}`")]
     MissingProgram(&'static str),
     #[error("no exit probe could be attached: {0}")]
@@ -155,6 +159,9 @@ impl Probes {
         ];
         for (global, offset) in all_offsets.into_iter().flatten().flatten() {
             loader.override_global(global, offset, true);
+        }
+        if OBJECT.is_empty() {
+            return Err(ProbeError::BuiltWithStub);
         }
         let mut ebpf = loader.load(OBJECT)?;
         let mut status = Vec::new();
