@@ -45,7 +45,10 @@ fn main() {
         .status()
         .unwrap_or_else(|e| fail(&format!("cannot run {cargo:?}: {e}")));
     if !status.success() {
-        fail("building the eBPF programs failed (see the errors above)");
+        fail(
+            "building the eBPF programs failed (see the errors above); `cargo xtask setup` installs \
+             the toolchain and bpf-linker, and VMTRACE_EBPF_STUB=1 checks the host crates without them",
+        );
     }
     let built = ebpf_toolchain::object_path(&target_dir);
     std::fs::copy(&built, &object)

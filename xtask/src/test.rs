@@ -44,6 +44,7 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
         )
     })?;
     step("cargo deny (licences, bans, sources, advisories)", || {
+        warn_if_advisories_are_old(&root);
         // --offline: the advisory database is the vendored copy deny.toml points at.
         setup::exec(cargo(&root).args(["deny", "--offline", "check"]))
     })?;
@@ -71,6 +72,56 @@ fn step(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
     let result = run();
     eprintln!("test: {name}: {:.1}s", started.elapsed().as_secs_f64());
     result
+}
+
+/// The vendored advisory database (deny.toml's `db-path`) and the file that says which commit it is.
+const ADVISORY_SNAPSHOT: &str = "deny/advisory-dbs/advisory-db-3157b0e258782691/SNAPSHOT";
+/// cargo-deny's own limit, which it cannot apply to a vendored copy: it dates the database by the
+/// last commit of the repository it sits in, i.e. this one.
+const ADVISORIES_MAX_AGE_DAYS: i64 = 90;
+
+/// Says so when the vendored advisory database is older than cargo-deny would accept.
+fn warn_if_advisories_are_old(root: &Path) {
+    let path = root.join(ADVISORY_SNAPSHOT);
+    let Ok(snapshot) = std::fs::read_to_string(&path) else {
+        eprintln!("test: warning: cannot read {}", path.display());
+        return;
+    };
+    let now_days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            i64::try_from(d.as_secs() / 86_400).unwrap_or(i64::MAX)
+        });
+    match snapshot_age_days(&snapshot, now_days) {
+        Some(age) if age > ADVISORIES_MAX_AGE_DAYS => eprintln!(
+            "test: warning: the vendored RustSec advisory database is {age} days old; refresh it \
+             (docs/building.md, \"cargo-deny and the advisory database\")"
+        ),
+        Some(_) => {}
+        None => eprintln!("test: warning: {} has no date", path.display()),
+    }
+}
+
+/// Days between the snapshot's commit date (`<url> <commit> <YYYY-MM-DD>T...`) and `now_days`.
+fn snapshot_age_days(snapshot: &str, now_days: i64) -> Option<i64> {
+    let date = snapshot.split_whitespace().nth(2)?.get(..10)?;
+    let mut fields = date.split('-').map(str::parse::<i64>);
+    let (year, month, day) = (
+        fields.next()?.ok()?,
+        fields.next()?.ok()?,
+        fields.next()?.ok()?,
+    );
+    Some(now_days - days_since_epoch(year, month, day))
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's algorithm).
+fn days_since_epoch(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 fn cargo(root: &Path) -> Command {
@@ -115,5 +166,17 @@ mod tests {
         assert_eq!(rust_version("[package]\n"), None);
         let root = workspace_root();
         assert!(msrv_toolchain(&root).unwrap().starts_with("1."));
+    }
+
+    #[test]
+    fn the_advisory_snapshot_is_dated_by_its_commit() {
+        assert_eq!(days_since_epoch(1970, 1, 1), 0);
+        assert_eq!(days_since_epoch(2000, 3, 1), 11_017);
+        let snapshot = "https://github.com/rustsec/advisory-db abc 2026-08-21T08:28:40+02:00\n";
+        let now = days_since_epoch(2026, 12, 3);
+        assert_eq!(snapshot_age_days(snapshot, now), Some(104));
+        assert_eq!(snapshot_age_days("no date", now), None);
+        let vendored = std::fs::read_to_string(workspace_root().join(ADVISORY_SNAPSHOT)).unwrap();
+        assert!(snapshot_age_days(&vendored, now).is_some());
     }
 }
