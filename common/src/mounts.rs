@@ -169,8 +169,6 @@ fn unescape_lossy(field: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::ToOwned;
-
     use super::*;
 
     /// This machine's layout: v1 controllers under /sys/fs/cgroup/<controller>, v2 without
@@ -311,7 +309,7 @@ mod tests {
         assert!(MountTable::parse("").cgroup2().is_none());
         assert_eq!(
             Mount::parse("33 31 0:29 / /x rw - proc proc").map(|m| m.super_options),
-            Some("".to_owned())
+            Some(String::new())
         );
     }
 }

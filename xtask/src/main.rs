@@ -18,12 +18,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install and start what building and running vmtrace needs on this machine: Debian's Rust
-    /// toolchain with library sources (rustc-web, rust-web-src) for the BPF target, bpf-linker built
-    /// against LLVM 22, bpftool, and a mounted tracefs. Takes seconds when nothing is missing.
+    /// Install and start what building, checking and running vmtrace needs on this machine: Debian's
+    /// Rust toolchain with library sources (rustc-web, rust-web-src) for the BPF target, bpf-linker
+    /// built against LLVM 22, cargo-deny, the rust-version toolchain, bpftool, and a mounted tracefs.
+    /// Takes seconds when nothing is missing.
     Setup,
-    /// Set up, then run every check: rustfmt, clippy (every crate, the eBPF crate included) and all
-    /// tests. With VMTRACE_REQUIRE_CAPS=1 a test that lacks KVM, BPF or root fails instead of skipping.
+    /// Set up, then run every check: rustfmt, clippy (every crate, the eBPF crate also for the BPF
+    /// target), all tests, cargo-deny, a build with the workspace's rust-version and `cargo doc`
+    /// without warnings. With VMTRACE_REQUIRE_CAPS=1 a test that lacks KVM, BPF or root fails
+    /// instead of skipping.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]

@@ -38,6 +38,8 @@ pub fn run() -> Result<()> {
     let started = Instant::now();
     install_packages(PACKAGES)?;
     install_bpf_linker()?;
+    install_cargo_deny()?;
+    install_msrv_toolchain()?;
     mount_tracefs()?;
     check_cgroup_v2()?;
     eprintln!("setup: ready ({:.1}s)", started.elapsed().as_secs_f64());
@@ -100,6 +102,48 @@ fn install_bpf_linker() -> Result<()> {
             .env("LLVM_PREFIX", llvm)
             .env("PATH", path),
     )
+}
+
+/// The cargo-deny release deny.toml is written for; built from crates.io (about two minutes).
+const CARGO_DENY: &str = "cargo-deny@0.20.2";
+
+/// cargo-deny checks licences, duplicate crates, sources and advisories (`cargo xtask test`).
+fn install_cargo_deny() -> Result<()> {
+    if Command::new("cargo")
+        .args(["deny", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("setup: building {CARGO_DENY} (about two minutes)");
+    exec(Command::new("cargo").args(["install", "--locked", CARGO_DENY]))
+}
+
+/// The toolchain of the workspace's rust-version, for the MSRV check of `cargo xtask test`. rustup
+/// downloads it from static.rust-lang.org (a minimal profile: rustc, cargo and the standard library).
+fn install_msrv_toolchain() -> Result<()> {
+    let toolchain = crate::test::msrv_toolchain(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))?;
+    if rustup_run(&toolchain, "rustc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing Rust {toolchain} for the MSRV check");
+    exec(Command::new("rustup").args(["toolchain", "install", &toolchain, "--profile", "minimal"]))
+}
+
+/// `rustup run <toolchain> <program>`, without the calling cargo's choice of compiler.
+pub fn rustup_run(toolchain: &str, program: &str) -> Command {
+    let mut command = Command::new("rustup");
+    command
+        .args(["run", toolchain, program])
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    command
 }
 
 fn bpf_linker_path() -> PathBuf {

@@ -1,61 +1,182 @@
-//! `cargo xtask test`: formatting, lints and every test, for the host crates and the eBPF crate.
+//! `cargo xtask test`: formatting, lints and every test, then the dependency, MSRV and documentation
+//! checks. Each step prints how long it took.
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::setup;
 
 pub fn run(cargo_test_args: &[String]) -> Result<()> {
     setup::run()?;
-    eprintln!("test: rustfmt");
-    setup::exec(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
-    setup::exec(Command::new("cargo").args(["fmt", "--manifest-path", EBPF_MANIFEST, "--check"]))?;
-    eprintln!("test: clippy");
-    setup::exec(Command::new("cargo").args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    setup::exec(ebpf_cargo().args([
-        "clippy",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    eprintln!("test: cargo test");
-    setup::exec(
-        Command::new("cargo")
-            .args(["test", "--workspace"])
-            .args(cargo_test_args)
-            // The end-to-end tests print what they checked (exits, kinds, tenants); show it.
-            .args(["--", "--show-output"]),
-    )
+    let root = workspace_root();
+    step("rustfmt", || {
+        setup::exec(cargo(&root).args(["fmt", "--all", "--check"]))
+    })?;
+    step("clippy", || {
+        setup::exec(cargo(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    step("clippy (eBPF crate, BPF target)", || {
+        let mut clippy = vmtrace_ebpf_toolchain::cargo("clippy", &root)?;
+        if let Some(target_dir) = std::env::var_os("CARGO_TARGET_DIR") {
+            clippy.arg("--target-dir").arg(target_dir);
+        }
+        setup::exec(clippy.args(["--", "-D", "warnings"]))
+    })?;
+    step("cargo test", || {
+        setup::exec(
+            cargo(&root)
+                .args(["test", "--workspace"])
+                .args(cargo_test_args)
+                // The end-to-end tests print what they checked (exits, kinds, tenants); show it.
+                .args(["--", "--show-output"]),
+        )
+    })?;
+    step("cargo deny (licences, bans, sources, advisories)", || {
+        warn_if_advisories_are_old(&root);
+        // --offline: the advisory database is the vendored copy deny.toml points at.
+        setup::exec(cargo(&root).args(["deny", "--offline", "check"]))
+    })?;
+    let msrv = msrv_toolchain(&root)?;
+    step(&format!("MSRV: cargo check with Rust {msrv}"), || {
+        setup::exec(
+            setup::rustup_run(&msrv, "cargo")
+                .current_dir(&root)
+                .args(["check", "--workspace"]),
+        )
+    })?;
+    step("cargo doc (warnings are errors)", || {
+        setup::exec(
+            cargo(&root)
+                .args(["doc", "--workspace", "--no-deps"])
+                .env("RUSTDOCFLAGS", "-Dwarnings"),
+        )
+    })
 }
 
-const EBPF_MANIFEST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf/Cargo.toml");
+/// Runs one named step and says how long it took.
+fn step(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
+    eprintln!("test: {name}");
+    let started = Instant::now();
+    let result = run();
+    eprintln!("test: {name}: {:.1}s", started.elapsed().as_secs_f64());
+    result
+}
 
-/// Debian's cargo for the eBPF crate, which builds `core` from source for the BPF target. /usr/bin
-/// comes first in PATH so that cargo finds Debian's cargo-clippy, which matches that compiler.
-fn ebpf_cargo() -> Command {
-    let mut cargo = Command::new("/usr/bin/cargo");
-    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+/// The vendored advisory database (deny.toml's `db-path`) and the file that says which commit it is.
+const ADVISORY_SNAPSHOT: &str = "deny/advisory-dbs/advisory-db-3157b0e258782691/SNAPSHOT";
+/// cargo-deny's own limit, which it cannot apply to a vendored copy: it dates the database by the
+/// last commit of the repository it sits in, i.e. this one.
+const ADVISORIES_MAX_AGE_DAYS: i64 = 90;
+
+/// Says so when the vendored advisory database is older than cargo-deny would accept.
+fn warn_if_advisories_are_old(root: &Path) {
+    let path = root.join(ADVISORY_SNAPSHOT);
+    let Ok(snapshot) = std::fs::read_to_string(&path) else {
+        eprintln!("test: warning: cannot read {}", path.display());
+        return;
+    };
+    let now_days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            i64::try_from(d.as_secs() / 86_400).unwrap_or(i64::MAX)
+        });
+    match snapshot_age_days(&snapshot, now_days) {
+        Some(age) if age > ADVISORIES_MAX_AGE_DAYS => eprintln!(
+            "test: warning: the vendored RustSec advisory database is {age} days old; refresh it \
+             (docs/building.md, \"cargo-deny and the advisory database\")"
+        ),
+        Some(_) => {}
+        None => eprintln!("test: warning: {} has no date", path.display()),
+    }
+}
+
+/// Days between the snapshot's commit date (`<url> <commit> <YYYY-MM-DD>T...`) and `now_days`.
+fn snapshot_age_days(snapshot: &str, now_days: i64) -> Option<i64> {
+    let date = snapshot.split_whitespace().nth(2)?.get(..10)?;
+    let mut fields = date.split('-').map(str::parse::<i64>);
+    let (year, month, day) = (
+        fields.next()?.ok()?,
+        fields.next()?.ok()?,
+        fields.next()?.ok()?,
+    );
+    Some(now_days - days_since_epoch(year, month, day))
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's algorithm).
+fn days_since_epoch(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(root);
     cargo
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf"))
-        .env("PATH", path)
-        .env("RUSTC", "/usr/bin/rustc")
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "--cfg=bpf_target_arch=\"x86_64\"",
-        );
-    cargo
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The rustup toolchain of the workspace's `rust-version` (e.g. `1.95` gives `1.95.0`).
+pub fn msrv_toolchain(root: &Path) -> Result<String> {
+    let manifest = root.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("reading {}", manifest.display()))?;
+    let version = rust_version(&text)
+        .with_context(|| format!("{} declares no rust-version", manifest.display()))?;
+    Ok(match version.split('.').count() {
+        2 => format!("{version}.0"),
+        _ => version.to_owned(),
+    })
+}
+
+/// The value of the first `rust-version = "..."` line of a manifest.
+fn rust_version(manifest: &str) -> Option<&str> {
+    manifest.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == "rust-version").then(|| value.trim().trim_matches('"'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_msrv_is_read_from_the_workspace_manifest() {
+        let manifest = "[workspace.package]\nedition = \"2024\"\nrust-version = \"1.95\"\n";
+        assert_eq!(rust_version(manifest), Some("1.95"));
+        assert_eq!(rust_version("[package]\n"), None);
+        let root = workspace_root();
+        assert!(msrv_toolchain(&root).unwrap().starts_with("1."));
+    }
+
+    #[test]
+    fn the_advisory_snapshot_is_dated_by_its_commit() {
+        assert_eq!(days_since_epoch(1970, 1, 1), 0);
+        assert_eq!(days_since_epoch(2000, 3, 1), 11_017);
+        let snapshot = "https://github.com/rustsec/advisory-db abc 2026-08-21T08:28:40+02:00\n";
+        let now = days_since_epoch(2026, 12, 3);
+        assert_eq!(snapshot_age_days(snapshot, now), Some(104));
+        assert_eq!(snapshot_age_days("no date", now), None);
+        let vendored = std::fs::read_to_string(workspace_root().join(ADVISORY_SNAPSHOT)).unwrap();
+        assert!(snapshot_age_days(&vendored, now).is_some());
+    }
 }

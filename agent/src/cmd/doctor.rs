@@ -94,13 +94,13 @@ fn kvm_exit(flavour: KvmFlavour) -> String {
     if flavour == KvmFlavour::None {
         return "no KVM".to_owned();
     }
-    if KVM_EXIT.silent_on(&host).is_none() {
+    if KVM_EXIT.silent_on(host).is_none() {
         return format!("fires on every exit ({} emits it)", flavour.name());
     }
     let others = PROBES.iter().filter(|p| {
         p.program != KVM_EXIT.program
             && matches!(p.when, When::Silent(Silence::OnKvm(_)))
-            && p.silent_on(&host).is_some()
+            && p.silent_on(host).is_some()
     });
     let silent: Vec<&str> = std::iter::once(KVM_EXIT.event)
         .chain(others.map(|p| p.event))

@@ -41,6 +41,8 @@ pub struct KindMetric {
     pub scale: Scale,
 }
 
+// Returns an Option like every arm of the kind-to-metric match it serves.
+#[allow(clippy::unnecessary_wraps)]
 fn counted(def: MetricDef, key: &'static str, value: impl Into<String>) -> Option<KindMetric> {
     Some(KindMetric {
         def,
@@ -49,6 +51,7 @@ fn counted(def: MetricDef, key: &'static str, value: impl Into<String>) -> Optio
     })
 }
 
+#[allow(clippy::unnecessary_wraps)] // as `counted`
 fn exit(source: &'static str, reason: String) -> Option<KindMetric> {
     Some(KindMetric {
         def: VM_EXITS,

@@ -99,12 +99,9 @@ impl KernelBtf {
                 "the kernel's BTF has no `{typedef}`"
             )));
         };
-        let functions = std::iter::once(event).chain(classes.iter().copied());
+        let mut functions = std::iter::once(event).chain(classes.iter().copied());
         let Some((class, named)) = functions
-            .filter_map(|class| {
-                Some((class, function_proto(btf, &format!("__bpf_trace_{class}"))?))
-            })
-            .next()
+            .find_map(|class| Some((class, function_proto(btf, &format!("__bpf_trace_{class}"))?)))
         else {
             return Ok(ArgCheck::Unchecked(format!(
                 "the kernel's BTF has no `__bpf_trace_{event}` (nor of the classes {classes:?}) to name its arguments"

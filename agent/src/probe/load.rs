@@ -28,6 +28,10 @@ pub enum ProbeError {
         "loading the eBPF programs failed (vmtrace needs root, or CAP_BPF and CAP_PERFMON; `vmtrace doctor` checks the host)"
     )]
     Load(#[from] aya::EbpfError),
+    #[error(
+        "this vmtrace was built with VMTRACE_EBPF_STUB=1 and has no eBPF programs: rebuild it without (docs/building.md)"
+    )]
+    BuiltWithStub,
     #[error("the eBPF object has no program `{0}`")]
     MissingProgram(&'static str),
     #[error("no exit probe could be attached: {0}")]
@@ -161,7 +165,7 @@ impl Probes {
         };
         let mut prepared: Vec<Prepared> = PROBES
             .iter()
-            .map(|spec| prepare(spec, options, &tracefs, &btf))
+            .map(|spec| prepare(spec, *options, &tracefs, &btf))
             .collect();
         agree_on_shared_globals(PROBES, &mut prepared);
         // Optional probes' switches: 1 where the probe is to be attached.
@@ -182,6 +186,9 @@ impl Probes {
         for (global, offset) in prepared.iter().flat_map(|p| p.globals.iter().flatten()) {
             loader.override_global(global, offset, true);
         }
+        if OBJECT.is_empty() {
+            return Err(ProbeError::BuiltWithStub);
+        }
         let mut ebpf = loader.load(OBJECT)?;
         let mut status: Vec<ProbeStatus> = Vec::with_capacity(PROBES.len());
         for (spec, prepared) in PROBES.iter().zip(prepared) {
@@ -197,7 +204,7 @@ impl Probes {
                 attach_type: spec.attach_type(),
                 error: result.err(),
                 program: spec.program,
-                silent: spec.silent_on(&host),
+                silent: spec.silent_on(host),
                 off_until: match spec.when {
                     When::Optional { option, .. } if !options.is_on(option) => Some(option.flag()),
                     _ => None,
@@ -293,7 +300,7 @@ fn has_iommu_groups() -> bool {
 /// What `spec` needs before the object is loaded, on this host with these options.
 fn prepare(
     spec: &ProbeSpec,
-    options: &ProbeOptions,
+    options: ProbeOptions,
     tracefs: &Result<PathBuf, String>,
     btf: &Result<KernelBtf, String>,
 ) -> Prepared {
@@ -516,7 +523,7 @@ mod tests {
             },
             ..*crate::probe::spec::find("kvm_mmio").unwrap()
         };
-        let prepared = prepare(&wrong, &ProbeOptions::default(), &no_tracefs, &Ok(btf));
+        let prepared = prepare(&wrong, ProbeOptions::default(), &no_tracefs, &Ok(btf));
         assert_eq!(prepared.btf_args, Some(BtfArgs::Mismatch));
         let err = prepared.globals.unwrap_err();
         assert!(
@@ -524,7 +531,7 @@ mod tests {
             "{err}"
         );
         let unreadable: Result<KernelBtf, String> = Err("cannot read BTF".to_owned());
-        let prepared = prepare(&wrong, &ProbeOptions::default(), &no_tracefs, &unreadable);
+        let prepared = prepare(&wrong, ProbeOptions::default(), &no_tracefs, &unreadable);
         assert!(prepared.globals.is_ok());
         assert!(matches!(prepared.btf_args, Some(BtfArgs::Unchecked(_))));
     }

@@ -94,7 +94,7 @@ pub struct HostTraits {
 
 impl Silence {
     /// Why the probe is silent on `host`, or `None` where it fires.
-    pub fn reason(self, host: &HostTraits) -> Option<String> {
+    pub fn reason(self, host: HostTraits) -> Option<String> {
         match self {
             Self::OnKvm(flavours) if flavours.contains(&host.kvm) => {
                 Some(format!("{} never emits it", host.kvm.name()))
@@ -120,7 +120,7 @@ impl ProbeSpec {
     }
 
     /// Why this probe does not fire on `host`, if it does not.
-    pub fn silent_on(&self, host: &HostTraits) -> Option<String> {
+    pub fn silent_on(&self, host: HostTraits) -> Option<String> {
         match self.when {
             When::Silent(silence) => silence.reason(host),
             When::Required | When::Optional { .. } => None,
@@ -329,12 +329,12 @@ mod tests {
             iommu: true,
         };
         assert_eq!(
-            KVM_EXIT.silent_on(&pvm).as_deref(),
+            KVM_EXIT.silent_on(pvm).as_deref(),
             Some("PVM never emits it")
         );
-        assert_eq!(KVM_EXIT.silent_on(&svm), None);
+        assert_eq!(KVM_EXIT.silent_on(svm), None);
         let io_page_fault = find("io_page_fault").unwrap();
-        assert!(io_page_fault.silent_on(&pvm).is_some());
-        assert_eq!(io_page_fault.silent_on(&svm), None);
+        assert!(io_page_fault.silent_on(pvm).is_some());
+        assert_eq!(io_page_fault.silent_on(svm), None);
     }
 }

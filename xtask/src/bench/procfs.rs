@@ -51,7 +51,7 @@ fn on_cpu_ns(pid: u32) -> Option<u64> {
     Some(total)
 }
 
-/// A `Key:   1234 kB` line of /proc/<pid>/status, in KiB.
+/// A `Key:   1234 kB` line of `/proc/<pid>/status`, in KiB.
 pub fn status_kib(status: &str, key: &str) -> Option<u64> {
     status.lines().find_map(|line| {
         let (name, value) = line.split_once(':')?;

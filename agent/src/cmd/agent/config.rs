@@ -20,7 +20,7 @@ use crate::{
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
     /// TOML configuration file (keys: interval, window, listen, kick_latency, node_name, and an
-    /// [otlp] table with endpoint, protocol, headers, timeout_ms, interval_ms; see
+    /// `[otlp]` table with endpoint, protocol, headers, timeout_ms, interval_ms; see
     /// docs/configuration.md).
     #[arg(long, env = "VMTRACE_CONFIG")]
     pub config: Option<PathBuf>,

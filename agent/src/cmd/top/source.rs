@@ -43,8 +43,8 @@ pub enum Source {
 
 impl Source {
     /// Attaches the probes; the first sample comes one interval later.
-    pub fn live(options: &ProbeOptions, interval: Duration) -> Result<Self> {
-        let sampler = Sampler::start(options)?;
+    pub fn live(options: ProbeOptions, interval: Duration) -> Result<Self> {
+        let sampler = Sampler::start(&options)?;
         Ok(Self::Live {
             sampler: Box::new(sampler),
             interval,
