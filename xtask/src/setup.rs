@@ -120,19 +120,32 @@ fn install_cargo_deny() -> Result<()> {
     exec(Command::new("cargo").args(["install", "--locked", CARGO_DENY]))
 }
 
-/// The toolchain of the workspace's rust-version, for the MSRV check of `cargo xtask test`. rustup
-/// downloads it from static.rust-lang.org (a minimal profile: rustc, cargo and the standard library).
+/// The toolchain of the workspace's rust-version, for the MSRV check of `cargo xtask test`: an
+/// installed one where its compiler has that version (rustup's stable often does), else rustup
+/// installs it (a minimal profile: rustc, cargo and the standard library).
 fn install_msrv_toolchain() -> Result<()> {
-    let toolchain = crate::test::msrv_toolchain(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))?;
-    if rustup_run(&toolchain, "rustc")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    let msrv = crate::test::msrv_toolchain(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))?;
+    if msrv_runner(&msrv).is_some() {
         return Ok(());
     }
-    eprintln!("setup: installing Rust {toolchain} for the MSRV check");
-    exec(Command::new("rustup").args(["toolchain", "install", &toolchain, "--profile", "minimal"]))
+    eprintln!("setup: installing Rust {msrv} for the MSRV check");
+    exec(Command::new("rustup").args(["toolchain", "install", &msrv, "--profile", "minimal"]))
+}
+
+/// An installed rustup toolchain whose compiler is exactly `msrv` (e.g. `1.95.0`).
+pub fn msrv_runner(msrv: &str) -> Option<String> {
+    [msrv, "stable"]
+        .into_iter()
+        .map(str::to_owned)
+        .find(|toolchain| {
+            rustup_run(toolchain, "rustc")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success()
+                        && String::from_utf8_lossy(&o.stdout).starts_with(&format!("rustc {msrv} "))
+                })
+        })
 }
 
 /// `rustup run <toolchain> <program>`, without the calling cargo's choice of compiler.

@@ -49,9 +49,10 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
         setup::exec(cargo(&root).args(["deny", "--offline", "check"]))
     })?;
     let msrv = msrv_toolchain(&root)?;
+    let msrv_toolchain = setup::msrv_runner(&msrv).unwrap_or_else(|| msrv.clone());
     step(&format!("MSRV: cargo check with Rust {msrv}"), || {
         setup::exec(
-            setup::rustup_run(&msrv, "cargo")
+            setup::rustup_run(&msrv_toolchain, "cargo")
                 .current_dir(&root)
                 .args(["check", "--workspace"]),
         )
