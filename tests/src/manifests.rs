@@ -21,7 +21,7 @@ pub fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-/// The target directory (target/debug/deps/<test> -> target).
+/// The target directory (`target/debug/deps/<test>` -> `target`).
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     exe.ancestors().nth(3).expect("target dir").to_owned()

@@ -93,7 +93,7 @@ pub enum TlbEvent {
     /// Hyper-V flush hypercalls.
     HvFlush,
     HvFlushEx,
-    /// Derived: `kvm_exit` reasons that touch the guest's TLB (see [`is_tlb_exit`]).
+    /// Derived: `kvm_exit` reasons that touch the guest's TLB (see `probe::kinds::is_tlb_exit`).
     Exit,
     /// Hardware dTLB misses of the VMM threads, where the host has the counters.
     DtlbLoadMiss,

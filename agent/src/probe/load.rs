@@ -151,7 +151,7 @@ struct Prepared {
 }
 
 impl Probes {
-    /// Loads the programs and attaches every probe of [`PROBES`] this host supports.
+    /// Loads the programs and attaches every probe of the probe table (`probe::spec::PROBES`) this host supports.
     pub fn attach(kvm: &KvmDetection, options: &ProbeOptions) -> Result<Self, ProbeError> {
         let host = HostTraits {
             kvm: kvm.flavour,

@@ -1,5 +1,5 @@
 //! The report's charts, drawn with plotters as SVG (text measured with the embedded DejaVu font, so
-//! the layout does not depend on the host's fonts); [`super::png`] renders them to PNG.
+//! the layout does not depend on the host's fonts); `png` renders them to PNG.
 //!
 //! Each chart is the plot on the left and its legend in a strip on the right, outside the plot, so
 //! that lines are never hidden behind a legend (and a test can look for a series' colour in the

@@ -2,7 +2,7 @@
 //! second by tenant, each tenant's exits by reason and kicks over time, and its latency histograms,
 //! as SVG and PNG files and one HTML page that holds them all.
 //!
-//! [`series`] takes the numbers out of the samples, [`charts`] draws them, [`html`] lays out the page.
+//! `series` takes the numbers out of the samples, [`charts`] draws them, `html` lays out the page.
 
 pub mod charts;
 pub(crate) mod html;
