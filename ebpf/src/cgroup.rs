@@ -31,7 +31,7 @@ static CGROUP_ATTACH_PATH_OFFSET: u32 = 28;
 #[tracepoint(category = "cgroup", name = "cgroup_mkdir")]
 pub fn cgroup_mkdir(ctx: TracePointContext) -> i32 {
     // SAFETY: a volatile read of a constant the loader may have rewritten.
-    let path = unsafe { core::ptr::read_volatile(&CGROUP_PATH_OFFSET) };
+    let path = unsafe { core::ptr::read_volatile(&raw const CGROUP_PATH_OFFSET) };
     emit(&ctx, CgroupEventKind::Mkdir, path);
     0
 }
@@ -39,7 +39,7 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> i32 {
 #[tracepoint(category = "cgroup", name = "cgroup_rmdir")]
 pub fn cgroup_rmdir(ctx: TracePointContext) -> i32 {
     // SAFETY: as above.
-    let path = unsafe { core::ptr::read_volatile(&CGROUP_PATH_OFFSET) };
+    let path = unsafe { core::ptr::read_volatile(&raw const CGROUP_PATH_OFFSET) };
     emit(&ctx, CgroupEventKind::Rmdir, path);
     0
 }
@@ -47,7 +47,7 @@ pub fn cgroup_rmdir(ctx: TracePointContext) -> i32 {
 #[tracepoint(category = "cgroup", name = "cgroup_attach_task")]
 pub fn cgroup_attach_task(ctx: TracePointContext) -> i32 {
     // SAFETY: as above.
-    let path = unsafe { core::ptr::read_volatile(&CGROUP_ATTACH_PATH_OFFSET) };
+    let path = unsafe { core::ptr::read_volatile(&raw const CGROUP_ATTACH_PATH_OFFSET) };
     emit(&ctx, CgroupEventKind::Attach, path);
     0
 }
@@ -58,8 +58,8 @@ fn emit(ctx: &TracePointContext, kind: CgroupEventKind, path_field: u32) {
     // SAFETY: volatile reads of constants the loader may have rewritten.
     let (root_offset, id_offset) = unsafe {
         (
-            core::ptr::read_volatile(&CGROUP_ROOT_OFFSET),
-            core::ptr::read_volatile(&CGROUP_ID_OFFSET),
+            core::ptr::read_volatile(&raw const CGROUP_ROOT_OFFSET),
+            core::ptr::read_volatile(&raw const CGROUP_ID_OFFSET),
         )
     };
     // SAFETY: offsets checked against the format files; read_at fails rather than faults.

@@ -29,9 +29,9 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> i32 {
     // SAFETY: volatile reads of constants the loader may have rewritten.
     let (fd_offset, cmd_offset, arg_offset) = unsafe {
         (
-            core::ptr::read_volatile(&IOCTL_FD_OFFSET),
-            core::ptr::read_volatile(&IOCTL_CMD_OFFSET),
-            core::ptr::read_volatile(&IOCTL_ARG_OFFSET),
+            core::ptr::read_volatile(&raw const IOCTL_FD_OFFSET),
+            core::ptr::read_volatile(&raw const IOCTL_CMD_OFFSET),
+            core::ptr::read_volatile(&raw const IOCTL_ARG_OFFSET),
         )
     };
     // SAFETY: offsets checked against the format file; read_at fails rather than faults.
@@ -77,7 +77,7 @@ static READ_FD_OFFSET: u32 = 16;
 #[tracepoint(category = "syscalls", name = "sys_enter_read")]
 pub fn sys_enter_read(ctx: TracePointContext) -> i32 {
     // SAFETY: a volatile read of a constant the loader may have rewritten.
-    let offset = unsafe { core::ptr::read_volatile(&READ_FD_OFFSET) };
+    let offset = unsafe { core::ptr::read_volatile(&raw const READ_FD_OFFSET) };
     // SAFETY: offset checked against the format file; read_at fails rather than faults.
     if let Ok(fd) = unsafe { ctx.read_at::<u64>(offset as usize) } {
         on_read(fd as u32);

@@ -66,8 +66,8 @@ pub fn io_page_fault(ctx: TracePointContext) -> i32 {
     // SAFETY: volatile reads of constants the loader may have rewritten.
     let (device_offset, flags_offset) = unsafe {
         (
-            core::ptr::read_volatile(&IO_PAGE_FAULT_DEVICE_OFFSET),
-            core::ptr::read_volatile(&IO_PAGE_FAULT_FLAGS_OFFSET),
+            core::ptr::read_volatile(&raw const IO_PAGE_FAULT_DEVICE_OFFSET),
+            core::ptr::read_volatile(&raw const IO_PAGE_FAULT_FLAGS_OFFSET),
         )
     };
     // SAFETY: offsets checked against the format file; read_at fails rather than faults.

@@ -38,8 +38,8 @@ pub fn kvm_exit(ctx: TracePointContext) -> i32 {
     // SAFETY: volatile reads of constants the loader may have rewritten.
     let (reason_offset, isa_offset) = unsafe {
         (
-            core::ptr::read_volatile(&KVM_EXIT_REASON_OFFSET),
-            core::ptr::read_volatile(&KVM_EXIT_ISA_OFFSET),
+            core::ptr::read_volatile(&raw const KVM_EXIT_REASON_OFFSET),
+            core::ptr::read_volatile(&raw const KVM_EXIT_ISA_OFFSET),
         )
     };
     // SAFETY: the offsets were checked against the host's format file; read_at goes through the

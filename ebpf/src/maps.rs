@@ -121,7 +121,7 @@ pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: K, full: Drop, amount: u64
     }
     // First event of this key on this CPU. NOEXIST: if another CPU added the key meanwhile, the
     // insert fails and this CPU's (zeroed) slot of that entry is incremented instead.
-    if map.insert(&key, amount, BPF_NOEXIST as u64).is_ok() {
+    if map.insert(&key, amount, u64::from(BPF_NOEXIST)).is_ok() {
         return;
     }
     match map.get_ptr_mut(&key) {
@@ -136,7 +136,7 @@ pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: K, full: Drop, amount: u64
 pub fn record_latency(key: LatencyKey, ns: u64) {
     if EXIT_LATENCY.get_ptr_mut(key).is_none()
         && EXIT_LATENCY
-            .insert(key, LatencyHistogram::EMPTY, BPF_NOEXIST as u64)
+            .insert(key, LatencyHistogram::EMPTY, u64::from(BPF_NOEXIST))
             .is_err()
         && EXIT_LATENCY.get_ptr_mut(key).is_none()
     {

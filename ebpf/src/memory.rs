@@ -144,25 +144,22 @@ fn on_returned(cgroup_id: u64, start: u64, end: u64) {
     let tgid = current_tgid();
     let mut returned = 0u64;
     // SAFETY: the value is only read.
-    match unsafe { GUEST_MEMORY.get(tgid) } {
-        Some(memory) => {
-            for [slot_start, slot_end] in memory.ranges {
-                let from = if start > slot_start {
-                    start
-                } else {
-                    slot_start
-                };
-                let to = if end < slot_end { end } else { slot_end };
-                if from < to {
-                    returned += to - from;
-                    remember_returned(tgid, from, to);
-                }
+    if let Some(memory) = unsafe { GUEST_MEMORY.get(tgid) } {
+        for [slot_start, slot_end] in memory.ranges {
+            let from = if start > slot_start {
+                start
+            } else {
+                slot_start
+            };
+            let to = if end < slot_end { end } else { slot_end };
+            if from < to {
+                returned += to - from;
+                remember_returned(tgid, from, to);
             }
         }
-        None => {
-            returned = end.saturating_sub(start);
-            remember_returned(tgid, start, end);
-        }
+    } else {
+        returned = end.saturating_sub(start);
+        remember_returned(tgid, start, end);
     }
     if returned == 0 {
         return;
@@ -204,7 +201,7 @@ pub fn on_set_memory_region(arg: u64) {
     // built (or copied) on the stack would not fit beside the ioctl probe's other locals, so the
     // static is passed by reference.
     #[allow(clippy::needless_borrows_for_generic_args)]
-    let _ = GUEST_MEMORY.insert(tgid, &NO_GUEST_MEMORY, BPF_NOEXIST as u64);
+    let _ = GUEST_MEMORY.insert(tgid, &NO_GUEST_MEMORY, u64::from(BPF_NOEXIST));
     let Some(memory) = GUEST_MEMORY.get_ptr_mut(tgid) else {
         count_drop(Drop::GuestMemoryLost);
         return;
@@ -262,7 +259,7 @@ static MADVISE_BEHAVIOR_OFFSET: u32 = 32;
 #[tracepoint(category = "syscalls", name = "sys_enter_madvise")]
 pub fn sys_enter_madvise(ctx: TracePointContext) -> i32 {
     // SAFETY: a volatile read of a constant the loader may have rewritten.
-    let offset = unsafe { core::ptr::read_volatile(&MADVISE_BEHAVIOR_OFFSET) };
+    let offset = unsafe { core::ptr::read_volatile(&raw const MADVISE_BEHAVIOR_OFFSET) };
     // SAFETY: offset checked against the format file; read_at fails rather than faults.
     let Ok(behavior) = (unsafe { ctx.read_at::<u64>(offset as usize) }) else {
         return 0;

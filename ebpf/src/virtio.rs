@@ -84,7 +84,7 @@ pub fn on_ioeventfd(vm_fd: u32, arg: u64) {
         remember_address(&key);
     }
     // Registered again: its counter goes on. NOEXIST leaves an existing one as it is.
-    if let Err(err) = KICKS.insert(key, 0, BPF_NOEXIST as u64)
+    if let Err(err) = KICKS.insert(key, 0, u64::from(BPF_NOEXIST))
         && err != -EEXIST
     {
         count_drop(Drop::KicksFull);
@@ -170,7 +170,7 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) -> bool {
     // SAFETY: this CPU's value of the entry; tracepoint programs run with preemption disabled.
     unsafe { *kicks += 1 };
     // SAFETY: a volatile read of a constant the loader may have rewritten.
-    if unsafe { core::ptr::read_volatile(&KICK_LATENCY) } != 0 {
+    if unsafe { core::ptr::read_volatile(&raw const KICK_LATENCY) } != 0 {
         // SAFETY: the value is copied out at once.
         if let Some(doorbell) = unsafe { DOORBELLS.get(key) }.copied() {
             remember_kick(key.tgid, doorbell);
@@ -199,7 +199,7 @@ fn remember_kick(tgid: u32, doorbell: Doorbell) {
         reserved: 0,
     };
     // NOEXIST keeps the first unserved kick: later kicks before the read are served by that read.
-    if let Err(err) = PENDING_KICKS.insert(key, pending, BPF_NOEXIST as u64)
+    if let Err(err) = PENDING_KICKS.insert(key, pending, u64::from(BPF_NOEXIST))
         && err != -EEXIST
     {
         count_drop(Drop::PendingKicksFull);

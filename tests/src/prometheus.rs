@@ -57,7 +57,7 @@ impl Prometheus {
                 .stderr(log_file),
         );
         let mut prometheus = Self { port, process, log };
-        wait_for("Prometheus to be ready", Duration::from_secs(60), || {
+        wait_for("Prometheus to be ready", Duration::from_mins(1), || {
             let tail = prometheus.log_tail();
             prometheus.process.assert_running(&tail);
             matches!(http_get(port, "/-/ready"), Ok((200, _))).then_some(())

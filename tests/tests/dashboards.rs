@@ -425,7 +425,7 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
             eprintln!("[vmtrace agent] {line}");
         }
     });
-    wait_for("the agent's /readyz", Duration::from_secs(60), || {
+    wait_for("the agent's /readyz", Duration::from_mins(1), || {
         agent.assert_running("before it was ready (its stderr is above)");
         matches!(http_get(agent_port, "/readyz"), Ok((200, _))).then_some(())
     });
@@ -459,7 +459,7 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     let started = Instant::now();
     wait_for(
         "Prometheus to hold 40 s of the tenants' exits",
-        Duration::from_secs(120),
+        Duration::from_mins(2),
         || {
             for vmm in &mut vmms {
                 vmm.assert_running("while Prometheus was filling");

@@ -59,7 +59,10 @@ fn manifests_validate_and_keep_to_least_privilege() {
                 .trim_start_matches("path:")
                 .split_whitespace()
                 .next()?;
-            word.ends_with(".yaml").then(|| word.to_owned())
+            std::path::Path::new(word)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("yaml"))
+                .then(|| word.to_owned())
         })
         .collect();
     for file in listed.iter().chain(&optional) {
@@ -424,7 +427,7 @@ fn run_as_pod(daemonset: &Value, grant: Grant, executable: &Path, parent: &str, 
     let (ready_port, ready_path) = port_of("readinessProbe");
     let (live_port, live_path) = port_of("livenessProbe");
 
-    let ready = poll(Duration::from_secs(60), || {
+    let ready = poll(Duration::from_mins(1), || {
         matches!(pod.http_get(ready_port, &ready_path), Ok((200, _))).then_some(())
     });
     assert!(

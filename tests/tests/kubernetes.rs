@@ -123,7 +123,7 @@ fn pod_tenants_are_named_from_the_api_server() {
             ])
             .stderr(Stdio::inherit()),
     );
-    wait_for("the agent to be ready", Duration::from_secs(60), || {
+    wait_for("the agent to be ready", Duration::from_mins(1), || {
         matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
     });
     run_vmm(&[

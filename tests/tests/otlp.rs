@@ -214,7 +214,7 @@ fn an_unreachable_collector_costs_nothing_but_counted_drops() {
         .unwrap();
     let outage = Instant::now();
     let mut rss_max = rss_start;
-    while outage.elapsed() < Duration::from_secs(60) {
+    while outage.elapsed() < Duration::from_mins(1) {
         std::thread::sleep(Duration::from_secs(1));
         rss_max = rss_max.max(agent.rss_kib());
     }

@@ -39,7 +39,7 @@ impl Recorder {
             }
         });
         loop {
-            match rx.recv_timeout(Duration::from_secs(60)) {
+            match rx.recv_timeout(Duration::from_mins(1)) {
                 Ok(line) if line.starts_with("vmtrace: recording to") => return Self { process },
                 Ok(_) => {}
                 // The process is killed as it is dropped.

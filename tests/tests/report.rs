@@ -299,7 +299,7 @@ fn wait_for_line(child: &mut Child, prefix: &str) {
         }
     });
     loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
+        match rx.recv_timeout(Duration::from_mins(1)) {
             Ok(line) if line.starts_with(prefix) => return,
             Ok(_) => {}
             Err(e) => {

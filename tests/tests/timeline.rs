@@ -36,7 +36,7 @@ fn the_timeline_holds_a_window_of_every_tenants_series() {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),
     );
-    wait_for("the agent to be ready", Duration::from_secs(60), || {
+    wait_for("the agent to be ready", Duration::from_mins(1), || {
         matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
     });
     let report = run_vmm(&[
@@ -48,7 +48,7 @@ fn the_timeline_holds_a_window_of_every_tenants_series() {
         &tenant.relative,
     ]);
     let exits = report.total.exits["io"];
-    thread::sleep(Duration::from_millis(1000));
+    thread::sleep(Duration::from_secs(1));
 
     let all = timeline(port, "");
     assert_eq!(all["interval_secs"], 0.25);

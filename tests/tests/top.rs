@@ -170,7 +170,7 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     tmux.keys(&["Enter"]);
     // The screen appears once the probes are attached: start the guests then, so that their
     // doorbells are seen being registered.
-    tmux.wait_for("top's screen", Duration::from_secs(60), |s| {
+    tmux.wait_for("top's screen", Duration::from_mins(1), |s| {
         s.starts_with("vmtrace top · live")
     });
     assert!(tmux.alternate_screen(), "top runs on the alternate screen");
@@ -313,7 +313,7 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     for (how, keys) in [("Ctrl-C", "C-c"), ("SIGTERM", "")] {
         tmux.type_text(&format!("{} top --filter {base}", vmtrace.display()));
         tmux.keys(&["Enter"]);
-        tmux.wait_for("top again", Duration::from_secs(60), |s| {
+        tmux.wait_for("top again", Duration::from_mins(1), |s| {
             s.starts_with("vmtrace top")
         });
         if keys.is_empty() {

@@ -321,7 +321,7 @@ impl Vmm {
                 first_error = Some(Error::Thread(format!("{index} panicked")));
             }
         }
-        let worker_output = match worker.map(|w| w.stop()) {
+        let worker_output = match worker.map(super::virtio::worker::Worker::stop) {
             Some(Ok(output)) => Some(output),
             Some(Err(e)) => {
                 first_error.get_or_insert(e);

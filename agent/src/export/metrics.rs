@@ -358,7 +358,7 @@ fn tenant_attributes(tenant: &TenantCounts) -> Vec<(&'static str, String)> {
     }
     match &tenant.identity {
         Some(Tenant::KubernetesPod { pod_uid, .. }) => {
-            attributes.push(("k8s.pod.uid", pod_uid.clone()))
+            attributes.push(("k8s.pod.uid", pod_uid.clone()));
         }
         Some(Tenant::LibvirtVm { name }) => attributes.push(("vm.name", name.clone())),
         Some(Tenant::SystemdUnit { unit }) => attributes.push(("systemd.unit", unit.clone())),

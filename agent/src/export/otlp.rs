@@ -389,7 +389,7 @@ mod tests {
         );
         assert_eq!(
             (http.timeout, http.interval),
-            (Duration::from_secs(10), Duration::from_secs(60))
+            (Duration::from_secs(10), Duration::from_mins(1))
         );
         let grpc = OtlpConfig::from_env(&env(&[
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),

@@ -151,10 +151,10 @@ impl Collector for Families {
                 let point_encoder = metric.encode_family(&labels)?;
                 match (&point.value, def.kind) {
                     (Value::Int(v), MetricKind::Counter) => {
-                        ConstCounter::new(*v).encode(point_encoder)?
+                        ConstCounter::new(*v).encode(point_encoder)?;
                     }
                     (Value::Float(v), MetricKind::Counter) => {
-                        ConstCounter::new(*v).encode(point_encoder)?
+                        ConstCounter::new(*v).encode(point_encoder)?;
                     }
                     (Value::Int(v), _) => ConstGauge::new(*v as i64).encode(point_encoder)?,
                     (Value::Float(v), _) => ConstGauge::new(*v).encode(point_encoder)?,

@@ -86,8 +86,7 @@ fn detect_kvm_in(modules: &Path, dev_kvm: bool) -> KvmDetection {
 /// The running kernel's release, e.g. "6.18.44".
 pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned())
+        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
 }
 
 /// Whether the kernel exposes its BTF, which CO-RE relocations need.

@@ -105,7 +105,7 @@ impl Counters {
     pub fn read(&mut self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
         let map_error = |name| move |e| CountsError::Map(name, e);
         let mut raw = Vec::new();
-        for entry in self.exits.iter() {
+        for entry in &self.exits {
             let (key, per_cpu) = entry.map_err(map_error(EXIT_COUNTS_MAP))?;
             raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
         }
@@ -130,7 +130,7 @@ impl Counters {
             by_cgroup: aggregate(&raw, names),
             ..Snapshot::default()
         };
-        for entry in self.latency.iter() {
+        for entry in &self.latency {
             let (key, per_cpu) = entry.map_err(map_error(EXIT_LATENCY_MAP))?;
             let Ok(latency_kind) = LatencyKind::try_from(key.kind) else {
                 continue;
@@ -166,7 +166,7 @@ impl Counters {
             });
             doorbells.sort();
         }
-        for entry in self.iommu_faults.iter() {
+        for entry in &self.iommu_faults {
             let (key, per_cpu) = entry.map_err(map_error(IOMMU_FAULTS_MAP))?;
             let length = key
                 .device
@@ -207,7 +207,7 @@ impl Counters {
     fn read_kicks(&mut self) -> Result<BTreeMap<KickKey, u64>, CountsError> {
         let map_error = |name| move |e| CountsError::Map(name, e);
         let mut live = BTreeMap::new();
-        for entry in self.doorbells.iter() {
+        for entry in &self.doorbells {
             let (key, doorbell) = entry.map_err(map_error(DOORBELLS_MAP))?;
             live.insert(key, doorbell);
         }
@@ -227,13 +227,13 @@ impl Counters {
             let _ = self.doorbell_addrs.remove(&key.address());
         }
         let mut removed = BTreeMap::new();
-        for entry in self.removed_doorbells.iter() {
+        for entry in &self.removed_doorbells {
             let (key, doorbell) = entry.map_err(map_error(REMOVED_DOORBELLS_MAP))?;
             removed.insert(key, doorbell);
         }
         let mut kicks = self.collected_kicks.clone();
         let mut collected = Vec::new();
-        for entry in self.kicks.iter() {
+        for entry in &self.kicks {
             let (key, per_cpu) = entry.map_err(map_error(KICKS_MAP))?;
             let total: u64 = per_cpu.iter().sum();
             if let Some(doorbell) = live.get(&key) {

@@ -74,7 +74,7 @@ impl Accounting {
         let guest_by_cgroup = self.guest.update(&threads);
         let dtlb_misses = match &mut self.dtlb {
             Ok(counters) => counters.update(&threads),
-            Err(_) => Default::default(),
+            Err(_) => HashMap::default(),
         };
         for tenant in tenants.iter_mut() {
             for ((cgroup_id, kind), misses) in &dtlb_misses {

@@ -356,7 +356,7 @@ pub struct Pacer {
 
 impl Pacer {
     /// The longest wait between two samples, whatever the file says.
-    pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+    pub const MAX_WAIT: Duration = Duration::from_hours(1);
 
     pub fn new(speed: Option<f64>) -> Self {
         Self {
@@ -584,7 +584,7 @@ mod tests {
             tenants: Vec::new(),
             dtlb_unavailable: None,
             iommu_faults: Vec::new(),
-            drops: Default::default(),
+            drops: std::collections::BTreeMap::default(),
             last: true,
         };
         writer.write(&sample).unwrap();

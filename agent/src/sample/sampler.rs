@@ -210,4 +210,4 @@ impl Sampler {
 }
 
 /// How long the owner of a faulting device is trusted before it is looked up again.
-const IOMMU_OWNER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+const IOMMU_OWNER_TTL: std::time::Duration = std::time::Duration::from_mins(1);

@@ -203,7 +203,7 @@ async fn list_and_watch(config: &KubeConfig, directory: &PodDirectory) -> Result
         ("resourceVersion", list.metadata.resource_version),
         ("allowWatchBookmarks", "true".to_owned()),
     ])
-    .timeout(Duration::from_secs(3600))
+    .timeout(Duration::from_hours(1))
     .send()
     .await
     .context("watching pods")?

@@ -102,7 +102,7 @@ pub fn series_under(sample: &Value, prefix: &str) -> (usize, usize) {
         .map(|t| {
             t.get("counts")
                 .and_then(Value::as_object)
-                .map_or(0, |c| c.len())
+                .map_or(0, serde_json::Map::len)
         })
         .sum();
     (ours.len(), series)

@@ -37,7 +37,7 @@ impl Drop for StatsEnabled {
 
 /// One loaded program's statistics.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Prog {
+pub struct LoadedProgram {
     pub id: u64,
     pub name: String,
     pub prog_type: String,
@@ -46,7 +46,7 @@ pub struct Prog {
 }
 
 /// Every loaded program, by id.
-pub type Snapshot = BTreeMap<u64, Prog>;
+pub type Snapshot = BTreeMap<u64, LoadedProgram>;
 
 pub fn snapshot() -> Result<Snapshot> {
     let output = Command::new("bpftool")
@@ -65,7 +65,7 @@ pub fn snapshot() -> Result<Snapshot> {
 
 /// Parses `bpftool prog show --json`. The statistics fields are absent while a program has not run
 /// with statistics enabled; they count as zero.
-pub fn parse(json: &str) -> Result<Vec<Prog>> {
+pub fn parse(json: &str) -> Result<Vec<LoadedProgram>> {
     let value: Value = serde_json::from_str(json).context("bpftool printed no JSON")?;
     let Value::Array(items) = value else {
         bail!("bpftool printed no JSON array");
@@ -80,7 +80,7 @@ pub fn parse(json: &str) -> Result<Vec<Prog>> {
                     .unwrap_or("")
                     .to_owned()
             };
-            Ok(Prog {
+            Ok(LoadedProgram {
                 id: number("id").context("a program without an id")?,
                 name: text("name"),
                 prog_type: text("type"),
@@ -101,14 +101,14 @@ pub fn new_ids(before: &Snapshot, after: &Snapshot) -> BTreeSet<u64> {
 }
 
 /// Run time and count accumulated by the programs `ids` between two snapshots.
-pub fn delta(before: &Snapshot, after: &Snapshot, ids: &BTreeSet<u64>) -> Vec<Prog> {
+pub fn delta(before: &Snapshot, after: &Snapshot, ids: &BTreeSet<u64>) -> Vec<LoadedProgram> {
     ids.iter()
         .filter_map(|id| {
             let end = after.get(id)?;
             let (time0, cnt0) = before
                 .get(id)
                 .map_or((0, 0), |p| (p.run_time_ns, p.run_cnt));
-            Some(Prog {
+            Some(LoadedProgram {
                 run_time_ns: end.run_time_ns.saturating_sub(time0),
                 run_cnt: end.run_cnt.saturating_sub(cnt0),
                 ..end.clone()
@@ -146,7 +146,7 @@ mod tests {
         let mut after = before.clone();
         after.get_mut(&531).unwrap().run_time_ns = 96000;
         after.get_mut(&531).unwrap().run_cnt = 2200;
-        let added = Prog {
+        let added = LoadedProgram {
             id: 600,
             name: "kvm_mmio".to_owned(),
             prog_type: "raw_tracepoint".to_owned(),

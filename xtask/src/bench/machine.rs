@@ -20,7 +20,7 @@ pub fn describe(tools: &Tools) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     Machine {
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         cpu_model: field(&cpuinfo, "model name").unwrap_or_else(|| "unknown".to_owned()),
         memory_gib: field(&meminfo, "MemTotal")
             .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())

@@ -50,20 +50,19 @@ pub fn run(env: &Env) -> Result<ProbeCost> {
             let s1 = bpfstats::snapshot()?;
             result.guest_ops.insert(w, measured.ops);
             for prog in bpfstats::delta(&s0, &s1, &ids) {
-                let row = match result.progs[first..]
+                let row = if let Some(row) = result.progs[first..]
                     .iter_mut()
                     .find(|p| p.program == prog.name && p.prog_type == prog.prog_type)
                 {
-                    Some(row) => row,
-                    None => {
-                        result.progs.push(ProgCost {
-                            tracer: t,
-                            program: prog.name.clone(),
-                            prog_type: prog.prog_type.clone(),
-                            runs: BTreeMap::new(),
-                        });
-                        result.progs.last_mut().expect("just pushed")
-                    }
+                    row
+                } else {
+                    result.progs.push(ProgCost {
+                        tracer: t,
+                        program: prog.name.clone(),
+                        prog_type: prog.prog_type.clone(),
+                        runs: BTreeMap::new(),
+                    });
+                    result.progs.last_mut().expect("just pushed")
                 };
                 let entry = row.runs.entry(w).or_default();
                 entry.0 += prog.run_time_ns;

@@ -66,7 +66,7 @@ pub fn own_cpu_ticks() -> f64 {
         // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: `usage` is a valid, writable rusage.
-        unsafe { libc::getrusage(who, &mut usage) };
+        unsafe { libc::getrusage(who, &raw mut usage) };
         let time = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         time(usage.ru_utime) + time(usage.ru_stime)
     };

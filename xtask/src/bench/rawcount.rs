@@ -224,8 +224,8 @@ fn map_total(map: &OwnedFd, cpus: usize) -> Result<u64> {
         let mut attr = MapElem {
             map_fd: map.as_raw_fd() as u32,
             _pad: 0,
-            key: if first { 0 } else { &key as *const u64 as u64 },
-            value: &mut next as *mut u64 as u64,
+            key: if first { 0 } else { &raw const key as u64 },
+            value: &raw mut next as u64,
             flags: 0,
         };
         if bpf_raw(BPF_MAP_GET_NEXT_KEY, &mut attr).is_err() {
@@ -236,7 +236,7 @@ fn map_total(map: &OwnedFd, cpus: usize) -> Result<u64> {
         let mut attr = MapElem {
             map_fd: map.as_raw_fd() as u32,
             _pad: 0,
-            key: &key as *const u64 as u64,
+            key: &raw const key as u64,
             value: values.as_mut_ptr() as u64,
             flags: 0,
         };
@@ -260,7 +260,7 @@ fn bpf_raw<T>(cmd: libc::c_long, attr: &mut T) -> Result<libc::c_long> {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut T,
+            std::ptr::from_mut::<T>(attr),
             std::mem::size_of::<T>() as libc::c_uint,
         )
     };

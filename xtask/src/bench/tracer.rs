@@ -167,7 +167,7 @@ fn start_perf(tools: &Tools) -> Result<Process> {
 }
 
 fn wait_for(process: &mut Process, name: &str, ready: impl Fn() -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         interrupt::check()?;
         if let Some(status) = process.exited()? {

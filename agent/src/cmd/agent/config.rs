@@ -141,7 +141,7 @@ impl AgentConfig {
         let window = args
             .window
             .or(file.window)
-            .unwrap_or(Duration::from_secs(600));
+            .unwrap_or(Duration::from_mins(10));
         if window < interval {
             bail!(
                 "the timeline window ({}) is shorter than the interval ({}): make it at least one \

@@ -163,8 +163,7 @@ pub fn resource(
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned())
+        .map_or_else(|_| "unknown".to_owned(), |h| h.trim().to_owned())
 }
 
 #[cfg(test)]

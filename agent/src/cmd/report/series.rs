@@ -193,7 +193,7 @@ mod tests {
             tenants,
             dtlb_unavailable: None,
             iommu_faults: Vec::new(),
-            drops: Default::default(),
+            drops: BTreeMap::default(),
             last: false,
         }
     }

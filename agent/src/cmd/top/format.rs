@@ -100,11 +100,11 @@ pub fn sparkline(values: &[f64], width: usize) -> String {
     let mut out: String = shown
         .iter()
         .map(|&v| {
-            if !(v.is_finite() && v > 0.0 && max > 0.0) {
-                ' '
-            } else {
+            if v.is_finite() && v > 0.0 && max > 0.0 {
                 let level = ((v / max) * LEVELS.len() as f64).ceil() as usize;
                 LEVELS[level.clamp(1, LEVELS.len()) - 1]
+            } else {
+                ' '
             }
         })
         .collect();
@@ -162,10 +162,10 @@ pub fn histogram_rows(buckets: &[(u64, u64)], max_rows: usize) -> Vec<HistogramR
 
 /// A horizontal bar of up to `width` cells for `value` out of `max`, with eighth-cell resolution.
 pub fn bar(value: u64, max: u64, width: usize) -> String {
+    const PARTIAL: [char; 7] = ['▏', '▎', '▍', '▌', '▋', '▊', '▉'];
     if max == 0 || value == 0 || width == 0 {
         return String::new();
     }
-    const PARTIAL: [char; 7] = ['▏', '▎', '▍', '▌', '▋', '▊', '▉'];
     let eighths = ((value as f64 / max as f64) * (width * 8) as f64).round() as usize;
     let eighths = eighths.clamp(1, width * 8);
     let mut out = "█".repeat(eighths / 8);

@@ -142,7 +142,7 @@ pub(crate) mod tests {
             ],
             dtlb_unavailable: None,
             iommu_faults: Vec::new(),
-            drops: Default::default(),
+            drops: std::collections::BTreeMap::default(),
             last: false,
         });
         app

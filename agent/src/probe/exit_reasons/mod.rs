@@ -557,7 +557,7 @@ mod tests {
         assert_eq!(names.name(1, 0xffff), "reason_65535");
         assert_eq!(names.name(1, 0x8000_ffff), "reason_65535|FAILED_VMENTRY");
         assert_eq!(
-            names.name(1, 0x0800_0000 | 30),
+            names.name(1, 0x0800_0000 | 0x1e), // 30: IO_INSTRUCTION
             "IO_INSTRUCTION|SGX_ENCLAVE_MODE"
         );
         assert_eq!(
