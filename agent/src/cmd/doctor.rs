@@ -243,7 +243,9 @@ pub fn render(d: &Diagnosis) -> String {
             d.probes_not_attached.join(", ")
         ));
     }
-    if d.blockers.is_empty() {
+    if d.blockers.is_empty() && !d.probes_not_attached.is_empty() {
+        out.push_str("\nvmtrace can run on this host, degraded: its figures lack those probes\n");
+    } else if d.blockers.is_empty() {
         out.push_str("\nready: vmtrace can run on this host\n");
     } else {
         out.push_str("\nvmtrace cannot run on this host:\n");
