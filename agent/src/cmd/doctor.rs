@@ -26,6 +26,8 @@ pub struct Diagnosis {
     pub privileges: Privileges,
     pub hardware_perf_counters: Result<(), String>,
     pub probes: Vec<ProbeStatus>,
+    /// Probes that should be attached here and are not (`category:event`): vmtrace runs degraded.
+    pub probes_not_attached: Vec<String>,
     /// Why vmtrace cannot run here; empty when it can.
     pub blockers: Vec<String>,
 }
@@ -34,7 +36,7 @@ pub fn diagnose() -> Diagnosis {
     let kvm = host::detect_kvm();
     let privileges = host::privileges();
     let tracefs = tracefs::find_or_mount()
-        .map(|p| p.display().to_string())
+        .map(|location| location.to_string())
         .map_err(|e| e.to_string());
     let cgroup_v2 = find_v2_mount().map(|p| p.display().to_string());
     let mut blockers = Vec::new();
@@ -79,6 +81,11 @@ pub fn diagnose() -> Diagnosis {
         cgroup_v2,
         privileges,
         hardware_perf_counters: crate::host::dtlb::availability(),
+        probes_not_attached: probes
+            .iter()
+            .filter(|p| p.degraded())
+            .map(|p| p.tracepoint.clone())
+            .collect(),
         probes,
         blockers,
     }
@@ -229,7 +236,16 @@ pub fn render(d: &Diagnosis) -> String {
             ),
         );
     }
-    if d.blockers.is_empty() {
+    if !d.probes_not_attached.is_empty() {
+        out.push_str(&format!(
+            "\ndegraded: {} probes not attached ({}): their figures will be missing\n",
+            d.probes_not_attached.len(),
+            d.probes_not_attached.join(", ")
+        ));
+    }
+    if d.blockers.is_empty() && !d.probes_not_attached.is_empty() {
+        out.push_str("\nvmtrace can run on this host, degraded: its figures lack those probes\n");
+    } else if d.blockers.is_empty() {
         out.push_str("\nready: vmtrace can run on this host\n");
     } else {
         out.push_str("\nvmtrace cannot run on this host:\n");

@@ -46,12 +46,15 @@ pub async fn run(args: &RecordArgs) -> Result<()> {
         Box::new(BufWriter::new(file))
     };
     let mut sampler = Sampler::start(&args.probes.into())?;
-    let header = Header::new(
-        sampler.kvm().flavour,
-        sampler.probes().exit_source,
-        args.interval,
-        args.probes.kick_latency,
-    );
+    let header = Header {
+        probes_not_attached: sampler.probes_not_attached(),
+        ..Header::new(
+            sampler.kvm().flavour,
+            sampler.probes().exit_source,
+            args.interval,
+            args.probes.kick_latency,
+        )
+    };
     let mut writer = RecordingWriter::new(out, &header)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     eprintln!(

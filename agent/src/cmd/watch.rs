@@ -9,7 +9,7 @@ use clap::Args;
 use crate::{
     cmd::args::{ProbeArgs, parse_interval},
     kind::{Gauge, Kind, MemEvent, TopColumn},
-    sample::sampler::{Sample, Sampler},
+    sample::sampler::{Sample, Sampler, degraded_marker},
     sample::ticks::Ticks,
     tenant::aggregate::TenantCounts,
 };
@@ -48,6 +48,9 @@ pub async fn run(options: &WatchArgs) -> Result<()> {
         sampler.kvm().flavour.name(),
         sampler.probes().exit_source.describe()
     );
+    if let Some(marker) = degraded_marker(&sampler.probes_not_attached()) {
+        eprintln!("vmtrace: {marker}: its figures are incomplete (`vmtrace doctor` says why)");
+    }
     let mut ticks = Ticks::new(options.interval, options.duration, false)?;
     loop {
         let last = ticks.next().await;
@@ -117,10 +120,12 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 fn render_table(report: &Sample) -> String {
     let mut out = format!(
-        "\n── vmtrace · {:.0}s · exit source: {}{} ──\n{:<40} {:<26} {:>11} {:>10} {:>9} {:>9}\n",
+        "\n── vmtrace · {:.0}s · exit source: {}{}{} ──\n{:<40} {:<26} {:>11} {:>10} {:>9} {:>9}\n",
         report.elapsed_secs,
         report.exit_source.short_name(),
         if report.last { " · final" } else { "" },
+        degraded_marker(&report.probes_not_attached)
+            .map_or_else(String::new, |m| format!(" · {m}")),
         "TENANT",
         "KIND",
         "COUNT",

@@ -195,8 +195,18 @@ pub const AGENT_EXPORT_DROPPED: MetricDef = MetricDef {
                   cumulative, so the next export that succeeds carries everything counted meanwhile.",
 };
 
+pub const AGENT_PROBE_ATTACHED: MetricDef = MetricDef {
+    name: "vmtrace.agent.probe.attached",
+    unit: "1",
+    kind: MetricKind::Gauge,
+    description: "1 for each probe attached, 0 for each probe that should be attached on this host \
+                  and is not (attribute `reason` says why; the agent is then degraded and /readyz \
+                  answers 503), by `probe` (category:event). A probe silent on this host or optional \
+                  and off is not listed when it is not attached.",
+};
+
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 23] = [
+pub const ALL: [MetricDef; 24] = [
     VM_EXITS,
     VM_EVENTS,
     VIRTIO_KICKS,
@@ -220,6 +230,7 @@ pub const ALL: [MetricDef; 23] = [
     AGENT_CPU_TIME,
     AGENT_MEMORY,
     AGENT_EXPORT_DROPPED,
+    AGENT_PROBE_ATTACHED,
 ];
 
 /// A histogram data point: explicit bounds in seconds and the count in each bucket
@@ -343,7 +354,43 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
         Vec::new(),
         Value::Int(health.export_dropped),
     );
+    for probe in &sample.probes_attached {
+        push(
+            AGENT_PROBE_ATTACHED,
+            vec![("probe", probe.clone())],
+            Value::Int(1),
+        );
+    }
+    for failure in &sample.probes_not_attached {
+        push(
+            AGENT_PROBE_ATTACHED,
+            vec![
+                ("probe", failure.probe.clone()),
+                ("reason", failure.reason.clone()),
+            ],
+            Value::Int(0),
+        );
+    }
     by_def
+}
+
+/// The probes the metrics show missing, as `probe: reason` lines: empty when none is.
+pub fn probes_missing(families: &[Family]) -> Vec<String> {
+    families
+        .iter()
+        .filter(|f| f.def == AGENT_PROBE_ATTACHED)
+        .flat_map(|f| &f.points)
+        .filter(|p| p.value == Value::Int(0))
+        .map(|p| {
+            let attribute = |key: &str| {
+                p.attributes
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map_or("", |(_, v)| v.as_str())
+            };
+            format!("{}: {}", attribute("probe"), attribute("reason"))
+        })
+        .collect()
 }
 
 /// `tenant`, and what is known of who the tenant is.

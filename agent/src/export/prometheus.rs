@@ -27,7 +27,7 @@ use serde::Deserialize;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    export::metrics::{Family, MetricKind, Value},
+    export::metrics::{Family, MetricKind, Value, probes_missing},
     sample::timeline::Timeline,
 };
 
@@ -85,11 +85,33 @@ async fn timeline_json(
     Json(view).into_response()
 }
 
+/// 200 once a first sample was taken with every probe the host should have attached; 503 before,
+/// and while any is missing (degraded), with the probes and why. Liveness (`/healthz`) stays 200: a
+/// degraded agent still counts what it can, and restarting it would not attach the probe.
 async fn ready(State(AppState { latest, .. }): State<AppState>) -> impl IntoResponse {
-    if latest.borrow().is_some() {
-        (StatusCode::OK, "ready\n")
+    let Some(families) = latest.borrow().clone() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "probes not attached yet\n".to_owned(),
+        );
+    };
+    readiness(&families)
+}
+
+fn readiness(families: &[Family]) -> (StatusCode, String) {
+    let missing = probes_missing(families);
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "probes not attached yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "degraded: {} probe{} not attached\n{}\n",
+                missing.len(),
+                if missing.len() == 1 { "" } else { "s" },
+                missing.join("\n")
+            ),
+        )
     }
 }
 
@@ -194,6 +216,31 @@ pub fn prometheus_name(name: &str, unit: &str) -> (String, Option<Unit>) {
 mod tests {
     use super::*;
     use crate::export::metrics::{HistogramValue, Point, VM_EXITS, VMM_SERVICE_DURATION};
+
+    #[test]
+    fn ready_only_while_every_probe_that_should_be_is_attached() {
+        let probe = |name: &str, reason: Option<&str>| Point {
+            attributes: std::iter::once(("probe", name.to_owned()))
+                .chain(reason.map(|r| ("reason", r.to_owned())))
+                .collect(),
+            value: Value::Int(u64::from(reason.is_none())),
+        };
+        let attached = vec![Family {
+            def: crate::export::metrics::AGENT_PROBE_ATTACHED,
+            points: vec![probe("kvm:kvm_mmio", None)],
+        }];
+        assert_eq!(readiness(&attached).0, StatusCode::OK);
+        let mut degraded = attached;
+        degraded[0]
+            .points
+            .push(probe("cgroup:cgroup_rmdir", Some("tracefs not found")));
+        let (status, body) = readiness(&degraded);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "degraded: 1 probe not attached\ncgroup:cgroup_rmdir: tracefs not found\n"
+        );
+    }
 
     #[test]
     fn counters_and_histograms_follow_the_prometheus_translation() {

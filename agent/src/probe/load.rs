@@ -1,6 +1,9 @@
 //! Loading the embedded eBPF object and attaching its probes on this host.
 
-use std::path::PathBuf;
+use std::{
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -108,6 +111,34 @@ pub enum BtfArgs {
 }
 
 impl ProbeStatus {
+    /// How `spec` fared on `host` with `options`: `error` is why it is not attached, if it is not.
+    pub fn new(
+        spec: &ProbeSpec,
+        host: HostTraits,
+        options: &ProbeOptions,
+        error: Option<String>,
+        btf_args: Option<BtfArgs>,
+    ) -> Self {
+        Self {
+            tracepoint: spec.tracepoint(),
+            attach_type: spec.attach_type(),
+            error,
+            program: spec.program,
+            silent: spec.silent_on(host),
+            off_until: match spec.when {
+                When::Optional { option, .. } if !options.is_on(option) => Some(option.flag()),
+                _ => None,
+            },
+            btf_args,
+        }
+    }
+
+    /// Whether this probe is missing where it should be attached: it failed, and the table does
+    /// not expect it to (neither silent on this host nor optional and off).
+    pub fn degraded(&self) -> bool {
+        self.error.is_some() && !self.failure_expected()
+    }
+
     /// Whether a failure of this probe is expected here: optional and off, or never firing anyway;
     /// never when its arguments differ from the kernel's.
     pub fn failure_expected(&self) -> bool {
@@ -141,6 +172,11 @@ pub struct Probes {
     pub reason_names: ExitReasonNames,
     /// Whether the kernel's BTF could be read to check the raw tracepoints' arguments, and why not.
     pub btf: Result<(), String>,
+    /// Where tracefs was found (or mounted), or why there is none.
+    pub tracefs: Result<tracefs::Location, String>,
+    /// The perf events the classic tracepoints are attached through; closing one detaches its
+    /// program.
+    _classic_links: Vec<OwnedFd>,
 }
 
 /// What a probe needs before the object is loaded: the globals its offsets set, or why it cannot be
@@ -157,7 +193,11 @@ impl Probes {
             kvm: kvm.flavour,
             iommu: has_iommu_groups(),
         };
-        let tracefs = tracefs::find_or_mount().map_err(|e| e.to_string());
+        let location = tracefs::find_or_mount().map_err(|e| e.to_string());
+        let tracefs = location
+            .as_ref()
+            .map(|l| l.path.clone())
+            .map_err(Clone::clone);
         let btf = KernelBtf::open();
         let reason_names = match read_format(&tracefs, KVM_EXIT.category, KVM_EXIT.event) {
             Ok(format) => ExitReasonNames::from_print_fmt(&format.print_fmt),
@@ -191,6 +231,7 @@ impl Probes {
         }
         let mut ebpf = loader.load(OBJECT)?;
         let mut status: Vec<ProbeStatus> = Vec::with_capacity(PROBES.len());
+        let mut classic_links = Vec::new();
         for (spec, prepared) in PROBES.iter().zip(prepared) {
             let ready = prepared.globals.map(drop).and_then(|()| match spec.after {
                 Some(after) if !is_attached(&status, after) => {
@@ -198,19 +239,21 @@ impl Probes {
                 }
                 _ => Ok(()),
             });
-            let result = ready.and_then(|()| attach_one(&mut ebpf, spec));
-            status.push(ProbeStatus {
-                tracepoint: spec.tracepoint(),
-                attach_type: spec.attach_type(),
-                error: result.err(),
-                program: spec.program,
-                silent: spec.silent_on(host),
-                off_until: match spec.when {
-                    When::Optional { option, .. } if !options.is_on(option) => Some(option.flag()),
-                    _ => None,
-                },
-                btf_args: prepared.btf_args,
-            });
+            let result = ready.and_then(|()| attach_one(&mut ebpf, spec, &tracefs));
+            let error = match result {
+                Ok(link) => {
+                    classic_links.extend(link);
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            status.push(ProbeStatus::new(
+                spec,
+                host,
+                options,
+                error,
+                prepared.btf_args,
+            ));
         }
         if status.iter().all(|s| s.error.is_some()) {
             let reasons: Vec<String> = status
@@ -231,7 +274,15 @@ impl Probes {
             exit_source,
             reason_names,
             btf: btf.map(drop),
+            tracefs: location,
+            _classic_links: classic_links,
         })
+    }
+
+    /// The probes that failed to attach where the probe table expects them to: the agent is
+    /// degraded while any is missing.
+    pub fn not_attached(&self) -> impl Iterator<Item = &ProbeStatus> {
+        self.status.iter().filter(|s| s.degraded())
     }
 
     /// Runs the in-kernel kvm_exit logic on synthetic records through `BPF_PROG_TEST_RUN`, exactly as
@@ -368,8 +419,13 @@ fn agree_on_shared_globals(specs: &[ProbeSpec], prepared: &mut [Prepared]) {
     }
 }
 
-/// Loads and attaches one probe's program.
-fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), String> {
+/// Loads and attaches one probe's program. A classic tracepoint's link is returned: the perf event
+/// it is attached through.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    spec: &ProbeSpec,
+    tracefs: &Result<PathBuf, String>,
+) -> Result<Option<OwnedFd>, String> {
     match spec.reads {
         Reads::Raw { .. } => {
             let program: &mut RawTracePoint =
@@ -377,17 +433,113 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), String> {
             program
                 .load()
                 .and_then(|()| program.attach(spec.event).map(drop))
+                .map(|()| None)
+                .map_err(|e| error_chain(&e))
         }
         Reads::Classic { .. } => {
             let program: &mut TracePoint =
                 program(ebpf, spec.program).map_err(|e| e.to_string())?;
-            program
-                .load()
-                .and_then(|()| program.attach(spec.category, spec.event).map(drop))
+            program.load().map_err(|e| error_chain(&e))?;
+            let dir = tracefs.as_ref().map_err(Clone::clone)?;
+            let fd = program.fd().map_err(|e| error_chain(&e))?;
+            attach_classic(fd.as_fd(), dir, spec.category, spec.event).map(Some)
         }
     }
-    .map_err(|e| error_chain(&e))
 }
+
+/// Attaches a loaded tracepoint program to `category:event` through the tracefs at `tracefs`.
+///
+/// aya 0.14's `TracePoint::attach` finds the event id only under `/sys/kernel/tracing` or
+/// `/sys/kernel/debug/tracing` (and caches the first answer for the life of the process), and its
+/// `PerfEvent` programs, which take an event id, are another program type that the kernel does not
+/// run on tracepoints. So the agent does what `TracePoint::attach` does, with the tracefs it found
+/// in the mount table: it reads the event id, opens the tracepoint's perf event, sets the program
+/// on it and enables it. A tracefs mounted anywhere serves, and nothing needs mounting.
+fn attach_classic(
+    program: std::os::fd::BorrowedFd<'_>,
+    tracefs: &Path,
+    category: &str,
+    event: &str,
+) -> Result<OwnedFd, String> {
+    let id = tracefs::event_id(tracefs, category, event).map_err(|e| e.to_string())?;
+    let attr = PerfEventAttr {
+        kind: PERF_TYPE_TRACEPOINT,
+        size: u32::try_from(std::mem::size_of::<PerfEventAttr>()).unwrap_or(u32::MAX),
+        config: id,
+        sample_period: 0,
+        sample_type: 0,
+        read_format: 0,
+        flags: PERF_ATTR_DISABLED,
+        wakeup_events: 1,
+        bp_type: 0,
+        config1: 0,
+    };
+    // SAFETY: `attr` is a valid perf_event_attr of the size it declares (PERF_ATTR_SIZE_VER0);
+    // pid -1 with cpu 0 is the form the kernel takes for a tracepoint seen on every task (the
+    // program runs on every CPU regardless).
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &raw const attr,
+            -1,
+            0,
+            -1,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "perf_event_open of {category}:{event} (id {id}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let fd = i32::try_from(fd).map_err(|_| "perf_event_open returned no fd".to_owned())?;
+    // SAFETY: the kernel just returned this fd, and nothing else owns it.
+    let perf = unsafe { OwnedFd::from_raw_fd(fd) };
+    for (request, arg, what) in [
+        (
+            PERF_EVENT_IOC_SET_BPF,
+            program.as_raw_fd(),
+            "setting the program",
+        ),
+        (PERF_EVENT_IOC_ENABLE, 0, "enabling the event"),
+    ] {
+        // SAFETY: both requests take an int argument; `perf` is an open perf event fd.
+        if unsafe { libc::ioctl(perf.as_raw_fd(), request, arg) } != 0 {
+            return Err(format!(
+                "{what} on {category}:{event}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(perf)
+}
+
+/// `struct perf_event_attr` up to `config1` (`PERF_ATTR_SIZE_VER0`, 64 bytes): all a tracepoint
+/// needs; the kernel zero-extends the rest.
+#[repr(C)]
+struct PerfEventAttr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    /// The bit field that starts with `disabled`.
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<PerfEventAttr>() == 64);
+const PERF_TYPE_TRACEPOINT: u32 = 2;
+const PERF_ATTR_DISABLED: u64 = 1;
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+/// `_IO('$', 0)`.
+const PERF_EVENT_IOC_ENABLE: libc::Ioctl = 0x2400;
+/// `_IOW('$', 8, __u32)`.
+const PERF_EVENT_IOC_SET_BPF: libc::Ioctl = 0x4004_2408;
 
 fn read_format(
     tracefs: &Result<PathBuf, String>,
@@ -474,6 +626,43 @@ mod tests {
                 .unwrap_err()
                 .contains("`exit_reason` not found")
         );
+    }
+
+    #[test]
+    fn only_failures_the_table_does_not_expect_degrade_the_agent() {
+        use crate::host::KvmFlavour::{Pvm, Svm};
+        let failed = |event: &str, kvm: crate::host::KvmFlavour, options: &ProbeOptions| {
+            let spec = PROBES.iter().find(|p| p.event == event).unwrap();
+            let host = HostTraits { kvm, iommu: false };
+            ProbeStatus::new(spec, host, options, Some("ENOENT".to_owned()), None)
+        };
+        let off = ProbeOptions::default();
+        let on = ProbeOptions { kick_latency: true };
+        // Silent on this flavour: expected. Where it fires: degraded.
+        assert!(!failed("kvm_exit", Pvm, &off).degraded());
+        assert!(failed("kvm_exit", Svm, &off).degraded());
+        // Silent without IOMMU groups.
+        assert!(!failed("io_page_fault", Pvm, &off).degraded());
+        // Optional: expected while off, degraded once asked for.
+        assert!(!failed("sys_enter_read", Pvm, &off).degraded());
+        assert!(failed("sys_enter_read", Pvm, &on).degraded());
+        // Required, raw or classic.
+        assert!(failed("kvm_mmio", Pvm, &off).degraded());
+        assert!(failed("cgroup_rmdir", Pvm, &off).degraded());
+        assert!(failed("sys_enter_ioctl", Pvm, &off).degraded());
+        // A silent probe whose arguments differ from the kernel's is not excused.
+        let mismatch = ProbeStatus {
+            btf_args: Some(BtfArgs::Mismatch),
+            ..failed("kvm_entry", Pvm, &off)
+        };
+        assert!(mismatch.degraded());
+        // Attached: never degraded.
+        let spec = PROBES.iter().find(|p| p.event == "kvm_mmio").unwrap();
+        let host = HostTraits {
+            kvm: Pvm,
+            iommu: false,
+        };
+        assert!(!ProbeStatus::new(spec, host, &off, None, None).degraded());
     }
 
     #[test]

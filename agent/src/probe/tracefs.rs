@@ -37,7 +37,10 @@ pub enum TracefsError {
     },
 }
 
-/// Finds the tracefs mount point from the mount table (tracefs itself, or debugfs' tracing dir).
+/// Finds the tracefs mount point from the mount table (tracefs itself, or debugfs' tracing dir),
+/// wherever it is mounted: the loader attaches classic tracepoints through the place found here
+/// (`probe::load`), so a tracefs mounted only in a chroot's or a container's tree serves as well as
+/// one at [`DEFAULT_MOUNT`].
 pub fn find() -> Option<PathBuf> {
     let table = MountTable::read().ok()?;
     if let Some(tracefs) = table.tracefs() {
@@ -47,10 +50,32 @@ pub fn find() -> Option<PathBuf> {
     debugfs.join("events").is_dir().then_some(debugfs)
 }
 
+/// Where tracefs is, and whether vmtrace mounted it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub path: PathBuf,
+    /// True when no tracefs was mounted and vmtrace mounted it at [`DEFAULT_MOUNT`].
+    pub mounted_here: bool,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = if self.mounted_here {
+            "mounted there by vmtrace: it was not mounted"
+        } else {
+            "from the mount table"
+        };
+        write!(f, "{} ({how})", self.path.display())
+    }
+}
+
 /// Returns the tracefs mount point, mounting tracefs at its default place if it is not mounted.
-pub fn find_or_mount() -> Result<PathBuf, TracefsError> {
-    if let Some(dir) = find() {
-        return Ok(dir);
+pub fn find_or_mount() -> Result<Location, TracefsError> {
+    if let Some(path) = find() {
+        return Ok(Location {
+            path,
+            mounted_here: false,
+        });
     }
     let source = CString::new("nodev").expect("no NUL");
     let target = CString::new(DEFAULT_MOUNT).expect("no NUL");
@@ -68,7 +93,24 @@ pub fn find_or_mount() -> Result<PathBuf, TracefsError> {
     if rc != 0 {
         return Err(TracefsError::MountFailed(std::io::Error::last_os_error()));
     }
-    Ok(PathBuf::from(DEFAULT_MOUNT))
+    Ok(Location {
+        path: PathBuf::from(DEFAULT_MOUNT),
+        mounted_here: true,
+    })
+}
+
+/// The id tracefs gives a classic tracepoint (`events/<category>/<event>/id`), by which
+/// `perf_event_open` opens it.
+pub fn event_id(tracefs: &Path, category: &str, event: &str) -> Result<u64, TracefsError> {
+    let path = tracefs.join("events").join(category).join(event).join("id");
+    let text = fs::read_to_string(&path).map_err(|source| TracefsError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    text.trim().parse().map_err(|e| TracefsError::Read {
+        path,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// One field of a trace event record, as the format file describes it.

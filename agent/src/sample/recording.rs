@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::{
     host::{self, KvmFlavour},
     probe::load::ExitSource,
-    sample::sampler::Sample,
+    sample::sampler::{ProbeFailure, Sample},
 };
 
 /// The `format` field of every recording's header.
@@ -62,6 +62,10 @@ pub struct Header {
     /// Whether kick service latency was measured (`--kick-latency`).
     #[serde(default)]
     pub kick_latency: bool,
+    /// Probes that should have been attached and were not when the recording started, with why:
+    /// its figures are incomplete. Absent when every probe was attached (and in older recordings).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes_not_attached: Vec<ProbeFailure>,
 }
 
 impl Header {
@@ -82,6 +86,7 @@ impl Header {
                 .map_or(0.0, |d| d.as_secs_f64()),
             interval_secs: interval.as_secs_f64(),
             kick_latency: kick,
+            probes_not_attached: Vec::new(),
         }
     }
 }
@@ -585,6 +590,8 @@ mod tests {
             dtlb_unavailable: None,
             iommu_faults: Vec::new(),
             drops: std::collections::BTreeMap::default(),
+            probes_not_attached: Vec::new(),
+            probes_attached: Vec::new(),
             last: true,
         };
         writer.write(&sample).unwrap();

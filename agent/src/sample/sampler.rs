@@ -47,6 +47,37 @@ pub struct Sample {
     /// True on the last sample, taken when the agent stops.
     #[serde(default)]
     pub last: bool,
+    /// Probes that should be attached on this host and are not, with why: while any is listed the
+    /// figures are incomplete. Absent when every probe is attached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes_not_attached: Vec<ProbeFailure>,
+    /// Probes attached (`category:event`), for the per-probe metric; not recorded.
+    #[serde(skip)]
+    pub probes_attached: Vec<String>,
+}
+
+/// A probe that should be attached and is not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeFailure {
+    /// The tracepoint, as `category:event`.
+    pub probe: String,
+    /// Why it is not attached.
+    pub reason: String,
+}
+
+/// `degraded: N probes not attached (a, b, c)`, or nothing when every probe is attached: the
+/// marker the views put in their headers.
+pub fn degraded_marker(failures: &[ProbeFailure]) -> Option<String> {
+    if failures.is_empty() {
+        return None;
+    }
+    let names: Vec<&str> = failures.iter().map(|f| f.probe.as_str()).collect();
+    Some(format!(
+        "degraded: {} probe{} not attached ({})",
+        failures.len(),
+        if failures.len() == 1 { "" } else { "s" },
+        names.join(", ")
+    ))
 }
 
 /// IOMMU faults of one device, attributed to a tenant.
@@ -89,11 +120,7 @@ impl Sampler {
             "no cgroup v2 hierarchy is mounted (mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
         )?;
         // Optional probes left off and those that never fire on this host may fail harmlessly.
-        for failed in probes
-            .status
-            .iter()
-            .filter(|s| s.error.is_some() && !s.failure_expected())
-        {
+        for failed in probes.not_attached() {
             tracing::warn!(tracepoint = %failed.tracepoint, error = ?failed.error, "probe not attached");
         }
         if let Err(e) = &probes.btf {
@@ -165,6 +192,14 @@ impl Sampler {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
             last: false,
+            probes_not_attached: self.probes_not_attached(),
+            probes_attached: self
+                .probes
+                .status
+                .iter()
+                .filter(|s| s.error.is_none())
+                .map(|s| s.tracepoint.clone())
+                .collect(),
         };
         let counts = sample
             .tenants
@@ -173,6 +208,17 @@ impl Sampler {
             .collect();
         self.previous = Some((now, counts));
         Ok(sample)
+    }
+
+    /// The probes that should be attached here and are not.
+    pub fn probes_not_attached(&self) -> Vec<ProbeFailure> {
+        self.probes
+            .not_attached()
+            .map(|s| ProbeFailure {
+                probe: s.tracepoint.clone(),
+                reason: s.error.clone().unwrap_or_default(),
+            })
+            .collect()
     }
 
     /// Names the tenant of each faulting device: the one whose VMM holds it through VFIO.

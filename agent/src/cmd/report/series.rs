@@ -194,6 +194,8 @@ mod tests {
             dtlb_unavailable: None,
             iommu_faults: Vec::new(),
             drops: BTreeMap::default(),
+            probes_not_attached: Vec::new(),
+            probes_attached: Vec::new(),
             last: false,
         }
     }

@@ -143,6 +143,8 @@ pub(crate) mod tests {
             dtlb_unavailable: None,
             iommu_faults: Vec::new(),
             drops: std::collections::BTreeMap::default(),
+            probes_not_attached: Vec::new(),
+            probes_attached: Vec::new(),
             last: false,
         });
         app

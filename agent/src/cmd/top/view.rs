@@ -17,6 +17,7 @@ use super::{
     state::{App, Screen},
     timeline,
 };
+use crate::sample::sampler::degraded_marker;
 
 /// Width of the trend (sparkline) column.
 const TREND: u16 = 8;
@@ -49,6 +50,7 @@ pub fn status_text(app: &App) -> String {
         parts.push(format!("{:.0}s", s.elapsed_secs));
         let total = s.tenants.len();
         parts.push(format!("{}/{total} tenants", app.rows().len()));
+        parts.extend(degraded_marker(&s.probes_not_attached));
     } else {
         parts.push("waiting for the first sample".to_owned());
     }
