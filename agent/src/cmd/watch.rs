@@ -48,13 +48,18 @@ pub async fn run(options: &WatchArgs) -> Result<()> {
         sampler.kvm().flavour.name(),
         sampler.probes().exit_source.describe()
     );
+    let mut errors = super::agent::sample_errors::SampleErrors::default();
     let mut ticks = Ticks::new(options.interval, options.duration, false)?;
     loop {
         let last = ticks.next().await;
-        let sample = Sample {
-            last,
-            ..sampler.sample()?
+        // A failed sample is counted, logged (rate limited) and skipped; the next tick tries again.
+        let Some(sample) = errors.skip(sampler.sample()) else {
+            if last {
+                return Ok(());
+            }
+            continue;
         };
+        let sample = Sample { last, ..sample };
         if !print_sample(&sample, options.json)? || last {
             return Ok(());
         }

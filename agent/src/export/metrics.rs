@@ -194,9 +194,16 @@ pub const AGENT_EXPORT_DROPPED: MetricDef = MetricDef {
     description: "OTLP exports given up because the collector was unreachable or slow; counters are \
                   cumulative, so the next export that succeeds carries everything counted meanwhile.",
 };
+pub const AGENT_SAMPLE_ERRORS: MetricDef = MetricDef {
+    name: "vmtrace.agent.sample.errors",
+    unit: "{error}",
+    kind: MetricKind::Counter,
+    description: "Samples the agent could not take (a map or cgroup file it failed to read); each is \
+                  skipped and the next interval samples again, so counts since are still whole.",
+};
 
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 23] = [
+pub const ALL: [MetricDef; 24] = [
     VM_EXITS,
     VM_EVENTS,
     VIRTIO_KICKS,
@@ -220,6 +227,7 @@ pub const ALL: [MetricDef; 23] = [
     AGENT_CPU_TIME,
     AGENT_MEMORY,
     AGENT_EXPORT_DROPPED,
+    AGENT_SAMPLE_ERRORS,
 ];
 
 /// A histogram data point: explicit bounds in seconds and the count in each bucket
@@ -261,6 +269,7 @@ pub struct AgentHealth {
     pub cpu_system_secs: f64,
     pub rss_bytes: u64,
     pub export_dropped: u64,
+    pub sample_errors: u64,
 }
 
 /// Every metric's data points for one sample.
@@ -342,6 +351,11 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
         AGENT_EXPORT_DROPPED,
         Vec::new(),
         Value::Int(health.export_dropped),
+    );
+    push(
+        AGENT_SAMPLE_ERRORS,
+        Vec::new(),
+        Value::Int(health.sample_errors),
     );
     by_def
 }
