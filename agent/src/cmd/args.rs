@@ -25,7 +25,12 @@ pub fn parse_window(text: &str) -> Result<Duration, String> {
     parse_in_range(text, "the window", WINDOW_RANGE)
 }
 
-fn parse_in_range(text: &str, what: &str, range: (Duration, Duration)) -> Result<Duration, String> {
+/// Parses a duration and refuses one outside `range`; `what` names it in the error.
+pub fn parse_in_range(
+    text: &str,
+    what: &str,
+    range: (Duration, Duration),
+) -> Result<Duration, String> {
     let value = humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e}"))?;
     check_range(value, what, range)?;
     Ok(value)

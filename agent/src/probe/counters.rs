@@ -25,8 +25,9 @@ use crate::{
 pub enum CountsError {
     #[error("the eBPF object has no map `{0}`")]
     MissingMap(&'static str),
-    #[error("reading map `{0}`: {1}")]
-    Map(&'static str, MapError),
+    // The map's error is the source, so that a report of the chain ends with the errno.
+    #[error("reading map `{0}`")]
+    Map(&'static str, #[source] MapError),
 }
 
 /// Counts of one cgroup by kind, since the probes were attached.

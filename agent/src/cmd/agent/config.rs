@@ -11,9 +11,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::{
-    cmd::args::{
-        INTERVAL_RANGE, ProbeArgs, WINDOW_RANGE, check_range, parse_interval, parse_window,
-    },
+    cmd::args::{INTERVAL_RANGE, ProbeArgs, WINDOW_RANGE, check_range, parse_in_range},
     export::otlp::OtlpConfig,
     tenant::kubernetes::KubeConfig,
 };
@@ -27,11 +25,17 @@ pub struct AgentArgs {
     #[arg(long, env = "VMTRACE_CONFIG")]
     pub config: Option<PathBuf>,
     /// How often the probes' counters are read, e.g. `1s`, from 10ms to 1h [default: 1s].
-    #[arg(long, env = "VMTRACE_INTERVAL", value_parser = parse_interval)]
+    // The variable is named in the error too: clap names only the flag, even for a value that
+    // came from the environment.
+    #[arg(long, env = "VMTRACE_INTERVAL", value_parser = |text: &str| {
+        parse_in_range(text, "the interval (--interval, VMTRACE_INTERVAL)", INTERVAL_RANGE)
+    })]
     pub interval: Option<Duration>,
     /// How much of every tenant's timeline the agent keeps and serves at /api/timeline, e.g.
     /// `10m`, from one interval to 24h [default: 10m].
-    #[arg(long, env = "VMTRACE_WINDOW", value_parser = parse_window)]
+    #[arg(long, env = "VMTRACE_WINDOW", value_parser = |text: &str| {
+        parse_in_range(text, "the window (--window, VMTRACE_WINDOW)", WINDOW_RANGE)
+    })]
     pub window: Option<Duration>,
     /// Address of the Prometheus endpoint (/metrics, /api/timeline, /healthz, /readyz), or `off`
     /// [default: 127.0.0.1:9464].

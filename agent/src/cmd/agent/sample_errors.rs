@@ -43,9 +43,9 @@ impl SampleErrors {
     /// Returns the line logged, if any.
     pub fn record(&mut self, error: &anyhow::Error, now: Instant) -> Option<String> {
         self.total += 1;
-        // The outermost message names what failed (a map and its errno, a file); the chain below
-        // it may carry details that differ every time.
-        let message = error.to_string();
+        // The whole chain names what failed and how (a map and its errno, a file); errors whose
+        // messages carry a changing detail are held in check by the cap.
+        let message = format!("{error:#}");
         let kind = if self.kinds.contains_key(&message) || self.kinds.len() < MAX_KINDS {
             message
         } else {
