@@ -198,8 +198,9 @@ pub const AGENT_SAMPLE_ERRORS: MetricDef = MetricDef {
     name: "vmtrace.agent.sample.errors",
     unit: "{error}",
     kind: MetricKind::Counter,
-    description: "Samples the agent could not take (a map or cgroup file it failed to read); each is \
-                  skipped and the next interval samples again, so counts since are still whole.",
+    description: "Samples the agent could not take (a probe map the kernel refused to read or \
+                  delete from); each is skipped and the next interval samples again, so counts since \
+                  are still whole.",
 };
 
 /// Every metric, for documentation and tests.

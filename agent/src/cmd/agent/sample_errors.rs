@@ -1,5 +1,5 @@
 //! Failed samples: counted, logged at most once a minute per kind of error, and skipped, so that
-//! one bad read of the maps or of a cgroup never ends the agent.
+//! one refused map operation never ends the agent.
 
 use std::{
     collections::HashMap,
