@@ -132,3 +132,55 @@ fn without_privileges_the_agent_says_what_to_do() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Arguments, environment, and what the error must say.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn zero_and_absurd_agent_durations_are_refused_with_one_line() {
+    let dir = vmtrace_tests::temp::TempDir::new("agent-durations");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "interval = \"0\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    let cases: [Case; 8] = [
+        (&["--interval", "0"], &[], "'--interval <INTERVAL>'"),
+        (&["--interval", "2h"], &[], "at most 1h"),
+        (&[], &[("VMTRACE_INTERVAL", "0")], "at least 10ms"),
+        (&["--window", "0"], &[], "'--window <WINDOW>'"),
+        (&["--window", "7days"], &[], "at most 1day"),
+        (
+            &["--interval", "10s", "--window", "5s"],
+            &[],
+            "shorter than the interval",
+        ),
+        (&["--config", config], &[], "agent.toml"),
+        (
+            &["--otlp-endpoint", "http://127.0.0.1:1"],
+            &[("OTEL_METRIC_EXPORT_INTERVAL", "0")],
+            "OTEL_METRIC_EXPORT_INTERVAL = 0: the OTLP export interval must be from 100 to",
+        ),
+    ];
+    for (args, env, needle) in cases {
+        let output = Command::new(binary("vmtrace"))
+            .arg("agent")
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let what = format!("{args:?} {env:?}");
+        assert!(!output.status.success(), "{what}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        assert!(stderr.contains(needle), "{what}: {stderr}");
+        // One line says what is wrong; clap adds only its pointer to --help.
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with("For more information"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{what}: {stderr}");
+        assert!(
+            lines[0].starts_with("error:") || lines[0].starts_with("vmtrace: error:"),
+            "{what}: {stderr}"
+        );
+    }
+}

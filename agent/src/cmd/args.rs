@@ -6,13 +6,51 @@ use clap::Args;
 
 use crate::probe::load::ProbeOptions;
 
-/// Parses a sampling interval (`1s`, `500ms`), at least 10 ms.
+/// The sampling intervals accepted: a map read every 10 ms at most, and at least once an hour
+/// (rates over longer spans hide every burst, and a stalled agent would look alive).
+pub const INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_hours(1));
+/// The timeline windows accepted: at least one interval (checked where both are known), at most a
+/// day, which bounds the memory the agent's timeline takes.
+pub const WINDOW_RANGE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_hours(24));
+
+/// Parses a sampling interval (`1s`, `500ms`), from 10 ms to 1 hour.
 pub fn parse_interval(text: &str) -> Result<Duration, String> {
-    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if interval < Duration::from_millis(10) {
-        return Err("the interval must be at least 10ms".to_owned());
+    parse_in_range(text, "the interval", INTERVAL_RANGE)
+}
+
+/// Parses a timeline window (`10m`), from 10 ms to 24 hours.
+pub fn parse_window(text: &str) -> Result<Duration, String> {
+    parse_in_range(text, "the window", WINDOW_RANGE)
+}
+
+/// Parses a duration and refuses one outside `range`; `what` names it in the error.
+pub fn parse_in_range(
+    text: &str,
+    what: &str,
+    range: (Duration, Duration),
+) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e}"))?;
+    check_range(value, what, range)?;
+    Ok(value)
+}
+
+/// Refuses a duration outside `range` (bounds included), with a message that names both bounds.
+pub fn check_range(
+    value: Duration,
+    what: &str,
+    (min, max): (Duration, Duration),
+) -> Result<(), String> {
+    if value < min || value > max {
+        return Err(format!(
+            "{what} must be at least {} and at most {}, not {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max),
+            humantime::format_duration(value),
+        ));
     }
-    Ok(interval)
+    Ok(())
 }
 
 /// Flags for the optional probes, for every command that runs the probes.
@@ -29,6 +67,39 @@ impl From<ProbeArgs> for ProbeOptions {
     fn from(args: ProbeArgs) -> Self {
         Self {
             kick_latency: args.kick_latency,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_from_10ms_to_an_hour_are_accepted() {
+        assert_eq!(parse_interval("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_interval("1h"), Ok(Duration::from_hours(1)));
+        for (text, needle) in [
+            ("0", "not 0s"),
+            ("0s", "not 0s"),
+            ("9ms", "at least 10ms"),
+            ("1h 1s", "at most 1h"),
+            ("365days", "at most 1h"),
+            ("soon", "`soon`"),
+            ("-1s", "`-1s`"),
+        ] {
+            let err = parse_interval(text).unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn windows_from_10ms_to_a_day_are_accepted() {
+        assert_eq!(parse_window("24h"), Ok(Duration::from_hours(24)));
+        assert_eq!(parse_window("10m"), Ok(Duration::from_mins(10)));
+        for text in ["0", "5ms", "25h", "1y"] {
+            let err = parse_window(text).unwrap_err();
+            assert!(err.contains("at most 1day"), "{text}: {err}");
         }
     }
 }

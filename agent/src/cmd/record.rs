@@ -66,13 +66,18 @@ pub async fn run(args: &RecordArgs) -> Result<()> {
     );
     let mut progress = Progress::new();
     let started = Instant::now();
+    let mut errors = super::agent::sample_errors::SampleErrors::default();
     let mut ticks = Ticks::new(args.interval, args.duration, false)?;
     loop {
         let last = ticks.next().await;
-        let sample = Sample {
-            last,
-            ..sampler.sample()?
+        // A failed sample is counted, logged (rate limited) and skipped; the next tick tries again.
+        let Some(sample) = errors.skip(sampler.sample()) else {
+            if last {
+                return Ok(());
+            }
+            continue;
         };
+        let sample = Sample { last, ..sample };
         writer
             .write(&sample)
             .with_context(|| format!("cannot write {}", args.output.display()))?;

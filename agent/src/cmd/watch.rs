@@ -51,13 +51,18 @@ pub async fn run(options: &WatchArgs) -> Result<()> {
     if let Some(marker) = degraded_marker(&sampler.probes_not_attached()) {
         eprintln!("vmtrace: {marker}: its figures are incomplete (`vmtrace doctor` says why)");
     }
+    let mut errors = super::agent::sample_errors::SampleErrors::default();
     let mut ticks = Ticks::new(options.interval, options.duration, false)?;
     loop {
         let last = ticks.next().await;
-        let sample = Sample {
-            last,
-            ..sampler.sample()?
+        // A failed sample is counted, logged (rate limited) and skipped; the next tick tries again.
+        let Some(sample) = errors.skip(sampler.sample()) else {
+            if last {
+                return Ok(());
+            }
+            continue;
         };
+        let sample = Sample { last, ..sample };
         if !print_sample(&sample, options.json)? || last {
             return Ok(());
         }

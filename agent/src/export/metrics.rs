@@ -194,6 +194,14 @@ pub const AGENT_EXPORT_DROPPED: MetricDef = MetricDef {
     description: "OTLP exports given up because the collector was unreachable or slow; counters are \
                   cumulative, so the next export that succeeds carries everything counted meanwhile.",
 };
+pub const AGENT_SAMPLE_ERRORS: MetricDef = MetricDef {
+    name: "vmtrace.agent.sample.errors",
+    unit: "{error}",
+    kind: MetricKind::Counter,
+    description: "Samples the agent could not take (a probe map the kernel refused to read or \
+                  delete from); each is skipped and the next interval samples again, so counts since \
+                  are still whole.",
+};
 
 pub const AGENT_PROBE_ATTACHED: MetricDef = MetricDef {
     name: "vmtrace.agent.probe.attached",
@@ -206,7 +214,7 @@ pub const AGENT_PROBE_ATTACHED: MetricDef = MetricDef {
 };
 
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 24] = [
+pub const ALL: [MetricDef; 25] = [
     VM_EXITS,
     VM_EVENTS,
     VIRTIO_KICKS,
@@ -231,6 +239,7 @@ pub const ALL: [MetricDef; 24] = [
     AGENT_MEMORY,
     AGENT_EXPORT_DROPPED,
     AGENT_PROBE_ATTACHED,
+    AGENT_SAMPLE_ERRORS,
 ];
 
 /// A histogram data point: explicit bounds in seconds and the count in each bucket
@@ -272,6 +281,7 @@ pub struct AgentHealth {
     pub cpu_system_secs: f64,
     pub rss_bytes: u64,
     pub export_dropped: u64,
+    pub sample_errors: u64,
 }
 
 /// Every metric's data points for one sample.
@@ -371,6 +381,11 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
             Value::Int(0),
         );
     }
+    push(
+        AGENT_SAMPLE_ERRORS,
+        Vec::new(),
+        Value::Int(health.sample_errors),
+    );
     by_def
 }
 

@@ -2,7 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    sys::SyscallError,
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmtrace_common::{
@@ -22,8 +25,9 @@ use crate::{
 pub enum CountsError {
     #[error("the eBPF object has no map `{0}`")]
     MissingMap(&'static str),
-    #[error("reading map `{0}`: {1}")]
-    Map(&'static str, aya::maps::MapError),
+    // The map's error is the source, so that a report of the chain ends with the errno.
+    #[error("reading map `{0}`")]
+    Map(&'static str, #[source] MapError),
 }
 
 /// Counts of one cgroup by kind, since the probes were attached.
@@ -222,9 +226,12 @@ impl Counters {
             .collect();
         for (key, doorbell) in exited {
             live.remove(&key);
+            // A full removed-doorbell map leaves its kicks orphaned, as in the kernel (a counted
+            // drop there); the doorbell goes regardless.
             let _ = self.removed_doorbells.insert(key, doorbell, 0);
-            let _ = self.doorbells.remove(&key);
-            let _ = self.doorbell_addrs.remove(&key.address());
+            // The VMM may be deassigning the same doorbell at this moment.
+            remove_if_present(&mut self.doorbells, &key, DOORBELLS_MAP)?;
+            remove_if_present(&mut self.doorbell_addrs, &key.address(), DOORBELL_ADDRS_MAP)?;
         }
         let mut removed = BTreeMap::new();
         for entry in &self.removed_doorbells {
@@ -252,13 +259,11 @@ impl Counters {
             if total > 0 {
                 *self.collected_kicks.entry(kick).or_default() += total;
             }
-            self.kicks
-                .remove(&key)
-                .map_err(|e| CountsError::Map(KICKS_MAP, e))?;
+            remove_per_cpu_if_present(&mut self.kicks, &key, KICKS_MAP)?;
             if removed.contains_key(&key) {
-                self.removed_doorbells
-                    .remove(&key)
-                    .map_err(|e| CountsError::Map(REMOVED_DOORBELLS_MAP, e))?;
+                // The kernel deletes this entry itself when the VMM registers the doorbell again
+                // (a guest's virtio reset makes it do so), which can happen since it was read.
+                remove_if_present(&mut self.removed_doorbells, &key, REMOVED_DOORBELLS_MAP)?;
             }
         }
         // A doorbell that was never written has nothing to report.
@@ -276,9 +281,7 @@ impl Counters {
             .filter(|k| cgroups.contains(&k.cgroup_id))
             .collect();
         for key in exits {
-            self.exits
-                .remove(&key)
-                .map_err(|e| CountsError::Map(EXIT_COUNTS_MAP, e))?;
+            remove_per_cpu_if_present(&mut self.exits, &key, EXIT_COUNTS_MAP)?;
         }
         let latency: Vec<LatencyKey> = self
             .latency
@@ -287,9 +290,7 @@ impl Counters {
             .filter(|k| cgroups.contains(&k.cgroup_id))
             .collect();
         for key in latency {
-            self.latency
-                .remove(&key)
-                .map_err(|e| CountsError::Map(EXIT_LATENCY_MAP, e))?;
+            remove_per_cpu_if_present(&mut self.latency, &key, EXIT_LATENCY_MAP)?;
         }
         self.collected_kicks
             .retain(|key, _| !cgroups.contains(&key.cgroup_id));
@@ -302,13 +303,47 @@ impl Counters {
             .map(|(k, _)| k)
             .collect();
         for key in doorbells {
-            // Each key is in one of the two maps; its kicks were reported.
-            let _ = self.doorbells.remove(&key);
-            let _ = self.removed_doorbells.remove(&key);
-            let _ = self.kicks.remove(&key);
-            let _ = self.doorbell_addrs.remove(&key.address());
+            // Each key is in one of the two maps (the kernel may move it between them meanwhile);
+            // its kicks were reported. Another doorbell of the same address may have taken its
+            // address entry already.
+            remove_if_present(&mut self.doorbells, &key, DOORBELLS_MAP)?;
+            remove_if_present(&mut self.removed_doorbells, &key, REMOVED_DOORBELLS_MAP)?;
+            remove_per_cpu_if_present(&mut self.kicks, &key, KICKS_MAP)?;
+            remove_if_present(&mut self.doorbell_addrs, &key.address(), DOORBELL_ADDRS_MAP)?;
         }
         Ok(())
+    }
+}
+
+/// Deletes `key` from `map`; an entry that is not there (the kernel deleted it since it was read)
+/// is already what was asked for.
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<(), CountsError> {
+    absent_is_removed(map.remove(key)).map_err(|e| CountsError::Map(name, e))
+}
+
+/// [`remove_if_present`] for a per-CPU map.
+fn remove_per_cpu_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut PerCpuHashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<(), CountsError> {
+    absent_is_removed(map.remove(key)).map_err(|e| CountsError::Map(name, e))
+}
+
+/// The result of a delete, with "no such entry" (`ENOENT` from `bpf_map_delete_elem`) as success.
+fn absent_is_removed(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
 
@@ -336,7 +371,7 @@ fn kick_key(key: &DoorbellKey, doorbell: &Doorbell) -> KickKey {
 /// Takes a map out of the loaded object as the type the agent reads it with.
 fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, CountsError>
 where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    T: TryFrom<aya::maps::Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(CountsError::MissingMap(name))?;
     T::try_from(map).map_err(|e| CountsError::Map(name, e))
@@ -417,5 +452,34 @@ mod tests {
         assert_eq!(by_cgroup[&8][&kind("mmio.write.kernel")], 40);
         assert_eq!(by_cgroup[&8][&Kind::Cpuid], 3);
         assert_eq!(by_cgroup[&8].get(&kind("exit.mmio")), None);
+    }
+
+    fn syscall_error(errno: i32) -> MapError {
+        MapError::SyscallError(SyscallError {
+            call: "bpf_map_delete_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn an_entry_the_kernel_deleted_first_counts_as_removed() {
+        assert!(absent_is_removed(Err(syscall_error(libc::ENOENT))).is_ok());
+        assert!(absent_is_removed(Err(MapError::KeyNotFound)).is_ok());
+        assert!(absent_is_removed(Ok(())).is_ok());
+        // Any other failure is one: a bad descriptor or a refused call says the map is not usable.
+        for errno in [libc::EBADF, libc::EPERM, libc::EINVAL] {
+            assert!(matches!(
+                absent_is_removed(Err(syscall_error(errno))),
+                Err(MapError::SyscallError(_))
+            ));
+        }
+        // A message that merely reads like ENOENT is not taken for it.
+        assert!(
+            absent_is_removed(Err(MapError::SyscallError(SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: std::io::Error::other("No such file or directory"),
+            })))
+            .is_err()
+        );
     }
 }

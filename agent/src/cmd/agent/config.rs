@@ -11,7 +11,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::{
-    cmd::args::{ProbeArgs, parse_interval},
+    cmd::args::{INTERVAL_RANGE, ProbeArgs, WINDOW_RANGE, check_range, parse_in_range},
     export::otlp::OtlpConfig,
     tenant::kubernetes::KubeConfig,
 };
@@ -24,12 +24,18 @@ pub struct AgentArgs {
     /// docs/configuration.md).
     #[arg(long, env = "VMTRACE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// How often the probes' counters are read, e.g. `1s` [default: 1s].
-    #[arg(long, env = "VMTRACE_INTERVAL", value_parser = parse_interval)]
+    /// How often the probes' counters are read, e.g. `1s`, from 10ms to 1h [default: 1s].
+    // The variable is named in the error too: clap names only the flag, even for a value that
+    // came from the environment.
+    #[arg(long, env = "VMTRACE_INTERVAL", value_parser = |text: &str| {
+        parse_in_range(text, "the interval (--interval, VMTRACE_INTERVAL)", INTERVAL_RANGE)
+    })]
     pub interval: Option<Duration>,
     /// How much of every tenant's timeline the agent keeps and serves at /api/timeline, e.g.
-    /// `10m` [default: 10m].
-    #[arg(long, env = "VMTRACE_WINDOW", value_parser = parse_interval)]
+    /// `10m`, from one interval to 24h [default: 10m].
+    #[arg(long, env = "VMTRACE_WINDOW", value_parser = |text: &str| {
+        parse_in_range(text, "the window (--window, VMTRACE_WINDOW)", WINDOW_RANGE)
+    })]
     pub window: Option<Duration>,
     /// Address of the Prometheus endpoint (/metrics, /api/timeline, /healthz, /readyz), or `off`
     /// [default: 127.0.0.1:9464].
@@ -61,9 +67,9 @@ pub struct AgentArgs {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    #[serde(default, with = "humantime_serde_option")]
+    #[serde(default, deserialize_with = "humantime_serde_option::interval")]
     pub interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde_option")]
+    #[serde(default, deserialize_with = "humantime_serde_option::window")]
     pub window: Option<Duration>,
     pub listen: Option<String>,
     pub kick_latency: Option<bool>,
@@ -83,18 +89,33 @@ pub struct FileOtlp {
     pub interval_ms: Option<u64>,
 }
 
-/// Durations in the file are written as in flags: "1s", "500ms".
+/// Durations in the file are written as in flags, "1s", "500ms", and have the flags' ranges.
 mod humantime_serde_option {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, de::Error};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    use crate::cmd::args::{parse_interval, parse_window};
+
+    pub fn interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let text = Option::<String>::deserialize(d)?;
-        text.map(|t| crate::cmd::args::parse_interval(&t).map_err(D::Error::custom))
+        text.map(|t| parse_interval(&t).map_err(D::Error::custom))
+            .transpose()
+    }
+
+    pub fn window<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| parse_window(&t).map_err(D::Error::custom))
             .transpose()
     }
 }
+
+/// The OTLP export intervals accepted (`OTEL_METRIC_EXPORT_INTERVAL`, `[otlp] interval_ms`).
+pub const OTLP_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_hours(1));
+/// The OTLP export timeouts accepted (`OTEL_EXPORTER_OTLP_TIMEOUT`, `[otlp] timeout_ms`).
+pub const OTLP_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_mins(10));
 
 /// The agent's settings, resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,8 +142,21 @@ impl AgentConfig {
                 let text = std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read the configuration file {}", path.display())
                 })?;
-                toml::from_str::<FileConfig>(&text)
-                    .with_context(|| format!("configuration file {}", path.display()))?
+                toml::from_str::<FileConfig>(&text).map_err(|e| {
+                    // One line: the file, the line of the bad key or value, and what is wrong
+                    // (toml's own rendering quotes the source over several lines).
+                    let line = e
+                        .span()
+                        .and_then(|span| text.get(..span.start))
+                        .map_or_else(String::new, |before| {
+                            format!(", line {}", before.matches('\n').count() + 1)
+                        });
+                    anyhow::anyhow!(
+                        "configuration file {}{line}: {}",
+                        path.display(),
+                        e.message().trim()
+                    )
+                })?
             }
             None => FileConfig::default(),
         };
@@ -134,21 +168,56 @@ impl AgentConfig {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         };
         let otlp = OtlpConfig::from_env(&|name| otlp_setting(name, args, env, &file.otlp))?;
-        let interval = args
-            .interval
-            .or(file.interval)
-            .unwrap_or(Duration::from_secs(1));
-        let window = args
-            .window
-            .or(file.window)
-            .unwrap_or(Duration::from_mins(10));
+        let file_key = |key: &str| match &args.config {
+            Some(path) => format!("`{key}` in {}", path.display()),
+            None => format!("`{key}`"),
+        };
+        let (interval, interval_from) = match (args.interval, file.interval) {
+            (Some(flag), _) => (flag, "--interval (VMTRACE_INTERVAL)".to_owned()),
+            (None, Some(value)) => (value, file_key("interval")),
+            (None, None) => (Duration::from_secs(1), "the default interval".to_owned()),
+        };
+        let (window, window_from) = match (args.window, file.window) {
+            (Some(flag), _) => (flag, "--window (VMTRACE_WINDOW)".to_owned()),
+            (None, Some(value)) => (value, file_key("window")),
+            (None, None) => (Duration::from_mins(10), "the default window".to_owned()),
+        };
+        // The parsers check the ranges already; settings built in code pass here too.
+        check_range(interval, &interval_from, INTERVAL_RANGE).map_err(anyhow::Error::msg)?;
+        check_range(window, &window_from, WINDOW_RANGE).map_err(anyhow::Error::msg)?;
         if window < interval {
             bail!(
-                "the timeline window ({}) is shorter than the interval ({}): make it at least one \
-                 interval long",
+                "the timeline window ({}, from {window_from}) is shorter than the interval ({}, \
+                 from {interval_from}): make it at least one interval long",
                 humantime::format_duration(window),
                 humantime::format_duration(interval)
             );
+        }
+        if let Some(otlp) = &otlp {
+            let from = |variables: &[&str], key: &str| {
+                variables
+                    .iter()
+                    .find(|name| env(name).is_some())
+                    .map_or_else(|| file_key(key), |name| (*name).to_owned())
+            };
+            check_millis(
+                otlp.interval,
+                OTLP_INTERVAL_RANGE,
+                &from(&["OTEL_METRIC_EXPORT_INTERVAL"], "[otlp] interval_ms"),
+                "the OTLP export interval",
+            )?;
+            check_millis(
+                otlp.timeout,
+                OTLP_TIMEOUT_RANGE,
+                &from(
+                    &[
+                        "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
+                        "OTEL_EXPORTER_OTLP_TIMEOUT",
+                    ],
+                    "[otlp] timeout_ms",
+                ),
+                "the OTLP export timeout",
+            )?;
         }
         if listen.is_none() && otlp.is_none() {
             bail!(
@@ -168,6 +237,24 @@ impl AgentConfig {
             kube,
         })
     }
+}
+
+/// Refuses a setting given in milliseconds outside `range`, naming where it was set.
+fn check_millis(
+    value: Duration,
+    (min, max): (Duration, Duration),
+    setting: &str,
+    what: &str,
+) -> Result<()> {
+    if value < min || value > max {
+        bail!(
+            "{setting} = {}: {what} must be from {} to {} ms",
+            value.as_millis(),
+            min.as_millis(),
+            max.as_millis()
+        );
+    }
+    Ok(())
 }
 
 /// One OTEL_EXPORTER_OTLP_* setting: the flag, else the environment, else the file.
@@ -211,10 +298,12 @@ mod tests {
     }
 
     fn file(text: &str) -> PathBuf {
+        // Tests run in parallel: each file gets its own name.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
             "vmtrace-config-{}-{}.toml",
             std::process::id(),
-            text.len()
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::write(&path, text).unwrap();
         path
@@ -299,6 +388,78 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("nothing to export")
+        );
+    }
+
+    #[test]
+    fn zero_and_absurd_durations_are_refused_naming_their_setting_and_range() {
+        let with_file = |text: &str, env: &dyn Fn(&str) -> Option<String>| {
+            let path = file(text);
+            let args = AgentArgs {
+                config: Some(path.clone()),
+                otlp_endpoint: Some("http://collector:4318".into()),
+                ..AgentArgs::default()
+            };
+            let result = AgentConfig::resolve(&args, env).map_err(|e| format!("{e:#}"));
+            std::fs::remove_file(path).unwrap();
+            result
+        };
+        for (text, needles) in [
+            (
+                "interval = \"0\"\n",
+                &["interval", "at least 10ms", "not 0s"][..],
+            ),
+            ("interval = \"2h\"\n", &["interval", "at most 1h"]),
+            ("window = \"0s\"\n", &["window", "at least 10ms"]),
+            ("window = \"2days\"\n", &["window", "at most 1day"]),
+            (
+                "interval = \"10s\"\nwindow = \"5s\"\n",
+                &["`window` in", "`interval` in", "shorter than the interval"],
+            ),
+            (
+                "[otlp]\ninterval_ms = 0\n",
+                &["`[otlp] interval_ms` in", "= 0:", "from 100 to 3600000 ms"],
+            ),
+            (
+                "[otlp]\ntimeout_ms = 0\n",
+                &["`[otlp] timeout_ms` in", "from 10 to 600000 ms"],
+            ),
+            (
+                "[otlp]\ntimeout_ms = 86400000\n",
+                &["`[otlp] timeout_ms`", "= 86400000:"],
+            ),
+        ] {
+            let err = with_file(text, &no_env).unwrap_err();
+            for needle in needles {
+                assert!(err.contains(needle), "{text:?}: {err}");
+            }
+        }
+        let env = |name: &str| match name {
+            "OTEL_METRIC_EXPORT_INTERVAL" => Some("0".to_owned()),
+            "OTEL_EXPORTER_OTLP_TIMEOUT" => Some("1".to_owned()),
+            _ => None,
+        };
+        let err = with_file("[otlp]\ninterval_ms = 1000\n", &env).unwrap_err();
+        assert!(
+            err.starts_with("OTEL_METRIC_EXPORT_INTERVAL = 0: the OTLP export interval"),
+            "{err}"
+        );
+        let env = |name: &str| (name == "OTEL_EXPORTER_OTLP_TIMEOUT").then(|| "1".to_owned());
+        let err = with_file("", &env).unwrap_err();
+        assert!(err.starts_with("OTEL_EXPORTER_OTLP_TIMEOUT = 1: "), "{err}");
+        assert!(with_file("interval = \"10ms\"\nwindow = \"24h\"\n", &no_env).is_ok());
+
+        // Settings built in code, not parsed, are held to the same ranges.
+        let args = AgentArgs {
+            interval: Some(Duration::ZERO),
+            ..AgentArgs::default()
+        };
+        let err = AgentConfig::resolve(&args, &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--interval (VMTRACE_INTERVAL) must be at least 10ms"),
+            "{err}"
         );
     }
 }

@@ -2,13 +2,14 @@
 //! and exports the metrics through a Prometheus endpoint and OTLP push.
 
 pub(crate) mod config;
+pub(crate) mod sample_errors;
 
 use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::{
     cmd::agent::config::{AgentArgs, AgentConfig},
+    cmd::agent::sample_errors::SampleErrors,
     export::metrics::{AgentHealth, families},
     export::{otlp, prometheus},
     host::agent_usage,
@@ -87,25 +89,30 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
     );
 
     let mut ticks = Ticks::new(config.interval, None, true)?;
-    loop {
-        let stop = ticks.next().await;
-        let mut sample = sampler.sample()?;
-        name_pods(&mut sample, &pods);
-        let (cpu_user_secs, cpu_system_secs) = agent_usage::cpu_secs();
-        let health = AgentHealth {
-            cpu_user_secs,
-            cpu_system_secs,
-            rss_bytes: agent_usage::rss_bytes(),
-            export_dropped: export_dropped.load(Ordering::Relaxed),
-        };
-        latest_tx.send_replace(Some(Arc::new(families(&sample, &health))));
-        if let Ok(mut timeline) = timeline.timeline.lock() {
-            timeline.push(&sample);
-        }
-        if stop {
-            break;
-        }
-    }
+    let mut errors = SampleErrors::default();
+    sample_every_tick(
+        &mut ticks,
+        &mut sampler,
+        &mut errors,
+        |sample, fresh, errors| {
+            if fresh {
+                name_pods(sample, &pods);
+            }
+            let (cpu_user_secs, cpu_system_secs) = agent_usage::cpu_secs();
+            let health = AgentHealth {
+                cpu_user_secs,
+                cpu_system_secs,
+                rss_bytes: agent_usage::rss_bytes(),
+                export_dropped: export_dropped.load(Ordering::Relaxed),
+                sample_errors: errors,
+            };
+            latest_tx.send_replace(Some(Arc::new(families(sample, &health))));
+            if fresh && let Ok(mut timeline) = timeline.timeline.lock() {
+                timeline.push(sample);
+            }
+        },
+    )
+    .await;
     // The last counts reach the collector before the agent goes: counters are cumulative, so this
     // export carries everything since the last one.
     if let Some(mut otlp_config) = config.otlp {
@@ -115,6 +122,48 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where the agent's samples come from: the probes, through [`Sampler`].
+pub(crate) trait SampleSource {
+    fn sample(&mut self) -> Result<Sample>;
+}
+
+impl SampleSource for Sampler {
+    fn sample(&mut self) -> Result<Sample> {
+        Sampler::sample(self)
+    }
+}
+
+/// Samples on every tick until the last one. A failed sample is counted in `errors`, logged (rate
+/// limited) and skipped: the previous sample is published again with the new error count, so that
+/// `vmtrace.agent.sample.errors` moves at once, and the next tick tries afresh. `publish` gets the
+/// sample, whether it is new (false when shown again), and the errors so far.
+async fn sample_every_tick(
+    ticks: &mut Ticks,
+    source: &mut dyn SampleSource,
+    errors: &mut SampleErrors,
+    mut publish: impl FnMut(&mut Sample, bool, u64),
+) {
+    let mut previous: Option<Sample> = None;
+    loop {
+        let stop = ticks.next().await;
+        match source.sample() {
+            Ok(mut sample) => {
+                publish(&mut sample, true, errors.total());
+                previous = Some(sample);
+            }
+            Err(e) => {
+                errors.record(&e, Instant::now());
+                if let Some(sample) = &mut previous {
+                    publish(sample, false, errors.total());
+                }
+            }
+        }
+        if stop {
+            break;
+        }
+    }
 }
 
 /// Adds what the API server knows to pod tenants.
@@ -168,7 +217,77 @@ fn hostname() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::{host::KvmFlavour, probe::load::ExitSource};
+
+    /// A source whose every third sample fails, as a map read refused by the kernel would.
+    struct Flaky {
+        calls: u64,
+    }
+
+    impl SampleSource for Flaky {
+        fn sample(&mut self) -> Result<Sample> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(3) {
+                anyhow::bail!(
+                    "reading map `KICKS`: bpf_map_delete_elem failed: Bad file descriptor"
+                );
+            }
+            Ok(Sample {
+                timestamp: 0.0,
+                #[allow(clippy::cast_precision_loss)]
+                elapsed_secs: self.calls as f64,
+                interval_secs: 0.01,
+                kvm: KvmFlavour::Pvm,
+                exit_source: ExitSource::Derived,
+                tenants: Vec::new(),
+                dtlb_unavailable: None,
+                iommu_faults: Vec::new(),
+                drops: std::collections::BTreeMap::new(),
+                probes_not_attached: Vec::new(),
+                probes_attached: Vec::new(),
+                last: false,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_sample_is_counted_and_the_loop_goes_on() {
+        let mut ticks = Ticks::new(
+            Duration::from_millis(10),
+            Some(Duration::from_millis(200)),
+            true,
+        )
+        .unwrap();
+        let mut source = Flaky { calls: 0 };
+        let mut errors = SampleErrors::default();
+        let mut published = Vec::new();
+        sample_every_tick(
+            &mut ticks,
+            &mut source,
+            &mut errors,
+            |sample, fresh, errors| {
+                published.push((sample.elapsed_secs, fresh, errors));
+            },
+        )
+        .await;
+        // It ran to its deadline through every failure.
+        assert!(source.calls >= 10, "{} ticks", source.calls);
+        assert_eq!(errors.total(), source.calls / 3);
+        // Every tick published: a new sample, or the previous one again with the errors counted.
+        assert_eq!(published.len() as u64, source.calls);
+        for (i, &(elapsed, fresh, count)) in published.iter().enumerate() {
+            let call = i as u64 + 1;
+            assert_eq!(count, call / 3, "tick {call}");
+            assert_eq!(fresh, !call.is_multiple_of(3), "tick {call}");
+            let shown = if fresh { call } else { call - 1 };
+            #[allow(clippy::cast_precision_loss)]
+            let shown = shown as f64;
+            assert!((elapsed - shown).abs() < f64::EPSILON, "tick {call}");
+        }
+    }
 
     #[test]
     fn resource_attributes_from_the_environment_win() {
