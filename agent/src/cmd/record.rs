@@ -66,7 +66,7 @@ pub async fn run(args: &RecordArgs) -> Result<()> {
     );
     let mut progress = Progress::new();
     let started = Instant::now();
-    let mut errors = super::agent::sample_errors::SampleErrors::default();
+    let mut errors = crate::sample::errors::SampleErrors::default();
     let mut ticks = Ticks::new(args.interval, args.duration, false)?;
     loop {
         let last = ticks.next().await;

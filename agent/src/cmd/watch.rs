@@ -51,7 +51,7 @@ pub async fn run(options: &WatchArgs) -> Result<()> {
     if let Some(marker) = degraded_marker(&sampler.probes_not_attached()) {
         eprintln!("vmtrace: {marker}: its figures are incomplete (`vmtrace doctor` says why)");
     }
-    let mut errors = super::agent::sample_errors::SampleErrors::default();
+    let mut errors = crate::sample::errors::SampleErrors::default();
     let mut ticks = Ticks::new(options.interval, options.duration, false)?;
     loop {
         let last = ticks.next().await;

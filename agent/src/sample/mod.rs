@@ -3,6 +3,7 @@
 //! virtualisation tax, memory, dTLB) and the recent past of every tenant (`timeline`).
 
 pub(crate) mod accounting;
+pub(crate) mod errors;
 pub(crate) mod recording;
 pub mod sampler;
 pub(crate) mod ticks;

@@ -2,7 +2,6 @@
 //! and exports the metrics through a Prometheus endpoint and OTLP push.
 
 pub(crate) mod config;
-pub(crate) mod sample_errors;
 
 use std::{
     sync::{
@@ -17,11 +16,11 @@ use tokio::sync::watch;
 
 use crate::{
     cmd::agent::config::{AgentArgs, AgentConfig},
-    cmd::agent::sample_errors::SampleErrors,
     export::metrics::{AgentHealth, families},
     export::{otlp, prometheus},
     host::agent_usage,
     probe::load::ProbeOptions,
+    sample::errors::SampleErrors,
     sample::sampler::{Sample, Sampler},
     sample::ticks::Ticks,
     sample::timeline::Timeline,
