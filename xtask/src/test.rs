@@ -140,20 +140,26 @@ pub fn msrv_toolchain(root: &Path) -> Result<String> {
     let manifest = root.join("Cargo.toml");
     let text = std::fs::read_to_string(&manifest)
         .with_context(|| format!("reading {}", manifest.display()))?;
-    let version = rust_version(&text)
-        .with_context(|| format!("{} declares no rust-version", manifest.display()))?;
+    let version = rust_version(&text).with_context(|| {
+        format!(
+            "{} declares no [workspace.package] rust-version",
+            manifest.display()
+        )
+    })?;
     Ok(match version.split('.').count() {
         2 => format!("{version}.0"),
-        _ => version.to_owned(),
+        _ => version,
     })
 }
 
-/// The value of the first `rust-version = "..."` line of a manifest.
-fn rust_version(manifest: &str) -> Option<&str> {
-    manifest.lines().find_map(|line| {
-        let (key, value) = line.split_once('=')?;
-        (key.trim() == "rust-version").then(|| value.trim().trim_matches('"'))
-    })
+/// The `[workspace.package]` `rust-version` of a manifest.
+fn rust_version(manifest: &str) -> Option<String> {
+    let manifest: toml::Table = toml::from_str(manifest).ok()?;
+    let version = manifest
+        .get("workspace")?
+        .get("package")?
+        .get("rust-version")?;
+    version.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -163,7 +169,7 @@ mod tests {
     #[test]
     fn the_msrv_is_read_from_the_workspace_manifest() {
         let manifest = "[workspace.package]\nedition = \"2024\"\nrust-version = \"1.95\"\n";
-        assert_eq!(rust_version(manifest), Some("1.95"));
+        assert_eq!(rust_version(manifest).as_deref(), Some("1.95"));
         assert_eq!(rust_version("[package]\n"), None);
         let root = workspace_root();
         assert!(msrv_toolchain(&root).unwrap().starts_with("1."));
