@@ -152,6 +152,12 @@ pub async fn run(
     dropped: Arc<AtomicU64>,
     start_time: SystemTime,
 ) -> Result<()> {
+    // The configuration refuses such intervals; this keeps any other caller from a panic in
+    // `tokio::time::interval`.
+    anyhow::ensure!(
+        !config.interval.is_zero(),
+        "the OTLP export interval must be above zero"
+    );
     let client = Client::new(&config)?;
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -446,5 +452,18 @@ mod tests {
             ])
             .contains("key=value")
         );
+    }
+
+    #[tokio::test]
+    async fn a_zero_interval_is_an_error_not_a_panic() {
+        let mut config = OtlpConfig::from_env(&env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c")]))
+            .unwrap()
+            .unwrap();
+        config.interval = Duration::ZERO;
+        let (_tx, latest) = watch::channel(None);
+        let e = run(config, latest, Arc::default(), SystemTime::now())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("above zero"), "{e}");
     }
 }

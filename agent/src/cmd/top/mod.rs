@@ -31,6 +31,7 @@ use ratatui::crossterm::event::{self, Event};
 
 use crate::{
     cmd::args::{ProbeArgs, parse_interval},
+    sample::errors::SampleErrors,
     sample::recording::parse_speed,
 };
 use columns::Column;
@@ -123,6 +124,8 @@ fn open_replay(path: &Path, speed: Option<f64>) -> Result<(Source, String)> {
 
 fn run_batch(mut source: Source, mut app: App, iterations: Option<u64>) -> Result<()> {
     let mut printed = 0;
+    // Failed samples are logged to stderr at most once a minute per kind, as the agent does.
+    let mut errors = SampleErrors::default();
     while iterations.is_none_or(|n| printed < n) {
         match source.poll()? {
             Feed::Sample(sample) => {
@@ -137,6 +140,10 @@ fn run_batch(mut source: Source, mut app: App, iterations: Option<u64>) -> Resul
                     return Ok(());
                 }
                 printed += 1;
+            }
+            Feed::Skipped(e) => {
+                app.skip(&e);
+                errors.record(&e, std::time::Instant::now());
             }
             Feed::Wait(wait) => std::thread::sleep(wait),
             Feed::End => break,
@@ -172,6 +179,8 @@ fn event_loop(
             loop {
                 match source.poll()? {
                     Feed::Sample(sample) => app.push(*sample),
+                    // Shown in the status line: a log line would tear the screen.
+                    Feed::Skipped(e) => app.skip(&e),
                     Feed::Wait(d) => {
                         wait = wait.min(d);
                         break;

@@ -18,6 +18,9 @@ use crate::{
 /// The answer to "anything new?".
 pub enum Feed {
     Sample(Box<Sample>),
+    /// A live sample failed (a map read refused, a cgroup file gone): skipped, and the next tick
+    /// tries afresh, as the agent does.
+    Skipped(anyhow::Error),
     /// Nothing yet; ask again after this long at the latest.
     Wait(Duration),
     /// No more samples will come.
@@ -99,7 +102,10 @@ impl Source {
                 while *next <= now {
                     *next += *interval;
                 }
-                Ok(Feed::Sample(Box::new(sampler.sample()?)))
+                Ok(match sampler.sample() {
+                    Ok(sample) => Feed::Sample(Box::new(sample)),
+                    Err(e) => Feed::Skipped(e),
+                })
             }
             Self::File {
                 reader,

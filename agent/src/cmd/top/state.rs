@@ -33,6 +33,9 @@ pub struct App {
     pub timeline: Timeline,
     /// Samples shown so far.
     pub samples: u64,
+    /// Live samples that failed and were skipped, and the last one's error.
+    pub skipped: u64,
+    pub last_skip: Option<String>,
     pub sort: Column,
     pub descending: bool,
     /// Case-insensitive substring of tenant names to show; empty shows all.
@@ -64,6 +67,8 @@ impl App {
             sample: None,
             timeline: Timeline::with_capacity(HISTORY),
             samples: 0,
+            skipped: 0,
+            last_skip: None,
             sort,
             descending: sort.descending_by_default(),
             filter,
@@ -92,6 +97,12 @@ impl App {
         } else {
             self.apply(sample);
         }
+    }
+
+    /// Counts a failed live sample; the one on screen stays.
+    pub fn skip(&mut self, error: &anyhow::Error) {
+        self.skipped += 1;
+        self.last_skip = Some(format!("{error:#}"));
     }
 
     fn apply(&mut self, sample: Sample) {

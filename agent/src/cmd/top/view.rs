@@ -59,6 +59,13 @@ pub fn status_text(app: &App) -> String {
         app.sort.title(),
         if app.descending { "▼" } else { "▲" }
     ));
+    if let Some(error) = &app.last_skip {
+        parts.push(format!(
+            "{} sample{} skipped (last: {error})",
+            app.skipped,
+            if app.skipped == 1 { "" } else { "s" }
+        ));
+    }
     if app.paused {
         parts.push("PAUSED".to_owned());
     }
@@ -282,5 +289,23 @@ pub(crate) mod tests {
         let text = render(&app, 80, 24).join("\n");
         assert!(text.contains("vmtrace top: keys"));
         assert!(text.contains("drill down into the tenant"));
+    }
+
+    #[test]
+    fn a_skipped_sample_keeps_the_last_one_on_screen_and_says_so() {
+        let mut app = crate::cmd::top::keys::tests::app();
+        let shown = app.sample.clone();
+        app.skip(&anyhow::anyhow!("reading map `KICKS`: Bad file descriptor"));
+        app.skip(&anyhow::anyhow!("cannot read memory.stat"));
+        assert_eq!(app.sample, shown);
+        let status = status_text(&app);
+        assert!(
+            status.contains("2 samples skipped (last: cannot read memory.stat)"),
+            "{status}"
+        );
+        assert!(
+            status.starts_with("vmtrace top · test · PVM derived"),
+            "{status}"
+        );
     }
 }
