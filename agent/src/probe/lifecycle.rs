@@ -3,7 +3,7 @@
 //! once it is removed.
 
 use aya::maps::{MapData, RingBuf};
-use vmtrace_common::{CGROUP_EVENTS_MAP, CgroupEvent, CgroupEventKind};
+use vmtrace_common::{CGROUP_EVENTS_MAP, CGROUP_PATH_LEN, CgroupEvent, CgroupEventKind};
 
 use crate::{host::cgroup_index::CgroupIndex, probe::counters::CountsError};
 
@@ -26,13 +26,28 @@ impl CgroupEvents {
         while let Some(item) = self.ring.next() {
             if let Some((kind, id, path)) = decode(&item) {
                 match kind {
+                    // A path that may have been cut is left to the hierarchy walk, which names
+                    // the cgroup whole while it exists.
+                    CgroupEventKind::Mkdir | CgroupEventKind::Attach if may_be_cut(&item) => {}
                     CgroupEventKind::Mkdir | CgroupEventKind::Attach => index.insert(id, path),
+                    // Gone: the walk can no longer name it, so a cut path is better than none
+                    // (and a whole one already known stays).
                     CgroupEventKind::Rmdir => index.remove(id, path),
                 }
                 applied += 1;
             }
         }
         applied
+    }
+}
+
+/// Whether the kernel program may have cut the event's path: it keeps at most
+/// `CGROUP_PATH_LEN - 1` bytes (a cgroup v2 path can be up to PATH_MAX).
+fn may_be_cut(bytes: &[u8]) -> bool {
+    bytes.len() >= size_of::<CgroupEvent>() && {
+        // SAFETY: as in `decode`.
+        let event: CgroupEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        event.path_len as usize >= CGROUP_PATH_LEN - 1
     }
 }
 
@@ -72,5 +87,21 @@ mod tests {
             Some((CgroupEventKind::Rmdir, 42, "/a/b/c".to_owned()))
         );
         assert_eq!(decode(&bytes[..10]), None);
+        assert!(!may_be_cut(bytes));
+    }
+
+    #[test]
+    fn a_path_of_the_longest_length_carried_may_be_cut() {
+        let event = CgroupEvent {
+            id: 42,
+            kind: CgroupEventKind::Mkdir as u32,
+            path_len: u32::try_from(CGROUP_PATH_LEN - 1).unwrap(),
+            path: [b'x'; CGROUP_PATH_LEN],
+        };
+        // SAFETY: viewing a plain repr(C) struct as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<CgroupEvent>())
+        };
+        assert!(may_be_cut(bytes));
     }
 }
