@@ -15,6 +15,7 @@ use std::{
 use vmtrace_common::mounts::MountTable;
 use vmtrace_vmm::{Report, Scenario};
 
+pub mod doorbell;
 pub mod manifests;
 pub mod otlp_receiver;
 pub mod pod;

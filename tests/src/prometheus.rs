@@ -226,3 +226,33 @@ pub fn sample(metrics: &str, name: &str, wanted: &[(&str, &str)]) -> Option<f64>
         wanted.iter().all(has).then(|| value.trim().parse().ok())?
     })
 }
+
+/// The metric sample that carries one of `expected_agent_counts`' kinds for `tenant`.
+pub fn count_of(metrics: &str, tenant: &str, kind: &str) -> Option<f64> {
+    if let Some(reason) = kind.strip_prefix("exit.") {
+        sample(
+            metrics,
+            "vmtrace_vm_exits_total",
+            &[
+                ("tenant", tenant),
+                ("exit_source", "vmm"),
+                ("exit_reason", reason),
+            ],
+        )
+    } else if let Some(queue) = kind.strip_prefix("kick.") {
+        sample(
+            metrics,
+            "vmtrace_virtio_kicks_total",
+            &[
+                ("tenant", tenant),
+                ("virtio_queue", queue.trim_start_matches('q')),
+            ],
+        )
+    } else {
+        sample(
+            metrics,
+            "vmtrace_vm_events_total",
+            &[("tenant", tenant), ("event", kind)],
+        )
+    }
+}

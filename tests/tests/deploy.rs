@@ -23,7 +23,7 @@ use vmtrace_tests::{
     on_path,
     pod::{Grant, capability_number, start_pod},
     privileged_host,
-    prometheus::sample,
+    prometheus::{count_of, sample},
     run_vmm,
     temp::{RmdirOnDrop, TempDir, copy_dir},
     wait::poll,
@@ -371,36 +371,6 @@ fn manifests_validate_and_keep_to_least_privilege() {
         find_kind(&full, "ServiceMonitor");
     } else {
         eprintln!("kubectl not found: the kustomize rendering was not checked");
-    }
-}
-
-/// The metric sample that carries one of `expected_agent_counts`' kinds for `tenant`.
-fn count_of(metrics: &str, tenant: &str, kind: &str) -> Option<f64> {
-    if let Some(reason) = kind.strip_prefix("exit.") {
-        sample(
-            metrics,
-            "vmtrace_vm_exits_total",
-            &[
-                ("tenant", tenant),
-                ("exit_source", "vmm"),
-                ("exit_reason", reason),
-            ],
-        )
-    } else if let Some(queue) = kind.strip_prefix("kick.") {
-        sample(
-            metrics,
-            "vmtrace_virtio_kicks_total",
-            &[
-                ("tenant", tenant),
-                ("virtio_queue", queue.trim_start_matches('q')),
-            ],
-        )
-    } else {
-        sample(
-            metrics,
-            "vmtrace_vm_events_total",
-            &[("tenant", tenant), ("event", kind)],
-        )
     }
 }
 
