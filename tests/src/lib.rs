@@ -204,6 +204,22 @@ impl Agent {
         }
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's resident memory, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the agent's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
     /// Stops the agent with SIGINT and returns its JSON reports, the final one last.
     pub fn stop(mut self) -> Vec<serde_json::Value> {
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
@@ -254,7 +270,7 @@ pub fn expected_agent_counts(reports: &[Report]) -> BTreeMap<String, u64> {
             report.total.exits.get("io").copied().unwrap_or(0),
         );
         match report.scenario {
-            Scenario::Mmio => add("mmio.write", report.total.guest_ops),
+            Scenario::Mmio | Scenario::MmioSweep => add("mmio.write", report.total.guest_ops),
             Scenario::Doorbell => {
                 let signals = report.doorbell_signals.expect("doorbell signals");
                 add("mmio.write", signals);

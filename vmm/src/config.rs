@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::layout::{
-    MAX_VCPUS_BY_LAYOUT, MIB, PAGES_PER_MIB, VIRTIO_BUFFERS_END, VIRTIO_BUFFERS_GPA,
-    VIRTIO_MAX_QUEUES,
+    MAX_VCPUS_BY_LAYOUT, MIB, PAGES_PER_MIB, SWEEP_ADDRESSES, VIRTIO_BUFFERS_END,
+    VIRTIO_BUFFERS_GPA, VIRTIO_MAX_QUEUES,
 };
 use crate::region;
 
@@ -22,6 +22,12 @@ pub enum Scenario {
     Pio,
     /// Byte write to the unbacked GPA 0xE0000: one KVM_EXIT_MMIO to the VMM per operation.
     Mmio,
+    /// Byte write to a new unbacked address every operation, from GPA 0x80000000 up (32-bit
+    /// addresses in unreal mode; vCPU i writes 0x80000000 + i, then every --vcpus bytes): one
+    /// KVM_EXIT_MMIO to the VMM per operation, never twice at one address. --count x --vcpus is
+    /// at most 2147483648.
+    #[serde(rename = "mmio-sweep")]
+    MmioSweep,
     /// Byte write to GPA 0xE1000, an ioeventfd doorbell (KVM_IOEVENTFD, MMIO, len 1, no
     /// datamatch): completed in the kernel, no exit to the VMM; the eventfd counts the writes.
     Doorbell,
@@ -50,9 +56,10 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in a fixed order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Pio,
         Scenario::Mmio,
+        Scenario::MmioSweep,
         Scenario::Doorbell,
         Scenario::Cpuid,
         Scenario::Hlt,
@@ -66,6 +73,7 @@ impl Scenario {
         match self {
             Scenario::Pio => "pio",
             Scenario::Mmio => "mmio",
+            Scenario::MmioSweep => "mmio-sweep",
             Scenario::Doorbell => "doorbell",
             Scenario::Cpuid => "cpuid",
             Scenario::Hlt => "hlt",
@@ -405,6 +413,15 @@ impl VmmConfig {
                 u32::MAX
             )));
         }
+        if self.scenario == Scenario::MmioSweep
+            && self.count.saturating_mul(u64::from(self.vcpus)) > SWEEP_ADDRESSES
+        {
+            return Err(Error::Config(format!(
+                "--scenario mmio-sweep writes --count x --vcpus distinct addresses below 4 GiB: \
+                 at most {SWEEP_ADDRESSES}, not {} x {}",
+                self.count, self.vcpus
+            )));
+        }
         if let Some(rate) = self.rate
             && !(rate.is_finite() && rate > 0.0)
         {
@@ -600,6 +617,20 @@ mod tests {
         assert!(parse(&[]).is_err());
         assert!(parse(&["--scenario", "pio", "--exit-delay-us", "1000001"]).is_err());
         assert!(parse(&["--scenario", "pio", "--vm-setup-delay-ms", "3600001"]).is_err());
+        // Two vCPUs of 2^30 addresses fill the 2 GiB below 4 GiB; one more does not fit.
+        let sweep = |vcpus: &str, count: &str| {
+            parse(&[
+                "--scenario",
+                "mmio-sweep",
+                "--vcpus",
+                vcpus,
+                "--count",
+                count,
+            ])
+        };
+        assert!(sweep("2", "1073741824").is_ok());
+        let err = sweep("3", "1073741824").unwrap_err();
+        assert!(err.contains("distinct addresses"), "{err}");
     }
 
     #[test]

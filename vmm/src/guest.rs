@@ -21,7 +21,7 @@
 pub mod touch;
 pub mod virtio;
 
-use iced_x86::code_asm::{CodeAssembler, al, ax, byte_ptr, dword_ptr, eax, edi, es, esi};
+use iced_x86::code_asm::{CodeAssembler, al, ax, byte_ptr, dword_ptr, eax, ebx, edi, es, esi};
 
 use crate::config::Scenario;
 use crate::error::Error;
@@ -49,6 +49,11 @@ const DOORBELL_OFFSET: u64 = DOORBELL_GPA - ((MMIO_SEGMENT as u64) << 4);
 /// (see [`touch::program`]).
 pub fn program(scenario: Scenario, paced: bool) -> Result<Vec<u8>, Error> {
     match scenario {
+        Scenario::MmioSweep => {
+            return Err(Error::Config(
+                "the mmio-sweep program depends on --vcpus (guest::sweep_program)".into(),
+            ));
+        }
         Scenario::Virtio => {
             return Err(Error::Config(
                 "the virtio scenario has one program per vCPU (guest::virtio::programs)".into(),
@@ -82,7 +87,7 @@ fn assemble(scenario: Scenario, paced: bool) -> Result<Vec<u8>, iced_x86::IcedEr
         }
         Scenario::Hlt => a.hlt()?,
         // Refused by `program`.
-        Scenario::Virtio | Scenario::Touch | Scenario::Balloon => {}
+        Scenario::MmioSweep | Scenario::Virtio | Scenario::Touch | Scenario::Balloon => {}
     }
     if paced {
         a.out(u32::from(PACE_PORT), al)?;
@@ -91,6 +96,36 @@ fn assemble(scenario: Scenario, paced: bool) -> Result<Vec<u8>, iced_x86::IcedEr
     a.dec(esi)?;
     a.jnz(again)?;
     done_and_halt(&mut a)
+}
+
+/// The `mmio-sweep` program for `vcpus` vCPUs: on entry EBX holds the vCPU's first address
+/// (the VMM sets it, in unreal mode), and each operation writes one byte there and moves EBX on
+/// by `vcpus`, so that no two writes of the VM share an address.
+///
+/// ```text
+/// again:  mov byte [ebx], al               ; 32-bit address, unbacked: KVM_EXIT_MMIO
+///         [out 0x12, al]                   ; PACE, only with a rate
+///         inc dword [edi]
+///         add ebx, vcpus
+///         dec esi
+///         jnz again
+/// ```
+pub fn sweep_program(vcpus: u32, paced: bool) -> Result<Vec<u8>, Error> {
+    let assemble = || -> Result<Vec<u8>, iced_x86::IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        let mut again = a.create_label();
+        a.set_label(&mut again)?;
+        a.mov(byte_ptr(ebx), al)?;
+        if paced {
+            a.out(u32::from(PACE_PORT), al)?;
+        }
+        a.inc(dword_ptr(edi))?;
+        a.add(ebx, vcpus)?;
+        a.dec(esi)?;
+        a.jnz(again)?;
+        done_and_halt(&mut a)
+    };
+    assemble().map_err(|e| Error::Assemble("mmio-sweep", e))
 }
 
 /// The end of every program: write DONE (the VMM stops the vCPU there), then halt for good; and
@@ -146,5 +181,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_sweep_program_moves_on_by_the_vcpu_count() {
+        // mov [ebx],al; inc dword [edi]; add ebx,3; dec esi; jnz again
+        let mut body = vec![0x67, 0x88, 0x03];
+        body.extend(&INC_DEC_JNZ[..4]);
+        body.extend([0x66, 0x83, 0xc3, 0x03]);
+        body.extend(&INC_DEC_JNZ[4..]);
+        let back = -(i8::try_from(body.len() + 2).unwrap());
+        body.extend([0x75, back as u8]);
+        body.extend(TAIL);
+        assert_eq!(sweep_program(3, false).unwrap(), body);
+        assert!(program(Scenario::MmioSweep, false).is_err());
     }
 }

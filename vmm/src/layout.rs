@@ -42,6 +42,11 @@ pub const BALLOON_PORT: u16 = 0x15;
 /// Guest-physical base of the `touch` and `balloon` scenarios' region: 16 MiB, far above what
 /// real-mode segments reach (the guest uses 32-bit addresses with a 4 GiB DS limit).
 pub const TOUCH_REGION_GPA: u64 = 0x100_0000;
+/// The `mmio-sweep` scenario's first address: unbacked, above the largest touch region
+/// (`TOUCH_REGION_GPA` + 1 GiB), and with 2 GiB of addresses below 4 GiB after it.
+pub const SWEEP_GPA: u64 = 0x8000_0000;
+/// Addresses the `mmio-sweep` scenario may write, from [`SWEEP_GPA`] to 4 GiB.
+pub const SWEEP_ADDRESSES: u64 = 0x8000_0000;
 /// KVM memory slot of the touch region (slot 0 is the guest RAM at GPA 0).
 pub const TOUCH_REGION_SLOT: u32 = 1;
 /// The page size the guest touches with and the host faults in (base pages: no THP).

@@ -234,7 +234,7 @@ pub fn expected_vcpu_exits(scenario: Scenario, count: u64, paced: bool) -> ExitC
     }
     match scenario {
         Scenario::Pio => add("io", count),
-        Scenario::Mmio => add("mmio", count),
+        Scenario::Mmio | Scenario::MmioSweep => add("mmio", count),
         Scenario::Hlt => add("hlt", count),
         Scenario::Virtio => add("mmio", crate::guest::virtio::PROBE_READS),
         Scenario::Doorbell | Scenario::Cpuid | Scenario::Touch | Scenario::Balloon => {}

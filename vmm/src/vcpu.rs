@@ -12,7 +12,8 @@ use crate::error::Error;
 use crate::exits::{self, ExitCounts};
 use crate::guest::virtio::FailCode;
 use crate::layout::{
-    BALLOON_PORT, DONE_PORT, FAIL_PORT, MMIO_GPA, OP_PORT, PACE_PORT, counter_gpa,
+    BALLOON_PORT, DONE_PORT, FAIL_PORT, MMIO_GPA, OP_PORT, PACE_PORT, SWEEP_ADDRESSES, SWEEP_GPA,
+    counter_gpa,
 };
 use crate::pace::Pacer;
 use crate::region::{Balloon, Returned};
@@ -139,7 +140,7 @@ impl VcpuRunner {
             tid: gettid(),
             exits: ExitCounts::new(),
             observed_ops: match self.scenario {
-                Scenario::Pio | Scenario::Mmio | Scenario::Hlt => Some(0),
+                Scenario::Pio | Scenario::Mmio | Scenario::MmioSweep | Scenario::Hlt => Some(0),
                 Scenario::Doorbell
                 | Scenario::Cpuid
                 | Scenario::Virtio
@@ -292,6 +293,13 @@ fn classify(scenario: Scenario, exit: VcpuExit<'_>, device: Option<&MmioHandle>)
             } else {
                 Step::Fail(format!("{}-byte MMIO write at {addr:#x}", data.len()))
             }
+        }
+        VcpuExit::MmioWrite(addr, data)
+            if scenario == Scenario::MmioSweep
+                && (SWEEP_GPA..SWEEP_GPA + SWEEP_ADDRESSES).contains(&addr)
+                && data.len() == 1 =>
+        {
+            Step::Op
         }
         VcpuExit::MmioWrite(addr, data) => Step::Fail(format!(
             "unexpected {}-byte MMIO write at {addr:#x}",

@@ -22,8 +22,8 @@ use crate::guest;
 use crate::ioeventfd;
 use crate::kick;
 use crate::layout::{
-    CODE_GPA, DOORBELL_GPA, DOORBELL_LEN, MEM_SIZE, PAGE_SIZE, TOUCH_REGION_GPA, TOUCH_REGION_SLOT,
-    VIRTIO_MEM_SIZE, counter_gpa,
+    CODE_GPA, DOORBELL_GPA, DOORBELL_LEN, MEM_SIZE, PAGE_SIZE, SWEEP_GPA, TOUCH_REGION_GPA,
+    TOUCH_REGION_SLOT, VIRTIO_MEM_SIZE, counter_gpa,
 };
 use crate::memory;
 use crate::region::{self, Balloon};
@@ -103,6 +103,10 @@ impl TryFrom<VmmConfig> for Vmm {
                 entry: CODE_GPA,
                 bytes: guest::touch::program(region_plan, paced)?,
             }],
+            (None, None) if config.scenario == Scenario::MmioSweep => vec![guest::Program {
+                entry: CODE_GPA,
+                bytes: guest::sweep_program(config.vcpus, paced)?,
+            }],
             (None, None) => vec![guest::Program {
                 entry: CODE_GPA,
                 bytes: guest::program(config.scenario, paced)?,
@@ -169,7 +173,14 @@ impl TryFrom<VmmConfig> for Vmm {
                 .create_vcpu(u64::from(index))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
             let entry = programs[(index as usize).min(programs.len() - 1)].entry;
-            let first_page = region_plan.map(|p| p.first_page_gpa(index));
+            // The first address the vCPU writes, in unreal mode (EBX): its first page, or for
+            // mmio-sweep its first byte.
+            let first_page = match region_plan {
+                Some(p) => Some(p.first_page_gpa(index)),
+                None => {
+                    (config.scenario == Scenario::MmioSweep).then(|| SWEEP_GPA + u64::from(index))
+                }
+            };
             vcpu::configure(&vcpu, index, config.ops_per_vcpu(), entry, first_page)?;
             vcpus.push(vcpu);
         }
