@@ -197,6 +197,52 @@ impl Counters {
 }
 
 impl Counters {
+    /// The doorbells the probes know now.
+    pub fn live_doorbells(&self) -> Result<Vec<(DoorbellKey, Doorbell)>, CountsError> {
+        self.doorbells
+            .iter()
+            .map(|entry| entry.map_err(|e| CountsError::Map(DOORBELLS_MAP, e)))
+            .collect()
+    }
+
+    /// Puts back doorbells learnt before a restart, as their registration would have made them
+    /// (the doorbell, its address, its kick counter, and its VMM as a live one, which keeps the
+    /// doorbell from being taken for one of an exited VMM). One the probes have learnt again
+    /// meanwhile is left as it is. Returns how many were put back.
+    pub fn restore_doorbells(
+        &mut self,
+        doorbells: &[(DoorbellKey, Doorbell)],
+    ) -> Result<usize, CountsError> {
+        const NOEXIST: u64 = 1;
+        let mut restored = 0;
+        for (key, doorbell) in doorbells {
+            match self.doorbells.insert(key, doorbell, NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(CountsError::Map(DOORBELLS_MAP, e)),
+            }
+            let address = key.address();
+            let count = self.doorbell_addrs.get(&address, 0).unwrap_or(0);
+            self.doorbell_addrs
+                .insert(address, count + 1, 0)
+                .map_err(|e| CountsError::Map(DOORBELL_ADDRS_MAP, e))?;
+            let cpus = aya::util::nr_cpus().map_or(1, |n| n);
+            if let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]) {
+                // NOEXIST: an entry left by the kernel meanwhile keeps its kicks.
+                let _ = self.kicks.insert(key, zeros, NOEXIST);
+            }
+            let _ = self
+                .vmm_processes
+                .insert(key.tgid, doorbell.cgroup_id, NOEXIST);
+            restored += 1;
+        }
+        Ok(restored)
+    }
+
     /// Live VMM processes: tgid to cgroup id.
     fn read_vmm_processes(&self) -> Result<BTreeMap<u32, u64>, CountsError> {
         self.vmm_processes

@@ -2,10 +2,12 @@
 //! loaded and those probes attached (`load`), their arguments checked against the kernel's BTF
 //! (`btf_args`), the counters read back (`counters`) with their keys turned into kinds (`kinds`) and
 //! their histograms summarised (`latency`), cgroup lifecycle events (`lifecycle`), tracefs and the
-//! kernel's names for exit reasons (`tracefs`, `exit_reasons`).
+//! kernel's names for exit reasons (`tracefs`, `exit_reasons`), and the learnt doorbells kept
+//! across restarts (`doorbell_state`).
 
 pub(crate) mod btf_args;
 pub mod counters;
+pub(crate) mod doorbell_state;
 pub(crate) mod exit_reasons;
 pub(crate) mod kinds;
 pub mod latency;

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -16,6 +17,7 @@ use crate::{
     host::vfio,
     host::{self, KvmDetection, KvmFlavour},
     probe::counters::{Counters, IommuFaults},
+    probe::doorbell_state::DoorbellState,
     probe::lifecycle::CgroupEvents,
     probe::load::{ExitSource, ProbeOptions, Probes},
     sample::accounting::Accounting,
@@ -107,6 +109,9 @@ pub struct Sampler {
     started: Instant,
     /// When the previous sample was taken, and its counts.
     previous: Option<(Instant, PreviousCounts)>,
+    /// Where the learnt doorbells are kept across restarts, when they are.
+    doorbell_state: Option<DoorbellState>,
+    doorbell_state_failing: bool,
 }
 
 impl Sampler {
@@ -138,7 +143,38 @@ impl Sampler {
             kvm,
             started: Instant::now(),
             previous: None,
+            doorbell_state: None,
+            doorbell_state_failing: false,
         })
+    }
+
+    /// Keeps the learnt doorbells in `dir` from now on, after putting back those saved there by
+    /// an earlier agent whose VMMs still run. Returns how many came back. A directory that cannot
+    /// be written is a warning, not an error: the agent then counts as if it had no state.
+    pub fn keep_doorbells(&mut self, dir: &Path) -> usize {
+        let mut state = DoorbellState::new(dir);
+        let (saved, problem) = state.load();
+        if let Some(problem) = problem {
+            tracing::warn!("doorbell state ignored: {problem}");
+        }
+        let restored = match self.counters.restore_doorbells(&saved) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("doorbells saved before the restart not restored: {e:#}");
+                0
+            }
+        };
+        match self.counters.live_doorbells() {
+            Ok(live) => match state.save(&live) {
+                Ok(()) => self.doorbell_state = Some(state),
+                Err(e) => tracing::warn!(
+                    "learnt doorbells will not be kept across restarts: {e} (set --state-dir to \
+                     a writable directory, or `off`)"
+                ),
+            },
+            Err(e) => tracing::warn!("learnt doorbells will not be kept across restarts: {e:#}"),
+        }
+        restored
     }
 
     pub fn kvm(&self) -> &KvmDetection {
@@ -161,6 +197,21 @@ impl Sampler {
             }
         }
         let snapshot = self.counters.read(&self.probes.reason_names)?;
+        if let Some(state) = &mut self.doorbell_state {
+            // A failed write leaves the previous file, which is still right but for the latest
+            // changes; the next sample tries again.
+            match state.save(&self.counters.live_doorbells()?) {
+                // One line per outage.
+                Err(e) if !self.doorbell_state_failing => {
+                    tracing::warn!(
+                        "{e}; the learnt doorbells will be written again once it can be"
+                    );
+                    self.doorbell_state_failing = true;
+                }
+                Err(_) => {}
+                Ok(()) => self.doorbell_state_failing = false,
+            }
+        }
         let no_counts = PreviousCounts::new();
         let (since, previous) = match &self.previous {
             Some((at, counts)) => (*at, counts),

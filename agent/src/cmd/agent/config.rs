@@ -19,7 +19,7 @@ use crate::{
 /// Flags of `vmtrace agent`; each also reads the environment variable shown.
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
-    /// TOML configuration file (keys: interval, window, listen, kick_latency, node_name, and an
+    /// TOML configuration file (keys: interval, window, listen, kick_latency, node_name, state_dir, and an
     /// `[otlp]` table with endpoint, protocol, headers, timeout_ms, interval_ms; see
     /// docs/configuration.md).
     #[arg(long, env = "VMTRACE_CONFIG")]
@@ -59,6 +59,11 @@ pub struct AgentArgs {
     /// `http://127.0.0.1:8001`); inside a cluster the service environment and account are used.
     #[arg(long, env = "VMTRACE_KUBE_API")]
     pub kube_api: Option<String>,
+    /// Directory where the agent keeps the doorbells it has learnt, so that after a restart it
+    /// goes on counting the kicks of VMs that were already running; `off` keeps nothing
+    /// [default: /run/vmtrace].
+    #[arg(long, env = "VMTRACE_STATE_DIR")]
+    pub state_dir: Option<String>,
     #[command(flatten)]
     pub probes: ProbeArgs,
 }
@@ -74,6 +79,7 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub kick_latency: Option<bool>,
     pub node_name: Option<String>,
+    pub state_dir: Option<String>,
     #[serde(default)]
     pub otlp: FileOtlp,
 }
@@ -117,6 +123,10 @@ pub const OTLP_INTERVAL_RANGE: (Duration, Duration) =
 pub const OTLP_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(10), Duration::from_mins(10));
 
+/// Where the agent keeps its state unless told: /run is emptied at boot, as the VMs the state
+/// describes are gone then.
+pub const DEFAULT_STATE_DIR: &str = "/run/vmtrace";
+
 /// The agent's settings, resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
@@ -127,6 +137,8 @@ pub struct AgentConfig {
     pub listen: Option<SocketAddr>,
     pub kick_latency: bool,
     pub node_name: Option<String>,
+    /// Where learnt doorbells are kept across restarts; `None` when off.
+    pub state_dir: Option<PathBuf>,
     /// `None` when OTLP export is off.
     pub otlp: Option<OtlpConfig>,
     /// `None` outside a cluster: pod tenants keep their UID only.
@@ -225,6 +237,16 @@ impl AgentConfig {
                  (set --listen, or --otlp-endpoint / OTEL_EXPORTER_OTLP_ENDPOINT)"
             );
         }
+        let state_dir = match args.state_dir.clone().or(file.state_dir) {
+            Some(text) if text == "off" => None,
+            Some(text) if text.is_empty() => {
+                bail!(
+                    "the state directory (--state-dir, VMTRACE_STATE_DIR) is empty: give a directory or `off`"
+                )
+            }
+            Some(text) => Some(PathBuf::from(text)),
+            None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+        };
         let node_name = args.node_name.clone().or(file.node_name);
         let kube = KubeConfig::resolve(args.kube_api.as_deref(), node_name.as_deref(), env)?;
         Ok(Self {
@@ -233,6 +255,7 @@ impl AgentConfig {
             listen,
             kick_latency: args.probes.kick_latency || file.kick_latency.unwrap_or(false),
             node_name,
+            state_dir,
             otlp,
             kube,
         })

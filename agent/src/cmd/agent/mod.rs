@@ -41,6 +41,13 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
     let mut sampler = Sampler::start(&ProbeOptions {
         kick_latency: config.kick_latency,
     })?;
+    if let Some(dir) = &config.state_dir {
+        let restored = sampler.keep_doorbells(dir);
+        eprintln!(
+            "vmtrace agent: learnt doorbells kept in {}; {restored} put back from before",
+            dir.display()
+        );
+    }
     let pods = kubernetes::PodDirectory::default();
     if let Some(kube) = config.kube.clone() {
         eprintln!(
