@@ -113,7 +113,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The agent's event loop: one thread is plenty, the work is a map read per tick.
+/// The event loop of `watch`, `record` and `agent`: one thread is plenty. The agent serves HTTP and
+/// exports on it and samples on a thread of its own, so that a slow sample holds up no request.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -4,12 +4,18 @@
 //!
 //! Stored by column, one ring of `f64` per (tenant, series), so the memory is tenants x series x
 //! points x 8 bytes whatever the event rate.
+//!
+//! `/api/timeline` writes the timeline out one tenant at a time, taking the lock for each tenant
+//! only: a reader names the points it started with by their position ([`Points`]), and the agent's
+//! timeline keeps [`READ_GRACE`] of points beyond its window, so that a reader that takes up to that
+//! long still finds every point it started with.
 
 use std::{
     collections::{BTreeMap, VecDeque},
     time::Duration,
 };
 
+#[cfg(test)]
 use serde::Serialize;
 
 use crate::{
@@ -17,17 +23,26 @@ use crate::{
     sample::sampler::Sample,
 };
 
-/// Recent samples of every tenant, at most `capacity` of them.
+/// How long a reader of the agent's timeline may take and still find every point it started with:
+/// the timeline keeps that much beyond its window (at most as much again as the window).
+pub const READ_GRACE: Duration = Duration::from_secs(30);
+
+/// Recent samples of every tenant: views show the newest `capacity` points; `held` are kept.
 #[derive(Debug, Clone)]
 pub struct Timeline {
     capacity: usize,
-    /// Unix time of each point, oldest first.
+    /// Points kept: `capacity` and the grace readers get.
+    held: usize,
+    /// Points pushed so far: the position of the next one.
+    pushed: u64,
+    /// Unix time of each point kept, oldest first.
     times: VecDeque<f64>,
     /// Per tenant and series (a counter kind's rate per second, or a gauge): one value per point.
     tenants: BTreeMap<String, BTreeMap<Series, VecDeque<f64>>>,
 }
 
 /// What `/api/timeline` returns: the points' times and each tenant's series.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TimelineView {
     /// Seconds between points.
@@ -39,16 +54,26 @@ pub struct TimelineView {
 }
 
 impl Timeline {
-    /// A timeline of `window` at one point per `interval` (at least one point).
+    /// A timeline of `window` at one point per `interval` (at least one point), which keeps
+    /// [`READ_GRACE`] more for readers that write it out while it moves on.
     pub fn new(window: Duration, interval: Duration) -> Self {
-        let points = window.as_secs_f64() / interval.as_secs_f64().max(1e-3);
-        Self::with_capacity(points.ceil().max(1.0) as usize)
+        let points = |span: Duration| {
+            let points = span.as_secs_f64() / interval.as_secs_f64().max(1e-3);
+            points.ceil().max(1.0) as usize
+        };
+        let capacity = points(window);
+        let mut timeline = Self::with_capacity(capacity);
+        timeline.held = capacity + points(READ_GRACE).min(capacity);
+        timeline
     }
 
-    /// A timeline of the last `capacity` points.
+    /// A timeline of the last `capacity` points, with no grace for slow readers.
     pub fn with_capacity(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
-            capacity: capacity.max(1),
+            capacity,
+            held: capacity,
+            pushed: 0,
             times: VecDeque::new(),
             tenants: BTreeMap::new(),
         }
@@ -61,15 +86,16 @@ impl Timeline {
     }
 
     /// Adds a sample as the newest point. A tenant absent from it gets zeros, and leaves once its
-    /// series have been zero over the whole window.
+    /// series have been zero over every point kept.
     pub fn push(&mut self, sample: &Sample) {
-        if self.times.len() == self.capacity {
+        if self.times.len() == self.held {
             self.times.pop_front();
             for values in self.tenants.values_mut().flat_map(|s| s.values_mut()) {
                 values.pop_front();
             }
         }
         self.times.push_back(sample.timestamp);
+        self.pushed += 1;
         let points = self.times.len();
         for tenant in &sample.tenants {
             let series = self.tenants.entry(tenant.tenant.clone()).or_default();
@@ -106,6 +132,11 @@ impl Timeline {
         self.tenants.keys().map(String::as_str)
     }
 
+    /// Index in `times` (and in every series) of the oldest point shown.
+    fn first_shown(&self) -> usize {
+        self.times.len().saturating_sub(self.capacity)
+    }
+
     /// One value per point for `tenant`: `value` applied to its kinds' rates at each point (empty
     /// if the tenant is not on the timeline).
     pub fn values(
@@ -123,7 +154,7 @@ impl Timeline {
                 Series::Gauge(_) => None,
             })
             .collect();
-        (0..self.times.len())
+        (self.first_shown()..self.times.len())
             .map(|i| {
                 let at = |kind: &Kind| {
                     series
@@ -136,35 +167,97 @@ impl Timeline {
             .collect()
     }
 
-    /// The timeline, optionally only for one tenant and for series whose names match `prefix` (see
-    /// [`name_matches`]).
+    /// The newest `limit` points shown (all of them without a limit): where they are, and their
+    /// times.
+    pub fn newest(&self, limit: Option<usize>) -> (Points, Vec<f64>) {
+        let shown = self.times.len() - self.first_shown();
+        let count = limit.map_or(shown, |limit| limit.min(shown));
+        let from = self.times.len() - count;
+        let points = Points {
+            first: self.pushed - count as u64,
+            count,
+        };
+        (points, self.times.range(from..).copied().collect())
+    }
+
+    /// The tenants on the timeline, or only `tenant` if it is on it.
+    pub fn tenant_names(&self, tenant: Option<&str>) -> Vec<String> {
+        self.tenants
+            .keys()
+            .filter(|name| tenant.is_none_or(|t| t == name.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// `tenant`'s series whose names match `prefix` (see [`name_matches`]) at `points`, by name;
+    /// `None` if the tenant has left the timeline.
+    pub fn series(
+        &self,
+        tenant: &str,
+        prefix: Option<&str>,
+        points: Points,
+    ) -> Result<Option<BTreeMap<String, Vec<f64>>>, MovedOn> {
+        let oldest = self.pushed - self.times.len() as u64;
+        if points.first < oldest || points.first + points.count as u64 > self.pushed {
+            return Err(MovedOn);
+        }
+        let Some(series) = self.tenants.get(tenant) else {
+            return Ok(None);
+        };
+        let from = (points.first - oldest) as usize;
+        Ok(Some(
+            series
+                .iter()
+                .map(|(series, values)| (series.to_string(), values))
+                .filter(|(name, _)| prefix.is_none_or(|p| name_matches(name, p)))
+                .map(|(name, values)| {
+                    (
+                        name,
+                        values.range(from..from + points.count).copied().collect(),
+                    )
+                })
+                .collect(),
+        ))
+    }
+
+    /// The timeline, optionally only for one tenant and for series whose names match `prefix`: what
+    /// `/api/timeline` writes out.
+    #[cfg(test)]
     pub fn view(
         &self,
         interval: Duration,
         tenant: Option<&str>,
         prefix: Option<&str>,
     ) -> TimelineView {
+        let (points, timestamps) = self.newest(None);
         let tenants = self
-            .tenants
-            .iter()
-            .filter(|(name, _)| tenant.is_none_or(|t| t == name.as_str()))
-            .map(|(name, series)| {
-                let series = series
-                    .iter()
-                    .map(|(series, values)| (series.to_string(), values))
-                    .filter(|(name, _)| prefix.is_none_or(|p| name_matches(name, p)))
-                    .map(|(name, values)| (name, values.iter().copied().collect()))
-                    .collect();
-                (name.clone(), series)
+            .tenant_names(tenant)
+            .into_iter()
+            .filter_map(|name| {
+                let series = self.series(&name, prefix, points).ok()??;
+                Some((name, series))
             })
             .collect();
         TimelineView {
             interval_secs: interval.as_secs_f64(),
-            timestamps: self.times.iter().copied().collect(),
+            timestamps,
             tenants,
         }
     }
 }
+
+/// Points of a timeline by position, the n-th point ever pushed being point n: they keep their
+/// position while newer points arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Points {
+    pub first: u64,
+    pub count: usize,
+}
+
+/// The points a reader started with are no longer kept: it took longer than [`READ_GRACE`].
+#[derive(Debug, thiserror::Error)]
+#[error("the timeline moved on past the points being read")]
+pub struct MovedOn;
 
 #[cfg(test)]
 mod tests {
@@ -232,5 +325,38 @@ mod tests {
         assert_eq!(timeline.tenants().collect::<Vec<_>>(), ["gone"]);
         timeline.push(&sample(3.0, &[]));
         assert_eq!(timeline.tenants().count(), 0);
+    }
+
+    #[test]
+    fn a_reader_finds_the_points_it_started_with_for_the_grace() {
+        // 3 s of window at 1 s, and 3 points of grace (READ_GRACE is longer than the window).
+        let mut timeline = Timeline::new(Duration::from_secs(3), Duration::from_secs(1));
+        for t in 1..=4 {
+            timeline.push(&sample(
+                f64::from(t),
+                &[("a", &[("exit.io", f64::from(t))])],
+            ));
+        }
+        let (points, times) = timeline.newest(Some(2));
+        assert_eq!(times, [3.0, 4.0]);
+        assert_eq!(timeline.newest(None).1, [2.0, 3.0, 4.0]);
+        assert_eq!(timeline.newest(Some(10)).1, [2.0, 3.0, 4.0]);
+        // The timeline moves on while the reader writes; its points stay where they were.
+        for t in 5..=8 {
+            timeline.push(&sample(
+                f64::from(t),
+                &[("a", &[("exit.io", f64::from(t))])],
+            ));
+        }
+        let series = timeline.series("a", None, points).unwrap().unwrap();
+        assert_eq!(series["exit.io"], [3.0, 4.0]);
+        assert_eq!(
+            timeline.view(Duration::from_secs(1), None, None).timestamps,
+            [6.0, 7.0, 8.0]
+        );
+        assert!(timeline.series("b", None, points).unwrap().is_none());
+        // Past the grace they are gone, and the reader is told rather than given other points.
+        timeline.push(&sample(9.0, &[("a", &[("exit.io", 9.0)])]));
+        assert!(timeline.series("a", None, points).is_err());
     }
 }

@@ -1,5 +1,9 @@
 //! `vmtrace agent`: the long-running agent. Samples the probes every interval, keeps the timeline
 //! and exports the metrics through a Prometheus endpoint and OTLP push.
+//!
+//! The probes are loaded and sampled on a thread of their own ([`SamplingThread`]); the runtime's
+//! thread serves HTTP, pushes OTLP and keeps the clock, so a slow sample on a large node delays
+//! only the next sample.
 
 pub(crate) mod config;
 
@@ -7,12 +11,13 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
+        mpsc,
     },
     time::{Instant, SystemTime},
 };
 
-use anyhow::{Context, Result};
-use tokio::sync::watch;
+use anyhow::{Context, Result, anyhow};
+use tokio::sync::{oneshot, watch};
 
 use crate::{
     cmd::agent::config::{AgentArgs, AgentConfig},
@@ -38,16 +43,6 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
         ),
         None => None,
     };
-    let mut sampler = Sampler::start(&ProbeOptions {
-        kick_latency: config.kick_latency,
-    })?;
-    if let Some(dir) = &config.state_dir {
-        let restored = sampler.keep_doorbells(dir);
-        eprintln!(
-            "vmtrace agent: learnt doorbells kept in {}; {restored} put back from before",
-            dir.display()
-        );
-    }
     let pods = kubernetes::PodDirectory::default();
     if let Some(kube) = config.kube.clone() {
         eprintln!(
@@ -56,13 +51,13 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
         );
         tokio::spawn(kubernetes::run(kube, pods.clone()));
     }
-    let started = SystemTime::now();
     let (latest_tx, latest) = watch::channel(None);
     let timeline = prometheus::SharedTimeline {
         timeline: Arc::new(Mutex::new(Timeline::new(config.window, config.interval))),
         interval: config.interval,
     };
     let export_dropped = Arc::new(AtomicU64::new(0));
+    // Served while the probes load: /healthz answers, /readyz says they are not attached yet.
     if let Some(listener) = listener {
         eprintln!(
             "vmtrace agent: Prometheus endpoint on http://{}/metrics",
@@ -75,6 +70,28 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
             }
         });
     }
+    let options = ProbeOptions {
+        kick_latency: config.kick_latency,
+    };
+    let state_dir = config.state_dir.clone();
+    let (sampling, watching) = SamplingThread::start(move || {
+        let mut sampler = Sampler::start(&options)?;
+        if let Some(dir) = &state_dir {
+            let restored = sampler.keep_doorbells(dir);
+            eprintln!(
+                "vmtrace agent: learnt doorbells kept in {}; {restored} put back from before",
+                dir.display()
+            );
+        }
+        let watching = format!(
+            "vmtrace agent: watching; KVM {}; exit source: {}",
+            sampler.kvm().flavour.name(),
+            sampler.probes().exit_source.describe()
+        );
+        Ok((sampler, watching))
+    })
+    .await?;
+    let started = SystemTime::now();
     if let Some(mut otlp_config) = config.otlp.clone() {
         otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
         eprintln!(
@@ -88,17 +105,13 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
             }
         });
     }
-    eprintln!(
-        "vmtrace agent: watching; KVM {}; exit source: {}",
-        sampler.kvm().flavour.name(),
-        sampler.probes().exit_source.describe()
-    );
+    eprintln!("{watching}");
 
     let mut ticks = Ticks::new(config.interval, None, true)?;
     let mut errors = SampleErrors::default();
-    sample_every_tick(
+    let sampled = sample_every_tick(
         &mut ticks,
-        &mut sampler,
+        &sampling,
         &mut errors,
         |sample, fresh, errors| {
             if fresh {
@@ -120,14 +133,15 @@ pub async fn run(args: &AgentArgs) -> Result<()> {
     )
     .await;
     // The last counts reach the collector before the agent goes: counters are cumulative, so this
-    // export carries everything since the last one.
+    // export carries everything since the last one. Also when sampling broke down: what was
+    // counted until then is not lost.
     if let Some(mut otlp_config) = config.otlp {
         otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
         if let Err(e) = otlp::export_latest(&otlp_config, &latest, started).await {
             tracing::warn!("final OTLP export failed: {e:#}");
         }
     }
-    Ok(())
+    sampled
 }
 
 /// Where the agent's samples come from: the probes, through [`Sampler`].
@@ -141,20 +155,73 @@ impl SampleSource for Sampler {
     }
 }
 
+/// A [`SampleSource`] on a thread of its own, which takes a sample when asked. The thread ends
+/// when this is dropped, once the sample it may be taking is done.
+pub(crate) struct SamplingThread {
+    requests: mpsc::Sender<oneshot::Sender<Result<Sample>>>,
+}
+
+impl SamplingThread {
+    /// Starts the thread, which makes its source with `start` (loading the probes takes a while
+    /// too), and returns once that is done, with what `start` gave besides the source.
+    pub(crate) async fn start<S: SampleSource + 'static, T: Send + 'static>(
+        start: impl FnOnce() -> Result<(S, T)> + Send + 'static,
+    ) -> Result<(Self, T)> {
+        let (started_tx, started) = oneshot::channel();
+        let (requests, pending) = mpsc::channel::<oneshot::Sender<Result<Sample>>>();
+        std::thread::Builder::new()
+            .name("vmtrace-sampler".to_owned())
+            .spawn(move || {
+                let mut source = match start() {
+                    Ok((source, started)) => {
+                        let _ = started_tx.send(Ok(started));
+                        source
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                // One request per tick; the loop ends when the agent drops its end.
+                for reply in pending {
+                    let _ = reply.send(source.sample());
+                }
+            })
+            .context("cannot start the sampling thread")?;
+        let started = started
+            .await
+            .map_err(|_| anyhow!("the sampling thread ended while starting"))??;
+        Ok((Self { requests }, started))
+    }
+
+    /// A sample, taken on the thread; `Err(Stopped)` if the thread is gone (a sample panicked).
+    async fn sample(&self) -> Result<Result<Sample>, Stopped> {
+        let (reply, sample) = oneshot::channel();
+        self.requests.send(reply).map_err(|_| Stopped)?;
+        sample.await.map_err(|_| Stopped)
+    }
+}
+
+/// The sampling thread is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the sampling thread stopped")]
+pub(crate) struct Stopped;
+
 /// Samples on every tick until the last one. A failed sample is counted in `errors`, logged (rate
 /// limited) and skipped: the previous sample is published again with the new error count, so that
 /// `vmtrace.agent.sample.errors` moves at once, and the next tick tries afresh. `publish` gets the
-/// sample, whether it is new (false when shown again), and the errors so far.
+/// sample, whether it is new (false when shown again), and the errors so far. Ends with an error
+/// if the sampling thread is gone: an agent that can no longer sample should be restarted.
 async fn sample_every_tick(
     ticks: &mut Ticks,
-    source: &mut dyn SampleSource,
+    sampling: &SamplingThread,
     errors: &mut SampleErrors,
     mut publish: impl FnMut(&mut Sample, bool, u64),
-) {
+) -> Result<()> {
     let mut previous: Option<Sample> = None;
     loop {
         let stop = ticks.next().await;
-        match source.sample() {
+        match sampling.sample().await? {
             Ok(mut sample) => {
                 publish(&mut sample, true, errors.total());
                 previous = Some(sample);
@@ -167,7 +234,7 @@ async fn sample_every_tick(
             }
         }
         if stop {
-            break;
+            return Ok(());
         }
     }
 }
@@ -230,13 +297,13 @@ mod tests {
 
     /// A source whose every third sample fails, as a map read refused by the kernel would.
     struct Flaky {
-        calls: u64,
+        calls: Arc<AtomicU64>,
     }
 
     impl SampleSource for Flaky {
         fn sample(&mut self) -> Result<Sample> {
-            self.calls += 1;
-            if self.calls.is_multiple_of(3) {
+            let calls = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+            if calls.is_multiple_of(3) {
                 anyhow::bail!(
                     "reading map `KICKS`: bpf_map_delete_elem failed: Bad file descriptor"
                 );
@@ -244,7 +311,7 @@ mod tests {
             Ok(Sample {
                 timestamp: 0.0,
                 #[allow(clippy::cast_precision_loss)]
-                elapsed_secs: self.calls as f64,
+                elapsed_secs: calls as f64,
                 interval_secs: 0.01,
                 kvm: KvmFlavour::Pvm,
                 exit_source: ExitSource::Derived,
@@ -267,23 +334,31 @@ mod tests {
             true,
         )
         .unwrap();
-        let mut source = Flaky { calls: 0 };
+        let calls = Arc::new(AtomicU64::new(0));
+        let source = Flaky {
+            calls: calls.clone(),
+        };
+        let (sampling, ()) = SamplingThread::start(move || Ok((source, ())))
+            .await
+            .unwrap();
         let mut errors = SampleErrors::default();
         let mut published = Vec::new();
         sample_every_tick(
             &mut ticks,
-            &mut source,
+            &sampling,
             &mut errors,
             |sample, fresh, errors| {
                 published.push((sample.elapsed_secs, fresh, errors));
             },
         )
-        .await;
+        .await
+        .unwrap();
+        let calls = calls.load(Ordering::Relaxed);
         // It ran to its deadline through every failure.
-        assert!(source.calls >= 10, "{} ticks", source.calls);
-        assert_eq!(errors.total(), source.calls / 3);
+        assert!(calls >= 10, "{calls} ticks");
+        assert_eq!(errors.total(), calls / 3);
         // Every tick published: a new sample, or the previous one again with the errors counted.
-        assert_eq!(published.len() as u64, source.calls);
+        assert_eq!(published.len() as u64, calls);
         for (i, &(elapsed, fresh, count)) in published.iter().enumerate() {
             let call = i as u64 + 1;
             assert_eq!(count, call / 3, "tick {call}");
