@@ -271,9 +271,21 @@ fn malformed_configuration_and_recordings_get_one_error_line_and_their_exit_code
             1,
             "cannot read",
         ),
-        (vec!["report", &not_json], 3, "is not a vmtrace recording"),
-        (vec!["report", &bad_sample], 3, "line 2: not a sample"),
-        (vec!["report", &missing_recording], 1, "cannot read"),
+        (
+            vec!["report", "--output", "out", &not_json],
+            3,
+            "is not a vmtrace recording",
+        ),
+        (
+            vec!["report", "--output", "out", &bad_sample],
+            3,
+            "line 2: not a sample",
+        ),
+        (
+            vec!["report", "--output", "out", &missing_recording],
+            1,
+            "cannot read",
+        ),
     ];
     for (args, code, needle) in cases {
         let output = Command::new(binary("vmtrace"))
