@@ -19,7 +19,7 @@ use crate::setup;
 /// The cargo-fuzz release these targets are built with, installed with `cargo install --locked`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// Every fuzz target (a `[[bin]]` of fuzz/Cargo.toml, with its seeds in fuzz/corpus/<name>).
+/// Every fuzz target (a `[[bin]]` of fuzz/Cargo.toml, with its seeds in `fuzz/corpus/<name>`).
 pub const TARGETS: &[&str] = &["cgroup_path", "tracefs_format", "agent_config", "recording"];
 
 /// How long one input may run before libFuzzer calls it a hang, in seconds: every parser here
