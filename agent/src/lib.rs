@@ -12,3 +12,22 @@ pub mod kind;
 pub mod probe;
 pub mod sample;
 pub mod tenant;
+
+/// The parsers of input that comes from outside the agent, by their input alone: cgroup paths,
+/// tracefs format files, the configuration file and recordings. The fuzz targets (fuzz/) drive
+/// them; nothing else should need this.
+#[doc(hidden)]
+pub mod input {
+    pub use crate::cmd::agent::config::AgentConfig;
+    pub use crate::probe::exit_reasons::ExitReasonNames;
+    pub use crate::probe::tracefs::{EventFormat, Field};
+    pub use crate::sample::recording::{RecordingError, RecordingReader};
+    pub use crate::tenant::resolve::Tenant;
+
+    /// The agent's settings from a configuration file's text alone, or the one-line error
+    /// `vmtrace agent --config fuzz.toml` would print after `vmtrace: error: `.
+    pub fn agent_config(text: &str) -> Result<AgentConfig, String> {
+        AgentConfig::resolve_file_text(std::path::Path::new("fuzz.toml"), text)
+            .map_err(|e| format!("{e:#}"))
+    }
+}

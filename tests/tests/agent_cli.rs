@@ -184,3 +184,126 @@ fn zero_and_absurd_agent_durations_are_refused_with_one_line() {
         );
     }
 }
+
+/// Exit codes of `vmtrace` (docs/configuration.md, "Exit codes"): bad settings are 2, as clap's bad
+/// flags are; a file that does not read as a recording is 3; other failures are 1. Each says so in
+/// exactly one `vmtrace: error:` line, without a panic.
+#[test]
+fn malformed_configuration_and_recordings_get_one_error_line_and_their_exit_code() {
+    let dir = vmtrace_tests::temp::TempDir::new("malformed-input");
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let unterminated = file("unterminated.toml", "interval = \"1s\n");
+    let unknown_key = file(
+        "unknown-key.toml",
+        "[otlp]\nendpoint = \"http://c:4317\"\nretries = 3\n",
+    );
+    let wrong_type = file("wrong-type.toml", "listen = 9464\n");
+    let missing_config = dir.path().join("missing.toml").to_str().unwrap().to_owned();
+    let header = "{\"format\":\"vmtrace-recording\",\"version\":1,\"vmtrace_version\":\"0.1.0\",\
+                  \"host\":\"h\",\"kernel\":\"6.18\",\"kvm\":\"pvm\",\"exit_source\":\"derived\",\
+                  \"started\":\"2026-12-03T06:18:14Z\",\"started_unix\":1796278694.2,\
+                  \"interval_secs\":1.0,\"kick_latency\":false}\n";
+    let not_json = file("not-json.jsonl", "hello\nworld\n");
+    let newer = file(
+        "newer.jsonl",
+        &header.replace("\"version\":1", "\"version\":99"),
+    );
+    let bad_sample = file(
+        "bad-sample.jsonl",
+        &format!("{header}{{\"timestamp\": \"soon\"}}\n"),
+    );
+    let binary_garbage = dir.path().join("garbage.jsonl");
+    std::fs::write(&binary_garbage, [0xff, 0xfe, 0x00, b'\n', 0x80]).unwrap();
+    let binary_garbage = binary_garbage.to_str().unwrap().to_owned();
+    let missing_recording = dir
+        .path()
+        .join("missing.jsonl")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let cases: [(Vec<&str>, i32, &str); 12] = [
+        (
+            vec!["agent", "--config", &unterminated],
+            2,
+            "unterminated.toml, line 1",
+        ),
+        (
+            vec!["agent", "--config", &unknown_key],
+            2,
+            "unknown-key.toml, line 3",
+        ),
+        (
+            vec!["agent", "--config", &wrong_type],
+            2,
+            "wrong-type.toml, line 1",
+        ),
+        (
+            vec!["agent", "--config", &missing_config],
+            2,
+            "cannot read the configuration file",
+        ),
+        (
+            vec!["replay", "--no-delay", &not_json],
+            3,
+            "is not a vmtrace recording",
+        ),
+        (
+            vec!["replay", "--no-delay", &newer],
+            3,
+            "is a version 99 recording",
+        ),
+        (
+            vec!["replay", "--no-delay", &bad_sample],
+            3,
+            "bad-sample.jsonl, line 2: not a sample",
+        ),
+        (
+            vec!["replay", "--no-delay", &binary_garbage],
+            3,
+            "garbage.jsonl",
+        ),
+        (
+            vec!["replay", "--no-delay", &missing_recording],
+            1,
+            "cannot read",
+        ),
+        (
+            vec!["report", "--output", "out", &not_json],
+            3,
+            "is not a vmtrace recording",
+        ),
+        (
+            vec!["report", "--output", "out", &bad_sample],
+            3,
+            "line 2: not a sample",
+        ),
+        (
+            vec!["report", "--output", "out", &missing_recording],
+            1,
+            "cannot read",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let output = Command::new(binary("vmtrace"))
+            .args(&args)
+            .current_dir(dir.path())
+            .env_remove("VMTRACE_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("vmtrace: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
+        assert!(errors[0].contains(needle), "{args:?}: {stderr}");
+        // Nothing follows the error line: no backtrace, no source quoted over several lines.
+        assert!(stderr.trim_end().ends_with(errors[0]), "{args:?}: {stderr}");
+    }
+}

@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | soak`. Run `cargo xtask --help`.
+//! Project tasks: `cargo xtask setup | test | fuzz | demo | bench | soak`. Run `cargo xtask --help`.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod soak;
 mod test;
@@ -25,13 +26,24 @@ enum Task {
     /// Takes seconds when nothing is missing.
     Setup,
     /// Set up, then run every check: rustfmt, clippy (every crate, the eBPF crate also for the BPF
-    /// target), all tests, cargo-deny, a build with the workspace's rust-version and `cargo doc`
-    /// without warnings. With VMTRACE_REQUIRE_CAPS=1 a test that lacks KVM, BPF or root fails
+    /// target), all tests, the fuzz targets for 20 seconds each, cargo-deny, a build with the
+    /// workspace's rust-version and `cargo doc` without warnings. With VMTRACE_REQUIRE_CAPS=1 a test that lacks KVM, BPF or root fails
     /// instead of skipping.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Build the fuzz targets (fuzz/: cgroup paths, tracefs format files, the agent's configuration
+    /// file, recordings) with cargo-fuzz on the stable toolchain, installing cargo-fuzz when missing,
+    /// and run each for a while from a scratch copy of its committed seeds. Fails on any crash,
+    /// naming the input that reproduces it (docs/fuzzing.md).
+    Fuzz {
+        /// How long each target runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The targets to run (all when none is given).
+        targets: Vec<String>,
     },
     /// Set up, build, then run the reference VMM in three tenant cgroups while the agent shows its
     /// live per-tenant view.
@@ -61,6 +73,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::Demo { seconds } => demo::run(seconds),
         Task::Bench(args) => bench::run(&args),
         Task::Soak { minutes } => soak::run(minutes),

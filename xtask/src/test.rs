@@ -9,7 +9,11 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::setup;
+use crate::{fuzz, setup};
+
+/// How long `cargo xtask test` fuzzes each target: enough to run every seed and tens of thousands
+/// of mutations of them (docs/fuzzing.md has the figures); `cargo xtask fuzz` runs longer.
+const FUZZ_SECONDS: u64 = 20;
 
 pub fn run(cargo_test_args: &[String]) -> Result<()> {
     setup::run()?;
@@ -43,6 +47,13 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
                 .args(["--", "--show-output"]),
         )
     })?;
+    step(
+        &format!(
+            "fuzz ({FUZZ_SECONDS}s for each of {} targets)",
+            fuzz::TARGETS.len()
+        ),
+        || fuzz::run(FUZZ_SECONDS, &[]),
+    )?;
     step("cargo deny (licences, bans, sources, advisories)", || {
         warn_if_advisories_are_old(&root);
         // --offline: the advisory database is the vendored copy deny.toml points at.

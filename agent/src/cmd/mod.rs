@@ -1,6 +1,6 @@
 //! The `vmtrace` command line: one module per command, and the argument types they share.
 
-mod agent;
+pub(crate) mod agent;
 mod args;
 mod doctor;
 mod record;
@@ -13,6 +13,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use thiserror::Error;
+
+use crate::sample::recording::RecordingError;
 
 /// vmtrace: which tenant's VMs are exiting, why, and what it costs them.
 ///
@@ -50,8 +53,22 @@ enum Command {
     Report(report::ReportArgs),
 }
 
+/// The exit code of a failure that has no more specific one: the host cannot run vmtrace (`doctor`),
+/// a probe does not load, a file cannot be read or written.
+pub const EXIT_FAILURE: u8 = 1;
+/// The exit code of a usage or configuration error: bad flags (clap's own code), a bad value in the
+/// environment or the configuration file.
+pub const EXIT_USAGE: u8 = 2;
+/// The exit code of malformed input data: a file given as a recording that does not read as one.
+pub const EXIT_BAD_INPUT: u8 = 3;
+
+/// The agent's settings (flags, environment, configuration file) do not resolve.
+#[derive(Debug, Error)]
+#[error(transparent)]
+struct ConfigError(anyhow::Error);
+
 /// Runs the command line: parses the arguments, sets up logging, runs the command and turns an
-/// error into one line on stderr and a failing exit code.
+/// error into one line on stderr and the exit code of its kind.
 pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,8 +83,28 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vmtrace: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// [`EXIT_USAGE`] for bad settings, [`EXIT_BAD_INPUT`] for a recording that does not read (an
+/// unreadable file is [`EXIT_FAILURE`], as is any other error).
+fn exit_code(error: &anyhow::Error) -> u8 {
+    let malformed = |e: &RecordingError| match e {
+        RecordingError::Io { source, .. } => source.kind() == std::io::ErrorKind::InvalidData,
+        _ => true,
+    };
+    if error.downcast_ref::<ConfigError>().is_some() {
+        EXIT_USAGE
+    } else if error
+        .chain()
+        .filter_map(|e| e.downcast_ref::<RecordingError>())
+        .any(malformed)
+    {
+        EXIT_BAD_INPUT
+    } else {
+        EXIT_FAILURE
     }
 }
 
@@ -91,6 +128,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => {
+            // Resolved here first so that bad settings are told apart from the agent's failures.
+            agent::config::AgentConfig::resolve(&args, &|name| std::env::var(name).ok())
+                .map_err(ConfigError)?;
             runtime()?.block_on(agent::run(&args))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -84,6 +84,46 @@ pub struct FileConfig {
     pub otlp: FileOtlp,
 }
 
+impl FileConfig {
+    /// Parses the file's text; an error is one line naming the file and the line of the bad key
+    /// or value (toml's own rendering quotes the source over several lines).
+    fn parse(path: &std::path::Path, text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .and_then(|span| text.get(..span.start))
+                .map_or_else(String::new, |before| {
+                    format!(", line {}", before.matches('\n').count() + 1)
+                });
+            one_line(anyhow::anyhow!(
+                "configuration file {}{line}: {}",
+                path.display(),
+                e.message().trim()
+            ))
+        })
+    }
+}
+
+/// An error as one line: the values it quotes from the file or the environment (a TOML multi-line
+/// string, a quoted key) may hold line breaks and other control characters, shown escaped.
+fn one_line(error: anyhow::Error) -> anyhow::Error {
+    let text = format!("{error:#}");
+    if !text.contains(char::is_control) {
+        return error;
+    }
+    anyhow::Error::msg(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>(),
+    )
+}
+
 /// `[otlp]`: the same settings as the OTEL_EXPORTER_OTLP_* variables.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,24 +194,28 @@ impl AgentConfig {
                 let text = std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read the configuration file {}", path.display())
                 })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| {
-                    // One line: the file, the line of the bad key or value, and what is wrong
-                    // (toml's own rendering quotes the source over several lines).
-                    let line = e
-                        .span()
-                        .and_then(|span| text.get(..span.start))
-                        .map_or_else(String::new, |before| {
-                            format!(", line {}", before.matches('\n').count() + 1)
-                        });
-                    anyhow::anyhow!(
-                        "configuration file {}{line}: {}",
-                        path.display(),
-                        e.message().trim()
-                    )
-                })?
+                FileConfig::parse(path, &text)?
             }
             None => FileConfig::default(),
         };
+        Self::resolve_with_file(args, env, file).map_err(one_line)
+    }
+
+    /// Resolves a configuration file's text alone, as `vmtrace agent --config <path>` without
+    /// flags or environment would: the file's parsing and every range check (the fuzz targets).
+    pub fn resolve_file_text(path: &std::path::Path, text: &str) -> Result<Self> {
+        let args = AgentArgs {
+            config: Some(path.to_owned()),
+            ..AgentArgs::default()
+        };
+        Self::resolve_with_file(&args, &|_| None, FileConfig::parse(path, text)?).map_err(one_line)
+    }
+
+    fn resolve_with_file(
+        args: &AgentArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+        file: FileConfig,
+    ) -> Result<Self> {
         let listen = match args.listen.clone().or(file.listen) {
             Some(text) if text == "off" => None,
             Some(text) => Some(text.parse().with_context(|| {
@@ -484,5 +528,20 @@ mod tests {
             err.contains("--interval (VMTRACE_INTERVAL) must be at least 10ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_value_with_line_breaks_is_quoted_on_one_line() {
+        // Found by the agent_config fuzz target: a TOML multi-line string echoed in the error.
+        for text in [
+            "listen = \'\'\'\"off\"\n\'\'\'\n",
+            "[otlp]\nendpoint = \"coll\\nector:4317\"\n",
+            "\"inter\\nval\" = \"1s\"\n",
+        ] {
+            let err =
+                AgentConfig::resolve_file_text(std::path::Path::new("a.toml"), text).unwrap_err();
+            let err = format!("{err:#}");
+            assert!(!err.contains('\n') && err.contains("\\n"), "{err}");
+        }
     }
 }
