@@ -1,7 +1,7 @@
 //! The kernel side as the agent sees it: every probe declared once (`spec`), the embedded eBPF object
 //! loaded and those probes attached (`load`), their arguments checked against the kernel's BTF
 //! (`btf_args`), the counters read back (`counters`) with their keys turned into kinds (`kinds`) and
-//! their histograms summarised (`latency`), cgroup lifecycle events (`lifecycle`), tracefs and the
+//! their histograms summarised (`latency`), how full the maps are (`map_fill`), cgroup lifecycle events (`lifecycle`), tracefs and the
 //! kernel's names for exit reasons (`tracefs`, `exit_reasons`).
 
 pub(crate) mod btf_args;
@@ -11,6 +11,7 @@ pub(crate) mod kinds;
 pub mod latency;
 pub(crate) mod lifecycle;
 pub mod load;
+pub mod map_fill;
 #[cfg(test)]
 mod object_check;
 pub(crate) mod spec;
