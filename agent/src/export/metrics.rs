@@ -212,9 +212,23 @@ pub const AGENT_PROBE_ATTACHED: MetricDef = MetricDef {
                   answers 503), by `probe` (category:event). A probe silent on this host or optional \
                   and off is not listed when it is not attached.",
 };
+pub const AGENT_MAP_ENTRIES: MetricDef = MetricDef {
+    name: "vmtrace.agent.map.entries",
+    unit: "{entry}",
+    kind: MetricKind::Gauge,
+    description: "Entries in each of the probes' hash maps, by `map` (EXIT_COUNTS, DOORBELLS, ...). \
+                  A map at its capacity drops what it cannot take, counted in \
+                  vmtrace.agent.events.dropped under that map's reason.",
+};
+pub const AGENT_MAP_CAPACITY: MetricDef = MetricDef {
+    name: "vmtrace.agent.map.capacity",
+    unit: "{entry}",
+    kind: MetricKind::Gauge,
+    description: "Capacity (max_entries) of each of the probes' hash maps, by `map`.",
+};
 
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 25] = [
+pub const ALL: [MetricDef; 27] = [
     VM_EXITS,
     VM_EVENTS,
     VIRTIO_KICKS,
@@ -240,6 +254,8 @@ pub const ALL: [MetricDef; 25] = [
     AGENT_EXPORT_DROPPED,
     AGENT_PROBE_ATTACHED,
     AGENT_SAMPLE_ERRORS,
+    AGENT_MAP_ENTRIES,
+    AGENT_MAP_CAPACITY,
 ];
 
 /// A histogram data point: explicit bounds in seconds and the count in each bucket
@@ -386,6 +402,15 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
         Vec::new(),
         Value::Int(health.sample_errors),
     );
+    for fill in &sample.maps {
+        let map = vec![("map", fill.map.to_owned())];
+        push(
+            AGENT_MAP_ENTRIES,
+            map.clone(),
+            Value::Int(fill.entries.into()),
+        );
+        push(AGENT_MAP_CAPACITY, map, Value::Int(fill.capacity.into()));
+    }
     by_def
 }
 

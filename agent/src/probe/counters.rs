@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     sys::SyscallError,
 };
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,7 @@ use crate::{
     kind::{ExitReason, Kind, KvmExitReason, MmioAccess, TlbEvent},
     probe::exit_reasons::ExitReasonNames,
     probe::latency::merge,
+    probe::map_fill::{self, MapFill},
 };
 
 #[derive(Debug, Error)]
@@ -73,6 +74,8 @@ pub struct Snapshot {
     pub vmm_processes: BTreeMap<u32, u64>,
     /// Events lost, by reason.
     pub drops: BTreeMap<&'static str, u64>,
+    /// How full each hash map is, once this snapshot's removals are done.
+    pub maps: Vec<MapFill>,
 }
 
 /// Read access to the counter maps.
@@ -192,6 +195,7 @@ impl Counters {
                 .map_err(map_error(DROPS_MAP))?;
             snapshot.drops.insert(reason.name(), per_cpu.iter().sum());
         }
+        snapshot.maps = self.fill();
         Ok(snapshot)
     }
 }
@@ -241,6 +245,36 @@ impl Counters {
             restored += 1;
         }
         Ok(restored)
+    }
+
+    /// How full each hash map is.
+    fn fill(&self) -> Vec<MapFill> {
+        vec![
+            map_fill::of(EXIT_COUNTS_MAP, self.exits.map(), self.exits.keys()),
+            map_fill::of(EXIT_LATENCY_MAP, self.latency.map(), self.latency.keys()),
+            map_fill::of(DOORBELLS_MAP, self.doorbells.map(), self.doorbells.keys()),
+            map_fill::of(KICKS_MAP, self.kicks.map(), self.kicks.keys()),
+            map_fill::of(
+                DOORBELL_ADDRS_MAP,
+                self.doorbell_addrs.map(),
+                self.doorbell_addrs.keys(),
+            ),
+            map_fill::of(
+                REMOVED_DOORBELLS_MAP,
+                self.removed_doorbells.map(),
+                self.removed_doorbells.keys(),
+            ),
+            map_fill::of(
+                VMM_PROCESSES_MAP,
+                self.vmm_processes.map(),
+                self.vmm_processes.keys(),
+            ),
+            map_fill::of(
+                IOMMU_FAULTS_MAP,
+                self.iommu_faults.map(),
+                self.iommu_faults.keys(),
+            ),
+        ]
     }
 
     /// Live VMM processes: tgid to cgroup id.

@@ -176,7 +176,27 @@ pub struct Probes {
     pub tracefs: Result<tracefs::Location, String>,
     /// The perf events the classic tracepoints are attached through; closing one detaches its
     /// program.
-    _classic_links: Vec<OwnedFd>,
+    _classic_links: ClassicLinks,
+}
+
+/// The classic tracepoints' perf events, closed all at once when the probes are dropped. The
+/// kernel waits for an RCU grace period on each close (about 80 ms here), so closing them one
+/// after another would take most of a second; closed from a thread each, the waits overlap.
+struct ClassicLinks(Vec<OwnedFd>);
+
+impl Drop for ClassicLinks {
+    fn drop(&mut self) {
+        let links = std::mem::take(&mut self.0);
+        std::thread::scope(|scope| {
+            for link in links {
+                // A thread that cannot be started leaves its link to be closed right here.
+                if let Err(e) = std::thread::Builder::new().spawn_scoped(scope, move || drop(link))
+                {
+                    tracing::debug!("closing a tracepoint link inline: {e}");
+                }
+            }
+        });
+    }
 }
 
 /// What a probe needs before the object is loaded: the globals its offsets set, or why it cannot be
@@ -275,7 +295,7 @@ impl Probes {
             reason_names,
             btf: btf.map(drop),
             tracefs: location,
-            _classic_links: classic_links,
+            _classic_links: ClassicLinks(classic_links),
         })
     }
 

@@ -592,6 +592,7 @@ mod tests {
             drops: std::collections::BTreeMap::default(),
             probes_not_attached: Vec::new(),
             probes_attached: Vec::new(),
+            maps: Vec::new(),
             last: true,
         };
         writer.write(&sample).unwrap();

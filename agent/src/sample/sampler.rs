@@ -56,6 +56,9 @@ pub struct Sample {
     /// Probes attached (`category:event`), for the per-probe metric; not recorded.
     #[serde(skip)]
     pub probes_attached: Vec<String>,
+    /// How full each kernel hash map is, for the map fill metrics; not recorded.
+    #[serde(skip)]
+    pub maps: Vec<crate::probe::map_fill::MapFill>,
 }
 
 /// A probe that should be attached and is not.
@@ -251,6 +254,7 @@ impl Sampler {
                 .filter(|s| s.error.is_none())
                 .map(|s| s.tracepoint.clone())
                 .collect(),
+            maps: snapshot.maps.clone(),
         };
         let counts = sample
             .tenants

@@ -321,6 +321,7 @@ mod tests {
                 drops: std::collections::BTreeMap::new(),
                 probes_not_attached: Vec::new(),
                 probes_attached: Vec::new(),
+                maps: Vec::new(),
                 last: false,
             })
         }

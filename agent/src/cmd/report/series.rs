@@ -196,6 +196,7 @@ mod tests {
             drops: BTreeMap::default(),
             probes_not_attached: Vec::new(),
             probes_attached: Vec::new(),
+            maps: Vec::new(),
             last: false,
         }
     }

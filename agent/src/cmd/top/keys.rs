@@ -145,6 +145,7 @@ pub(crate) mod tests {
             drops: std::collections::BTreeMap::default(),
             probes_not_attached: Vec::new(),
             probes_attached: Vec::new(),
+            maps: Vec::new(),
             last: false,
         });
         app
