@@ -320,6 +320,7 @@ impl Counters {
         }
         let mut kicks = self.collected_kicks.clone();
         let mut collected = Vec::new();
+        let mut seen_kicks = std::collections::BTreeSet::new();
         for entry in &self.kicks {
             let (key, per_cpu) = entry.map_err(map_error(KICKS_MAP))?;
             let total: u64 = per_cpu.iter().sum();
@@ -329,11 +330,20 @@ impl Counters {
                 let kick = kick_key(&key, doorbell);
                 *kicks.entry(kick).or_default() += total;
                 collected.push((key, kick, total));
+            } else if self.doorbells.get(&key, 0).is_ok() {
+                // Registered after the doorbells were read above: live. Its entry is kept, so
+                // its kicks so far are counted with the next sample.
             } else {
                 // Removed while the removed-doorbell map was full (a counted drop): its owner is
                 // unknown, so its entry only takes room.
                 collected.push((key, kick_key(&key, &ORPHAN), 0));
             }
+            seen_kicks.insert(key);
+        }
+        // Removed doorbells without a kick counter (its entry was never made, the map being
+        // full) have nothing to collect: they would only take room.
+        for key in removed.keys().filter(|k| !seen_kicks.contains(k)) {
+            remove_if_present(&mut self.removed_doorbells, key, REMOVED_DOORBELLS_MAP)?;
         }
         for (key, kick, total) in collected {
             if total > 0 {
