@@ -172,14 +172,15 @@ impl DoorbellState {
     /// Writes `live` if it differs from what was written last. Doorbells of processes that are
     /// gone already are left out.
     pub fn save(&mut self, live: &[(DoorbellKey, Doorbell)]) -> Result<(), StateError> {
+        // One /proc read per VMM, however many doorbells it has.
+        let mut start_times = std::collections::HashMap::new();
         let mut doorbells: Vec<SavedDoorbell> = live
             .iter()
             .filter_map(|(key, doorbell)| {
-                Some(SavedDoorbell::new(
-                    key,
-                    doorbell,
-                    start_time(&self.proc, key.tgid)?,
-                ))
+                let start = *start_times
+                    .entry(key.tgid)
+                    .or_insert_with(|| start_time(&self.proc, key.tgid));
+                Some(SavedDoorbell::new(key, doorbell, start?))
             })
             .collect();
         doorbells.sort();
