@@ -16,6 +16,7 @@ mod iommu;
 mod kvm_exit;
 mod maps;
 mod memory;
+mod process_exit;
 mod tlb;
 mod virtio;
 mod vmm_process;

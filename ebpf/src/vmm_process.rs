@@ -3,18 +3,10 @@
 //! here). Host page faults and TLB flushes happen in every process of the host; they are counted
 //! for VMMs only, so that tenants are the VMs, not every cgroup that takes a page fault.
 
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::{map, raw_tracepoint},
-    maps::HashMap,
-    programs::RawTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::HashMap};
 use vmtrace_common::{Drop, VMM_PROCESSES_CAPACITY};
 
-use crate::{
-    maps::{count_drop, current_cgroup_id},
-    memory::forget_process,
-};
+use crate::maps::{count_drop, current_cgroup_id};
 
 /// VMM processes: tgid to the cgroup id it had when first seen.
 #[map]
@@ -45,15 +37,8 @@ pub fn note_vmm() {
     }
 }
 
-/// `sched_process_exit(struct task_struct *p, ...)`: when a process's main thread exits, the
-/// process is no longer a VMM (and its pid may be reused).
-#[raw_tracepoint(tracepoint = "sched_process_exit")]
-pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if pid_tgid as u32 == tgid {
-        let _ = VMM_PROCESSES.remove(tgid);
-        forget_process(tgid);
-    }
-    0
+/// The process `tgid` exited: it is no longer a VMM (and its pid may be reused).
+#[inline(always)]
+pub fn forget_vmm(tgid: u32) {
+    let _ = VMM_PROCESSES.remove(tgid);
 }

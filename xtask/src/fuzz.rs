@@ -52,7 +52,7 @@ pub fn run(seconds: u64, targets: &[String]) -> Result<()> {
     // libfuzzer-sys compiles libFuzzer, which is C++.
     setup::install_packages(&["g++"])?;
     install_cargo_fuzz()?;
-    let root = crate::test::workspace_root();
+    let root = crate::workspace::workspace_root();
     let fuzz_dir = root.join("fuzz");
     let target_dir = target_dir(&root);
     let started = Instant::now();
@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn every_target_has_a_binary_and_seeds() {
-        let fuzz = crate::test::workspace_root().join("fuzz");
+        let fuzz = crate::workspace::workspace_root().join("fuzz");
         let manifest = fs::read_to_string(fuzz.join("Cargo.toml")).unwrap();
         let manifest: toml::Table = toml::from_str(&manifest).unwrap();
         let bins: Vec<&str> = manifest["bin"]

@@ -6,6 +6,7 @@ mod fuzz;
 mod setup;
 mod soak;
 mod test;
+mod workspace;
 
 use std::process::ExitCode;
 

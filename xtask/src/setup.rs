@@ -124,7 +124,7 @@ fn install_cargo_deny() -> Result<()> {
 /// installed one where its compiler has that version (rustup's stable often does), else rustup
 /// installs it (a minimal profile: rustc, cargo and the standard library).
 fn install_msrv_toolchain() -> Result<()> {
-    let msrv = crate::test::msrv_toolchain(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))?;
+    let msrv = crate::workspace::msrv_toolchain(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))?;
     if msrv_runner(&msrv).is_some() {
         return Ok(());
     }

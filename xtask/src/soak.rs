@@ -3,7 +3,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::{setup, test};
+use crate::{setup, workspace};
 
 pub fn run(minutes: u64) -> Result<()> {
     ensure!(
@@ -15,7 +15,7 @@ pub fn run(minutes: u64) -> Result<()> {
         "soak: {minutes} min of churn and load against the agent; the figures come at the end"
     );
     setup::exec(
-        test::cargo(&test::workspace_root())
+        workspace::cargo(&workspace::workspace_root())
             .args([
                 "test",
                 "-p",

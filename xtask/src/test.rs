@@ -1,15 +1,14 @@
 //! `cargo xtask test`: formatting, lints and every test, then the dependency, MSRV and documentation
 //! checks. Each step prints how long it took.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Instant,
+use std::{path::Path, time::Instant};
+
+use anyhow::Result;
+
+use crate::{
+    fuzz, setup,
+    workspace::{cargo, msrv_toolchain, workspace_root},
 };
-
-use anyhow::{Context, Result};
-
-use crate::{fuzz, setup};
 
 /// How long `cargo xtask test` fuzzes each target: enough to run every seed and tens of thousands
 /// of mutations of them (docs/fuzzing.md has the figures); `cargo xtask fuzz` runs longer.
@@ -136,55 +135,9 @@ fn days_since_epoch(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
-pub fn cargo(root: &Path) -> Command {
-    let mut cargo = Command::new("cargo");
-    cargo.current_dir(root);
-    cargo
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The rustup toolchain of the workspace's `rust-version` (e.g. `1.95` gives `1.95.0`).
-pub fn msrv_toolchain(root: &Path) -> Result<String> {
-    let manifest = root.join("Cargo.toml");
-    let text = std::fs::read_to_string(&manifest)
-        .with_context(|| format!("reading {}", manifest.display()))?;
-    let version = rust_version(&text).with_context(|| {
-        format!(
-            "{} declares no [workspace.package] rust-version",
-            manifest.display()
-        )
-    })?;
-    Ok(match version.split('.').count() {
-        2 => format!("{version}.0"),
-        _ => version,
-    })
-}
-
-/// The `[workspace.package]` `rust-version` of a manifest.
-fn rust_version(manifest: &str) -> Option<String> {
-    let manifest: toml::Table = toml::from_str(manifest).ok()?;
-    let version = manifest
-        .get("workspace")?
-        .get("package")?
-        .get("rust-version")?;
-    version.as_str().map(str::to_owned)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_msrv_is_read_from_the_workspace_manifest() {
-        let manifest = "[workspace.package]\nedition = \"2024\"\nrust-version = \"1.95\"\n";
-        assert_eq!(rust_version(manifest).as_deref(), Some("1.95"));
-        assert_eq!(rust_version("[package]\n"), None);
-        let root = workspace_root();
-        assert!(msrv_toolchain(&root).unwrap().starts_with("1."));
-    }
 
     #[test]
     fn the_advisory_snapshot_is_dated_by_its_commit() {
