@@ -128,10 +128,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => {
-            // Resolved here first so that bad settings are told apart from the agent's failures.
-            agent::config::AgentConfig::resolve(&args, &|name| std::env::var(name).ok())
-                .map_err(ConfigError)?;
-            runtime()?.block_on(agent::run(&args))?;
+            // Resolved here so that bad settings are told apart from the agent's failures.
+            let config =
+                agent::config::AgentConfig::resolve(&args, &|name| std::env::var(name).ok())
+                    .map_err(ConfigError)?;
+            runtime()?.block_on(agent::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Top(args) => {

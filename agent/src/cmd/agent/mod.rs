@@ -20,7 +20,7 @@ use anyhow::{Context, Result, anyhow};
 use tokio::sync::{oneshot, watch};
 
 use crate::{
-    cmd::agent::config::{AgentArgs, AgentConfig},
+    cmd::agent::config::AgentConfig,
     export::metrics::{AgentHealth, families},
     export::{otlp, prometheus},
     host::agent_usage,
@@ -33,8 +33,7 @@ use crate::{
     tenant::resolve::Tenant,
 };
 
-pub async fn run(args: &AgentArgs) -> Result<()> {
-    let config = AgentConfig::resolve(args, &|name| std::env::var(name).ok())?;
+pub async fn run(config: AgentConfig) -> Result<()> {
     let listener = match config.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
