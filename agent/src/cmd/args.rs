@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::probe::load::ProbeOptions;
+use crate::{probe::load::ProbeOptions, tenant::aggregate::DEFAULT_MAX_TENANTS};
 
 /// The sampling intervals accepted: a map read every 10 ms at most, and at least once an hour
 /// (rates over longer spans hide every burst, and a stalled agent would look alive).
@@ -14,6 +14,28 @@ pub const INTERVAL_RANGE: (Duration, Duration) =
 /// day, which bounds the memory the agent's timeline takes.
 pub const WINDOW_RANGE: (Duration, Duration) =
     (Duration::from_millis(10), Duration::from_hours(24));
+
+/// The tenant caps accepted: at least one tenant by name, at most a million (beyond that the cap
+/// bounds nothing an exporter could carry).
+pub const MAX_TENANTS_RANGE: (usize, usize) = (1, 1_000_000);
+
+/// Parses a tenant cap, from 1 to 1,000,000.
+pub fn parse_max_tenants(text: &str) -> Result<usize, String> {
+    let value: usize = text.trim().parse().map_err(|e| format!("`{text}`: {e}"))?;
+    check_max_tenants(value, "the tenant cap")?;
+    Ok(value)
+}
+
+/// Refuses a tenant cap outside [`MAX_TENANTS_RANGE`]; `what` names the setting.
+pub fn check_max_tenants(value: usize, what: &str) -> Result<(), String> {
+    let (min, max) = MAX_TENANTS_RANGE;
+    if value < min || value > max {
+        return Err(format!(
+            "{what} must be from {min} to {max} tenants, not {value}"
+        ));
+    }
+    Ok(())
+}
 
 /// Parses a sampling interval (`1s`, `500ms`), from 10 ms to 1 hour.
 pub fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -53,7 +75,7 @@ pub fn check_range(
     Ok(())
 }
 
-/// Flags for the optional probes, for every command that runs the probes.
+/// Flags for the optional probes and the sampling, for every command that runs the probes.
 #[derive(Debug, Clone, Copy, Default, Args)]
 pub struct ProbeArgs {
     /// Also measure kick service latency (a queue's first kick to its VMM's read of the doorbell
@@ -61,6 +83,17 @@ pub struct ProbeArgs {
     /// read() of the host, so it is off by default.
     #[arg(long, env = "VMTRACE_KICK_LATENCY")]
     pub kick_latency: bool,
+    /// How many tenants are reported by name; the counts of any more are summed into one tenant
+    /// labelled `overflow`, so totals stay exact [default: 1000].
+    #[arg(long, env = "VMTRACE_MAX_TENANTS", value_parser = parse_max_tenants)]
+    pub max_tenants: Option<usize>,
+}
+
+impl ProbeArgs {
+    /// The tenant cap given, or the default.
+    pub fn max_tenants(&self) -> usize {
+        self.max_tenants.unwrap_or(DEFAULT_MAX_TENANTS)
+    }
 }
 
 impl From<ProbeArgs> for ProbeOptions {
@@ -90,6 +123,15 @@ mod tests {
         ] {
             let err = parse_interval(text).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn tenant_caps_from_one_to_a_million_are_accepted() {
+        assert_eq!(parse_max_tenants("1"), Ok(1));
+        assert_eq!(parse_max_tenants("1000000"), Ok(1_000_000));
+        for text in ["0", "1000001", "-1", "many"] {
+            assert!(parse_max_tenants(text).is_err(), "{text}");
         }
     }
 

@@ -46,6 +46,7 @@ pub async fn run(args: &RecordArgs) -> Result<()> {
         Box::new(BufWriter::new(file))
     };
     let mut sampler = Sampler::start(&args.probes.into())?;
+    sampler.limit_tenants(args.probes.max_tenants());
     let header = Header {
         probes_not_attached: sampler.probes_not_attached(),
         ..Header::new(

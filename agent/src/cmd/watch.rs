@@ -43,6 +43,7 @@ pub struct WatchArgs {
 
 pub async fn run(options: &WatchArgs) -> Result<()> {
     let mut sampler = Sampler::start(&options.probes.into())?;
+    sampler.limit_tenants(options.probes.max_tenants());
     eprintln!(
         "vmtrace: watching; KVM {}; exit source: {}",
         sampler.kvm().flavour.name(),

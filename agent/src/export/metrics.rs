@@ -227,8 +227,21 @@ pub const AGENT_MAP_CAPACITY: MetricDef = MetricDef {
     description: "Capacity (max_entries) of each of the probes' hash maps, by `map`.",
 };
 
+pub const AGENT_STATE_ENTRIES: MetricDef = MetricDef {
+    name: "vmtrace.agent.state.entries",
+    unit: "{entry}",
+    kind: MetricKind::Gauge,
+    description: "Entries the agent holds per cgroup or tenant, by `state`: cgroup_paths (cgroups \
+                  the counters reference), recent_cgroup_paths (paths from the kernel's cgroup \
+                  events awaiting counts), cgroups_awaiting_walk (counted ids no event named, reported once the next walk of the hierarchy, at most one a second, names them), \
+                  named_tenants, overflowed_tenants (summed into the `overflow` tenant), \
+                  accounted_cgroups (cgroups whose CPU and memory figures are kept), \
+                  previous_tenants (what rates are computed against), iommu_owners. Each is \
+                  bounded by the live tenants; docs/memory-bound.md gives the bound.",
+};
+
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 27] = [
+pub const ALL: [MetricDef; 28] = [
     VM_EXITS,
     VM_EVENTS,
     VIRTIO_KICKS,
@@ -256,6 +269,7 @@ pub const ALL: [MetricDef; 27] = [
     AGENT_SAMPLE_ERRORS,
     AGENT_MAP_ENTRIES,
     AGENT_MAP_CAPACITY,
+    AGENT_STATE_ENTRIES,
 ];
 
 /// A histogram data point: explicit bounds in seconds and the count in each bucket
@@ -410,6 +424,13 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
             Value::Int(fill.entries.into()),
         );
         push(AGENT_MAP_CAPACITY, map, Value::Int(fill.capacity.into()));
+    }
+    for (state, entries) in sample.state.entries() {
+        push(
+            AGENT_STATE_ENTRIES,
+            vec![("state", state.to_owned())],
+            Value::Int(entries as u64),
+        );
     }
     by_def
 }

@@ -90,6 +90,14 @@ impl DtlbCounters {
     }
 }
 
+impl DtlbCounters {
+    /// Drops the ended threads' misses of cgroups for which `keep` says no (no longer referenced
+    /// by any tenant), so that what is kept is bounded by the live tenants.
+    pub fn retain_cgroups(&mut self, keep: impl Fn(u64) -> bool) {
+        self.ended.retain(|(cgroup_id, _), _| keep(*cgroup_id));
+    }
+}
+
 /// Counters of thread `tid`, enabled; `None` if the thread is gone or the PMU refuses.
 fn open(tid: u32) -> Option<ThreadCounters> {
     EVENTS

@@ -45,6 +45,14 @@ impl GuestTime {
     }
 }
 
+impl GuestTime {
+    /// Drops the ended threads' guest time of cgroups for which `keep` says no (no longer
+    /// referenced by any tenant), so that what is kept is bounded by the live tenants.
+    pub fn retain_cgroups(&mut self, keep: impl Fn(u64) -> bool) {
+        self.ended.retain(|cgroup_id, _| keep(*cgroup_id));
+    }
+}
+
 /// `guest_time`, field 43, from the text of a `/proc/<pid>/task/<tid>/stat` file.
 pub fn guest_ticks(stat: &str) -> Option<u64> {
     stat_field(stat, 43)?.parse().ok()

@@ -37,7 +37,9 @@ pub struct Accounting {
     dtlb: Result<DtlbCounters, String>,
     /// Last figures of each cgroup path, and whether the cgroup was empty when they were read: a
     /// cgroup without tasks uses no CPU and takes no faults, so once read empty its figures are
-    /// kept while it stays empty.
+    /// kept while it stays empty. A cgroup that is gone keeps its last figures while its tenant
+    /// references it, so that the tenant's counters never go down when one of its cgroups goes.
+    /// Bounded by the cgroups of the tenants of the last sample.
     last: HashMap<String, (Figures, bool)>,
 }
 
@@ -57,7 +59,20 @@ impl Accounting {
         if empty && let Some((figures, true)) = self.last.get(path) {
             return *figures;
         }
-        let figures = (self.cgroups.cpu(path), self.cgroups.memory(path));
+        let mut figures = (self.cgroups.cpu(path), self.cgroups.memory(path));
+        // Removed (the files are gone): its counters keep their last values, and it no longer
+        // holds any memory.
+        if let Some(((cpu, memory), _)) = self.last.get(path) {
+            if figures.0.is_none() {
+                figures.0 = *cpu;
+            }
+            if figures.1.is_none() {
+                figures.1 = memory.map(|m| MemoryStat {
+                    usage_bytes: 0,
+                    ..m
+                });
+            }
+        }
         self.last.insert(path.to_owned(), (figures, empty));
         figures
     }
@@ -67,8 +82,9 @@ impl Accounting {
         self.dtlb.as_ref().err().map(String::as_str)
     }
 
-    /// Adds CPU, tax and memory figures to every tenant whose cgroups still exist.
-    /// `vmm_processes` maps the VMM processes the probes know to their cgroup ids.
+    /// Adds CPU, tax and memory figures to every tenant; a tenant's removed cgroups count with
+    /// their last figures. `vmm_processes` maps the VMM processes the probes know to their cgroup
+    /// ids.
     pub fn add_to(&mut self, tenants: &mut [TenantCounts], vmm_processes: &BTreeMap<u32, u64>) {
         let threads = vmm_threads(vmm_processes);
         let guest_by_cgroup = self.guest.update(&threads);
@@ -76,6 +92,16 @@ impl Accounting {
             Ok(counters) => counters.update(&threads),
             Err(_) => HashMap::default(),
         };
+        // What ended threads left is kept for the cgroups still referenced only.
+        let referenced: HashSet<u64> = tenants
+            .iter()
+            .flat_map(|t| t.cgroups.iter().map(|c| c.id))
+            .chain(vmm_processes.values().copied())
+            .collect();
+        self.guest.retain_cgroups(|id| referenced.contains(&id));
+        if let Ok(counters) = &mut self.dtlb {
+            counters.retain_cgroups(|id| referenced.contains(&id));
+        }
         for tenant in tenants.iter_mut() {
             for ((cgroup_id, kind), misses) in &dtlb_misses {
                 if tenant.cgroups.iter().any(|c| c.id == *cgroup_id) {
@@ -84,7 +110,7 @@ impl Accounting {
             }
         }
         let mut seen = HashSet::new();
-        for tenant in tenants.iter_mut().filter(|t| !t.removed) {
+        for tenant in tenants.iter_mut() {
             // The root cgroup holds the whole host (its kernel threads age and reclaim guest
             // memory there): it is no tenant's to account.
             let paths: Vec<&str> = tenant
@@ -141,6 +167,11 @@ impl Accounting {
             }
         }
         self.last.retain(|path, _| seen.contains(path));
+    }
+
+    /// Cgroup paths whose figures are kept.
+    pub fn cgroups_kept(&self) -> usize {
+        self.last.len()
     }
 }
 

@@ -593,6 +593,7 @@ mod tests {
             probes_not_attached: Vec::new(),
             probes_attached: Vec::new(),
             maps: Vec::new(),
+            state: crate::sample::sampler::StateSizes::default(),
             last: true,
         };
         writer.write(&sample).unwrap();

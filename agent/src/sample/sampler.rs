@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    host::cgroup_index::{CgroupIndex, find_v2_mount},
+    host::cgroup_index::{CgroupIndex, IndexSizes, find_v2_mount},
     host::cgroupfs::CgroupFs,
     host::vfio,
     host::{self, KvmDetection, KvmFlavour},
@@ -21,7 +21,7 @@ use crate::{
     probe::lifecycle::CgroupEvents,
     probe::load::{ExitSource, ProbeOptions, Probes},
     sample::accounting::Accounting,
-    tenant::aggregate::{PreviousCounts, TenantCounts, add_rates, by_tenant},
+    tenant::aggregate::{PreviousCounts, TenantCap, TenantCounts, add_rates, by_tenant},
     tenant::resolve::Tenant,
 };
 
@@ -59,6 +59,9 @@ pub struct Sample {
     /// How full each kernel hash map is, for the map fill metrics; not recorded.
     #[serde(skip)]
     pub maps: Vec<crate::probe::map_fill::MapFill>,
+    /// How much per-cgroup and per-tenant state the agent holds; not recorded.
+    #[serde(skip)]
+    pub state: StateSizes,
 }
 
 /// A probe that should be attached and is not.
@@ -95,6 +98,38 @@ pub struct TenantIommuFaults {
     pub faults: u64,
 }
 
+/// How much state the sampler holds, for its memory bound (docs/memory-bound.md): everything per
+/// cgroup or tenant is bounded by the tenants of the last sample and the cgroups they reference.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSizes {
+    pub index: IndexSizes,
+    /// Tenants reported by name, and tenants summed into the overflow tenant.
+    pub tenants_kept: usize,
+    pub tenants_overflowed: usize,
+    /// Cgroups whose CPU and memory figures are kept.
+    pub accounted_cgroups: usize,
+    /// Tenants whose counts the next rates are computed against.
+    pub previous_tenants: usize,
+    /// Devices whose owner is cached.
+    pub iommu_owners: usize,
+}
+
+impl StateSizes {
+    /// Each size by the name the `vmtrace.agent.state.entries` metric gives it.
+    pub fn entries(&self) -> [(&'static str, usize); 8] {
+        [
+            ("cgroup_paths", self.index.paths),
+            ("recent_cgroup_paths", self.index.recent),
+            ("cgroups_awaiting_walk", self.index.waiting),
+            ("named_tenants", self.tenants_kept),
+            ("overflowed_tenants", self.tenants_overflowed),
+            ("accounted_cgroups", self.accounted_cgroups),
+            ("previous_tenants", self.previous_tenants),
+            ("iommu_owners", self.iommu_owners),
+        ]
+    }
+}
+
 /// Attached probes and what is needed to read them.
 pub struct Sampler {
     probes: Probes,
@@ -115,6 +150,8 @@ pub struct Sampler {
     /// Where the learnt doorbells are kept across restarts, when they are.
     doorbell_state: Option<DoorbellState>,
     doorbell_state_failing: bool,
+    /// Which tenants are reported by name.
+    cap: TenantCap,
 }
 
 impl Sampler {
@@ -148,6 +185,7 @@ impl Sampler {
             previous: None,
             doorbell_state: None,
             doorbell_state_failing: false,
+            cap: TenantCap::default(),
         })
     }
 
@@ -178,6 +216,27 @@ impl Sampler {
             Err(e) => tracing::warn!("learnt doorbells will not be kept across restarts: {e:#}"),
         }
         restored
+    }
+
+    /// Reports at most `max` tenants by name, the others summed into the overflow tenant
+    /// ([`crate::tenant::aggregate::OVERFLOW_TENANT`]); 1000 unless set.
+    pub fn limit_tenants(&mut self, max: usize) {
+        if max != self.cap.max() {
+            self.cap = TenantCap::new(max);
+        }
+    }
+
+    /// How much per-cgroup and per-tenant state is held now.
+    pub fn state_sizes(&self) -> StateSizes {
+        let (tenants_kept, tenants_overflowed) = self.cap.sizes();
+        StateSizes {
+            index: self.index.sizes(),
+            tenants_kept,
+            tenants_overflowed,
+            accounted_cgroups: self.accounting.cgroups_kept(),
+            previous_tenants: self.previous.as_ref().map_or(0, |(_, p)| p.len()),
+            iommu_owners: self.iommu_owners.len(),
+        }
     }
 
     pub fn kvm(&self) -> &KvmDetection {
@@ -224,12 +283,13 @@ impl Sampler {
         let mut tenants = by_tenant(&snapshot, &mut self.index);
         self.accounting
             .add_to(&mut tenants, &snapshot.vmm_processes);
-        add_rates(&mut tenants, previous, interval_secs);
         for tenant in tenants.iter().filter(|t| t.removed) {
             self.reported_removed
                 .extend(tenant.cgroups.iter().map(|c| c.id));
         }
-        let sample = Sample {
+        let mut tenants = self.cap.apply(tenants);
+        add_rates(&mut tenants, previous, interval_secs);
+        let mut sample = Sample {
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
@@ -255,6 +315,7 @@ impl Sampler {
                 .map(|s| s.tracepoint.clone())
                 .collect(),
             maps: snapshot.maps.clone(),
+            state: StateSizes::default(),
         };
         let counts = sample
             .tenants
@@ -262,6 +323,7 @@ impl Sampler {
             .map(|t| (t.tenant.clone(), t.counts.clone()))
             .collect();
         self.previous = Some((now, counts));
+        sample.state = self.state_sizes();
         Ok(sample)
     }
 
@@ -282,6 +344,10 @@ impl Sampler {
         faults: &[IommuFaults],
         now: Instant,
     ) -> Vec<TenantIommuFaults> {
+        // Only the devices that fault are cached: the kernel's map of faults is bounded, and a
+        // device that is gone from it is forgotten here too.
+        self.iommu_owners
+            .retain(|device, _| faults.iter().any(|f| &f.device == device));
         faults
             .iter()
             .map(|fault| {

@@ -39,6 +39,9 @@ pub struct Timeline {
     times: VecDeque<f64>,
     /// Per tenant and series (a counter kind's rate per second, or a gauge): one value per point.
     tenants: BTreeMap<String, BTreeMap<Series, VecDeque<f64>>>,
+    /// Tenants kept after they left the samples, at most: the samples carry a bounded number of
+    /// tenants, but tenants that come and go within the window would otherwise pile up.
+    ended_limit: usize,
 }
 
 /// What `/api/timeline` returns: the points' times and each tenant's series.
@@ -76,7 +79,16 @@ impl Timeline {
             pushed: 0,
             times: VecDeque::new(),
             tenants: BTreeMap::new(),
+            ended_limit: usize::MAX,
         }
+    }
+
+    /// Keeps at most `limit` tenants that have left the samples (those that left first go first),
+    /// so that the timeline holds at most the tenants of a sample plus `limit`.
+    #[must_use]
+    pub fn with_ended_limit(mut self, limit: usize) -> Self {
+        self.ended_limit = limit;
+        self
     }
 
     /// Points kept at most.
@@ -124,6 +136,33 @@ impl Timeline {
         self.tenants.retain(|name, series| {
             present.contains(&name.as_str()) || series.values().flatten().any(|v| *v != 0.0)
         });
+        self.drop_ended_beyond_limit(&present);
+    }
+
+    /// Drops the tenants absent from the newest point beyond [`Self::ended_limit`], those whose
+    /// last non-zero value is oldest first.
+    fn drop_ended_beyond_limit(&mut self, present: &[&str]) {
+        let mut ended: Vec<(usize, String)> = self
+            .tenants
+            .iter()
+            .filter(|(name, _)| !present.contains(&name.as_str()))
+            .map(|(name, series)| {
+                let last_set = series
+                    .values()
+                    .filter_map(|values| values.iter().rposition(|v| *v != 0.0))
+                    .max()
+                    .unwrap_or(0);
+                (last_set, name.clone())
+            })
+            .collect();
+        if ended.len() <= self.ended_limit {
+            return;
+        }
+        ended.sort_unstable();
+        let excess = ended.len() - self.ended_limit;
+        for (_, name) in ended.into_iter().take(excess) {
+            self.tenants.remove(&name);
+        }
     }
 
     /// The tenants on the timeline.
@@ -325,6 +364,22 @@ mod tests {
         assert_eq!(timeline.tenants().collect::<Vec<_>>(), ["gone"]);
         timeline.push(&sample(3.0, &[]));
         assert_eq!(timeline.tenants().count(), 0);
+    }
+
+    #[test]
+    fn ended_tenants_beyond_the_limit_go_those_that_left_first_first() {
+        let mut timeline = Timeline::with_capacity(10).with_ended_limit(2);
+        timeline.push(&sample(
+            1.0,
+            &[("a", &[("exit.io", 1.0)]), ("b", &[("exit.io", 1.0)])],
+        ));
+        timeline.push(&sample(2.0, &[("c", &[("exit.io", 1.0)])]));
+        timeline.push(&sample(3.0, &[("d", &[("exit.io", 1.0)])]));
+        // a and b left first; c has left too; d is in the newest sample.
+        let mut kept: Vec<&str> = timeline.tenants().collect();
+        kept.sort_unstable();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert!(kept.contains(&"c") && kept.contains(&"d"), "{kept:?}");
     }
 
     #[test]

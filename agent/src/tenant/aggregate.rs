@@ -1,7 +1,10 @@
 //! Per-tenant view of a counter snapshot: cgroups resolved to tenants, counts summed per tenant,
 //! and rates against the previous snapshot.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    time::Instant,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,26 +65,21 @@ pub fn by_tenant(snapshot: &Snapshot, index: &mut CgroupIndex) -> Vec<TenantCoun
         .keys()
         .chain(snapshot.latency_by_cgroup.keys());
     let cgroup_ids: BTreeSet<u64> = cgroup_ids.copied().collect();
-    for id in cgroup_ids {
-        let path = index.resolve(id).map(str::to_owned);
+    // The index holds the referenced ids only: those whose counters were deleted go.
+    let now = Instant::now();
+    index.retain(&cgroup_ids, now);
+    // Ids waiting for a walk to name them are reported once named (their counts are totals, so
+    // nothing is lost by waiting).
+    let waiting = index.refresh(&cgroup_ids, now);
+    for id in cgroup_ids.into_iter().filter(|id| !waiting.contains(id)) {
+        let path = index.path(id).map(str::to_owned);
         let identity = path.as_deref().map(Tenant::from_cgroup_path);
         let label = identity
             .as_ref()
             .map_or_else(|| format!("cgroup-id/{id}"), Tenant::label);
         let entry = tenants
             .entry(label.clone())
-            .or_insert_with(|| TenantCounts {
-                tenant: label,
-                identity,
-                cgroups: Vec::new(),
-                counts: KindCounts::new(),
-                rates: BTreeMap::new(),
-                gauges: BTreeMap::new(),
-                latency: BTreeMap::new(),
-                removed: false,
-                kubernetes: None,
-                doorbells: Vec::new(),
-            });
+            .or_insert_with(|| empty_tenant(label, identity));
         entry.cgroups.push(CgroupRef { id, path });
         for (kind, count) in snapshot.by_cgroup.get(&id).into_iter().flatten() {
             *entry.counts.entry(kind.clone()).or_default() += count;
@@ -110,6 +108,127 @@ pub fn by_tenant(snapshot: &Snapshot, index: &mut CgroupIndex) -> Vec<TenantCoun
         }
     }
     tenants.into_values().collect()
+}
+
+/// The label of the tenant that takes the counts of every tenant beyond the cap.
+pub const OVERFLOW_TENANT: &str = "overflow";
+/// How many tenants are reported by name unless told otherwise.
+pub const DEFAULT_MAX_TENANTS: usize = 1000;
+
+/// Reports at most `max` tenants by name and sums the others into one [`OVERFLOW_TENANT`], as the
+/// OpenTelemetry SDK's cardinality limit does, so that a host with very many tenants cannot swell
+/// the agent or its exporters.
+///
+/// Which tenants are named is stable: first come, first kept (tenants new in the same sample in
+/// label order); a tenant stays where it was put until it ends, and a named tenant that ends frees
+/// its slot for the next new one. The overflow tenant is a counter like any other: it keeps the
+/// last counts of the tenants it held that have ended, so the sum over all tenants, overflow
+/// included, equals the sum without the cap and never goes down.
+#[derive(Debug)]
+pub struct TenantCap {
+    max: usize,
+    /// Tenants reported by name.
+    kept: HashSet<String>,
+    /// Tenants summed into the overflow tenant, with their last counts.
+    overflowed: HashMap<String, KindCounts>,
+    /// Last counts of the overflowed tenants that have ended.
+    ended: KindCounts,
+}
+
+impl TenantCap {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            kept: HashSet::new(),
+            overflowed: HashMap::new(),
+            ended: KindCounts::new(),
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Tenants reported by name, and tenants held in the overflow tenant.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.kept.len(), self.overflowed.len())
+    }
+
+    /// The tenants to report: the kept ones as they are, the others summed into one.
+    pub fn apply(&mut self, tenants: Vec<TenantCounts>) -> Vec<TenantCounts> {
+        let present: HashSet<&str> = tenants.iter().map(|t| t.tenant.as_str()).collect();
+        self.kept.retain(|label| present.contains(label.as_str()));
+        let ended: Vec<String> = self
+            .overflowed
+            .keys()
+            .filter(|label| !present.contains(label.as_str()))
+            .cloned()
+            .collect();
+        for label in ended {
+            if let Some(counts) = self.overflowed.remove(&label) {
+                add_counts(&mut self.ended, &counts);
+            }
+        }
+        let mut reported = Vec::with_capacity(tenants.len().min(self.max + 1));
+        let mut overflow = empty_tenant(OVERFLOW_TENANT.to_owned(), None);
+        let mut overflowing = !self.ended.is_empty();
+        for tenant in tenants {
+            let keep = if self.kept.contains(&tenant.tenant) {
+                true
+            } else if self.overflowed.contains_key(&tenant.tenant) {
+                false
+            } else if self.kept.len() < self.max {
+                self.kept.insert(tenant.tenant.clone());
+                true
+            } else {
+                false
+            };
+            if keep {
+                reported.push(tenant);
+                continue;
+            }
+            overflowing = true;
+            add_counts(&mut overflow.counts, &tenant.counts);
+            if let Some(usage) = tenant.gauges.get(&Gauge::MemoryUsage) {
+                *overflow.gauges.entry(Gauge::MemoryUsage).or_default() += usage;
+            }
+            self.overflowed.insert(tenant.tenant, tenant.counts);
+        }
+        if overflowing {
+            add_counts(&mut overflow.counts, &self.ended);
+            reported.push(overflow);
+        }
+        reported
+    }
+}
+
+impl Default for TenantCap {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_TENANTS)
+    }
+}
+
+/// Adds `more` to `counts`, kind by kind.
+fn add_counts(counts: &mut KindCounts, more: &KindCounts) {
+    for (kind, count) in more {
+        *counts.entry(kind.clone()).or_default() += count;
+    }
+}
+
+/// A tenant with nothing counted yet.
+fn empty_tenant(label: String, identity: Option<Tenant>) -> TenantCounts {
+    TenantCounts {
+        tenant: label,
+        identity,
+        cgroups: Vec::new(),
+        counts: KindCounts::new(),
+        rates: BTreeMap::new(),
+        gauges: BTreeMap::new(),
+        latency: BTreeMap::new(),
+        removed: false,
+        kubernetes: None,
+        doorbells: Vec::new(),
+    }
 }
 
 /// Each tenant's counts, by tenant label: what the next interval's rates are computed against.
@@ -158,5 +277,63 @@ mod tests {
         .collect();
         assert_eq!(tax_ratio(&rates), Some(0.2));
         assert_eq!(tax_ratio(&BTreeMap::new()), None);
+    }
+
+    fn tenant(label: &str, exits: u64) -> TenantCounts {
+        let mut tenant = empty_tenant(label.to_owned(), None);
+        tenant.counts.insert(Kind::Cpuid, exits);
+        tenant
+    }
+
+    fn reported(tenants: &[TenantCounts]) -> BTreeMap<&str, u64> {
+        tenants
+            .iter()
+            .map(|t| (t.tenant.as_str(), t.counts[&Kind::Cpuid]))
+            .collect()
+    }
+
+    #[test]
+    fn tenants_beyond_the_cap_are_summed_into_a_stable_overflow_tenant() {
+        let mut cap = TenantCap::new(2);
+        let first = cap.apply(vec![tenant("a", 1), tenant("b", 2)]);
+        assert_eq!(reported(&first), BTreeMap::from([("a", 1), ("b", 2)]));
+        // Later tenants overflow even where their labels sort first.
+        let second = cap.apply(vec![
+            tenant("0", 10),
+            tenant("a", 3),
+            tenant("b", 4),
+            tenant("c", 20),
+        ]);
+        assert_eq!(
+            reported(&second),
+            BTreeMap::from([("a", 3), ("b", 4), (OVERFLOW_TENANT, 30)])
+        );
+        // `a` ends: its slot goes to the next new tenant, not to one already in the overflow, and
+        // the overflow tenant keeps what its ended tenants counted.
+        let third = cap.apply(vec![tenant("b", 5), tenant("c", 21), tenant("d", 7)]);
+        assert_eq!(
+            reported(&third),
+            BTreeMap::from([("b", 5), ("d", 7), (OVERFLOW_TENANT, 31)])
+        );
+        let fourth = cap.apply(vec![tenant("b", 6), tenant("d", 8)]);
+        assert_eq!(
+            reported(&fourth),
+            BTreeMap::from([("b", 6), ("d", 8), (OVERFLOW_TENANT, 31)])
+        );
+        assert_eq!(cap.sizes(), (2, 0));
+    }
+
+    #[test]
+    fn totals_with_the_cap_equal_totals_without_it() {
+        let mut cap = TenantCap::new(3);
+        let tenants: Vec<TenantCounts> = (0..50).map(|i| tenant(&format!("t{i:02}"), i)).collect();
+        let total: u64 = tenants.iter().map(|t| t.counts[&Kind::Cpuid]).sum();
+        let capped = cap.apply(tenants);
+        assert_eq!(capped.len(), 4);
+        assert_eq!(reported(&capped).values().sum::<u64>(), total);
+        assert!(
+            TenantCap::new(3).apply(vec![tenant("x", 1)]).len() == 1,
+            "no overflow tenant"
+        );
     }
 }

@@ -11,7 +11,9 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::{
-    cmd::args::{INTERVAL_RANGE, ProbeArgs, WINDOW_RANGE, check_range, parse_in_range},
+    cmd::args::{
+        INTERVAL_RANGE, ProbeArgs, WINDOW_RANGE, check_max_tenants, check_range, parse_in_range,
+    },
     export::otlp::OtlpConfig,
     tenant::kubernetes::KubeConfig,
 };
@@ -19,7 +21,8 @@ use crate::{
 /// Flags of `vmtrace agent`; each also reads the environment variable shown.
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
-    /// TOML configuration file (keys: interval, window, listen, kick_latency, node_name, state_dir, and an
+    /// TOML configuration file (keys: interval, window, listen, kick_latency, max_tenants,
+    /// node_name, state_dir, and an
     /// `[otlp]` table with endpoint, protocol, headers, timeout_ms, interval_ms; see
     /// docs/configuration.md).
     #[arg(long, env = "VMTRACE_CONFIG")]
@@ -78,6 +81,7 @@ pub struct FileConfig {
     pub window: Option<Duration>,
     pub listen: Option<String>,
     pub kick_latency: Option<bool>,
+    pub max_tenants: Option<usize>,
     pub node_name: Option<String>,
     pub state_dir: Option<String>,
     #[serde(default)]
@@ -176,6 +180,8 @@ pub struct AgentConfig {
     /// `None` when the Prometheus endpoint is off.
     pub listen: Option<SocketAddr>,
     pub kick_latency: bool,
+    /// Tenants reported by name; the others are summed into the `overflow` tenant.
+    pub max_tenants: usize,
     pub node_name: Option<String>,
     /// Where learnt doorbells are kept across restarts; `None` when off.
     pub state_dir: Option<PathBuf>,
@@ -291,6 +297,14 @@ impl AgentConfig {
             Some(text) => Some(PathBuf::from(text)),
             None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
         };
+        let max_tenants = match (args.probes.max_tenants, file.max_tenants) {
+            (Some(flag), _) => flag,
+            (None, Some(value)) => {
+                check_max_tenants(value, &file_key("max_tenants")).map_err(anyhow::Error::msg)?;
+                value
+            }
+            (None, None) => args.probes.max_tenants(),
+        };
         let node_name = args.node_name.clone().or(file.node_name);
         let kube = KubeConfig::resolve(args.kube_api.as_deref(), node_name.as_deref(), env)?;
         Ok(Self {
@@ -298,6 +312,7 @@ impl AgentConfig {
             window,
             listen,
             kick_latency: args.probes.kick_latency || file.kick_latency.unwrap_or(false),
+            max_tenants,
             node_name,
             state_dir,
             otlp,
@@ -382,6 +397,7 @@ mod tests {
         assert_eq!(config.listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(config.interval, Duration::from_secs(1));
         assert_eq!(config.otlp, None);
+        assert_eq!(config.max_tenants, 1000);
     }
 
     #[test]
@@ -477,6 +493,10 @@ mod tests {
                 &["interval", "at least 10ms", "not 0s"][..],
             ),
             ("interval = \"2h\"\n", &["interval", "at most 1h"]),
+            (
+                "max_tenants = 0\n",
+                &["`max_tenants` in", "from 1 to 1000000"],
+            ),
             ("window = \"0s\"\n", &["window", "at least 10ms"]),
             ("window = \"2days\"\n", &["window", "at most 1day"]),
             (

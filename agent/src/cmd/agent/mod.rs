@@ -52,7 +52,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     let (latest_tx, latest) = watch::channel(None);
     let timeline = prometheus::SharedTimeline {
-        timeline: Arc::new(Mutex::new(Timeline::new(config.window, config.interval))),
+        timeline: Arc::new(Mutex::new(
+            Timeline::new(config.window, config.interval).with_ended_limit(config.max_tenants + 1),
+        )),
         interval: config.interval,
     };
     let export_dropped = Arc::new(AtomicU64::new(0));
@@ -73,8 +75,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         kick_latency: config.kick_latency,
     };
     let state_dir = config.state_dir.clone();
+    let max_tenants = config.max_tenants;
     let (sampling, watching) = SamplingThread::start(move || {
         let mut sampler = Sampler::start(&options)?;
+        sampler.limit_tenants(max_tenants);
         if let Some(dir) = &state_dir {
             let restored = sampler.keep_doorbells(dir);
             eprintln!(
@@ -321,6 +325,7 @@ mod tests {
                 probes_not_attached: Vec::new(),
                 probes_attached: Vec::new(),
                 maps: Vec::new(),
+                state: crate::sample::sampler::StateSizes::default(),
                 last: false,
             })
         }

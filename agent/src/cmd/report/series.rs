@@ -197,6 +197,7 @@ mod tests {
             probes_not_attached: Vec::new(),
             probes_attached: Vec::new(),
             maps: Vec::new(),
+            state: crate::sample::sampler::StateSizes::default(),
             last: false,
         }
     }

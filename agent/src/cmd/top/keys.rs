@@ -146,6 +146,7 @@ pub(crate) mod tests {
             probes_not_attached: Vec::new(),
             probes_attached: Vec::new(),
             maps: Vec::new(),
+            state: crate::sample::sampler::StateSizes::default(),
             last: false,
         });
         app

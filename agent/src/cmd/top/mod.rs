@@ -85,7 +85,7 @@ pub fn run(args: &TopArgs) -> Result<()> {
     let (source, label) = match &args.replay {
         Some(path) => open_replay(path, (!args.no_delay).then_some(args.speed))?,
         None => (
-            Source::live(args.probes.into(), args.interval)?,
+            Source::live(args.probes.into(), args.probes.max_tenants(), args.interval)?,
             "live".to_owned(),
         ),
     };

@@ -45,9 +45,11 @@ pub enum Source {
 }
 
 impl Source {
-    /// Attaches the probes; the first sample comes one interval later.
-    pub fn live(options: ProbeOptions, interval: Duration) -> Result<Self> {
-        let sampler = Sampler::start(&options)?;
+    /// Attaches the probes; the first sample comes one interval later. At most `max_tenants` are
+    /// shown by name.
+    pub fn live(options: ProbeOptions, max_tenants: usize, interval: Duration) -> Result<Self> {
+        let mut sampler = Sampler::start(&options)?;
+        sampler.limit_tenants(max_tenants);
         Ok(Self::Live {
             sampler: Box::new(sampler),
             interval,

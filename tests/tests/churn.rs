@@ -1,0 +1,487 @@
+//! A host that makes 10,000 tenant cgroups, each with counts of its own, and removes them, while
+//! the agent samples every 200 ms with a cap of 50 tenants by name.
+//!
+//! A helper process (a VMM to the probes: it registers a doorbell) moves itself into each cgroup,
+//! takes exactly [`PAGES`] page faults there and moves back. Afterwards:
+//! - the tenants beyond the cap are summed into `overflow`, whose fault count is exactly
+//!   [`PAGES`] times the cgroups it took, and never went down meanwhile;
+//! - the agent's own state (cgroup index, tenants, accounted cgroups) holds what live tenants
+//!   reference, not every cgroup it ever saw, and falls back once they end;
+//! - its memory stayed under the bound docs/memory-bound.md gives.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use vmtrace_tests::{
+    TenantCgroup, binary,
+    doorbell::DoorbellVm,
+    free_port, http_get, privileged_host,
+    process::Proc,
+    prometheus::sample,
+    wait::{poll, wait_for},
+};
+
+/// Tenants reported by name.
+const MAX_TENANTS: usize = 50;
+/// Cgroups that stay for the whole run, each with its counts.
+const LIVE: usize = 200;
+/// Tenants of the host's own that may have counts meanwhile (the root cgroup, where the kernel
+/// ages guest memory): they take no user page faults, but count against the cap.
+const HOST_TENANTS: usize = 4;
+/// Cgroups made and removed one after another.
+const GONE: usize = 10_000;
+/// Page faults the helper takes in each cgroup.
+const PAGES: usize = 2;
+const PAGE: usize = 4096;
+
+const HELPER_BASE: &str = "VMTRACE_CHURN_BASE";
+
+/// The memory bound of docs/memory-bound.md for the agent of this test, above its figure at rest:
+/// per tenant reported (named or summed) and per ended tenant its timeline keeps, 16 KiB and its
+/// series' points; per cgroup referenced 1 KiB; the recent-path buffer at its fullest; and the
+/// allocator's slack. The HTTP buffers are left out: this test's scrapes come one at a time.
+fn memory_bound_kib(at_rest_kib: u64) -> u64 {
+    let tenants = 2 * (MAX_TENANTS as u64 + 1);
+    // Series per tenant here: user and kernel faults, TLB flushes, and a margin.
+    let series = 8;
+    // A 10 s window at 200 ms, and as much again of grace for readers.
+    let points = 2 * 50;
+    let per_tenant = 16 * 1024 + series * points * 8;
+    let cgroups = (LIVE + 1) as u64;
+    let recent = 4096 * 512;
+    let slack = 8 * 1024 * 1024;
+    at_rest_kib + (tenants * per_tenant + cgroups * 1024 + recent + slack) / 1024
+}
+
+fn metrics(port: u16) -> Option<String> {
+    match http_get(port, "/metrics") {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
+}
+
+/// User page faults the metrics give `tenant`.
+fn user_faults(metrics: &str, tenant: &str) -> Option<u64> {
+    sample(
+        metrics,
+        "vmtrace_memory_faults_total",
+        &[("tenant", tenant), ("fault_type", "user")],
+    )
+    .map(|v| v as u64)
+}
+
+/// Every tenant with user page faults, and its count.
+fn all_user_faults(metrics: &str) -> BTreeMap<String, u64> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("vmtrace_memory_faults_total{"))
+        .filter(|l| l.contains("fault_type=\"user\""))
+        .filter_map(|l| {
+            let tenant = l.split("tenant=\"").nth(1)?.split('"').next()?;
+            let value = l.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some((tenant.to_owned(), value as u64))
+        })
+        .collect()
+}
+
+fn state(metrics: &str, state: &str) -> u64 {
+    sample(metrics, "vmtrace_agent_state_entries", &[("state", state)])
+        .unwrap_or_else(|| panic!("no state entries for {state}:\n{metrics}")) as u64
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .expect("the agent's VmRSS")
+}
+
+#[test]
+fn ten_thousand_tenant_cgroups_leave_the_agent_bounded_and_its_totals_exact() {
+    let test = "ten_thousand_tenant_cgroups_leave_the_agent_bounded_and_its_totals_exact";
+    if !privileged_host(test) {
+        return;
+    }
+    let base = TenantCgroup::new(&format!("vmtrace-test-churn-{}", std::process::id()));
+    let home = TenantCgroup::new(&format!("{}/home", base.relative));
+    let port = free_port();
+    let mut agent = Proc::spawn(
+        "vmtrace agent",
+        Command::new(binary("vmtrace"))
+            .args(["agent", "--interval", "200ms", "--window", "10s"])
+            .args(["--max-tenants", &MAX_TENANTS.to_string()])
+            .args(["--state-dir", "off", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
+    wait_for("the agent's /readyz", Duration::from_mins(1), || {
+        agent.assert_running("before it was ready");
+        matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
+    });
+    let at_rest = rss_kib(agent.id());
+
+    let mut helper = Proc::spawn(
+        "churn helper",
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "churn_helper", "--ignored", "--nocapture"])
+            .env(HELPER_BASE, &base.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut to_helper = helper.child.stdin.take().unwrap();
+    let mut from_helper = BufReader::new(helper.child.stdout.take().unwrap());
+    // The helper's home is named first, so that the tenants beyond the cap are the helper's
+    // cgroups and the host's own (the root cgroup's memory ageing, ...), which take no user faults.
+    expect_line(&mut from_helper, "ready");
+    let home_path = home.agent_path();
+    wait_for("the helper's home tenant", Duration::from_secs(30), || {
+        user_faults(&metrics(port)?, &home_path)
+    });
+    writeln!(to_helper, "go").unwrap();
+    // The lasting cgroups take the names left, the rest of them overflow; then the churn starts.
+    expect_line(&mut from_helper, "live");
+    let live_prefix = format!("{}/live-", base.agent_path());
+    let named_live = |m: &str| {
+        all_user_faults(m)
+            .into_iter()
+            .filter(|(t, _)| t.starts_with(&live_prefix))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let lasting = wait_metrics(port, "the lasting tenants", |m| {
+        let named = named_live(m);
+        let in_overflow = user_faults(m, "overflow").unwrap_or(0);
+        state(m, "named_tenants") == MAX_TENANTS as u64
+            && named.values().all(|n| *n == PAGES as u64)
+            && (named.len() * PAGES) as u64 + in_overflow == (LIVE * PAGES) as u64
+    });
+    let named_at_start = named_live(&lasting);
+    let overflowed_live = LIVE - named_at_start.len();
+    assert!(named_at_start.len() < MAX_TENANTS, "{named_at_start:?}");
+    let overflowed = state(&lasting, "overflowed_tenants");
+    assert!(
+        (overflowed_live as u64..=(overflowed_live + HOST_TENANTS) as u64).contains(&overflowed),
+        "{overflowed} tenants in the overflow, for {overflowed_live} lasting cgroups"
+    );
+    writeln!(to_helper, "go").unwrap();
+
+    // While the cgroups come and go, the overflow tenant's count only goes up, and the agent's
+    // memory stays under the bound.
+    let started = Instant::now();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        expect_line(&mut from_helper, "done");
+        let _ = done_tx.send(());
+        // The rest of its output (libtest's summary) must find the pipe open.
+        let _ = std::io::copy(&mut from_helper, &mut std::io::sink());
+    });
+    let mut overflow_seen = 0u64;
+    let mut scrapes = 0u32;
+    let mut peak_rss = at_rest;
+    let bound = memory_bound_kib(at_rest);
+    loop {
+        agent.assert_running("during the churn");
+        if let Some(m) = metrics(port) {
+            scrapes += 1;
+            if let Some(n) = user_faults(&m, "overflow") {
+                assert!(
+                    n >= overflow_seen,
+                    "the overflow tenant went down from {overflow_seen} to {n}"
+                );
+                overflow_seen = n;
+            }
+        }
+        peak_rss = peak_rss.max(rss_kib(agent.id()));
+        assert!(
+            peak_rss <= bound,
+            "the agent's RSS {peak_rss} KiB is above the bound {bound} KiB (at rest {at_rest} KiB)"
+        );
+        if done.recv_timeout(Duration::from_millis(250)).is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_mins(10),
+            "the churn did not end in 10 minutes"
+        );
+    }
+    let churned_in = started.elapsed();
+
+    // Every gone cgroup was counted into the overflow tenant: PAGES each, exactly.
+    let expected_overflow = (PAGES * (overflowed_live + GONE)) as u64;
+    let mut last = String::new();
+    let settled = poll(Duration::from_secs(30), || {
+        let m = metrics(port)?;
+        last.clone_from(&m);
+        (user_faults(&m, "overflow")? >= expected_overflow
+            && state(&m, "overflowed_tenants") <= (overflowed_live + HOST_TENANTS) as u64)
+            .then_some(m)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the overflow tenant should hold {expected_overflow} faults of \
+             {overflowed_live} lasting and {GONE} gone tenants; the last figures: faults \
+             {:?}, state and drops:\n{}",
+            all_user_faults(&last),
+            last.lines()
+                .filter(|l| l.starts_with("vmtrace_agent_state")
+                    || l.contains("tenant=\"/\"")
+                    || l.starts_with("vmtrace_agent_events_dropped"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    let faults = all_user_faults(&settled);
+    assert_eq!(
+        faults.get("overflow").copied(),
+        Some(expected_overflow),
+        "{faults:?}"
+    );
+    assert_eq!(
+        named_live(&settled),
+        named_at_start,
+        "the named tenants kept their names"
+    );
+    assert!(
+        faults.len() <= MAX_TENANTS + 1,
+        "more tenants by name than the cap: {faults:?}"
+    );
+    let index_paths = state(&settled, "cgroup_paths");
+    assert!(
+        index_paths <= (LIVE + 1 + HOST_TENANTS) as u64,
+        "the cgroup index holds {index_paths} paths for {} live cgroups",
+        LIVE + 1
+    );
+    assert_eq!(state(&settled, "cgroups_awaiting_walk"), 0, "{settled}");
+    assert!(state(&settled, "recent_cgroup_paths") <= 4096);
+    assert!(state(&settled, "named_tenants") <= MAX_TENANTS as u64);
+    let rss_churned = rss_kib(agent.id());
+
+    // The live cgroups end too: what the agent holds for them goes.
+    writeln!(to_helper, "exit").unwrap();
+    let status = helper.child.wait().expect("the helper");
+    assert!(status.success(), "the churn helper failed: {status}");
+    for i in 0..LIVE {
+        remove_cgroup(&base.path.join(format!("live-{i}")));
+    }
+    drop(home);
+    let after = wait_for(
+        "the agent to let go of the ended tenants",
+        Duration::from_secs(30),
+        || {
+            let m = metrics(port)?;
+            (state(&m, "cgroup_paths") <= HOST_TENANTS as u64
+                && state(&m, "overflowed_tenants") <= HOST_TENANTS as u64)
+                .then_some(m)
+        },
+    );
+    for state_name in ["accounted_cgroups", "named_tenants", "previous_tenants"] {
+        let held = state(&after, state_name);
+        assert!(
+            held <= 8,
+            "{state_name}: {held} entries after every tenant ended"
+        );
+    }
+    let overflow_after = user_faults(&after, "overflow");
+    assert_eq!(
+        overflow_after,
+        Some(expected_overflow),
+        "the overflow tenant keeps what its ended tenants counted"
+    );
+    let rss_end = rss_kib(agent.id());
+    eprintln!(
+        "{} cgroups ({LIVE} live, {GONE} gone) churned in {churned_in:.1?}, {scrapes} scrapes; \
+         overflow {expected_overflow} faults exact; agent RSS {at_rest} KiB at rest, peak \
+         {peak_rss} KiB, {rss_churned} KiB after the churn, {rss_end} KiB at the end (bound \
+         {bound} KiB); index {index_paths} paths",
+        LIVE + GONE + 1
+    );
+}
+
+/// Scrapes the agent until `check` holds, for 30 s at most; then panics with what it held.
+fn wait_metrics(port: u16, what: &str, mut check: impl FnMut(&str) -> bool) -> String {
+    let mut last = String::new();
+    poll(Duration::from_secs(30), || {
+        let m = metrics(port)?;
+        last.clone_from(&m);
+        check(&m).then_some(m)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "timed out waiting for {what}; the agent's faults by tenant: {:?}; tenants other than \
+             the churned ones: {:?}; its state:\n{}",
+            all_user_faults(&last),
+            last.lines()
+                .filter_map(|l| l.split("tenant=\"").nth(1)?.split('"').next())
+                .filter(|t| !t.contains("/live-") && !t.contains("/gone-"))
+                .collect::<std::collections::BTreeSet<_>>(),
+            last.lines()
+                .filter(|l| l.starts_with("vmtrace_agent_state")
+                    || l.starts_with("vmtrace_agent_events_dropped_total{reason=\"cgroup"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })
+}
+
+/// Reads the helper's output up to a line that starts with `wanted`.
+fn expect_line(from_helper: &mut impl BufRead, wanted: &str) {
+    let mut line = String::new();
+    while !line.starts_with(wanted) {
+        line.clear();
+        let n = from_helper
+            .read_line(&mut line)
+            .expect("the helper's output");
+        assert!(n > 0, "the churn helper ended before it said {wanted}");
+    }
+}
+
+fn remove_cgroup(path: &Path) {
+    wait_for(
+        &format!("{} to be removable", path.display()),
+        Duration::from_secs(10),
+        || (fs::remove_dir(path).is_ok() || !path.exists()).then_some(()),
+    );
+}
+
+/// `cgroup.procs` of `dir`, open for writing.
+fn procs_file(dir: &Path) -> OwnedFd {
+    let path = CString::new(
+        dir.join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .expect("a path without NUL");
+    // SAFETY: the path is a valid C string; the result is checked.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "open {}: {}",
+        dir.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: just opened, owned by nothing else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Moves this process into the cgroup whose `cgroup.procs` is `procs`, with a buffer that is
+/// already in memory, so that the move itself takes no page fault.
+fn move_to(procs: &OwnedFd, pid: &[u8]) {
+    // SAFETY: `pid` is a live buffer of that length; the result is checked.
+    let n = unsafe { libc::write(procs.as_raw_fd(), pid.as_ptr().cast(), pid.len()) };
+    assert_eq!(n, pid.len() as isize, "{}", std::io::Error::last_os_error());
+}
+
+/// Anonymous memory of `pages` pages, without huge pages, so that each first write to a page is
+/// exactly one page fault.
+struct Region {
+    start: *mut u8,
+    len: usize,
+}
+
+impl Region {
+    fn new(pages: usize) -> Self {
+        let len = pages * PAGE;
+        // SAFETY: an anonymous private mapping; the result is checked.
+        let start = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(start, libc::MAP_FAILED, "mmap");
+        // SAFETY: the range was just mapped.
+        let ret = unsafe { libc::madvise(start, len, libc::MADV_NOHUGEPAGE) };
+        assert_eq!(ret, 0, "madvise: {}", std::io::Error::last_os_error());
+        Self {
+            start: start.cast(),
+            len,
+        }
+    }
+
+    /// Writes to pages `first..first + PAGES`: one fault each, the first time.
+    #[inline(never)]
+    fn touch(&self, first: usize) {
+        for page in first..first + PAGES {
+            assert!((page + 1) * PAGE <= self.len);
+            // SAFETY: in bounds of the mapping, checked above.
+            unsafe { self.start.add(page * PAGE).write_volatile(1) };
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.start.cast(), self.len) };
+    }
+}
+
+/// In cgroup `dir`: PAGES page faults, then back to `home`.
+fn faults_in(dir: &Path, home: &OwnedFd, pid: &[u8], region: &Region, first: usize) {
+    let procs = procs_file(dir);
+    move_to(&procs, pid);
+    region.touch(first);
+    move_to(home, pid);
+}
+
+/// The helper the test runs as a subprocess: a VMM to the probes, it makes [`LIVE`] lasting and
+/// [`GONE`] removed cgroups below `$VMTRACE_CHURN_BASE`, with [`PAGES`] faults in each.
+#[test]
+#[ignore = "run by ten_thousand_tenant_cgroups_leave_the_agent_bounded_and_its_totals_exact"]
+fn churn_helper() {
+    let base = PathBuf::from(std::env::var(HELPER_BASE).expect("VMTRACE_CHURN_BASE"));
+    let pid = std::process::id().to_string().into_bytes();
+    let home = procs_file(&base.join("home"));
+    // Home first: from its doorbell on, every fault of the helper's is counted.
+    move_to(&home, &pid);
+    let vm = DoorbellVm::new();
+    vm.doorbell(0xd000_0000, 0, false);
+    // The same code, once in home, so that its own pages are in memory before it counts.
+    let warm = Region::new(PAGES * 4);
+    faults_in(&base.join("home"), &home, &pid, &warm, 0);
+    faults_in(&base.join("home"), &home, &pid, &warm, PAGES);
+    let region = Region::new(PAGES * (LIVE + GONE));
+    let mut out = std::io::stdout();
+    writeln!(out, "ready").unwrap();
+    out.flush().unwrap();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "go");
+    for i in 0..LIVE {
+        let dir = base.join(format!("live-{i}"));
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        faults_in(&dir, &home, &pid, &region, i * PAGES);
+    }
+    writeln!(out, "live").unwrap();
+    out.flush().unwrap();
+    line.clear();
+    std::io::stdin().read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "go");
+    for i in 0..GONE {
+        let dir = base.join(format!("gone-{i}"));
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        faults_in(&dir, &home, &pid, &region, (LIVE + i) * PAGES);
+        remove_cgroup(&dir);
+    }
+    writeln!(out, "done").unwrap();
+    out.flush().unwrap();
+    line.clear();
+    std::io::stdin().read_line(&mut line).unwrap();
+    drop(vm);
+}
