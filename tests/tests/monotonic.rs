@@ -46,8 +46,8 @@ fn a_tenants_counters_keep_the_figures_of_its_removed_cgroups() {
         .collect();
     assert!(counts.len() >= 10, "the pod tenant in too few samples");
     // The cgroupfs figures were there before and after the removal, so the check below means
-    // something.
-    for kind in ["tax.kernel", "tax.vmm", "memcg.pgfault"] {
+    // something. (`tax.vmm`, user time beyond guest time, may round to nothing in a short run.)
+    for kind in ["tax.kernel", "memcg.pgfault"] {
         assert!(
             counts.first().is_some_and(|c| c.contains_key(kind))
                 || counts.get(1).is_some_and(|c| c.contains_key(kind)),
