@@ -23,10 +23,21 @@ fn agent_counts_equal_vmm_ground_truth_per_tenant_and_kind() {
             "tenant-a",
             &[("pio", "2", "20000"), ("cpuid", "1", "15000")],
         ),
-        ("tenant-b", &[("mmio", "2", "15000"), ("hlt", "1", "10000")]),
+        (
+            "tenant-b",
+            &[
+                ("mmio", "2", "15000"),
+                ("hlt", "1", "10000"),
+                ("pio-in", "1", "5000"),
+            ],
+        ),
         (
             "tenant-c",
-            &[("doorbell", "3", "10000"), ("pio", "1", "5000")],
+            &[
+                ("doorbell", "3", "10000"),
+                ("pio", "1", "5000"),
+                ("signal", "1", "500"),
+            ],
         ),
     ];
     let tenants: Vec<TenantCgroup> = plan

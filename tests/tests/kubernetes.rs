@@ -16,8 +16,9 @@ use axum::{
     routing::get,
 };
 use vmtrace_tests::{
-    TenantCgroup, binary, free_port, http_get, privileged_host,
+    TenantCgroup, binary, expected_agent_counts, free_port, http_get, privileged_host,
     process::Proc,
+    prometheus::sample,
     run_vmm,
     wait::{poll, wait_for},
 };
@@ -126,7 +127,7 @@ fn pod_tenants_are_named_from_the_api_server() {
     wait_for("the agent to be ready", Duration::from_mins(1), || {
         matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
     });
-    run_vmm(&[
+    let web_report = run_vmm(&[
         "--scenario",
         "pio",
         "--count",
@@ -134,7 +135,7 @@ fn pod_tenants_are_named_from_the_api_server() {
         "--cgroup",
         &web.relative,
     ]);
-    run_vmm(&[
+    let launcher_report = run_vmm(&[
         "--scenario",
         "pio",
         "--count",
@@ -143,25 +144,53 @@ fn pod_tenants_are_named_from_the_api_server() {
         &launcher.relative,
     ]);
 
-    let wanted = [
-        format!(
-            "k8s_namespace_name=\"shop\",k8s_pod_name=\"web-0\",k8s_pod_uid=\"{WEB_UID}\",exit_source=\"vmm\",exit_reason=\"io\"}} 501"
+    // Each pod's series carries its API-server labels, and its count is the VMM's, compared as
+    // numbers.
+    let pods = [
+        (
+            &web_report,
+            vec![
+                ("k8s_namespace_name", "shop"),
+                ("k8s_pod_name", "web-0"),
+                ("k8s_pod_uid", WEB_UID),
+            ],
         ),
-        format!(
-            "k8s_namespace_name=\"vms\",k8s_pod_name=\"virt-launcher-db-x7k2p\",vm_name=\"db\",k8s_pod_uid=\"{LAUNCHER_UID}\",exit_source=\"vmm\",exit_reason=\"io\"}} 701"
+        (
+            &launcher_report,
+            vec![
+                ("k8s_namespace_name", "vms"),
+                ("k8s_pod_name", "virt-launcher-db-x7k2p"),
+                ("vm_name", "db"),
+                ("k8s_pod_uid", LAUNCHER_UID),
+            ],
         ),
     ];
+    let expected: Vec<f64> = pods
+        .iter()
+        .map(|(report, _)| expected_agent_counts(std::slice::from_ref(*report))["exit.io"] as f64)
+        .collect();
     let mut metrics = String::new();
+    let counted = |metrics: &str| -> Vec<Option<f64>> {
+        pods.iter()
+            .map(|(_, labels)| {
+                let mut wanted = labels.clone();
+                wanted.extend([("exit_source", "vmm"), ("exit_reason", "io")]);
+                sample(metrics, "vmtrace_vm_exits_total", &wanted)
+            })
+            .collect()
+    };
     let labelled = poll(Duration::from_secs(20), || {
         metrics = http_get(port, "/metrics").expect("GET /metrics").1;
-        wanted
+        counted(&metrics)
             .iter()
-            .all(|w| metrics.contains(w.as_str()))
+            .zip(&expected)
+            .all(|(got, want)| *got == Some(*want))
             .then_some(())
     });
     assert!(
         labelled.is_some(),
-        "pod labels missing; wanted {wanted:#?} in:\n{metrics}"
+        "pod series: wanted exit.io {expected:?}, got {:?}, in:\n{metrics}",
+        counted(&metrics)
     );
     let queries = queries.lock().unwrap();
     assert!(

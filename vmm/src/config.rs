@@ -20,6 +20,10 @@ use crate::region;
 pub enum Scenario {
     /// `out 0x10, al`: one KVM_EXIT_IO to the VMM per operation.
     Pio,
+    /// `in al, 0x10`: one KVM_EXIT_IO (a read, which the VMM answers) per operation.
+    #[serde(rename = "pio-in")]
+    #[value(name = "pio-in")]
+    PioIn,
     /// Byte write to the unbacked GPA 0xE0000: one KVM_EXIT_MMIO to the VMM per operation.
     Mmio,
     /// Byte write to a new unbacked address every operation, from GPA 0x80000000 up (32-bit
@@ -35,6 +39,12 @@ pub enum Scenario {
     Cpuid,
     /// `hlt`: one KVM_EXIT_HLT to the VMM per operation (there is no in-kernel irqchip).
     Hlt,
+    /// The guest spins until EBX changes; a thread of the VMM sends the vCPU thread SIGUSR1
+    /// every 500 µs, KVM_RUN returns EINTR, and the VMM writes the count of EINTRs it has seen
+    /// into EBX before it re-enters. Each change the guest sees is one operation, so there is at
+    /// least one EINTR per operation (a signal that arrives outside KVM_RUN makes none); the
+    /// report gives every EINTR the VMM saw (`intr`).
+    Signal,
     /// One virtio-blk request per operation on a virtio-mmio device at GPA 0xD0000: the guest
     /// driver fills a descriptor chain, publishes it on the available ring, kicks QueueNotify
     /// (a 4-byte write completed in the kernel by the queue's ioeventfd, datamatch = queue
@@ -56,13 +66,15 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in a fixed order.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Pio,
+        Scenario::PioIn,
         Scenario::Mmio,
         Scenario::MmioSweep,
         Scenario::Doorbell,
         Scenario::Cpuid,
         Scenario::Hlt,
+        Scenario::Signal,
         Scenario::Virtio,
         Scenario::Touch,
         Scenario::Balloon,
@@ -72,11 +84,13 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Pio => "pio",
+            Scenario::PioIn => "pio-in",
             Scenario::Mmio => "mmio",
             Scenario::MmioSweep => "mmio-sweep",
             Scenario::Doorbell => "doorbell",
             Scenario::Cpuid => "cpuid",
             Scenario::Hlt => "hlt",
+            Scenario::Signal => "signal",
             Scenario::Virtio => "virtio",
             Scenario::Touch => "touch",
             Scenario::Balloon => "balloon",

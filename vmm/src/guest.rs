@@ -21,7 +21,7 @@
 pub mod touch;
 pub mod virtio;
 
-use iced_x86::code_asm::{CodeAssembler, al, ax, byte_ptr, dword_ptr, eax, ebx, edi, es, esi};
+use iced_x86::code_asm::{CodeAssembler, al, ax, byte_ptr, dword_ptr, eax, ebp, ebx, edi, es, esi};
 
 use crate::config::Scenario;
 use crate::error::Error;
@@ -79,6 +79,7 @@ fn assemble(scenario: Scenario, paced: bool) -> Result<Vec<u8>, iced_x86::IcedEr
     a.set_label(&mut again)?;
     match scenario {
         Scenario::Pio => a.out(u32::from(OP_PORT), al)?,
+        Scenario::PioIn => a.in_(al, u32::from(OP_PORT))?,
         Scenario::Mmio => a.mov(byte_ptr(MMIO_OFFSET).es(), al)?,
         Scenario::Doorbell => a.mov(byte_ptr(DOORBELL_OFFSET).es(), al)?,
         Scenario::Cpuid => {
@@ -86,6 +87,14 @@ fn assemble(scenario: Scenario, paced: bool) -> Result<Vec<u8>, iced_x86::IcedEr
             a.cpuid()?;
         }
         Scenario::Hlt => a.hlt()?,
+        // EBX is the VMM's count of EINTRs: wait for the next.
+        Scenario::Signal => {
+            a.mov(ebp, ebx)?;
+            let mut wait = a.create_label();
+            a.set_label(&mut wait)?;
+            a.cmp(ebx, ebp)?;
+            a.je(wait)?;
+        }
         // Refused by `program`.
         Scenario::MmioSweep | Scenario::Virtio | Scenario::Touch | Scenario::Balloon => {}
     }
@@ -165,8 +174,9 @@ mod tests {
 
     #[test]
     fn programs_match_hand_assembly() {
-        let cases: [(Scenario, &[u8], &[u8]); 5] = [
+        let cases: [(Scenario, &[u8], &[u8]); 6] = [
             (Scenario::Pio, &[], &[0xe6, 0x10]),
+            (Scenario::PioIn, &[], &[0xe4, 0x10]),
             (Scenario::Mmio, &ES_PROLOGUE, &[0x26, 0xa2, 0x00, 0x00]),
             (Scenario::Doorbell, &ES_PROLOGUE, &[0x26, 0xa2, 0x00, 0x10]),
             (Scenario::Cpuid, &[], &[0x66, 0x31, 0xc0, 0x0f, 0xa2]),

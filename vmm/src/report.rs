@@ -233,11 +233,16 @@ pub fn expected_vcpu_exits(scenario: Scenario, count: u64, paced: bool) -> ExitC
         add("io", count);
     }
     match scenario {
-        Scenario::Pio => add("io", count),
+        Scenario::Pio | Scenario::PioIn => add("io", count),
         Scenario::Mmio | Scenario::MmioSweep => add("mmio", count),
         Scenario::Hlt => add("hlt", count),
         Scenario::Virtio => add("mmio", crate::guest::virtio::PROBE_READS),
-        Scenario::Doorbell | Scenario::Cpuid | Scenario::Touch | Scenario::Balloon => {}
+        // Signal: as many EINTRs as signals arrived in KVM_RUN, at least one per operation.
+        Scenario::Signal
+        | Scenario::Doorbell
+        | Scenario::Cpuid
+        | Scenario::Touch
+        | Scenario::Balloon => {}
     }
     exits
 }

@@ -140,8 +140,13 @@ impl VcpuRunner {
             tid: gettid(),
             exits: ExitCounts::new(),
             observed_ops: match self.scenario {
-                Scenario::Pio | Scenario::Mmio | Scenario::MmioSweep | Scenario::Hlt => Some(0),
-                Scenario::Doorbell
+                Scenario::Pio
+                | Scenario::PioIn
+                | Scenario::Mmio
+                | Scenario::MmioSweep
+                | Scenario::Hlt => Some(0),
+                Scenario::Signal
+                | Scenario::Doorbell
                 | Scenario::Cpuid
                 | Scenario::Virtio
                 | Scenario::Touch
@@ -151,6 +156,7 @@ impl VcpuRunner {
             returned: None,
         };
         let mut pacer = self.rate.map(Pacer::new);
+        let _signaller = (self.scenario == Scenario::Signal).then(Signaller::start);
         if self.exit_delay.is_some() {
             precise_sleeps();
         }
@@ -174,7 +180,12 @@ impl VcpuRunner {
                     classify(self.scenario, exit, self.device.as_ref())
                 }
                 Err(e) if e.errno() == libc::EINTR => {
-                    *outcome.exits.entry(exits::INTR.into()).or_default() += 1;
+                    let seen = outcome.exits.entry(exits::INTR.into()).or_default();
+                    *seen += 1;
+                    let seen = *seen;
+                    if self.scenario == Scenario::Signal {
+                        self.tell_guest_eintrs(seen)?;
+                    }
                     Step::Interrupted
                 }
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
@@ -219,6 +230,18 @@ impl VcpuRunner {
         Ok(outcome)
     }
 
+    /// Writes the count of EINTRs seen into the signal guest's EBX, which it watches.
+    fn tell_guest_eintrs(&mut self, seen: u64) -> Result<(), Error> {
+        let mut regs = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?;
+        regs.rbx = seen;
+        self.vcpu
+            .set_regs(&regs)
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+    }
+
     fn guest_error(&mut self, msg: &str) -> Error {
         let rip = self.vcpu.get_regs().map_or(u64::MAX, |r| r.rip);
         let mut msg = msg.to_string();
@@ -243,6 +266,60 @@ impl VcpuRunner {
             rip,
             msg,
         }
+    }
+}
+
+/// How often the signal scenario's vCPU thread is sent SIGUSR1.
+const SIGNAL_EVERY: Duration = Duration::from_micros(500);
+
+/// Sends the thread that started it SIGUSR1 every [`SIGNAL_EVERY`] from a thread of its own, so
+/// that its KVM_RUN keeps returning EINTR (signal scenario); stops, and is joined, when dropped.
+struct Signaller {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Signaller {
+    fn start() -> Self {
+        ignore_sigusr1();
+        // SAFETY: pthread_self has no preconditions.
+        let target = unsafe { libc::pthread_self() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                // SAFETY: the target thread lives until it has joined this one (Drop).
+                unsafe { libc::pthread_kill(target, libc::SIGUSR1) };
+                std::thread::sleep(SIGNAL_EVERY);
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Signaller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+extern "C" fn do_nothing(_: libc::c_int) {}
+
+/// Handles SIGUSR1 by doing nothing, without SA_RESTART: a KVM_RUN it interrupts returns EINTR,
+/// where the default action would end the process.
+fn ignore_sigusr1() {
+    // SAFETY: a zeroed sigaction is valid; the handler does nothing, which is async-signal-safe.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = do_nothing as *const () as libc::sighandler_t;
+        libc::sigemptyset(&raw mut action.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &raw const action, std::ptr::null_mut());
     }
 }
 
@@ -283,6 +360,11 @@ fn classify(scenario: Scenario, exit: VcpuExit<'_>, device: Option<&MmioHandle>)
             _ => Step::Fail(format!("unexpected write to port {port:#x}")),
         },
 
+        VcpuExit::IoIn(OP_PORT, data) if scenario == Scenario::PioIn => {
+            // What the guest reads is of no consequence; the VMM answers every read.
+            data.fill(0x5a);
+            Step::Op
+        }
         VcpuExit::IoIn(port, data) => {
             data.fill(0xff);
             Step::Fail(format!("unexpected read of port {port:#x}"))

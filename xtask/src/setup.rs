@@ -37,6 +37,7 @@ const PACKAGES: &[&str] = &[
 pub fn run() -> Result<()> {
     let started = Instant::now();
     install_packages(PACKAGES)?;
+    install_kubectl()?;
     install_bpf_linker()?;
     install_cargo_deny()?;
     install_msrv_toolchain()?;
@@ -44,6 +45,20 @@ pub fn run() -> Result<()> {
     check_cgroup_v2()?;
     eprintln!("setup: ready ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// kubectl, which tests/tests/deploy.rs renders the kustomize base with: Debian's
+/// kubernetes-client, unless a kubectl is already installed (another package of it would
+/// conflict with that one's files).
+fn install_kubectl() -> Result<()> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v kubectl"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Ok(());
+    }
+    install_packages(&["kubernetes-client"])
 }
 
 /// Installs the Debian packages that are missing, if any.
