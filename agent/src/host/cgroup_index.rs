@@ -39,7 +39,7 @@ pub const RECENT_TTL: Duration = Duration::from_secs(10);
 pub const RECENT_CAPACITY: usize = 4096;
 
 /// Sizes of the index, for the agent's health report and its memory bound.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IndexSizes {
     /// Paths of referenced cgroups.
     pub paths: usize,

@@ -100,7 +100,7 @@ pub struct TenantIommuFaults {
 
 /// How much state the sampler holds, for its memory bound (docs/memory-bound.md): everything per
 /// cgroup or tenant is bounded by the tenants of the last sample and the cgroups they reference.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StateSizes {
     pub index: IndexSizes,
     /// Tenants reported by name, and tenants summed into the overflow tenant.

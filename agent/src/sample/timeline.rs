@@ -11,7 +11,7 @@
 //! long still finds every point it started with.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashSet, VecDeque},
     time::Duration,
 };
 
@@ -132,7 +132,7 @@ impl Timeline {
                 values.resize(points, 0.0);
             }
         }
-        let present: Vec<&str> = sample.tenants.iter().map(|t| t.tenant.as_str()).collect();
+        let present: HashSet<&str> = sample.tenants.iter().map(|t| t.tenant.as_str()).collect();
         self.tenants.retain(|name, series| {
             present.contains(&name.as_str()) || series.values().flatten().any(|v| *v != 0.0)
         });
@@ -141,7 +141,16 @@ impl Timeline {
 
     /// Drops the tenants absent from the newest point beyond [`Self::ended_limit`], those whose
     /// last non-zero value is oldest first.
-    fn drop_ended_beyond_limit(&mut self, present: &[&str]) {
+    fn drop_ended_beyond_limit(&mut self, present: &HashSet<&str>) {
+        // Most samples have no more ended tenants than the limit: nothing to rank then.
+        let ended_count = self
+            .tenants
+            .keys()
+            .filter(|name| !present.contains(name.as_str()))
+            .count();
+        if ended_count <= self.ended_limit {
+            return;
+        }
         let mut ended: Vec<(usize, String)> = self
             .tenants
             .iter()
@@ -155,9 +164,6 @@ impl Timeline {
                 (last_set, name.clone())
             })
             .collect();
-        if ended.len() <= self.ended_limit {
-            return;
-        }
         ended.sort_unstable();
         let excess = ended.len() - self.ended_limit;
         for (_, name) in ended.into_iter().take(excess) {
