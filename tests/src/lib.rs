@@ -16,6 +16,7 @@ use vmtrace_common::mounts::MountTable;
 use vmtrace_vmm::{Report, Scenario};
 
 pub mod doorbell;
+pub mod expect;
 pub mod manifests;
 pub mod otlp_receiver;
 pub mod pod;
@@ -334,12 +335,30 @@ pub fn all_agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeM
 }
 
 /// The guest-side counts the agent reported for the tenant at `path` in `report`, by kind: those
-/// [`expected_agent_counts`] derives from the VMM's ground truth (the host-side ones, TLB, faults,
-/// memory and CPU, have none there).
+/// of the families [`expect::GUEST_SIDE_FAMILIES`] names, which [`expected_agent_counts`] derives
+/// exactly from the VMM's ground truth. [`expect::Expectation`] checks the others.
 pub fn agent_counts(report: &serde_json::Value, path: &str) -> Option<BTreeMap<String, u64>> {
     let mut counts = all_agent_counts(report, path)?;
-    counts.retain(|kind, _| !vmtrace::kind::Kind::from_recorded(kind).is_host_side());
+    counts.retain(|kind, _| expect::is_guest_side(kind));
     Some(counts)
+}
+
+/// Whether this host lets a thread count its own dTLB load misses, asked of the kernel directly
+/// (`perf_event_open` of PERF_TYPE_HW_CACHE, DTLB | OP_READ << 8 | RESULT_MISS << 16).
+pub fn dtlb_counters() -> Result<(), std::io::Error> {
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // PERF_TYPE_HW_CACHE
+    attr[4..8].copy_from_slice(&128u32.to_ne_bytes()); // size
+    attr[8..16].copy_from_slice(&0x1_0003u64.to_ne_bytes()); // config
+    attr[40] = 0b0110_0001; // disabled, exclude_kernel, exclude_hv
+    // SAFETY: attr is a zero-extended perf_event_attr of the size it declares.
+    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by perf_event_open and is owned here.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
 }
 
 /// A GET over HTTP/1.0 to a loopback port (no chunked encoding; the server closes): status and body.

@@ -3,7 +3,7 @@
 //! was and every count exact: nothing in the kernel or the agent is kept per guest address.
 
 use vmtrace_tests::{
-    Agent, TenantCgroup, agent_counts, expected_agent_counts, privileged_host, run_vmm,
+    Agent, TenantCgroup, agent_counts, expect, expected_agent_counts, privileged_host, run_vmm,
 };
 
 /// Distinct addresses written: two vCPUs, half a million each.
@@ -51,8 +51,10 @@ fn a_million_distinct_guest_addresses_leave_memory_flat_and_counts_exact() {
     let reports = agent.stop();
     let last = reports.last().unwrap();
     let actual = agent_counts(last, &tenant.agent_path()).expect("the sweeping tenant");
-    let expected = expected_agent_counts(&[warm_up, sweep]);
+    let runs = [warm_up, sweep];
+    let expected = expected_agent_counts(&runs);
     assert_eq!(actual, expected, "agent (left) vs VMM (right)");
+    expect::assert_tenants(last, &format!("/{base}"), &[(tenant.agent_path(), &runs)]);
     eprintln!(
         "1,000,000 distinct MMIO addresses: agent RSS {before} KiB before, {after} KiB after; \
          counts {actual:?}"

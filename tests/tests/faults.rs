@@ -19,8 +19,14 @@ use std::{
 
 use vmtrace_common::{DOORBELLS_CAPACITY, DoorbellKey};
 use vmtrace_tests::{
-    TenantCgroup, agent_counts, binary, expected_agent_counts, free_port, have, http_get, on_path,
-    privileged_host, process::Proc, prometheus::sample, run_vmm, temp::TempDir, wait::wait_for,
+    TenantCgroup, agent_counts, all_agent_counts, binary,
+    expect::{Expectation, HostKvm},
+    expected_agent_counts, free_port, have, http_get, on_path, privileged_host,
+    process::Proc,
+    prometheus::sample,
+    run_vmm,
+    temp::TempDir,
+    wait::wait_for,
 };
 
 /// One fault at a time (see the module's comment).
@@ -267,8 +273,8 @@ fn tenant_paths(report: &serde_json::Value) -> BTreeSet<String> {
 }
 
 /// Runs a doorbell guest (kicks through the classic ioctl probe, exits through the raw ones)
-/// and a port-write guest in `tenant`, then returns the counts the agent must report.
-fn doorbell_and_pio(tenant: &TenantCgroup) -> BTreeMap<String, u64> {
+/// and a port-write guest in `tenant`, then returns their reports.
+fn doorbell_and_pio(tenant: &TenantCgroup) -> [vmtrace_vmm::Report; 2] {
     let reports = [
         run_vmm(&[
             "--scenario",
@@ -287,19 +293,23 @@ fn doorbell_and_pio(tenant: &TenantCgroup) -> BTreeMap<String, u64> {
             &tenant.relative,
         ]),
     ];
-    let expected = expected_agent_counts(&reports);
-    assert!(expected.contains_key("kick.any"), "{expected:?}");
-    expected
+    assert!(
+        expected_agent_counts(&reports).contains_key("kick.any"),
+        "{reports:?}"
+    );
+    reports
 }
 
-/// Waits until a report has `tenant`'s counts equal to `expected`, then stops the agent and
-/// checks its final report too; returns the final report.
+/// Waits until a report has `tenant`'s guest-side counts equal to those of `reports`, then stops
+/// the agent and checks every kind of its final report too; returns the final report.
 fn counts_become_exact(
     mut watch: Watch,
     tenant: &TenantCgroup,
-    expected: &BTreeMap<String, u64>,
+    reports: &[vmtrace_vmm::Report],
 ) -> serde_json::Value {
     let path = tenant.agent_path();
+    let expectation = Expectation::of_vmms(reports, HostKvm::of_this_host());
+    let expected = expectation.exact();
     let mut last_seen = None;
     let found = std::iter::repeat_with(|| watch.next())
         .take(50)
@@ -320,6 +330,7 @@ fn counts_become_exact(
         Some(expected),
         "final report, agent (left) vs VMM (right)"
     );
+    expectation.assert_matches(&path, &all_agent_counts(&last, &path).unwrap_or_default());
     last
 }
 
@@ -364,16 +375,16 @@ fn tracefs_unmounted_while_the_agent_runs_leaves_the_classic_probes_counting() {
 
     // A perf event holds its tracepoint, not the filesystem: kicks (sys_enter_ioctl) and the
     // tenant's name (cgroup_mkdir, cgroup_attach_task) still come through the classic probes.
-    let expected = doorbell_and_pio(&tenant);
+    let reports = doorbell_and_pio(&tenant);
     let skipped = watch.skipped_samples();
-    let last = counts_become_exact(watch, &tenant, &expected);
+    let last = counts_become_exact(watch, &tenant, &reports);
     assert!(skipped.is_empty(), "samples failed: {skipped:?}");
     assert!(
         last.get("probes_not_attached").is_none(),
         "the probes stayed attached, and the agent says so: {last}"
     );
     eprintln!(
-        "{}: {expected:?}; {test} took {:?}",
+        "{}: {test} took {:?}",
         tenant.agent_path(),
         started.elapsed()
     );
@@ -471,8 +482,8 @@ fn a_missing_tracepoint_degrades_the_agent_naming_exactly_that_probe() {
         &script,
         &["watch", "--json", "--interval", "200ms"],
     ));
-    let expected = doorbell_and_pio(&tenant);
-    let last = counts_become_exact(watch, &tenant, &expected);
+    let reports = doorbell_and_pio(&tenant);
+    let last = counts_become_exact(watch, &tenant, &reports);
     let failures = last["probes_not_attached"].as_array().cloned();
     assert_eq!(
         failures.map(|f| f.iter().map(|p| p["probe"].clone()).collect::<Vec<_>>()),
@@ -536,8 +547,8 @@ fn unreadable_btf_leaves_raw_probes_attached_unchecked_and_counts_exact() {
         &script,
         &["watch", "--json", "--interval", "200ms"],
     ));
-    let expected = doorbell_and_pio(&tenant);
-    counts_become_exact(watch, &tenant, &expected);
+    let reports = doorbell_and_pio(&tenant);
+    counts_become_exact(watch, &tenant, &reports);
     eprintln!(
         "{} raw probes attached unchecked; {test} took {:?}",
         raw.len(),
@@ -772,6 +783,10 @@ fn a_vmm_killed_mid_run_keeps_its_counts_and_leaves_no_doorbell() {
         agent_counts(last, &survivor_path).as_ref(),
         Some(&expected),
         "survivor: agent (left) vs VMM (right)"
+    );
+    Expectation::of_vmms(std::slice::from_ref(&report), HostKvm::of_this_host()).assert_matches(
+        &survivor_path,
+        &all_agent_counts(last, &survivor_path).unwrap_or_default(),
     );
     eprintln!(
         "killed after {final_kicks} of {PLANNED} kicks ({previous:?}); survivor exact; \
@@ -1060,6 +1075,13 @@ fn a_cgroup_event_ring_overrun_is_counted_and_tenants_are_still_named() {
             .is_some_and(|n| n == tenant_id)
     };
     assert!(!unnamed.iter().any(|n| ours(n)), "{unnamed:?}");
+    Expectation::of_vmms(std::slice::from_ref(&report), HostKvm::of_this_host())
+        .assert_matches(&path, &all_agent_counts(last, &path).unwrap_or_default());
+    vmtrace_tests::expect::assert_only_tenants(
+        last,
+        &format!("/{base}"),
+        std::slice::from_ref(&path),
+    );
     eprintln!(
         "burst and guest in {burst_took:?}: {lost} cgroup events lost, counted; {path} named \
          and exact; {test} took {:?}",

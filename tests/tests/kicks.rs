@@ -4,8 +4,8 @@
 use std::{thread, time::Duration};
 
 use vmtrace_tests::{
-    Agent, TenantCgroup, agent_counts, agent_report, expected_agent_counts, privileged_host,
-    run_vmm,
+    Agent, TenantCgroup, agent_counts, agent_report, all_agent_counts, expect,
+    expected_agent_counts, privileged_host, run_vmm,
 };
 
 /// Runs each tenant's VMMs concurrently and returns their reports, per tenant.
@@ -119,6 +119,12 @@ fn virtio_kicks_per_tenant_and_queue_equal_the_vmms_count() {
         }
         eprintln!("{}: {actual:?}", tenant.agent_path());
     }
+    let checked: Vec<_> = tenants
+        .iter()
+        .zip(&reports)
+        .map(|(t, r)| (t.agent_path(), std::slice::from_ref(r)))
+        .collect();
+    expect::assert_tenants(last, &format!("/{base}"), &checked);
 }
 
 #[test]
@@ -165,6 +171,19 @@ fn doorbells_registered_before_the_agent_started_count_as_in_kernel_writes_only(
         counts.keys().all(|k| !k.starts_with("kick.")),
         "an unknown doorbell produced kicks: {counts:?}"
     );
+    // The host's side: the VMM became one before the agent started, so its set-up faults were
+    // not seen; the rest was.
+    let all = all_agent_counts(samples.last().unwrap(), &tenant.agent_path()).unwrap();
+    eprintln!("{all:?}");
+    let mut guest_side = expected_agent_counts(std::slice::from_ref(&report));
+    guest_side.remove("kick.any");
+    expect::Expectation::of_vmms(
+        std::slice::from_ref(&report),
+        expect::HostKvm::of_this_host(),
+    )
+    .with_exact(guest_side)
+    .seen_from_mid_run()
+    .assert_matches(&tenant.agent_path(), &all);
 }
 
 #[test]
@@ -206,6 +225,11 @@ fn a_slow_vmm_shows_in_its_service_time_percentiles() {
     assert!(ns(&slow_latency, "p99_ns") >= 2_000_000, "{slow_latency}");
     assert!(ns(&fast_latency, "p50_ns") < 1_000_000, "{fast_latency}");
     assert_eq!(ns(&slow_latency, "count"), reports[1].total.exits["io"] - 1);
+    let checked = [
+        (fast.agent_path(), &reports[..1]),
+        (slow.agent_path(), &reports[1..]),
+    ];
+    expect::assert_tenants(last, &format!("/{base}"), &checked);
     eprintln!(
         "service time p50/p99: fast {}/{} ns, slow {}/{} ns",
         ns(&fast_latency, "p50_ns"),

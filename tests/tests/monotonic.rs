@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use vmtrace_tests::{
-    Agent, TenantCgroup, all_agent_counts, expected_agent_counts, privileged_host, run_vmm,
+    Agent, TenantCgroup, all_agent_counts,
+    expect::{Expectation, HostKvm},
+    expected_agent_counts, privileged_host, run_vmm,
 };
 
 #[test]
@@ -74,5 +76,8 @@ fn a_tenants_counters_keep_the_figures_of_its_removed_cgroups() {
     for (kind, expected) in expected_agent_counts(&reports) {
         assert_eq!(last.get(&kind), Some(&expected), "{kind}: {last:?}");
     }
+    // Every kind, the removed container's CPU and memory figures included, against both VMMs'
+    // own accounting.
+    Expectation::of_vmms(&reports, HostKvm::of_this_host()).assert_matches(&tenant, last);
     drop(second);
 }

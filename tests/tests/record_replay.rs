@@ -12,8 +12,8 @@ use std::{
 
 use serde_json::{Value, json};
 use vmtrace_tests::{
-    TenantCgroup, agent_counts, binary, expected_agent_counts, privileged_host, process::Proc,
-    run_vmm, temp::TempDir,
+    TenantCgroup, agent_counts, binary, expect, expected_agent_counts, privileged_host,
+    process::Proc, run_vmm, temp::TempDir,
 };
 
 /// A running `vmtrace record`, stopped with SIGINT by [`Recorder::stop`], killed on drop.
@@ -145,6 +145,12 @@ fn replay_reproduces_the_recorded_per_tenant_counts_exactly() {
             cgroup.agent_path()
         );
     }
+    let (ra, rb) = ([ra], [rb]);
+    expect::assert_tenants(
+        last,
+        &format!("/{base}"),
+        &[(a.agent_path(), &ra[..]), (b.agent_path(), &rb[..])],
+    );
 
     let path = file.to_str().unwrap();
     let out = vmtrace(&["replay", path, "--json", "--no-delay"]);

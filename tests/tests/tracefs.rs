@@ -13,8 +13,8 @@ use std::{
 };
 
 use vmtrace_tests::{
-    TenantCgroup, agent_counts, binary, expected_agent_counts, free_port, have, http_get, on_path,
-    privileged_host, process::Proc, run_vmm, temp::TempDir, wait::wait_for,
+    TenantCgroup, agent_counts, binary, expect, expected_agent_counts, free_port, have, http_get,
+    on_path, privileged_host, process::Proc, run_vmm, temp::TempDir, wait::wait_for,
 };
 
 /// Shell that unmounts every tracefs and debugfs of the (private) mount namespace it runs in, deepest
@@ -201,6 +201,8 @@ fn classic_probes_attach_through_a_tracefs_mounted_elsewhere_and_kicks_are_exact
     assert!(expected.contains_key("kick.any"), "{expected:?}");
     assert_eq!(counts, expected, "agent (left) vs VMM (right)");
     eprintln!("{}: {counts:?}", tenant.agent_path());
+    let runs = [report];
+    expect::assert_tenants(&last, &format!("/{base}"), &[(tenant.agent_path(), &runs)]);
     assert!(last.get("probes_not_attached").is_none(), "{last}");
     // The namespace, and the tracefs in it, went with the agent: the host's own is untouched.
     assert!(

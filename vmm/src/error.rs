@@ -60,6 +60,9 @@ pub enum Error {
     #[error("virtio-blk device: {0}")]
     Device(String),
     /// A vCPU thread could not be started or died.
+    #[error("reading this process's own accounting: {0}")]
+    Usage(String),
+
     #[error("vCPU thread {0}")]
     Thread(String),
     /// The vCPU was stopped because another vCPU failed.

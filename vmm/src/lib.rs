@@ -33,6 +33,7 @@ pub mod memory;
 mod pace;
 pub mod region;
 pub mod report;
+pub mod usage;
 pub mod vcpu;
 pub mod virtio;
 pub mod vmm;

@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use crate::error::Error;
 use crate::layout::{TOUCH_REGION_GPA, TOUCH_REGION_SLOT};
 use crate::region;
+use crate::usage::Usage;
 
 /// Creates `size` bytes of guest RAM at GPA 0 and registers them with `vm`
 /// ([`crate::layout::MEM_SIZE`], or [`crate::layout::VIRTIO_MEM_SIZE`] for virtio). With
@@ -16,8 +17,13 @@ use crate::region;
 /// off (see [`region::no_huge_pages`]), registered as slot [`TOUCH_REGION_SLOT`].
 ///
 /// The returned memory must outlive every vCPU of `vm` that may touch it; [`crate::Vmm`]
-/// keeps it until the vCPU threads have been joined.
-pub fn create(vm: &VmFd, size: usize, region_bytes: Option<u64>) -> Result<GuestMemoryMmap, Error> {
+/// keeps it until the vCPU threads have been joined. Also returns the process's accounting just
+/// before the first slot was registered: from that ioctl on, a tracer counts it as a VMM.
+pub fn create(
+    vm: &VmFd,
+    size: usize,
+    region_bytes: Option<u64>,
+) -> Result<(GuestMemoryMmap, Usage), Error> {
     let mut ranges = vec![(GuestAddress(0), size)];
     if let Some(bytes) = region_bytes {
         ranges.push((GuestAddress(TOUCH_REGION_GPA), bytes as usize));
@@ -26,6 +32,7 @@ pub fn create(vm: &VmFd, size: usize, region_bytes: Option<u64>) -> Result<Guest
     // per range, in GPA order.
     let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
         .map_err(|e| Error::Memory(format!("cannot map {ranges:x?} (GPA, bytes): {e}")))?;
+    let before_first_slot = Usage::of_process()?;
     for (slot, region) in (0u32..).zip(memory.iter()) {
         let gpa = region.start_addr();
         let len = region.len();
@@ -48,7 +55,7 @@ pub fn create(vm: &VmFd, size: usize, region_bytes: Option<u64>) -> Result<Guest
         unsafe { vm.set_user_memory_region(kvm_region) }
             .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
-    Ok(memory)
+    Ok((memory, before_first_slot))
 }
 
 /// The host virtual address of guest-physical address `gpa`.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Scenario;
 pub use crate::exits::ExitCounts;
+use crate::usage::Usage;
 
 /// Everything known for certain about one VMM run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +47,24 @@ pub struct Report {
     /// The touch region and what happened to it (touch and balloon scenarios only).
     #[serde(default)]
     pub memory: Option<MemoryReport>,
+    /// What the kernel accounted to this process, read by the VMM of itself at the end.
+    #[serde(default)]
+    pub process: ProcessReport,
+}
+
+/// The kernel's accounting of this VMM process over three spans, all ending when the vCPU
+/// threads have ended. What the process does after that (writing this report, exiting) is in
+/// none of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessReport {
+    /// Since the process started.
+    pub lifetime: Usage,
+    /// Since it joined its cgroup (`--cgroup`; without it, since it started): what its cgroup
+    /// accounts of it.
+    pub in_cgroup: Usage,
+    /// Since just before its first `KVM_SET_USER_MEMORY_REGION`, the first ioctl of the three
+    /// (memory slot, ioeventfd, KVM_RUN) that make a process a VMM to a tracer.
+    pub as_vmm: Usage,
 }
 
 /// The touch region of the `touch` and `balloon` scenarios.
@@ -174,6 +193,10 @@ pub struct VcpuReport {
     pub vmm_observed_ops: Option<u64>,
     /// Every KVM_RUN return by exit reason name.
     pub exits: ExitCounts,
+    /// The thread's guest time when its last KVM_RUN had returned, ns (in 10 ms steps: see
+    /// [`crate::usage::thread_guest_ns`]).
+    #[serde(default)]
+    pub guest_ns: u64,
 }
 
 /// Sums over all vCPUs.
@@ -259,6 +282,7 @@ mod tests {
             guest_ops: 1000,
             vmm_observed_ops: Some(1000),
             exits: ExitCounts::from([("io".into(), 1001)]),
+            guest_ns: 20_000_000,
         };
         let report = Report {
             scenario: Scenario::Pio,
@@ -284,6 +308,14 @@ mod tests {
             vm_setup_delay_ms: 0,
             virtio: None,
             memory: None,
+            process: ProcessReport {
+                lifetime: Usage {
+                    user_us: 30_000,
+                    minor_faults: 700,
+                    ..Usage::default()
+                },
+                ..ProcessReport::default()
+            },
         };
         let json = report.to_json();
         assert!(
@@ -293,17 +325,29 @@ mod tests {
         assert!(json.contains(r#""exits":{"io":1001}"#), "{json}");
         assert_eq!(Report::from_json(&json).unwrap(), report);
         assert_eq!(report.vcpu_by_tid(124).unwrap().index, 0);
-        // Reports written before the delays, virtio, the memory section and the cgroup v1
-        // memory path existed still parse.
+        // Reports written before the delays, virtio, the memory and process sections, guest
+        // time and the cgroup v1 memory path existed still parse.
+        let process = serde_json::to_string(&report.process).unwrap();
         let old = json
+            .replace(&format!(r#","process":{process}"#), "")
+            .replace(r#","guest_ns":20000000"#, "")
             .replace(r#","exit_delay_us":0"#, "")
             .replace(r#","vm_setup_delay_ms":0"#, "")
             .replace(r#","virtio":null"#, "")
             .replace(r#","memory":null"#, "")
             .replace(r#","memory_v1_path":"/sys/fs/cgroup/memory/t/a""#, "");
-        assert!(!old.contains("virtio") && !old.contains("memory"), "{old}");
+        assert!(
+            !old.contains("virtio") && !old.contains("memory") && !old.contains("guest_ns"),
+            "{old}"
+        );
+        assert!(
+            !old.contains("process") && !old.contains("user_us"),
+            "{old}"
+        );
         let mut without = report.clone();
         without.cgroup.as_mut().unwrap().memory_v1_path = None;
+        without.process = ProcessReport::default();
+        without.vcpus[0].guest_ns = 0;
         assert_eq!(Report::from_json(&old).unwrap(), without);
     }
 

@@ -17,6 +17,7 @@ use crate::layout::{
 };
 use crate::pace::Pacer;
 use crate::region::{Balloon, Returned};
+use crate::usage;
 use crate::virtio::MmioHandle;
 
 /// RFLAGS with only the always-one bit 1 set (interrupts disabled).
@@ -89,6 +90,8 @@ pub struct VcpuOutcome {
     pub pace_exits: u64,
     /// What the BALLOON exit returned to the host (balloon scenario).
     pub returned: Option<Returned>,
+    /// The thread's guest time after its last KVM_RUN, ns.
+    pub guest_ns: u64,
 }
 
 /// The state one vCPU thread runs with.
@@ -154,6 +157,7 @@ impl VcpuRunner {
             },
             pace_exits: 0,
             returned: None,
+            guest_ns: 0,
         };
         let mut pacer = self.rate.map(Pacer::new);
         let _signaller = (self.scenario == Scenario::Signal).then(Signaller::start);
@@ -216,6 +220,7 @@ impl VcpuRunner {
             }
         }
         outcome.pace_exits = pacer.map_or(0, |p| p.ticks());
+        outcome.guest_ns = usage::thread_guest_ns()?;
         let regs = self
             .vcpu
             .get_regs()

@@ -27,7 +27,10 @@ use crate::layout::{
 };
 use crate::memory;
 use crate::region::{self, Balloon};
-use crate::report::{CgroupReport, IoEventFdReport, MemoryReport, Report, TotalReport, VcpuReport};
+use crate::report::{
+    CgroupReport, IoEventFdReport, MemoryReport, ProcessReport, Report, TotalReport, VcpuReport,
+};
+use crate::usage::Usage;
 use crate::vcpu::{self, VcpuOutcome, VcpuRunner};
 use crate::virtio::VirtioBlk;
 use crate::virtio::plan::Plan;
@@ -74,6 +77,9 @@ pub struct Vmm {
     ioeventfds: Vec<IoEventFdReport>,
     region: Option<TouchRegion>,
     vcpus: Vec<VcpuFd>,
+    /// The process's accounting when it joined its cgroup, and just before it became a VMM.
+    accounted_at_join: Usage,
+    accounted_before_first_slot: Usage,
     vm: VmFd,
     _kvm: Kvm,
     memory: GuestMemoryMmap,
@@ -119,6 +125,10 @@ impl TryFrom<VmmConfig> for Vmm {
             Some(requested) => Some(cgroup::enter(requested)?),
             None => cgroup::current()?,
         };
+        let accounted_at_join = match &config.cgroup {
+            Some(_) => Usage::of_process()?,
+            None => Usage::default(),
+        };
 
         let kvm = checked.kvm;
         let vm = kvm
@@ -129,7 +139,8 @@ impl TryFrom<VmmConfig> for Vmm {
         } else {
             MEM_SIZE
         };
-        let memory = memory::create(&vm, mem_size, region_plan.map(|p| p.region_bytes))?;
+        let (memory, accounted_before_first_slot) =
+            memory::create(&vm, mem_size, region_plan.map(|p| p.region_bytes))?;
         let region = match region_plan {
             Some(plan) => Some(TouchRegion {
                 plan,
@@ -193,6 +204,8 @@ impl TryFrom<VmmConfig> for Vmm {
             ioeventfds,
             region,
             vcpus,
+            accounted_at_join,
+            accounted_before_first_slot,
             vm,
             _kvm: kvm,
             memory,
@@ -404,6 +417,7 @@ impl Vmm {
                 guest_ops,
                 vmm_observed_ops: outcome.observed_ops,
                 exits: outcome.exits,
+                guest_ns: outcome.guest_ns,
             });
         }
         let doorbell_signals = match &self.doorbell {
@@ -434,6 +448,8 @@ impl Vmm {
             Some(r) => Some(self.memory_report(r, &returned, resident_before)?),
             None => None,
         };
+        // The vCPU threads have been joined: nothing runs in guest mode any more.
+        let usage = Usage::of_process()?;
         Ok(Report {
             scenario: self.config.scenario,
             pid: std::process::id(),
@@ -453,6 +469,11 @@ impl Vmm {
             vm_setup_delay_ms: self.config.vm_setup_delay_ms,
             virtio,
             memory,
+            process: ProcessReport {
+                lifetime: usage,
+                in_cgroup: usage.since(self.accounted_at_join),
+                as_vmm: usage.since(self.accounted_before_first_slot),
+            },
         })
     }
 

@@ -87,7 +87,8 @@ pub fn print_sample(sample: &Sample, json: bool) -> Result<bool> {
 
 /// The table people read: one block per tenant, one line per guest-side kind, with latency
 /// percentiles where the kind has them, then one line of what the host spends on the tenant.
-/// What the host spends on a tenant, on one line: tax, memory, faults, TLB flushes, balloon.
+/// What the host spends on a tenant, on one line: tax (in CPUs, and as a share of the tenant's CPU
+/// where the host knows guest time), memory, faults, TLB flushes, balloon.
 fn host_line(tenant: &TenantCounts) -> Option<String> {
     let rate = |of: &dyn Fn(&Kind) -> bool| -> Option<f64> {
         let mut rates = tenant.rates.iter().filter(|(k, _)| of(k));
@@ -99,9 +100,12 @@ fn host_line(tenant: &TenantCounts) -> Option<String> {
     if let Some(tax) = rate(&|k| k.top_column() == TopColumn::Tax) {
         let ratio = tenant.gauges.get(&Gauge::TaxRatio);
         parts.push(format!(
-            "tax {:.2} CPU{}",
+            "tax {:.2} CPU ({})",
             tax / 1e9,
-            ratio.map_or_else(String::new, |r| format!(" ({:.0}%)", r * 100.0))
+            ratio.map_or_else(
+                || "share unknown".to_owned(),
+                |r| format!("{:.0}%", r * 100.0)
+            )
         ));
     }
     if let Some(bytes) = tenant.gauges.get(&Gauge::MemoryUsage) {
@@ -141,6 +145,8 @@ fn render_table(report: &Sample) -> String {
     );
     if report.tenants.is_empty() {
         out.push_str("(no KVM activity yet)\n");
+    } else if let Some(why) = &report.guest_time_unavailable {
+        out.push_str(&format!("(tax shares unknown: {why})\n"));
     }
     for tenant in &report.tenants {
         let guest_side = tenant.counts.iter().filter(|(k, _)| !k.is_host_side());

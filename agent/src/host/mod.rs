@@ -42,6 +42,20 @@ impl KvmFlavour {
     pub fn emits_kvm_exit(self) -> bool {
         matches!(self, Self::Vmx | Self::Svm)
     }
+
+    /// Why the host cannot know how much CPU its guests ran in guest mode, if it cannot: then no
+    /// tenant's tax can be given as a share of its CPU (docs/tax.md).
+    pub fn guest_time_unknown(self) -> Option<&'static str> {
+        match self {
+            // PVM runs a guest in host user mode through its switcher: the kernel never marks
+            // the vCPU thread as in a guest (PF_VCPU), so it accounts no guest_time, and
+            // kvm_entry/kvm_exit, which would bracket guest execution, never fire.
+            Self::Pvm => Some(
+                "PVM accounts no guest time (kvm_entry/kvm_exit never fire, guest_time stays 0)",
+            ),
+            Self::Vmx | Self::Svm | Self::None => None,
+        }
+    }
 }
 
 /// The KVM flavour and the evidence it was read from.

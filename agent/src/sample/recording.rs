@@ -588,6 +588,7 @@ mod tests {
             exit_source: ExitSource::KvmExit,
             tenants: Vec::new(),
             dtlb_unavailable: None,
+            guest_time_unavailable: None,
             iommu_faults: Vec::new(),
             drops: std::collections::BTreeMap::default(),
             probes_not_attached: Vec::new(),

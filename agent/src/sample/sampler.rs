@@ -41,6 +41,10 @@ pub struct Sample {
     /// Why the hardware dTLB-miss counters are not counted on this host; absent where they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtlb_unavailable: Option<String>,
+    /// Why this host's guest time, and so every tenant's tax ratio, is unknown; absent where it
+    /// is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_time_unavailable: Option<String>,
     /// IOMMU faults by device, with the tenant that holds the device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub iommu_faults: Vec<TenantIommuFaults>,
@@ -288,7 +292,13 @@ impl Sampler {
                 .extend(tenant.cgroups.iter().map(|c| c.id));
         }
         let mut tenants = self.cap.apply(tenants);
-        add_rates(&mut tenants, previous, interval_secs);
+        let guest_time_unknown = self.kvm.flavour.guest_time_unknown();
+        add_rates(
+            &mut tenants,
+            previous,
+            interval_secs,
+            guest_time_unknown.is_none(),
+        );
         let mut sample = Sample {
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -299,6 +309,7 @@ impl Sampler {
             exit_source: self.probes.exit_source,
             tenants,
             dtlb_unavailable: self.accounting.dtlb_unavailable().map(str::to_owned),
+            guest_time_unavailable: guest_time_unknown.map(str::to_owned),
             iommu_faults: self.attribute_iommu_faults(&snapshot.iommu_faults, now),
             drops: snapshot
                 .drops

@@ -234,8 +234,14 @@ fn empty_tenant(label: String, identity: Option<Tenant>) -> TenantCounts {
 /// Each tenant's counts, by tenant label: what the next interval's rates are computed against.
 pub type PreviousCounts = BTreeMap<String, KindCounts>;
 
-/// Sets each tenant's rates against `previous`, the last interval's counts.
-pub fn add_rates(tenants: &mut [TenantCounts], previous: &PreviousCounts, interval_secs: f64) {
+/// Sets each tenant's rates against `previous`, the last interval's counts, and where the host
+/// knows guest time (`guest_time_known`), the tax ratio.
+pub fn add_rates(
+    tenants: &mut [TenantCounts],
+    previous: &PreviousCounts,
+    interval_secs: f64,
+    guest_time_known: bool,
+) {
     for tenant in tenants.iter_mut() {
         let before = previous.get(&tenant.tenant);
         for (kind, &count) in &tenant.counts {
@@ -247,7 +253,9 @@ pub fn add_rates(tenants: &mut [TenantCounts], previous: &PreviousCounts, interv
             };
             tenant.rates.insert(kind.clone(), rate);
         }
-        if let Some(ratio) = tax_ratio(&tenant.rates) {
+        // Without guest time every CPU second would look like tax: 100%, which the host cannot
+        // know.
+        if guest_time_known && let Some(ratio) = tax_ratio(&tenant.rates) {
             tenant.gauges.insert(Gauge::TaxRatio, ratio);
         }
     }

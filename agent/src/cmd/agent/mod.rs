@@ -320,6 +320,7 @@ mod tests {
                 exit_source: ExitSource::Derived,
                 tenants: Vec::new(),
                 dtlb_unavailable: None,
+                guest_time_unavailable: None,
                 iommu_faults: Vec::new(),
                 drops: std::collections::BTreeMap::new(),
                 probes_not_attached: Vec::new(),

@@ -192,6 +192,7 @@ mod tests {
             exit_source: ExitSource::Derived,
             tenants,
             dtlb_unavailable: None,
+            guest_time_unavailable: None,
             iommu_faults: Vec::new(),
             drops: BTreeMap::default(),
             probes_not_attached: Vec::new(),

@@ -27,7 +27,7 @@ pub enum Column {
     Tlb,
     /// Faults per second.
     Faults,
-    /// Virtualisation tax: share of a CPU spent handling the tenant's exits.
+    /// Virtualisation tax: CPUs the tenant uses outside guest mode.
     Tax,
 }
 
@@ -111,7 +111,7 @@ impl Column {
             Self::Kicks => format::rate(row.kicks),
             Self::Tlb => opt_rate(row.tlb),
             Self::Faults => opt_rate(row.faults),
-            Self::Tax => row.tax.map_or_else(|| MISSING.to_owned(), format::percent),
+            Self::Tax => row.tax.map_or_else(|| MISSING.to_owned(), format::cpus),
         }
     }
 

@@ -16,7 +16,7 @@ use super::{
     timeline,
 };
 use crate::{
-    kind::{Kind, Latency},
+    kind::{Gauge, Kind, Latency},
     probe::latency::LatencySummary,
     tenant::aggregate::TenantCounts,
     tenant::resolve::Tenant,
@@ -87,8 +87,17 @@ fn info_lines(tenant: &TenantCounts, width: usize) -> Paragraph<'static> {
         identity(tenant),
         cgroups.join(", ")
     );
+    // The tax as `watch` gives it: CPUs, and the share of the tenant's CPU where the host knows
+    // guest time.
+    let tax = row.tax.map_or_else(String::new, |cpus| {
+        let share = tenant
+            .gauges
+            .get(&Gauge::TaxRatio)
+            .map_or_else(|| "share unknown".to_owned(), |&r| format::percent(r));
+        format!(" · tax {} CPU ({share})", format::cpus(cpus))
+    });
     let second = format!(
-        "exits/s {} · top reason {} · p99 {} · kicks/s {}",
+        "exits/s {} · top reason {} · p99 {} · kicks/s {}{tax}",
         format::rate(row.exits),
         row.top_reason.as_deref().unwrap_or(MISSING),
         row.p99_ns

@@ -59,7 +59,20 @@ pub fn latency_ns(ns: u64) -> String {
     }
 }
 
-/// A share of one CPU as a percentage: `0.5%`, `12%`, `150%`.
+/// CPUs, as `watch` gives the tax: `0.003`, `0.25`, `1.50`, `12.0`.
+pub fn cpus(cpus: f64) -> String {
+    if !cpus.is_finite() || cpus < 0.0 {
+        MISSING.to_owned()
+    } else if cpus < 0.01 {
+        format!("{cpus:.3}")
+    } else if cpus < 9.995 {
+        format!("{cpus:.2}")
+    } else {
+        format!("{cpus:.1}")
+    }
+}
+
+/// A fraction as a percentage: `0.5%`, `12%`, `100%`.
 pub fn percent(fraction: f64) -> String {
     if !fraction.is_finite() || fraction < 0.0 {
         return MISSING.to_owned();
@@ -206,6 +219,11 @@ mod tests {
         assert_eq!(latency_ns(1_234_567), "1.23ms");
         assert_eq!(latency_ns(2_000_000_000), "2.00s");
         assert_eq!(percent(0.123), "12%");
+        assert_eq!(cpus(0.0034), "0.003");
+        assert_eq!(cpus(0.25), "0.25");
+        assert_eq!(cpus(1.5), "1.50");
+        assert_eq!(cpus(12.04), "12.0");
+        assert_eq!(cpus(f64::NAN), MISSING);
         assert_eq!(percent(0.005), "0.5%");
     }
 
