@@ -104,7 +104,10 @@ impl Expectation {
         let guest_ns = sum(&|r| r.vcpus.iter().map(|v| v.guest_ns).sum());
         let vcpus = sum(&|r| r.vcpus.len() as u64);
         let cpu_slack = vmms * CPU_SLACK_NS;
-        if kvm == HostKvm::Pvm || guest_ns == 0 {
+        // PVM accounts next to no guest time, but not none: a timer tick that lands while a vCPU
+        // is in the guest is accounted as such (seen: 10 ms in a 10 s run). So the VMM's own
+        // reading decides.
+        if guest_ns == 0 {
             e.exactly(
                 "cpu.guest",
                 0,

@@ -94,7 +94,6 @@ fn tax_grows_with_exits_and_tlb_and_faults_are_counted_for_vmms_only() {
         .collect();
     let guest_ns: u64 = runs.iter().flat_map(|r| &r.vcpus).map(|v| v.guest_ns).sum();
     if expect::HostKvm::of_this_host() == expect::HostKvm::Pvm {
-        assert_eq!(guest_ns, 0, "the kernel accounted guest time on PVM");
         assert!(
             ratios.is_empty(),
             "a tax ratio the host cannot know: {ratios:?}"
@@ -103,7 +102,10 @@ fn tax_grows_with_exits_and_tlb_and_faults_are_counted_for_vmms_only() {
             let why = sample["guest_time_unavailable"]
                 .as_str()
                 .unwrap_or_default();
-            assert!(why.contains("PVM accounts no guest time"), "{sample}");
+            assert!(
+                why.contains("PVM accounts next to no guest time"),
+                "{sample}"
+            );
         }
     } else {
         assert!(guest_ns > 0, "{runs:?}");

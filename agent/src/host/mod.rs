@@ -51,7 +51,7 @@ impl KvmFlavour {
             // the vCPU thread as in a guest (PF_VCPU), so it accounts no guest_time, and
             // kvm_entry/kvm_exit, which would bracket guest execution, never fire.
             Self::Pvm => Some(
-                "PVM accounts no guest time (kvm_entry/kvm_exit never fire, guest_time stays 0)",
+                "PVM accounts next to no guest time (kvm_entry/kvm_exit never fire, guest_time stays at or near 0)",
             ),
             Self::Vmx | Self::Svm | Self::None => None,
         }
