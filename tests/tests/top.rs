@@ -1,14 +1,22 @@
-//! `vmtrace top` driven as a person would: in an 80x24 tmux terminal, with send-keys and
-//! capture-pane, while reference VMMs run in three tenant cgroups.
+//! `vmtrace top` driven as a person would: in an 80x24 tmux terminal (made taller to read every
+//! kind of a tenant), with send-keys and capture-pane, while reference VMMs run in three tenant
+//! cgroups; its rates and counts are compared with the VMMs' reports.
 
 use std::{
+    collections::BTreeMap,
+    io::Read,
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
+use vmtrace::kind::{Kind, TopColumn};
 use vmtrace_tests::{
-    TenantCgroup, binary, have, privileged_host, process::Proc, temp::TempDir, wait::poll,
+    TenantCgroup, binary, expected_agent_counts, have, privileged_host,
+    process::Proc,
+    temp::TempDir,
+    wait::{poll, wait_for},
 };
+use vmtrace_vmm::Report;
 
 /// A tmux server of our own (its own socket), killed on drop.
 struct Tmux {
@@ -110,28 +118,49 @@ fn tmux_available(test: &str) -> bool {
     )
 }
 
-/// The table rows, in screen order, as (tenant cell, exits/s value).
-fn rows(screen: &str) -> Vec<(String, f64)> {
+/// The table rows, in screen order: the tenant cell and the cells after it (EXITS/s, TOP REASON,
+/// P99, KICKS/s, ...).
+fn table(screen: &str) -> Vec<(String, Vec<String>)> {
     screen
         .lines()
         .skip(2)
         .map(|l| l.trim_start_matches(['▶', ' ']))
         .take_while(|l| l.starts_with('…') || l.starts_with('/'))
         .filter_map(|l| {
-            let mut fields = l.split_whitespace();
-            let tenant = fields.next()?.to_owned();
-            Some((tenant, parse_rate(fields.next()?)?))
+            let mut fields = l.split_whitespace().map(str::to_owned);
+            let tenant = fields.next()?;
+            Some((tenant, fields.collect()))
         })
         .collect()
 }
 
+/// The table rows, in screen order, as (tenant cell, exits/s value).
+fn rows(screen: &str) -> Vec<(String, f64)> {
+    table(screen)
+        .into_iter()
+        .filter_map(|(tenant, cells)| Some((tenant, parse_rate(cells.first()?)?)))
+        .collect()
+}
+
 fn parse_rate(text: &str) -> Option<f64> {
-    let (number, scale) = match text.chars().last()? {
+    let (number, scale) = rate_parts(text)?;
+    number.parse::<f64>().ok().map(|v| v * scale)
+}
+
+fn rate_parts(text: &str) -> Option<(&str, f64)> {
+    Some(match text.chars().last()? {
         'k' => (&text[..text.len() - 1], 1e3),
         'M' => (&text[..text.len() - 1], 1e6),
         _ => (text, 1.0),
-    };
-    number.parse::<f64>().ok().map(|v| v * scale)
+    })
+}
+
+/// Half a unit of the last digit a rate cell shows: how far `top`'s three significant digits
+/// (`1.00k`, `987`, `12.3`) may be from the rate it rounded.
+fn display_rounding(text: &str) -> f64 {
+    let (number, scale) = rate_parts(text).unwrap_or((text, 1.0));
+    let decimals = number.split_once('.').map_or(0, |(_, d)| d.len());
+    0.5 * scale / 10f64.powi(decimals as i32)
 }
 
 fn order(screen: &str) -> Vec<char> {
@@ -142,9 +171,78 @@ fn order(screen: &str) -> Vec<char> {
         .collect()
 }
 
-/// Tenant rows appear with non-zero rates; sort keys reorder them; Enter drills into a tenant and
-/// shows its kinds; `/` filters; `p` pauses; `?` shows help; `q` leaves the alternate screen and
-/// gives the shell back; Ctrl-C does too.
+/// The kinds table of a detail screen, as (kind cell, COUNT cell). It is the left part of the rows
+/// beside the latency histogram (whose left border is `│`); a kind name too long for its column
+/// ends in `…`.
+fn detail_kinds(screen: &str) -> Vec<(String, String)> {
+    let mut lines = screen
+        .lines()
+        .skip_while(|l| !(l.starts_with("KIND") && l.contains("COUNT")));
+    lines.next();
+    lines
+        .take_while(|l| l.contains('│'))
+        .filter_map(|l| {
+            let mut fields = l.split('│').next()?.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// The guest-side kinds of a detail screen, by kind, with the text of their COUNT cells. A name
+/// cut short (`mmio.read_unsatisf…`) is taken as the one kind of `expected` it begins.
+fn detail_counts(screen: &str, expected: &BTreeMap<String, u64>) -> BTreeMap<String, String> {
+    detail_kinds(screen)
+        .into_iter()
+        .map(|(cell, count)| {
+            let kind = cell.strip_suffix('…').map_or(cell.clone(), |prefix| {
+                let mut matches = expected.keys().filter(|k| k.starts_with(prefix));
+                match (matches.next(), matches.next()) {
+                    (Some(only), None) => only.clone(),
+                    _ => cell.clone(),
+                }
+            });
+            (kind, count)
+        })
+        .filter(|(kind, _)| !Kind::from_recorded(kind).is_host_side())
+        .collect()
+}
+
+/// The rows of the detail screen's virtio kicks table: (pid, doorbell, queue, kicks) cells.
+fn detail_doorbells(screen: &str) -> Vec<(String, String, String, String)> {
+    let mut lines = screen
+        .lines()
+        .skip_while(|l| !l.contains("virtio kicks per queue"));
+    lines.next(); // the title
+    lines.next(); // the header
+    lines
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f[..] {
+                [pid, _vm_fd, _space, doorbell, queue, kicks] => Some((
+                    pid.to_owned(),
+                    doorbell.to_owned(),
+                    queue.to_owned(),
+                    kicks.to_owned(),
+                )),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Seconds between `top`'s samples in the interactive test.
+const INTERVAL_SECS: f64 = 1.0;
+/// How long the paced guests run: enough for the frames the test reads while they run.
+const RUN_SECS: f64 = 10.0;
+/// How far a paced vCPU may lag its schedule at one instant, and the sampler its tick, beyond the
+/// schedule's own granularity: both wake from a sleep (a few hundred µs here; 2 ms allowed for
+/// a loaded host).
+const JITTER_SECS: f64 = 0.002;
+
+/// Tenant rows show each tenant's exits/s and kicks/s at its paced guests' rate; sort keys reorder
+/// them; Enter drills into a tenant and shows its kinds, counted exactly as the VMMs report once
+/// their guests are done; `/` filters; `p` pauses; `?` shows help; `q` leaves the alternate screen
+/// and gives the shell back; Ctrl-C does too.
 #[test]
 fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     let test = "top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal";
@@ -164,7 +262,7 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     tmux.keys(&["Enter"]);
     // The filter keeps other tests' tenants (on a shared host) off the screen.
     tmux.type_text(&format!(
-        "{} top --interval 500ms --filter {base}",
+        "{} top --interval {INTERVAL_SECS}s --filter {base}",
         vmtrace.display()
     ));
     tmux.keys(&["Enter"]);
@@ -174,31 +272,53 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
         s.starts_with("vmtrace top · live")
     });
     assert!(tmux.alternate_screen(), "top runs on the alternate screen");
-    // Exits/s: tenant-a ~1,000 (cpuid, paced), tenant-b ~2,000 (virtio: kicks in the kernel,
-    // paced), tenant-c ~6,000 (pio, paced); each pacing step is one more exit to the VMM.
+    // Paced guests that run for RUN_SECS: tenant-a cpuid (in the kernel), tenant-b virtio (kicks
+    // in the kernel), tenant-c pio; each operation also writes the PACE port, one more exit to the
+    // VMM. The busiest has the most exits, and every kind stays below the 10,000 up to which the
+    // detail screen shows counts digit for digit.
     let plan = [
-        ("cpuid", "500", &tenants[0]),
-        ("virtio", "1000", &tenants[1]),
-        ("pio", "3000", &tenants[2]),
+        ("cpuid", 150.0, &tenants[0]),
+        ("virtio", 300.0, &tenants[1]),
+        ("pio", 450.0, &tenants[2]),
     ];
-    // Killed on drop: they are paced to outlive the test.
-    let _vmms: Vec<Proc> = plan
+    let mut vmms: Vec<Proc> = plan
         .iter()
         .map(|(scenario, rate, cgroup)| {
+            let count = (rate * RUN_SECS) as u64;
             Proc::spawn(
-                "vmtrace-vmm",
+                &format!("vmtrace-vmm {scenario}"),
                 Command::new(&vmm)
-                    .args(["--scenario", scenario, "--rate", rate, "--count", "1000000"])
+                    .args(["--scenario", scenario, "--rate", &rate.to_string()])
+                    .args(["--count", &count.to_string()])
                     .args(["--cgroup", &cgroup.relative, "--quiet"])
-                    .stdout(Stdio::null()),
+                    .stdout(Stdio::piped()),
             )
         })
         .collect();
 
-    let screen = tmux.wait_for("three tenants with rates", Duration::from_secs(30), |s| {
+    tmux.wait_for("three tenants with rates", Duration::from_secs(30), |s| {
         let r = rows(s);
-        r.len() == 3 && r.iter().all(|(_, rate)| *rate > 100.0)
+        r.len() == 3 && r.iter().all(|(_, rate)| *rate > 0.0)
     });
+    // The frames of the next few samples, while every guest runs at its rate; they are compared
+    // with the guests' ground truth once the VMMs have reported it.
+    let mut frames: Vec<String> = Vec::new();
+    wait_for(
+        "five frames of three tenants",
+        Duration::from_secs(20),
+        || {
+            let screen = tmux.screen();
+            let status = screen.lines().next().unwrap_or_default();
+            let new = frames
+                .last()
+                .is_none_or(|f| f.lines().next() != Some(status));
+            if new && rows(&screen).len() == 3 {
+                frames.push(screen);
+            }
+            (frames.len() == 5).then_some(())
+        },
+    );
+    let screen = frames.last().unwrap().clone();
     eprintln!("top at 80x24:\n{screen}");
     assert!(screen.lines().count() <= 24 && screen.lines().all(|l| l.chars().count() <= 80));
     let header = screen.lines().nth(1).unwrap();
@@ -215,14 +335,6 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
         assert!(header.contains(title), "{title} in {header:?}");
     }
     assert_eq!(order(&screen), ['c', 'b', 'a'], "busiest first:\n{screen}");
-    let b_row = screen.lines().find(|l| l.contains("tenant-b ")).unwrap();
-    let kicks = b_row
-        .split_whitespace()
-        .nth(if b_row.starts_with('▶') { 5 } else { 4 });
-    assert!(
-        kicks.and_then(parse_rate).is_some_and(|k| k > 100.0),
-        "tenant-b's virtio kicks/s: {b_row:?}"
-    );
 
     // Sort by tenant name (key 1), then reverse (r).
     tmux.keys(&["1"]);
@@ -262,10 +374,14 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     let detail = tmux.wait_for("tenant-b's detail", Duration::from_secs(5), |s| {
         s.lines().nth(1).is_some_and(|l| l.contains("tenant-b"))
     });
-    assert!(
-        detail.contains("kick.q0") && detail.contains("virtio kicks per queue"),
-        "{detail}"
-    );
+    // Its kicks per queue: the doorbell table under the kinds (which, busiest first, may show
+    // the host-side kinds ahead of kick.q0 in 24 lines).
+    let mut queues: Vec<String> = detail_doorbells(&detail)
+        .into_iter()
+        .map(|(_, _, queue, _)| queue)
+        .collect();
+    queues.sort();
+    assert_eq!(queues, ["0", "1"], "{detail}");
     tmux.keys(&["BSpace"]);
     tmux.wait_for("the table", Duration::from_secs(5), |s| order(s).len() == 3);
 
@@ -300,6 +416,21 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     tmux.wait_for("help closed", Duration::from_secs(5), |s| {
         !s.contains("vmtrace top: keys")
     });
+
+    // The VMMs' ground truth, once their guests are done.
+    let reports: Vec<Report> = vmms
+        .iter_mut()
+        .map(|vmm| {
+            let mut json = String::new();
+            let mut stdout = vmm.child.stdout.take().expect("the VMM's stdout");
+            stdout.read_to_string(&mut json).expect("the VMM's report");
+            let status = vmm.child.wait().expect("waiting for the VMM");
+            assert!(status.success(), "the VMM exited with {status}");
+            Report::from_json(&json).expect("the VMM's report")
+        })
+        .collect();
+    assert_rates_match(&frames, &plan.map(|(_, rate, _)| rate), &reports);
+    assert_final_counts_match(&tmux, &base, &reports);
 
     // q restores the terminal: the alternate screen is left and the shell is back.
     tmux.keys(&["q"]);
@@ -370,6 +501,151 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     assert!(
         !tmux.alternate_screen(),
         "alternate screen left after an error:\n{shell}"
+    );
+}
+
+/// What a tenant's guests make per operation, from its VMM's report: (exits as `top` counts them,
+/// virtio kicks). Every operation makes the same number, the guest's own and its PACE write; the
+/// few made once per run (the DONE write, the virtio driver's probe reads) are fewer than the
+/// operations, so the quotient is the per-operation figure.
+fn per_operation(report: &Report) -> (f64, f64) {
+    let expected = expected_agent_counts(std::slice::from_ref(report));
+    let sum = |keep: &dyn Fn(&Kind) -> bool| -> u64 {
+        expected
+            .iter()
+            .filter(|(kind, _)| keep(&Kind::from_recorded(kind)))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    // The kinds `top` sums as exits where the host has no kvm_exit (this host, and what
+    // expected_agent_counts describes).
+    let exits = sum(&|k| k.counts_as_exit(false));
+    let kicks = sum(&|k| k.top_column() == TopColumn::Kicks);
+    let ops = report.total.guest_ops;
+    ((exits / ops) as f64, (kicks / ops) as f64)
+}
+
+/// Some frame shows every tenant's exits/s and kicks/s at its guests' rate.
+///
+/// A rate is a count over the sample's interval I: a guest paced at R operations per second
+/// completes R·I ± 1 of them in a window (the pacer holds operation n to start + n/R, so its
+/// schedule does not drift), and a kind made once per operation is off by at most 1/I per second.
+/// The vCPU's and the sampler's wake-up lateness (JITTER_SECS) moves a window's ends by up to R·J
+/// more operations. With k exits per operation the tolerance is k·(1 + R·J)/I, plus the half digit
+/// of `top`'s three significant digits. Some frame, not every one: a loaded host may delay a
+/// vCPU for longer now and then.
+fn assert_rates_match(frames: &[String], rates: &[f64], reports: &[Report]) {
+    let names = ["tenant-a", "tenant-b", "tenant-c"];
+    let expected: Vec<(f64, f64, f64)> = reports
+        .iter()
+        .zip(rates)
+        .map(|(report, &rate)| {
+            let (exits, kicks) = per_operation(report);
+            (rate, exits, kicks)
+        })
+        .collect();
+    let within = |cell: &str, per_op: f64, rate: f64| {
+        let tolerance =
+            per_op * (1.0 + rate * JITTER_SECS) / INTERVAL_SECS + display_rounding(cell);
+        parse_rate(cell).is_some_and(|v| (v - per_op * rate).abs() <= tolerance)
+    };
+    let matches = |frame: &str| {
+        let table = table(frame);
+        names
+            .iter()
+            .zip(&expected)
+            .all(|(name, &(rate, exits, kicks))| {
+                table
+                    .iter()
+                    .find(|(tenant, _)| tenant.ends_with(&format!("/{name}")))
+                    .is_some_and(|(_, cells)| {
+                        cells.len() > 3
+                            && within(&cells[0], exits, rate)
+                            && within(&cells[3], kicks, rate)
+                    })
+            })
+    };
+    assert!(
+        frames.iter().any(|f| matches(f)),
+        "no frame shows exits/s and kicks/s at (rate, exits per operation, kicks per operation) \
+         {expected:?} for {names:?}:\n{}",
+        frames.join("\n")
+    );
+}
+
+/// Once the guests are done, each tenant's detail screen counts every guest-side kind exactly as
+/// its VMM's report says, and the virtio tenant's kicks table has each queue's kicks. The window
+/// is made taller first: with its host-side kinds a tenant has more kinds than 24 lines show.
+fn assert_final_counts_match(tmux: &Tmux, base: &str, reports: &[Report]) {
+    assert!(
+        tmux.run(&["resize-window", "-t", "t", "-x", "80", "-y", "60"])
+            .status
+            .success()
+    );
+    for (name, report) in ["tenant-a", "tenant-b", "tenant-c"].iter().zip(reports) {
+        let expected = expected_agent_counts(std::slice::from_ref(report));
+        assert!(
+            expected.values().all(|&n| n < 10_000),
+            "the detail screen shows counts below 10,000 digit for digit: {expected:?}"
+        );
+        let wanted: BTreeMap<String, String> = expected
+            .iter()
+            .map(|(kind, n)| (kind.clone(), n.to_string()))
+            .collect();
+        tmux.keys(&["/"]);
+        tmux.type_text(&format!("{base}/{name}"));
+        tmux.keys(&["Enter"]);
+        let letter = name.chars().last().unwrap();
+        tmux.wait_for(&format!("only {name}"), Duration::from_secs(5), |s| {
+            order(s) == [letter]
+        });
+        tmux.keys(&["Enter"]);
+        let mut screen = String::new();
+        let titled = |s: &str| s.lines().nth(1).is_some_and(|l| l.contains(name));
+        poll(Duration::from_secs(10), || {
+            screen = tmux.screen();
+            (titled(&screen) && detail_counts(&screen, &expected) == wanted).then_some(())
+        });
+        assert!(titled(&screen), "{name}'s detail screen:\n{screen}");
+        assert_eq!(
+            detail_counts(&screen, &expected),
+            wanted,
+            "{name}'s guest-side counts on its detail screen, and its VMM's:\n{screen}"
+        );
+        eprintln!("{name}'s detail at 80x60:\n{screen}");
+        if let Some(virtio) = &report.virtio {
+            let mut kicks: Vec<_> = detail_doorbells(&screen);
+            kicks.sort();
+            let mut want: Vec<_> = virtio
+                .queues
+                .iter()
+                .map(|q| {
+                    (
+                        report.pid.to_string(),
+                        format!("{:#x}", q.notify_addr),
+                        q.index.to_string(),
+                        q.kicks.to_string(),
+                    )
+                })
+                .collect();
+            want.sort();
+            assert_eq!(kicks, want, "{name}'s kicks per queue:\n{screen}");
+        }
+        tmux.keys(&["Escape"]);
+        tmux.wait_for("the table", Duration::from_secs(5), |s| {
+            order(s) == [letter]
+        });
+    }
+    tmux.keys(&["/"]);
+    tmux.type_text(base);
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("all tenants again", Duration::from_secs(5), |s| {
+        order(s).len() == 3
+    });
+    assert!(
+        tmux.run(&["resize-window", "-t", "t", "-x", "80", "-y", "24"])
+            .status
+            .success()
     );
 }
 
