@@ -95,6 +95,14 @@ impl Prometheus {
         self.api(&format!("/api/v1/query?query={}", url_encode(expr)))
     }
 
+    /// An instant query at `time` (seconds since the Unix epoch, as the API takes it).
+    pub fn query_at(&self, expr: &str, time: &str) -> Result<Value, String> {
+        self.api(&format!(
+            "/api/v1/query?query={}&time={time}",
+            url_encode(expr)
+        ))
+    }
+
     /// Values of `label` on the series matching `selector` in the last 5 minutes.
     pub fn label_values(&self, selector: &str, label: &str) -> Result<BTreeSet<String>, String> {
         let now = std::time::SystemTime::now()

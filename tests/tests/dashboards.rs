@@ -1,6 +1,7 @@
 //! The Grafana dashboards in dashboards/: well-formed, and every panel query returns data from a
 //! real Prometheus (Debian's `prometheus`, started here) that scrapes a real agent while reference
-//! VMMs run in three tenant cgroups.
+//! VMMs run in tenant cgroups; on each dashboard, panels whose value is known return it exactly
+//! (a known tenant's exits and kicks over a time range, the one agent and its scrape target).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,14 +14,16 @@ use std::{
 
 use serde_json::Value;
 use vmtrace_tests::{
-    TenantCgroup, binary, cgroup2_root,
+    TenantCgroup, binary, cgroup2_root, expected_agent_counts,
     expect::HostKvm,
     free_port, have, http_get, privileged_host,
     process::Proc,
-    prometheus::{self, Prometheus, describe_result, kubernetes_pod_job},
+    prometheus::{self, Prometheus, count_of, describe_result, kubernetes_pod_job},
+    run_vmm,
     temp::{RmdirOnDrop, TempDir},
     wait::{poll, wait_for},
 };
+use vmtrace_vmm::Report;
 
 /// The labels the example scrape job (`prometheus::SCRAPE_CONFIG`) gives the agent's target: its
 /// job name, its `cluster` replacement, and the node the test pretends to be.
@@ -384,6 +387,137 @@ const LOAD: [(&str, &[&str]); 5] = [
 /// Seconds of load: far more than the test needs; the VMMs are killed when it ends.
 const LOAD_SECS: f64 = 600.0;
 
+/// The tenant whose figures the exact panels are checked against, and what its VMMs run: the same
+/// scenarios twice, one phase after the other, each to completion, paced so that a phase spans
+/// several scrapes. The first phase makes every series the second adds to (exits by reason, kicks
+/// by queue), so that the second phase's counts are the difference of two scrapes.
+const EXACT_TENANT: &str = "tenant-exact";
+const EXACT_RUNS: [&[&str]; 2] = [
+    &["--scenario", "pio", "--count", "1500", "--rate", "500"],
+    &[
+        "--scenario",
+        "virtio",
+        "--queues",
+        "2",
+        "--count",
+        "600",
+        "--rate",
+        "200",
+    ],
+];
+
+/// A panel whose value over the known tenant's second phase is its ground truth: the dashboard
+/// file, the panel's title, the label its result is keyed by, and how the expected value per key
+/// follows from the agent's expected counts.
+struct ExactPanel {
+    file: &'static str,
+    title: &'static str,
+    /// The label that tells the result's series apart (`None`: one series).
+    key: Option<&'static str>,
+    /// Whether the query is a rate() over the window (multiplied back by its length), rather than
+    /// an increase() or a plain figure.
+    rate: bool,
+    expected: fn(&BTreeMap<String, u64>) -> BTreeMap<String, u64>,
+}
+
+fn exits_by_reason(counts: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    counts
+        .iter()
+        .filter_map(|(kind, &n)| Some((kind.strip_prefix("exit.")?.to_owned(), n)))
+        .collect()
+}
+
+fn kicks_by_queue(counts: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    counts
+        .iter()
+        .filter_map(|(kind, &n)| Some((kind.strip_prefix("kick.q")?.to_owned(), n)))
+        .collect()
+}
+
+fn all_exits(counts: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    BTreeMap::from([(String::new(), exits_by_reason(counts).values().sum())])
+}
+
+/// The one agent the test runs, scraped as one target.
+fn one_agent(_: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    BTreeMap::from([(String::new(), 1)])
+}
+
+/// One or more panels of every dashboard whose value is known exactly. agent-health has no
+/// tenant panel: its exact figures are the test's one agent and its one scrape target.
+const EXACT_PANELS: [ExactPanel; 6] = [
+    ExactPanel {
+        file: "agent-health.json",
+        title: "Agents reporting",
+        key: None,
+        rate: false,
+        expected: one_agent,
+    },
+    ExactPanel {
+        file: "agent-health.json",
+        title: "Scrape targets up",
+        key: None,
+        rate: false,
+        expected: one_agent,
+    },
+    ExactPanel {
+        file: "fleet-overview.json",
+        title: "Top tenants by exits over the time range",
+        key: None,
+        rate: false,
+        expected: all_exits,
+    },
+    ExactPanel {
+        file: "fleet-overview.json",
+        title: "Agents reporting",
+        key: None,
+        rate: false,
+        expected: one_agent,
+    },
+    ExactPanel {
+        file: "tenant-drilldown.json",
+        title: "Exit rate by reason",
+        key: Some("exit_reason"),
+        rate: true,
+        expected: exits_by_reason,
+    },
+    ExactPanel {
+        file: "tenant-drilldown.json",
+        title: "Kicks per queue",
+        key: Some("virtio_queue"),
+        rate: true,
+        expected: kicks_by_queue,
+    },
+];
+
+/// Whether the agent's /metrics shows `tenant` with exactly `expected`, kind by kind.
+fn agent_shows(port: u16, tenant: &str, expected: &BTreeMap<String, u64>) -> bool {
+    let Ok((200, metrics)) = http_get(port, "/metrics") else {
+        return false;
+    };
+    expected
+        .iter()
+        .all(|(kind, &n)| count_of(&metrics, tenant, kind) == Some(n as f64))
+}
+
+/// Milliseconds since the Unix epoch now, as Prometheus stamps its samples.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The timestamp (ms) of the first scrape after `after_ms` that stored `selector`'s series.
+fn scrape_after(prometheus: &Prometheus, selector: &str, after_ms: i64) -> Option<i64> {
+    let data = prometheus.query(&format!("{selector}[1m]")).ok()?;
+    data["result"][0]["values"]
+        .as_array()?
+        .iter()
+        .filter_map(|v| Some((v[0].as_f64()? * 1000.0).round() as i64))
+        .find(|&ts| ts > after_ms)
+}
+
 #[test]
 fn every_panel_query_returns_data_from_a_real_prometheus() {
     let name = "every_panel_query_returns_data_from_a_real_prometheus";
@@ -408,7 +542,9 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     let _parent = RmdirOnDrop(cgroup2_root().expect("cgroup v2").join(&parent));
     let tenants: BTreeMap<&str, TenantCgroup> = LOAD
         .iter()
-        .map(|(t, _)| (*t, TenantCgroup::new(&format!("{parent}/{t}"))))
+        .map(|(t, _)| *t)
+        .chain([EXACT_TENANT])
+        .map(|t| (t, TenantCgroup::new(&format!("{parent}/{t}"))))
         .collect();
     let dir = TempDir::new("dashboards");
 
@@ -456,6 +592,50 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
 
     let tenant_paths: Vec<String> = tenants.values().map(TenantCgroup::agent_path).collect();
     let tenant_regex = regex_of(&tenant_paths);
+
+    // The known tenant's two phases, while the load runs. Between them, and after the second, the
+    // test waits until the agent shows the tenant's counts so far exactly and Prometheus has
+    // scraped it after that: those two scrapes bound the second phase, with none of its exits
+    // before the first and all of them by the second.
+    let exact = &tenants[EXACT_TENANT];
+    let exact_path = exact.agent_path();
+    let exact_selector =
+        format!("vmtrace_vm_exits_total{{tenant=\"{exact_path}\", exit_reason=\"io\"}}");
+    let mut so_far: Vec<Report> = Vec::new();
+    let mut bounds = Vec::new();
+    let mut second_phase = Vec::new();
+    for phase in 0..2 {
+        second_phase = std::thread::scope(|scope| {
+            let runs: Vec<_> = EXACT_RUNS
+                .iter()
+                .map(|args| {
+                    let mut args = args.to_vec();
+                    args.extend(["--cgroup", &exact.relative]);
+                    scope.spawn(move || run_vmm(&args))
+                })
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("a VMM of the known tenant"))
+                .collect()
+        });
+        so_far.extend(second_phase.iter().cloned());
+        let expected = expected_agent_counts(&so_far);
+        let shown = wait_for(
+            &format!(
+                "the agent to show phase {} of {EXACT_TENANT}: {expected:?}",
+                phase + 1
+            ),
+            Duration::from_secs(20),
+            || agent_shows(agent_port, &exact_path, &expected).then(now_ms),
+        );
+        bounds.push(wait_for(
+            "a scrape of the known tenant after the agent showed it",
+            Duration::from_secs(20),
+            || scrape_after(&prometheus, &exact_selector, shown),
+        ));
+    }
+    let second_phase = expected_agent_counts(&second_phase);
+    let (start, end) = (bounds[0], bounds[1]);
     // Enough scrapes for every rate() window: wait until the tenants' exits have 2 rate windows of
     // samples in Prometheus.
     let started = Instant::now();
@@ -595,6 +775,93 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
             }
         }
     }
+    // Each exact panel, evaluated as Grafana does with the dashboard's time range set from the
+    // first bounding scrape to the second (the query at its end, $__range and $__rate_interval
+    // the range's length) and the tenant variable on the known tenant. Prometheus (2.x) selects
+    // the samples of [end - range, end], both ends included: each series' first sample is the
+    // first bounding scrape and its last the second, so increase() extrapolates nothing and is
+    // exactly the difference of the two, the second phase's count; rate() is that over the
+    // range's seconds, which times the seconds gives it back up to floating-point rounding.
+    let range_ms = end - start;
+    let mut exact_values = chosen.clone();
+    exact_values.insert("tenant", regex_of(std::slice::from_ref(&exact_path)));
+    exact_values.insert("__range", format!("{range_ms}ms"));
+    exact_values.insert("__rate_interval", format!("{range_ms}ms"));
+    let time = format!("{}.{:03}", end / 1000, end % 1000);
+    for panel in &EXACT_PANELS {
+        let dashboard = all
+            .iter()
+            .find(|d| d.file == panel.file)
+            .unwrap_or_else(|| panic!("no dashboard {}", panel.file));
+        let target = panels(&dashboard.json)
+            .into_iter()
+            .find(|p| p["title"] == panel.title)
+            .unwrap_or_else(|| panic!("{}: no panel \"{}\"", panel.file, panel.title))["targets"]
+            [0]
+        .clone();
+        let query = substitute(target["expr"].as_str().unwrap_or_default(), &exact_values);
+        let data = prometheus
+            .query_at(&query, &time)
+            .unwrap_or_else(|e| panic!("{}: {}: {e}\n    {query}", panel.file, panel.title));
+        let shown: BTreeMap<String, f64> = data["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|series| {
+                let key = panel.key.map_or(String::new(), |k| {
+                    series["metric"][k].as_str().unwrap_or("?").to_owned()
+                });
+                let value: f64 = series["value"][1]
+                    .as_str()
+                    .unwrap_or("")
+                    .parse()
+                    .unwrap_or(f64::NAN);
+                (key, value)
+            })
+            .collect();
+        let counted: BTreeMap<String, u64> = shown
+            .iter()
+            .map(|(key, &value)| {
+                let count = if panel.rate {
+                    let count = value * range_ms as f64 / 1000.0;
+                    assert!(
+                        (count - count.round()).abs() < 1e-6,
+                        "{}: {}: {key}: {value}/s over {range_ms} ms is not a whole count",
+                        panel.file,
+                        panel.title
+                    );
+                    count.round()
+                } else {
+                    value
+                };
+                assert!(
+                    count >= 0.0 && count.fract() == 0.0,
+                    "{}: {}: {key}: {value} is not a count",
+                    panel.file,
+                    panel.title
+                );
+                (key.clone(), count as u64)
+            })
+            .collect();
+        let expected = (panel.expected)(&second_phase);
+        assert_eq!(
+            counted, expected,
+            "{}: \"{}\" over the known tenant's second phase ({range_ms} ms to {time}), and the \
+             ground truth:\n    {query}\n    {shown:?}",
+            panel.file, panel.title
+        );
+        eprintln!(
+            "exact {} | {} | over {range_ms} ms: {counted:?}",
+            panel.file, panel.title
+        );
+    }
+    for file in all.iter().map(|d| d.file.as_str()) {
+        assert!(
+            EXACT_PANELS.iter().any(|p| p.file == file),
+            "{file}: no panel is checked against an exact value"
+        );
+    }
+
     for vmm in &mut vmms {
         vmm.assert_running("before the queries were done (the load must last)");
     }
