@@ -14,9 +14,9 @@ use std::{
 
 use serde_json::Value;
 use vmtrace_tests::{
-    TenantCgroup, binary, cgroup2_root, expected_agent_counts,
+    TenantCgroup, binary, cgroup2_root,
     expect::HostKvm,
-    free_port, have, http_get, privileged_host,
+    expected_agent_counts, free_port, have, http_get, privileged_host,
     process::Proc,
     prometheus::{self, Prometheus, count_of, describe_result, kubernetes_pod_job},
     run_vmm,

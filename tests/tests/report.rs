@@ -1,6 +1,9 @@
 //! `vmtrace report`: a recording becomes SVG and PNG charts and an HTML page whose plots show each
 //! tenant's series: checked in the SVG (a line of the tenant's colour with a point per sample,
-//! off the zero line) and in the PNG (pixels of that colour in the plot area, not the legend).
+//! each at its recorded value as the chart's axis scale places it, so that the plotted exits add
+//! up to the recorded totals), in the PNG (pixels of that colour in the plot area, not the
+//! legend) and in the page's summary table (each tenant's exits and kicks, exactly). A real
+//! recording's totals are the reference VMMs' ground truth.
 
 use std::{
     io::{BufRead, BufReader, Cursor},
@@ -11,9 +14,15 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
+use serde_json::{Value, json};
 use vmtrace::cmd::report::charts::{HEIGHT, LEGEND_WIDTH, WIDTH, color, hex, legend_label};
-use vmtrace_tests::{TenantCgroup, binary, privileged_host, temp::TempDir};
+use vmtrace_tests::{
+    TenantCgroup, binary,
+    expect::{self, is_exit_without_kvm_exit, is_kick},
+    privileged_host,
+    temp::TempDir,
+};
+use vmtrace_vmm::Report;
 
 fn report(recording: &Path, out: &Path, extra: &[&str]) {
     let output = Command::new(binary("vmtrace"))
@@ -123,13 +132,199 @@ fn baseline(svg: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn assert_tenants_plotted(out: &Path, tenants: &[&str], samples: usize) {
+/// The value of a y-axis label (`0`, `500`, `1.00k`, `2.50M`), as `top`'s rate format writes it.
+fn label_value(text: &str) -> Option<f64> {
+    let (number, scale) = match text.chars().last()? {
+        'k' => (&text[..text.len() - 1], 1e3),
+        'M' => (&text[..text.len() - 1], 1e6),
+        'G' => (&text[..text.len() - 1], 1e9),
+        _ => (text, 1.0),
+    };
+    number.parse::<f64>().ok().map(|v| v * scale)
+}
+
+/// Plotters draws a value v of a y range 0..top at the pixel `zero - floor(H·v/top + 0.001)`
+/// (H the axis' height in pixels): a point's pixel n = zero - y says only that H·v/top lies in
+/// [n - 0.001, n + 0.999). `units` is what top/H is known to lie in.
+const PIXEL_SLACK: f64 = 1e-3;
+
+/// A line chart's y axis: the pixel of zero and the bounds of its scale (units per pixel), read
+/// from its labelled ticks (each drawn at its value's pixel, the labels `text-anchor="end"` at
+/// the ticks' height).
+struct YAxis {
+    zero: f64,
+    units: (f64, f64),
+}
+
+impl YAxis {
+    fn of(svg: &str) -> Self {
+        let ticks: Vec<(f64, f64)> = svg
+            .split("<text")
+            .skip(1)
+            .filter(|t| t.contains("text-anchor=\"end\""))
+            .filter_map(|t| {
+                let y: f64 = t.split("y=\"").nth(1)?.split('"').next()?.parse().ok()?;
+                let body = t.split_once('>')?.1.split("</text>").next()?.trim();
+                Some((label_value(body)?, y))
+            })
+            .collect();
+        let zero = ticks
+            .iter()
+            .find(|(v, _)| *v == 0.0)
+            .map(|(_, y)| *y)
+            .expect("a tick at zero");
+        let mut units = (0.0f64, f64::INFINITY);
+        for &(value, y) in ticks.iter().filter(|(v, _)| *v > 0.0) {
+            let n = zero - y;
+            units.0 = units.0.max(value / (n + 1.0 - PIXEL_SLACK));
+            units.1 = units.1.min(value / (n - PIXEL_SLACK));
+        }
+        assert!(
+            units.0 > 0.0 && units.0 <= units.1,
+            "y axis ticks {ticks:?} give the scale {units:?}"
+        );
+        Self { zero, units }
+    }
+
+    /// The values that plotters draws at pixel height `y`.
+    fn values_at(&self, y: f64) -> (f64, f64) {
+        let n = self.zero - y;
+        (
+            ((n - PIXEL_SLACK) * self.units.0).max(0.0),
+            (n + 1.0 - PIXEL_SLACK) * self.units.1,
+        )
+    }
+}
+
+/// The recording's samples.
+fn recorded_samples(recording: &Path) -> Vec<Value> {
+    std::fs::read_to_string(recording)
+        .expect("the recording")
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str(l).expect("a sample"))
+        .collect()
+}
+
+/// What a tenant's exits are in a recording, as `top` and the report count them: its exits per
+/// second and interval in every sample (0 where it is absent), and its exits since the recording
+/// started and its virtio kicks at the last sample that holds it.
+struct RecordedExits {
+    points: Vec<(f64, f64)>,
+    exits: u64,
+    kicks: u64,
+}
+
+fn recorded_exits(samples: &[Value], tenant: &str) -> RecordedExits {
+    let mut recorded = RecordedExits {
+        points: Vec::new(),
+        exits: 0,
+        kicks: 0,
+    };
+    for sample in samples {
+        let interval = sample["interval_secs"].as_f64().expect("interval_secs");
+        let Some(t) = sample["tenants"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["tenant"] == tenant))
+        else {
+            recorded.points.push((interval, 0.0));
+            continue;
+        };
+        let counts = t["counts"].as_object().expect("counts");
+        // A tenant's exits are its kvm_exit.* where the host emits them, else the rest.
+        let hardware = counts.keys().any(|k| k.starts_with("kvm_exit."));
+        let exit = |k: &String| {
+            if hardware {
+                k.starts_with("kvm_exit.")
+            } else {
+                is_exit_without_kvm_exit(k)
+            }
+        };
+        let rate: f64 = counts
+            .keys()
+            .filter(|k| exit(k))
+            .map(|k| t["rates"][k].as_f64().unwrap_or(0.0))
+            .sum();
+        recorded.points.push((interval, rate));
+        let sum = |keep: &dyn Fn(&String) -> bool| -> u64 {
+            counts
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(_, n)| n.as_u64().expect("a count"))
+                .sum()
+        };
+        recorded.exits = sum(&exit);
+        recorded.kicks = sum(&|k| is_kick(k));
+    }
+    recorded
+}
+
+/// Series `i` of a line chart shows the recorded exits per second: every point at its sample's
+/// value, as far as the pixel it is drawn at tells, and so the plotted exits (each point's value
+/// times its sample's interval) add up to the recorded total within the sum of those pixels'
+/// spans. Returns that range of plotted totals.
+fn assert_series_values(svg: &str, i: usize, recorded: &RecordedExits, what: &str) -> (f64, f64) {
+    let axis = YAxis::of(svg);
+    let points = svg_series(svg, i).unwrap_or_else(|| panic!("{what}: no line"));
+    assert_eq!(
+        points.len(),
+        recorded.points.len(),
+        "{what}: one point per sample"
+    );
+    let mut total = (0.0, 0.0);
+    for (&(_, y), &(interval, rate)) in points.iter().zip(&recorded.points) {
+        let (low, high) = axis.values_at(y);
+        assert!(
+            low <= rate && rate < high,
+            "{what}: the point at y = {y} shows {low:.1} to {high:.1}/s, the sample {rate}/s"
+        );
+        total.0 += low * interval;
+        total.1 += high * interval;
+    }
+    let exits = recorded.exits as f64;
+    assert!(
+        total.0 <= exits && exits <= total.1,
+        "{what}: the plotted exits add up to {:.1} to {:.1}, the recording's total is {exits}",
+        total.0,
+        total.1
+    );
+    total
+}
+
+/// The summary table's row of `tenant`: its exits and virtio kicks cells.
+fn summary_row(html: &str, tenant: &str) -> (String, String) {
+    let row = html
+        .split("<tr>")
+        .find(|r| r.starts_with(&format!("<td>{tenant}</td>")))
+        .unwrap_or_else(|| panic!("{tenant} in the summary"));
+    let cells: Vec<&str> = row
+        .split("<td>")
+        .skip(1)
+        .filter_map(|c| c.split("</td>").next())
+        .collect();
+    (cells[1].to_owned(), cells[6].to_owned())
+}
+
+fn assert_tenants_plotted(out: &Path, recording: &Path, tenants: &[&str], samples: usize) {
+    let recorded = recorded_samples(recording);
     let svg = std::fs::read_to_string(out.join("overview.svg")).expect("overview.svg");
     let png = std::fs::read(out.join("overview.png")).expect("overview.png");
     let zero = baseline(&svg);
     let mut legend_at = Vec::new();
+    let html = std::fs::read_to_string(out.join("index.html")).expect("index.html");
     for (i, tenant) in tenants.iter().enumerate() {
         assert_series_drawn(&svg, i, samples, zero, tenant);
+        let exits = recorded_exits(&recorded, tenant);
+        let plotted = assert_series_values(&svg, i, &exits, tenant);
+        eprintln!(
+            "{tenant}: plotted exits {:.1} to {:.1}, recorded {}",
+            plotted.0, plotted.1, exits.exits
+        );
+        assert_eq!(
+            summary_row(&html, tenant),
+            (exits.exits.to_string(), exits.kicks.to_string()),
+            "{tenant}'s exits and kicks in the summary, and the recording's"
+        );
         let c = color(i);
         let pixels = plot_pixels(&png, (c.0, c.1, c.2));
         assert!(
@@ -155,21 +350,15 @@ fn assert_tenants_plotted(out: &Path, tenants: &[&str], samples: usize) {
             "axis label {text:?}"
         );
     }
-    let html = std::fs::read_to_string(out.join("index.html")).expect("index.html");
     assert!(
         html.matches("<svg").count() > tenants.len(),
         "charts inline"
     );
-    for tenant in tenants {
-        assert!(
-            html.contains(&format!("<td>{tenant}</td>")),
-            "{tenant} in the summary"
-        );
-    }
 }
 
-/// A hand-made recording of three tenants with known rates: each tenant's series is in the overview
-/// (SVG and PNG), its timeline shows its reasons and kicks, its histogram its buckets.
+/// A hand-made recording of three tenants with known rates (and counts that are their sums): each
+/// tenant's series is in the overview (SVG and PNG) at its recorded values, its timeline shows its
+/// reasons and kicks, its histogram its buckets.
 #[test]
 fn a_report_plots_every_tenants_series() {
     let dir = TempDir::new("report");
@@ -185,16 +374,19 @@ fn a_report_plots_every_tenants_series() {
         + "\n";
     // Busiest first in the report: tenant-c, tenant-b, tenant-a.
     let tenants = ["/t/tenant-c", "/t/tenant-b", "/t/tenant-a"];
+    let mut exits = [0u64; 3];
     for s in 1..=samples {
         let rows: Vec<_> = tenants
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let rate = (3 - i) as f64 * 1000.0 + (s as f64).sin() * 300.0;
+                // Exits over each 1 s interval, and their running total.
+                let rate = (3 - i) as u64 * 1000 + ((s as f64).sin() * 300.0 + 300.0) as u64;
+                exits[i] += rate;
                 json!({
                     "tenant": name, "identity": {"kind": "path", "path": name}, "cgroups": [],
-                    "counts": {"exit.io": s * 1000 * (3 - i), "kick.q0": s * 10},
-                    "rates": {"exit.io": rate, "kick.q0": 10.0 * s as f64},
+                    "counts": {"exit.io": exits[i], "kick.q0": 5 * s * (s + 1)},
+                    "rates": {"exit.io": rate as f64, "kick.q0": 10.0 * s as f64},
                     "latency": {"exit.io": {"count": s * 1000, "mean_ns": 5000, "p50_ns": 4095,
                         "p90_ns": 8191, "p99_ns": 16383, "max_ns": 20000,
                         "buckets": [[2048, s * 400], [4096, s * 500], [8192, s * 90], [16384, s * 10]]}}
@@ -208,12 +400,15 @@ fn a_report_plots_every_tenants_series() {
     }
     std::fs::write(&recording, text).unwrap();
     report(&recording, &out, &[]);
-    assert_tenants_plotted(&out, &tenants, samples);
+    assert_tenants_plotted(&out, &recording, &tenants, samples);
 
     // tenant-c's own charts: exits and kicks over time, and its latency histogram's bars.
     let timeline = std::fs::read_to_string(out.join("01-t-tenant-c-timeline.svg")).unwrap();
     let zero = baseline(&timeline);
     assert_series_drawn(&timeline, 0, samples, zero, "exit io");
+    // Its only exits are exit.io: the line of that reason is its exits.
+    let recorded = recorded_exits(&recorded_samples(&recording), tenants[0]);
+    assert_series_values(&timeline, 0, &recorded, "exit io");
     assert_series_drawn(&timeline, 1, samples, zero, "virtio kicks");
     let texts = svg_texts(&timeline);
     assert!(texts.iter().any(|t| t == "virtio kicks"), "{texts:?}");
@@ -240,7 +435,8 @@ fn a_report_plots_every_tenants_series() {
     }
 }
 
-/// A recording of real guests in two tenants, reported: both tenants' exit rates are plotted.
+/// A recording of real guests in two tenants, reported: both tenants' exit rates are plotted, and
+/// their plotted and summed exits are the VMMs' ground truth.
 #[test]
 fn a_report_of_a_real_recording_plots_both_tenants() {
     if !privileged_host("a_report_of_a_real_recording_plots_both_tenants") {
@@ -255,38 +451,59 @@ fn a_report_of_a_real_recording_plots_both_tenants() {
     let out = dir.join("report-real-out");
 
     let mut recorder = Command::new(binary("vmtrace"))
-        .args(["record", "--interval", "250ms", "--duration", "4s", "-o"])
+        .args(["record", "--interval", "250ms", "--duration", "6s", "-o"])
         .arg(&recording)
         .stderr(Stdio::piped())
         .spawn()
         .expect("vmtrace record");
     wait_for_line(&mut recorder, "vmtrace: recording to");
-    let vmm = |scenario: &str, rate: &str, cgroup: &TenantCgroup| -> Child {
+    // Paced guests of about 2 s each, done well before the recording ends.
+    let vmm = |scenario: &str, count: &str, rate: &str, cgroup: &TenantCgroup| -> Child {
         Command::new(binary("vmtrace-vmm"))
-            .args([
-                "--scenario",
-                scenario,
-                "--count",
-                "100000",
-                "--rate",
-                rate,
-                "--quiet",
-            ])
-            .args(["--cgroup", &cgroup.relative])
-            .stdout(Stdio::null())
+            .args(["--scenario", scenario, "--count", count, "--rate", rate])
+            .args(["--cgroup", &cgroup.relative, "--quiet"])
+            .stdout(Stdio::piped())
             .spawn()
             .expect("vmtrace-vmm")
     };
-    let mut vmms = [vmm("pio", "3000", &busy), vmm("hlt", "300", &calm)];
+    let vmms = [
+        vmm("pio", "2000", "1000", &busy),
+        vmm("hlt", "400", "200", &calm),
+    ];
+    let reports: Vec<Report> = vmms
+        .into_iter()
+        .map(|v| {
+            let output = v.wait_with_output().expect("vmtrace-vmm");
+            assert!(output.status.success(), "vmtrace-vmm failed");
+            serde_json::from_slice(&output.stdout).expect("the VMM's report")
+        })
+        .collect();
+    assert!(
+        recorder.try_wait().expect("vmtrace record").is_none(),
+        "the recording must outlast the guests"
+    );
     let status = recorder.wait().expect("vmtrace record");
-    for v in &mut vmms {
-        let _ = v.kill();
-        let _ = v.wait();
-    }
     assert!(status.success());
     let samples = std::fs::read_to_string(&recording).unwrap().lines().count() - 1;
+
+    // The recording's totals are the ground truth, kind by kind.
+    let recorded = recorded_samples(&recording);
+    let last = recorded.last().expect("samples");
+    expect::assert_tenants(
+        last,
+        &format!("/{base}"),
+        &[
+            (busy.agent_path(), std::slice::from_ref(&reports[0])),
+            (calm.agent_path(), std::slice::from_ref(&reports[1])),
+        ],
+    );
     report(&recording, &out, &["--filter", &base]);
-    assert_tenants_plotted(&out, &[&busy.agent_path(), &calm.agent_path()], samples);
+    assert_tenants_plotted(
+        &out,
+        &recording,
+        &[&busy.agent_path(), &calm.agent_path()],
+        samples,
+    );
 }
 
 fn wait_for_line(child: &mut Child, prefix: &str) {

@@ -9,9 +9,10 @@ use std::{
     time::Duration,
 };
 
-use vmtrace::kind::{Kind, TopColumn};
 use vmtrace_tests::{
-    TenantCgroup, binary, expected_agent_counts, have, privileged_host,
+    TenantCgroup, binary,
+    expect::{Expectation, HostKvm, is_exit_without_kvm_exit, is_guest_side, is_kick},
+    expected_agent_counts, have, privileged_host,
     process::Proc,
     temp::TempDir,
     wait::{poll, wait_for},
@@ -203,7 +204,7 @@ fn detail_counts(screen: &str, expected: &BTreeMap<String, u64>) -> BTreeMap<Str
             });
             (kind, count)
         })
-        .filter(|(kind, _)| !Kind::from_recorded(kind).is_host_side())
+        .filter(|(kind, _)| is_guest_side(kind))
         .collect()
 }
 
@@ -510,17 +511,16 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
 /// operations, so the quotient is the per-operation figure.
 fn per_operation(report: &Report) -> (f64, f64) {
     let expected = expected_agent_counts(std::slice::from_ref(report));
-    let sum = |keep: &dyn Fn(&Kind) -> bool| -> u64 {
+    let sum = |keep: fn(&str) -> bool| -> u64 {
         expected
             .iter()
-            .filter(|(kind, _)| keep(&Kind::from_recorded(kind)))
+            .filter(|(kind, _)| keep(kind))
             .map(|(_, n)| n)
             .sum()
     };
-    // The kinds `top` sums as exits where the host has no kvm_exit (this host, and what
-    // expected_agent_counts describes).
-    let exits = sum(&|k| k.counts_as_exit(false));
-    let kicks = sum(&|k| k.top_column() == TopColumn::Kicks);
+    // expected_agent_counts describes a host without kvm_exit (this one).
+    let exits = sum(is_exit_without_kvm_exit);
+    let kicks = sum(is_kick);
     let ops = report.total.guest_ops;
     ((exits / ops) as f64, (kicks / ops) as f64)
 }
@@ -611,6 +611,19 @@ fn assert_final_counts_match(tmux: &Tmux, base: &str, reports: &[Report]) {
             detail_counts(&screen, &expected),
             wanted,
             "{name}'s guest-side counts on its detail screen, and its VMM's:\n{screen}"
+        );
+        // The host-side kinds are shown rounded (`73.5M`); their values are checked through
+        // `watch --json` by the other tests. Here: each is one the tenant may have.
+        let expectation =
+            Expectation::of_vmms(std::slice::from_ref(report), HostKvm::of_this_host());
+        let unexpected: Vec<String> = detail_kinds(&screen)
+            .into_iter()
+            .map(|(kind, _)| kind)
+            .filter(|kind| !expectation.names(kind))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "{name}'s detail screen shows {unexpected:?}, which its VMM cannot have made:\n{screen}"
         );
         eprintln!("{name}'s detail at 80x60:\n{screen}");
         if let Some(virtio) = &report.virtio {

@@ -7,7 +7,10 @@
 //! was not guest time (the VMM serving exits in user space). Guest time is accounted as user time
 //! by the kernel, per thread. These are the cgroup's totals since it was created, in ns.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use crate::{
     host::cgroupfs::{CgroupFs, CpuStat, MemoryStat, outermost},
@@ -29,18 +32,25 @@ const TAX_VMM: Kind = Kind::Cpu(CpuMode::TaxVmm);
 /// One cgroup's CPU and memory figures, where it has them.
 type Figures = (Option<CpuStat>, Option<MemoryStat>);
 
+/// How long a cgroup must have been empty before its figures are final. The kernel hands a
+/// cgroup's memory events to readers of `memory.stat` once it has more than 64 updates per CPU
+/// pending, and otherwise only from a worker that flushes every 2 s (mm/memcontrol.c:
+/// `mem_cgroup_flush_stats`, `flush_memcg_stats_dwork`, `FLUSH_TIME`): the last faults of a VMM
+/// can appear up to 2 s after it exited. CPU time is flushed on every read.
+const SETTLE: Duration = Duration::from_secs(4);
+
 /// Reads cgroup files, VMM threads' guest time and dTLB counters for the tenants of each sample.
 pub struct Accounting {
     cgroups: CgroupFs,
     guest: GuestTime,
     /// `Err` with the reason where the host cannot count dTLB misses.
     dtlb: Result<DtlbCounters, String>,
-    /// Last figures of each cgroup path, and whether the cgroup was empty when they were read: a
-    /// cgroup without tasks uses no CPU and takes no faults, so once read empty its figures are
-    /// kept while it stays empty. A cgroup that is gone keeps its last figures while its tenant
+    /// Last figures of each cgroup path, and since when the cgroup has been empty: a cgroup
+    /// without tasks uses no CPU and takes no faults, so once it has been empty for [`SETTLE`]
+    /// its figures are kept while it stays empty. A cgroup that is gone keeps its last figures while its tenant
     /// references it, so that the tenant's counters never go down when one of its cgroups goes.
     /// Bounded by the cgroups of the tenants of the last sample.
-    last: HashMap<String, (Figures, bool)>,
+    last: HashMap<String, (Figures, Option<Instant>)>,
 }
 
 impl Accounting {
@@ -55,10 +65,17 @@ impl Accounting {
 
     /// CPU and memory figures of the cgroup at `path`.
     fn read(&mut self, path: &str) -> Figures {
+        let now = Instant::now();
         let empty = self.cgroups.populated(path) == Some(false);
-        if empty && let Some((figures, true)) = self.last.get(path) {
-            return *figures;
-        }
+        let empty_since = match self.last.get(path) {
+            Some((figures, Some(since))) if empty => {
+                if now.duration_since(*since) >= SETTLE {
+                    return *figures;
+                }
+                Some(*since)
+            }
+            _ => empty.then_some(now),
+        };
         let mut figures = (self.cgroups.cpu(path), self.cgroups.memory(path));
         // Removed (the files are gone): its counters keep their last values, and it no longer
         // holds any memory.
@@ -73,7 +90,7 @@ impl Accounting {
                 });
             }
         }
-        self.last.insert(path.to_owned(), (figures, empty));
+        self.last.insert(path.to_owned(), (figures, empty_since));
         figures
     }
 
