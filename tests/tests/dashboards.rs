@@ -15,7 +15,7 @@ use std::{
 use serde_json::Value;
 use vmtrace_tests::{
     TenantCgroup, binary, cgroup2_root,
-    expect::HostKvm,
+    expect::{Expectation, HostKvm},
     expected_agent_counts, free_port, have, http_get, privileged_host,
     process::Proc,
     prometheus::{self, Prometheus, count_of, describe_result, kubernetes_pod_job},
@@ -635,6 +635,19 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
         ));
     }
     let second_phase = expected_agent_counts(&second_phase);
+    // Every kind of the known tenant, host-side ones too, as /metrics shows them.
+    let expectation = Expectation::of_vmms(&so_far, HostKvm::of_this_host());
+    let metrics_of_tenant = || {
+        let metrics = http_get(agent_port, "/metrics").map_or_else(|_| String::new(), |r| r.1);
+        prometheus::tenant_counts(&metrics, &exact_path)
+    };
+    poll(Duration::from_secs(10), || {
+        expectation
+            .mismatches(&metrics_of_tenant())
+            .is_empty()
+            .then_some(())
+    });
+    expectation.assert_matches(&exact_path, &metrics_of_tenant());
     let (start, end) = (bounds[0], bounds[1]);
     // Enough scrapes for every rate() window: wait until the tenants' exits have 2 rate windows of
     // samples in Prometheus.

@@ -15,7 +15,9 @@ use std::{
 
 use serde_json::Value;
 use vmtrace_tests::{
-    TenantCgroup, binary, cgroup2_root, expected_agent_counts, have,
+    TenantCgroup, binary, cgroup2_root,
+    expect::{Expectation, HostKvm},
+    have,
     manifests::{
         containerfile_capabilities, deploy_dir, find_kind, kubernetes_validate, merge,
         pod_and_container, python, security, strings, yaml_docs,
@@ -23,7 +25,7 @@ use vmtrace_tests::{
     on_path,
     pod::{Grant, capability_number, start_pod},
     privileged_host,
-    prometheus::{count_of, sample},
+    prometheus::{sample, tenant_counts},
     run_vmm,
     temp::{RmdirOnDrop, TempDir, copy_dir},
     wait::poll,
@@ -461,7 +463,8 @@ fn run_as_pod(daemonset: &Value, grant: Grant, executable: &Path, parent: &str, 
             &tenant.relative,
         ]),
     ];
-    let expected = expected_agent_counts(&reports);
+    // Every kind, host-side ones too: what the agent can read under these privileges.
+    let expectation = Expectation::of_vmms(&reports, HostKvm::of_this_host());
     let path = tenant.agent_path();
     let mut metrics = String::new();
     poll(Duration::from_secs(30), || {
@@ -469,19 +472,18 @@ fn run_as_pod(daemonset: &Value, grant: Grant, executable: &Path, parent: &str, 
             .http_get(ready_port, "/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default();
-        expected
-            .iter()
-            .all(|(kind, &n)| count_of(&metrics, &path, kind) == Some(n as f64))
+        expectation
+            .mismatches(&tenant_counts(&metrics, &path))
+            .is_empty()
             .then_some(())
     });
-    for (kind, &n) in &expected {
-        assert_eq!(
-            count_of(&metrics, &path, kind),
-            Some(n as f64),
-            "{label}: {kind} of {path}; the VMMs' ground truth is {expected:?}; the pod's stderr:\n{}",
-            pod.stderr()
-        );
-    }
+    let wrong = expectation.mismatches(&tenant_counts(&metrics, &path));
+    assert!(
+        wrong.is_empty(),
+        "{label}: {path}:\n  {}\nthe pod's stderr:\n{}",
+        wrong.join("\n  "),
+        pod.stderr()
+    );
     // The classic tracepoint (sys_enter_ioctl, read through tracefs) works under these privileges:
     // VMM service times are measured.
     let served = sample(
@@ -498,7 +500,10 @@ fn run_as_pod(daemonset: &Value, grant: Grant, executable: &Path, parent: &str, 
         !stderr.contains("not attached"),
         "{label}: a probe did not attach:\n{stderr}"
     );
-    eprintln!("{label}: ready, uid {uid}, CapEff {effective:#x}; counted {expected:?} for {path}");
+    eprintln!(
+        "{label}: ready, uid {uid}, CapEff {effective:#x}; counted for {path}: {:?}",
+        tenant_counts(&metrics, &path)
+    );
 }
 
 #[test]

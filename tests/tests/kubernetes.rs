@@ -16,9 +16,11 @@ use axum::{
     routing::get,
 };
 use vmtrace_tests::{
-    TenantCgroup, binary, expected_agent_counts, free_port, http_get, privileged_host,
+    TenantCgroup, binary,
+    expect::{Expectation, HostKvm},
+    expected_agent_counts, free_port, http_get, privileged_host,
     process::Proc,
-    prometheus::sample,
+    prometheus::{sample, tenant_counts},
     run_vmm,
     wait::{poll, wait_for},
 };
@@ -192,6 +194,21 @@ fn pod_tenants_are_named_from_the_api_server() {
         "pod series: wanted exit.io {expected:?}, got {:?}, in:\n{metrics}",
         counted(&metrics)
     );
+    // Every kind of each pod, against its VMM's figures, once the emptied cgroups' memory
+    // figures have settled.
+    let kvm = HostKvm::of_this_host();
+    for (uid, report) in [(WEB_UID, &web_report), (LAUNCHER_UID, &launcher_report)] {
+        let tenant = format!("pod/{uid}");
+        let expectation = Expectation::of_vmms(std::slice::from_ref(report), kvm);
+        poll(Duration::from_secs(10), || {
+            metrics = http_get(port, "/metrics").expect("GET /metrics").1;
+            expectation
+                .mismatches(&tenant_counts(&metrics, &tenant))
+                .is_empty()
+                .then_some(())
+        });
+        expectation.assert_matches(&tenant, &tenant_counts(&metrics, &tenant));
+    }
     let queries = queries.lock().unwrap();
     assert!(
         queries.iter().all(|q| q.contains("spec.nodeName=node-1")),

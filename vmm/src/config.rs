@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::layout::{
-    MAX_VCPUS_BY_LAYOUT, MIB, PAGES_PER_MIB, SWEEP_ADDRESSES, VIRTIO_BUFFERS_END,
-    VIRTIO_BUFFERS_GPA, VIRTIO_MAX_QUEUES,
+    MAX_VCPUS_BY_LAYOUT, MAX_VCPUS_WITH_WRITE_PROTECT, MIB, PAGES_PER_MIB, SWEEP_ADDRESSES,
+    VIRTIO_BUFFERS_END, VIRTIO_BUFFERS_GPA, VIRTIO_MAX_QUEUES,
 };
 use crate::region;
 
@@ -180,6 +180,10 @@ REPORT (JSON, one line unless --pretty; written only if all ground truth agrees)
   duration_secs      wall time from the first vCPU start to the last vCPU stop
   exit_delay_us      the --exit-delay-us the run loop slept after every exit (0 = none)
   vm_setup_delay_ms  the --vm-setup-delay-ms slept before the vCPUs started (0 = none)
+  write_protect      (with --write-protect-cycles, else null) {gpa, hva, cycles,
+                     cycles_while_vcpus_ran}: the page written once, then write-protected and
+                     made writable again `cycles` times (two mprotect calls each), of which
+                     `cycles_while_vcpus_ran` before any vCPU finished
   virtio             (virtio scenario, else null) {device, mmio_base, mmio_len, notify_addr,
                      queue_size, request_size, disk_bytes, queues[]}; queues[] is {index, vcpu,
                      notify_addr, datamatch, kicks, eventfd_reads, guest_kicks, requests, writes,
@@ -306,6 +310,18 @@ pub struct Cli {
     )]
     pub vm_setup_delay_ms: u64,
 
+    /// While the vCPUs run, a VMM thread write-protects a page of guest RAM (GPA 0xF000, which no
+    /// guest program uses) and makes it writable again N times: each write-protection is one
+    /// TLB flush of the VMM's address space, on its CPU and by IPI on the others that run it
+    /// (0 = none; --vcpus at most 7168)
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
+    pub write_protect_cycles: u64,
+
     /// Run in this cgroup v2 cgroup, created if absent: an absolute directory inside the cgroup2
     /// mount, or a path relative to the cgroup2 mount point found in /proc/self/mountinfo. The
     /// VMM moves its whole process there before it creates the VM. Where the memory controller
@@ -355,6 +371,8 @@ pub struct VmmConfig {
     /// MiB returned to the host and touched again (balloon only); `None` = half of `mib`,
     /// rounded up.
     pub balloon_mib: Option<u32>,
+    /// Times a VMM thread write-protects the page at `WRITE_PROTECT_GPA` while the vCPUs run.
+    pub write_protect_cycles: u64,
 }
 
 impl VmmConfig {
@@ -374,6 +392,7 @@ impl VmmConfig {
             vm_setup_delay_ms: 0,
             mib: DEFAULT_MIB,
             balloon_mib: None,
+            write_protect_cycles: 0,
         }
     }
 
@@ -414,6 +433,12 @@ impl VmmConfig {
             return Err(Error::Config(format!(
                 "--vcpus {} is too many: the guest layout has room for {MAX_VCPUS_BY_LAYOUT}",
                 self.vcpus
+            )));
+        }
+        if self.write_protect_cycles > 0 && self.vcpus > MAX_VCPUS_WITH_WRITE_PROTECT {
+            return Err(Error::Config(format!(
+                "--write-protect-cycles needs --vcpus {MAX_VCPUS_WITH_WRITE_PROTECT} or fewer: the \
+                 counters of more vCPUs reach the page it write-protects"
             )));
         }
         if self.scenario.touches_memory() {
@@ -594,6 +619,7 @@ impl TryFrom<&Cli> for VmmConfig {
             request_size: cli.request_size.unwrap_or(DEFAULT_REQUEST_SIZE),
             exit_delay_us: cli.exit_delay_us,
             vm_setup_delay_ms: cli.vm_setup_delay_ms,
+            write_protect_cycles: cli.write_protect_cycles,
             mib: cli.mib.unwrap_or(DEFAULT_MIB),
             balloon_mib: cli.balloon_mib,
         };
@@ -645,6 +671,20 @@ mod tests {
         assert!(sweep("2", "1073741824").is_ok());
         let err = sweep("3", "1073741824").unwrap_err();
         assert!(err.contains("distinct addresses"), "{err}");
+        // The write-protected page sits above the counters of 7168 vCPUs.
+        let protect = |vcpus: &str| {
+            parse(&[
+                "--scenario",
+                "pio",
+                "--vcpus",
+                vcpus,
+                "--write-protect-cycles",
+                "1",
+            ])
+        };
+        assert!(protect("7168").is_ok());
+        let err = protect("7169").unwrap_err();
+        assert!(err.contains("--vcpus 7168 or fewer"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,12 @@ pub const COUNTERS_GPA: u64 = 0x8000;
 /// How many vCPU counters fit between [`COUNTERS_GPA`] and the end of guest RAM.
 pub const MAX_VCPUS_BY_LAYOUT: u32 = ((MEM_SIZE as u64 - COUNTERS_GPA) / 4) as u32;
 
+/// The page of guest RAM that `--write-protect-cycles` write-protects: no guest program uses it
+/// (the vCPU counters below it end there at most).
+pub const WRITE_PROTECT_GPA: u64 = 0xF000;
+/// vCPUs whose counters end below [`WRITE_PROTECT_GPA`].
+pub const MAX_VCPUS_WITH_WRITE_PROTECT: u32 = ((WRITE_PROTECT_GPA - COUNTERS_GPA) / 4) as u32;
+
 /// Port written once per operation in the `pio` scenario.
 pub const OP_PORT: u16 = 0x10;
 /// Port the guest writes when it has finished; the VMM stops that vCPU.

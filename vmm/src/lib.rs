@@ -31,6 +31,7 @@ mod kick;
 pub mod layout;
 pub mod memory;
 mod pace;
+pub mod protect;
 pub mod region;
 pub mod report;
 pub mod usage;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Scenario;
 pub use crate::exits::ExitCounts;
+pub use crate::protect::WriteProtectReport;
 use crate::usage::Usage;
 
 /// Everything known for certain about one VMM run.
@@ -47,6 +48,9 @@ pub struct Report {
     /// The touch region and what happened to it (touch and balloon scenarios only).
     #[serde(default)]
     pub memory: Option<MemoryReport>,
+    /// What `--write-protect-cycles` did.
+    #[serde(default)]
+    pub write_protect: Option<WriteProtectReport>,
     /// What the kernel accounted to this process, read by the VMM of itself at the end.
     #[serde(default)]
     pub process: ProcessReport,
@@ -308,6 +312,7 @@ mod tests {
             vm_setup_delay_ms: 0,
             virtio: None,
             memory: None,
+            write_protect: None,
             process: ProcessReport {
                 lifetime: Usage {
                     user_us: 30_000,

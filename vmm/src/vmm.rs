@@ -23,9 +23,10 @@ use crate::ioeventfd;
 use crate::kick;
 use crate::layout::{
     CODE_GPA, DOORBELL_GPA, DOORBELL_LEN, MEM_SIZE, PAGE_SIZE, SWEEP_GPA, TOUCH_REGION_GPA,
-    TOUCH_REGION_SLOT, VIRTIO_MEM_SIZE, counter_gpa,
+    TOUCH_REGION_SLOT, VIRTIO_MEM_SIZE, WRITE_PROTECT_GPA, counter_gpa,
 };
 use crate::memory;
+use crate::protect::{self, WriteProtectReport};
 use crate::region::{self, Balloon};
 use crate::report::{
     CgroupReport, IoEventFdReport, MemoryReport, ProcessReport, Report, TotalReport, VcpuReport,
@@ -62,6 +63,7 @@ struct Ran {
     worker_output: Option<WorkerOutput>,
     /// The touch region's resident pages before the vCPUs started.
     resident_before: Option<u64>,
+    write_protect: Option<WriteProtectReport>,
 }
 
 /// A VM ready to run: KVM checked, cgroup joined, memory loaded, devices initialised, vCPUs
@@ -299,6 +301,8 @@ impl Vmm {
             }
         }
         drop(tx);
+        let vcpus_running = Arc::new(AtomicBool::new(true));
+        let protector = self.start_write_protect(&vcpus_running, &abort)?;
 
         let mut outcomes: Vec<Option<VcpuOutcome>> = vec![None; handles.len()];
         let mut finished = vec![false; handles.len()];
@@ -316,6 +320,7 @@ impl Vmm {
             };
             match received {
                 Ok(Event::Vcpu(index, result)) => {
+                    vcpus_running.store(false, Ordering::Relaxed);
                     remaining -= 1;
                     finished[index as usize] = true;
                     match result {
@@ -340,6 +345,18 @@ impl Vmm {
             }
         }
         let duration = start.elapsed();
+        let write_protect = match protector.map(JoinHandle::join) {
+            Some(Ok(Ok(report))) => Some(report),
+            Some(Ok(Err(e))) => {
+                first_error.get_or_insert(e);
+                None
+            }
+            Some(Err(_)) => {
+                first_error.get_or_insert(Error::Thread("write-protect panicked".into()));
+                None
+            }
+            None => None,
+        };
         for (index, handle) in handles.into_iter().enumerate() {
             if handle.join().is_err() && first_error.is_none() {
                 first_error = Some(Error::Thread(format!("{index} panicked")));
@@ -370,7 +387,27 @@ impl Vmm {
             duration,
             worker_output,
             resident_before,
+            write_protect,
         })
+    }
+
+    /// Starts the thread of `--write-protect-cycles`, if any.
+    fn start_write_protect(
+        &self,
+        vcpus_running: &Arc<AtomicBool>,
+        abort: &Arc<AtomicBool>,
+    ) -> Result<Option<JoinHandle<Result<WriteProtectReport, Error>>>, Error> {
+        let cycles = self.config.write_protect_cycles;
+        if cycles == 0 {
+            return Ok(None);
+        }
+        let hva = memory::host_address(&self.memory, WRITE_PROTECT_GPA)?;
+        let (running, abort) = (Arc::clone(vcpus_running), Arc::clone(abort));
+        thread::Builder::new()
+            .name("write-protect".into())
+            .spawn(move || protect::run(WRITE_PROTECT_GPA, hva, cycles, &running, &abort))
+            .map(Some)
+            .map_err(|e| Error::Thread(format!("write-protect could not start: {e}")))
     }
 
     /// Checks what a run left against the plan and the guests' own counters and, if all
@@ -381,6 +418,7 @@ impl Vmm {
             duration,
             worker_output,
             resident_before,
+            write_protect,
         } = ran;
         let count = self.config.ops_per_vcpu();
         let returned: Vec<_> = outcomes.iter().filter_map(|o| o.returned).collect();
@@ -469,6 +507,7 @@ impl Vmm {
             vm_setup_delay_ms: self.config.vm_setup_delay_ms,
             virtio,
             memory,
+            write_protect,
             process: ProcessReport {
                 lifetime: usage,
                 in_cgroup: usage.since(self.accounted_at_join),
