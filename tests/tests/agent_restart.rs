@@ -159,8 +159,7 @@ fn kicks_of_running_vms_are_exact_after_the_agent_is_killed_and_restarted() {
         mismatches.clear();
         for (tenant, report) in &reports {
             for (kind, &n) in &expected_agent_counts(std::slice::from_ref(report)) {
-                #[allow(clippy::cast_precision_loss)]
-                let expected = Some(n as f64);
+                let expected = Some(n);
                 let got = count_of(&metrics, tenant, kind);
                 if got != expected {
                     mismatches.push(format!("{tenant} {kind}: agent {got:?}, VMM {n}"));

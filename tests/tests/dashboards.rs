@@ -15,7 +15,7 @@ use std::{
 use serde_json::Value;
 use vmtrace_tests::{
     TenantCgroup, binary, cgroup2_root,
-    expect::{Expectation, HostKvm},
+    expect::{Expectation, HostKvm, is_exit_without_kvm_exit},
     expected_agent_counts, free_port, have, http_get, privileged_host,
     process::Proc,
     prometheus::{self, Prometheus, count_of, describe_result, kubernetes_pod_job},
@@ -420,10 +420,15 @@ struct ExactPanel {
     expected: fn(&BTreeMap<String, u64>) -> BTreeMap<String, u64>,
 }
 
+/// Exits by `exit_reason` as `vmtrace_vm_exits_total` counts them on a host without kvm_exit
+/// (this project's): the returns to the VMM by reason, and the exits KVM completes itself under
+/// their kinds' names (docs/exits.md). Where kvm_exit fires they are hardware exits, which no
+/// VMM report counts.
 fn exits_by_reason(counts: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     counts
         .iter()
-        .filter_map(|(kind, &n)| Some((kind.strip_prefix("exit.")?.to_owned(), n)))
+        .filter(|(kind, _)| is_exit_without_kvm_exit(kind))
+        .map(|(kind, &n)| (kind.strip_prefix("exit.").unwrap_or(kind).to_owned(), n))
         .collect()
 }
 
@@ -497,7 +502,7 @@ fn agent_shows(port: u16, tenant: &str, expected: &BTreeMap<String, u64>) -> boo
     };
     expected
         .iter()
-        .all(|(kind, &n)| count_of(&metrics, tenant, kind) == Some(n as f64))
+        .all(|(kind, &n)| count_of(&metrics, tenant, kind) == Some(n))
 }
 
 /// Milliseconds since the Unix epoch now, as Prometheus stamps its samples.
@@ -600,7 +605,7 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     let exact = &tenants[EXACT_TENANT];
     let exact_path = exact.agent_path();
     let exact_selector =
-        format!("vmtrace_vm_exits_total{{tenant=\"{exact_path}\", exit_reason=\"io\"}}");
+        format!("vmtrace_vmm_exits_total{{tenant=\"{exact_path}\", exit_reason=\"io\"}}");
     let mut so_far: Vec<Report> = Vec::new();
     let mut bounds = Vec::new();
     let mut second_phase = Vec::new();

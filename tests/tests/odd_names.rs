@@ -36,10 +36,10 @@ fn odd_names() -> Vec<String> {
     ]
 }
 
-/// The exits that Prometheus holds for `vmtrace_vm_exits_total{exit_reason="io"}`, by tenant.
+/// The exits that Prometheus holds for `vmtrace_vmm_exits_total{exit_reason="io"}`, by tenant.
 fn scraped_io_exits(prometheus: &Prometheus) -> Option<BTreeMap<String, u64>> {
     let data = prometheus
-        .query(r#"vmtrace_vm_exits_total{job="odd-names", exit_source="vmm", exit_reason="io"}"#)
+        .query(r#"vmtrace_vmm_exits_total{job="odd-names", exit_reason="io"}"#)
         .ok()?;
     data["result"]
         .as_array()?
@@ -131,18 +131,11 @@ fn odd_tenant_names_reach_prometheus_and_otlp_exactly() {
     let last = requests
         .iter()
         .rev()
-        .find(|r| metric(r, "vmtrace.vm.exits").is_some())
-        .expect("an OTLP export with vmtrace.vm.exits");
-    let exits = metric(last, "vmtrace.vm.exits").unwrap();
+        .find(|r| metric(r, "vmtrace.vmm.exits").is_some())
+        .expect("an OTLP export with vmtrace.vmm.exits");
+    let exits = metric(last, "vmtrace.vmm.exits").unwrap();
     for (tenant, count) in &expected {
-        let exported = int_value(
-            exits,
-            &[
-                ("tenant", tenant.as_str()),
-                ("exit.source", "vmm"),
-                ("exit.reason", "io"),
-            ],
-        );
+        let exported = int_value(exits, &[("tenant", tenant.as_str()), ("exit.reason", "io")]);
         assert_eq!(
             exported,
             Some(i64::try_from(*count).unwrap()),

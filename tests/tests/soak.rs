@@ -297,8 +297,7 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
         for (cgroup, report) in survivors.iter().zip(&reports) {
             let path = cgroup.agent_path();
             for (kind, &n) in &expected_agent_counts(std::slice::from_ref(report)) {
-                #[allow(clippy::cast_precision_loss)]
-                let expected = Some(n as f64);
+                let expected = Some(n);
                 let got = count_of(&metrics, &path, kind);
                 if got != expected {
                     mismatches.push(format!("{path} {kind}: agent {got:?}, VMM {n}"));

@@ -4,13 +4,14 @@
 use crate::export::metrics::{
     CPU_TIME, IOMMU_MAPPED, IOMMU_MAPPINGS, KICK_SERVICE_DURATION, MEMORY_CGROUP_EVENTS,
     MEMORY_FAULTS, MEMORY_INVALIDATED, MEMORY_INVALIDATIONS, MEMORY_USAGE, MMU_PAGES, MetricDef,
-    TAX_RATIO, TLB_EVENTS, VIRTIO_KICKS, VM_EVENTS, VM_EXIT_DURATION, VM_EXITS,
+    TAX_RATIO, TLB_EVENTS, VIRTIO_KICKS, VM_EVENTS, VM_EXIT_DURATION, VM_EXITS, VMM_EXITS,
     VMM_SERVICE_DURATION, Value,
 };
 use crate::kind::{
     CpuMode, FaultType, Gauge, IommuOp, Kind, KvmExitReason, Latency, MemEvent, MemcgEvent,
     MmuEvent, Queue, TlbEvent,
 };
+use crate::probe::load::ExitSource;
 
 /// Attributes of a data point besides the tenant's.
 pub type Attributes = Vec<(&'static str, String)>;
@@ -51,15 +52,6 @@ fn counted(def: MetricDef, key: &'static str, value: impl Into<String>) -> Optio
     })
 }
 
-#[allow(clippy::unnecessary_wraps)] // as `counted`
-fn exit(source: &'static str, reason: String) -> Option<KindMetric> {
-    Some(KindMetric {
-        def: VM_EXITS,
-        attributes: vec![("exit.source", source.to_owned()), ("exit.reason", reason)],
-        scale: Scale::Count,
-    })
-}
-
 /// The `virtio.queue` attribute: the queue's index, or `any`.
 fn queue_label(queue: Queue) -> String {
     match queue {
@@ -69,11 +61,13 @@ fn queue_label(queue: Queue) -> String {
 }
 
 impl Kind {
-    /// The metric this kind is exported as; `None` for a kind this vmtrace does not know.
+    /// The metric this kind is exported as on its own; `None` for a kind this vmtrace does not
+    /// know, and for `kvm_exit.*`, which is only ever one of `vmtrace.vm.exits`' exits
+    /// ([`Kind::exit_metric`]).
     pub fn metric(&self) -> Option<KindMetric> {
         match self {
-            Self::Exit(reason) => exit("vmm", reason.to_string()),
-            Self::KvmExit(KvmExitReason(name)) => exit("kvm_exit", name.clone()),
+            Self::Exit(reason) => counted(VMM_EXITS, "exit.reason", reason.to_string()),
+            Self::KvmExit(_) => None,
             Self::RunError(_) | Self::Pio(_) | Self::Mmio(_) | Self::Cpuid => {
                 counted(VM_EVENTS, "event", self.to_string())
             }
@@ -93,6 +87,29 @@ impl Kind {
             }),
             Self::Unknown(_) => None,
         }
+    }
+
+    /// The `vmtrace.vm.exits` point of this kind in a sample whose exits come from `source`: only
+    /// where the kind is one of the tenant's exits by the views' rule ([`Kind::counts_as_exit`]),
+    /// so that every sum of the metric counts each exit once and one host exports one source.
+    pub fn exit_metric(&self, source: ExitSource) -> Option<KindMetric> {
+        if !self.counts_as_exit(source == ExitSource::KvmExit) {
+            return None;
+        }
+        let reason = match self {
+            Self::Exit(reason) => reason.to_string(),
+            Self::KvmExit(KvmExitReason(name)) => name.clone(),
+            // The exits KVM completes itself keep their kinds' names: `mmio.write.kernel`, `cpuid`.
+            other => other.to_string(),
+        };
+        Some(KindMetric {
+            def: VM_EXITS,
+            attributes: vec![
+                ("exit.source", source.short_name().to_owned()),
+                ("exit.reason", reason),
+            ],
+            scale: Scale::Count,
+        })
     }
 
     /// The histogram metric of this kind's latency and its attribute, if it has a latency.

@@ -36,9 +36,17 @@ pub const VM_EXITS: MetricDef = MetricDef {
     name: "vmtrace.vm.exits",
     unit: "{exit}",
     kind: MetricKind::Counter,
-    description: "VM exits by tenant, source and reason. Source `vmm`: returns of KVM_RUN to the VMM, \
-                  reason `KVM_EXIT_*` (every host); source `kvm_exit`: every exit with its hardware \
-                  reason (VMX and SVM hosts).",
+    description: "Every exit of the tenant's guests, once, by source and reason, from the host's one \
+                  exit source. Source `kvm_exit` (VMX and SVM hosts): every exit with its hardware \
+                  reason. Source `derived` (hosts without kvm_exit, e.g. PVM): the returns to the \
+                  VMM by `KVM_EXIT_*` reason, and the exits KVM completes itself, reasons \
+                  `mmio.write.kernel` and `cpuid`.",
+};
+pub const VMM_EXITS: MetricDef = MetricDef {
+    name: "vmtrace.vmm.exits",
+    unit: "{exit}",
+    kind: MetricKind::Counter,
+    description: "Returns of KVM_RUN to the VMM, by tenant and `KVM_EXIT_*` reason (every host).",
 };
 pub const VM_EVENTS: MetricDef = MetricDef {
     name: "vmtrace.vm.events",
@@ -241,8 +249,9 @@ pub const AGENT_STATE_ENTRIES: MetricDef = MetricDef {
 };
 
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 28] = [
+pub const ALL: [MetricDef; 29] = [
     VM_EXITS,
+    VMM_EXITS,
     VM_EVENTS,
     VIRTIO_KICKS,
     TLB_EVENTS,
@@ -336,7 +345,11 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
             all
         };
         for (kind, &count) in &tenant.counts {
-            if let Some(metric) = kind.metric() {
+            for metric in kind
+                .metric()
+                .into_iter()
+                .chain(kind.exit_metric(sample.exit_source))
+            {
                 push(
                     metric.def,
                     with(metric.attributes),
@@ -506,6 +519,8 @@ fn histogram(latency: &LatencySummary) -> HistogramValue {
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     #[test]
@@ -523,6 +538,72 @@ mod tests {
                 def.unit
             );
             assert!(!def.description.is_empty());
+        }
+    }
+
+    /// One tenant's sample with both the returns to the VMM and the hardware exits of the same
+    /// guest, as a VMX host counts them, and the exits KVM completed itself.
+    fn sample_from(exit_source: &str) -> Sample {
+        let counts = serde_json::json!({
+            "exit.io": 100, "exit.mmio": 7, "kvm_exit.io": 100, "kvm_exit.npf": 40,
+            "kvm_exit.cpuid": 5, "mmio.write.kernel": 33, "cpuid": 5, "pio.out": 100,
+            "mmio.write": 40, "run_error.eintr": 2,
+        });
+        serde_json::from_value(serde_json::json!({
+            "timestamp": 1.0, "elapsed_secs": 1.0, "interval_secs": 1.0, "kvm": "vmx",
+            "exit_source": exit_source, "drops": {},
+            "tenants": [{"tenant": "/a", "identity": null, "cgroups": [], "counts": counts,
+                         "rates": {}}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_tenants_exits_sum_once_on_both_exporters() {
+        use crate::export::{otlp, prometheus};
+        use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
+
+        // kvm_exit: the hardware exits alone; derived: exit.* + mmio.write.kernel + cpuid.
+        for (source, exits) in [("kvm_exit", 100 + 40 + 5), ("derived", 100 + 7 + 33 + 5)] {
+            let families = families(&sample_from(source), &AgentHealth::default());
+            let text = prometheus::encode(&families).unwrap();
+            let scraped = |name: &str| -> u64 {
+                text.lines()
+                    .filter(|l| l.starts_with(&format!("{name}{{")))
+                    .inspect(|l| {
+                        if name == "vmtrace_vm_exits_total" {
+                            assert!(l.contains(&format!("exit_source=\"{source}\"")), "{l}");
+                        }
+                    })
+                    .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+                    .sum()
+            };
+            let request = otlp::request(&families, &[], UNIX_EPOCH, UNIX_EPOCH);
+            let exported = |name: &str| -> i64 {
+                let metrics = &request.resource_metrics[0].scope_metrics[0].metrics;
+                let Some(Data::Sum(sum)) = &metrics.iter().find(|m| m.name == name).unwrap().data
+                else {
+                    panic!("{name} is not a sum");
+                };
+                sum.data_points
+                    .iter()
+                    .map(|p| match p.value {
+                        Some(number_data_point::Value::AsInt(v)) => v,
+                        other => panic!("{name}: {other:?}"),
+                    })
+                    .sum()
+            };
+            assert_eq!(
+                (scraped("vmtrace_vm_exits_total"), exported(VM_EXITS.name)),
+                (exits, exits as i64),
+                "{source}"
+            );
+            // The returns to the VMM are exported as such on every host.
+            assert_eq!(
+                (scraped("vmtrace_vmm_exits_total"), exported(VMM_EXITS.name)),
+                (107, 107),
+                "{source}"
+            );
         }
     }
 

@@ -645,6 +645,7 @@ mod tests {
                 points: vec![Point {
                     attributes: vec![
                         ("tenant", "/a".to_owned()),
+                        ("exit.source", "derived".to_owned()),
                         ("exit.reason", "io".to_owned()),
                     ],
                     value: Value::Int(42),
@@ -667,7 +668,9 @@ mod tests {
         let text = encode(&families).unwrap();
         assert!(text.contains("# TYPE vmtrace_vm_exits counter"), "{text}");
         assert!(
-            text.contains("vmtrace_vm_exits_total{tenant=\"/a\",exit_reason=\"io\"} 42"),
+            text.contains(
+                "vmtrace_vm_exits_total{tenant=\"/a\",exit_source=\"derived\",exit_reason=\"io\"} 42"
+            ),
             "{text}"
         );
         assert!(

@@ -316,17 +316,51 @@ fn kinds_sort_and_serialise_as_their_names() {
 
 #[test]
 fn each_kind_knows_its_metric_column_and_latency() {
-    use crate::export::metrics::{CPU_TIME, TLB_EVENTS, VM_EXITS, VMM_SERVICE_DURATION};
+    use crate::export::metrics::{
+        CPU_TIME, TLB_EVENTS, VM_EVENTS, VM_EXITS, VMM_EXITS, VMM_SERVICE_DURATION,
+    };
+    use crate::probe::load::ExitSource::{Derived, KvmExit};
+    let exit = |kind: &Kind, source| {
+        kind.exit_metric(source)
+            .map(|m| (m.def, m.attributes))
+            .unwrap()
+    };
     let io = kind("exit.io");
     let io_metric = io.metric().unwrap();
-    assert_eq!(io_metric.def, VM_EXITS);
+    assert_eq!(io_metric.def, VMM_EXITS);
+    assert_eq!(io_metric.attributes, [("exit.reason", "io".to_owned())]);
     assert_eq!(
-        io_metric.attributes,
+        exit(&io, Derived),
+        (
+            VM_EXITS,
+            vec![
+                ("exit.source", "derived".to_owned()),
+                ("exit.reason", "io".to_owned())
+            ]
+        )
+    );
+    assert_eq!(io.exit_metric(KvmExit), None);
+    let hlt = kind("kvm_exit.HLT");
+    assert_eq!(hlt.metric(), None);
+    assert_eq!(
+        exit(&hlt, KvmExit).1,
         [
-            ("exit.source", "vmm".to_owned()),
-            ("exit.reason", "io".to_owned())
+            ("exit.source", "kvm_exit".to_owned()),
+            ("exit.reason", "HLT".to_owned())
         ]
     );
+    assert_eq!(hlt.exit_metric(Derived), None);
+    let cpuid = kind("cpuid");
+    assert_eq!(cpuid.metric().unwrap().def, VM_EVENTS);
+    assert_eq!(
+        exit(&cpuid, Derived).1,
+        [
+            ("exit.source", "derived".to_owned()),
+            ("exit.reason", "cpuid".to_owned())
+        ]
+    );
+    assert_eq!(cpuid.exit_metric(KvmExit), None);
+    assert_eq!(kind("pio.out").exit_metric(Derived), None);
     assert_eq!(
         io.latency_metric(),
         Some((VMM_SERVICE_DURATION, vec![("exit.reason", "io".to_owned())]))
@@ -359,17 +393,24 @@ fn each_kind_knows_its_metric_column_and_latency() {
 
 #[test]
 fn the_metrics_reference_names_every_attribute_value_a_kind_gets() {
+    use crate::probe::load::ExitSource;
     let reference = include_str!("../../../docs/metrics.md");
     let mut kinds: Vec<Kind> = every_key_kind().into_iter().map(|(kind, _)| kind).collect();
     kinds.extend(OTHER_NAMES.iter().map(|name| kind(name)));
     for kind in kinds {
-        let Some(metric) = kind.metric() else {
-            panic!("{kind} has no metric");
-        };
-        assert!(
-            reference.contains(&format!("`{}`", metric.def.name)),
-            "{kind}"
-        );
+        let metrics: Vec<_> = kind
+            .metric()
+            .into_iter()
+            .chain(kind.exit_metric(ExitSource::KvmExit))
+            .chain(kind.exit_metric(ExitSource::Derived))
+            .collect();
+        assert!(!metrics.is_empty(), "{kind} has no metric");
+        for metric in &metrics {
+            assert!(
+                reference.contains(&format!("`{}`", metric.def.name)),
+                "{kind}"
+            );
+        }
         // Reasons, errnos and queues are open-ended: the page names their form, not each value.
         let open_ended = match &kind {
             Kind::Exit(_) | Kind::KvmExit(_) | Kind::RunError(_) | Kind::Kick(_) => true,
@@ -388,7 +429,7 @@ fn the_metrics_reference_names_every_attribute_value_a_kind_gets() {
         if open_ended {
             continue;
         }
-        for (key, value) in &metric.attributes {
+        for (key, value) in metrics.iter().flat_map(|m| &m.attributes) {
             assert!(reference.contains(&format!("`{key}`")), "{kind}: {key}");
             let value = value.strip_prefix("flush.").unwrap_or(value);
             assert!(
