@@ -15,6 +15,7 @@ use std::{
 use vmtrace_common::mounts::MountTable;
 use vmtrace_vmm::{Report, Scenario};
 
+pub mod dashboards;
 pub mod doorbell;
 pub mod expect;
 pub mod manifests;
@@ -22,6 +23,7 @@ pub mod otlp_receiver;
 pub mod pod;
 pub mod process;
 pub mod prometheus;
+pub mod svm_host;
 pub mod temp;
 pub mod wait;
 

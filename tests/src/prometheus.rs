@@ -1,11 +1,18 @@
 //! A real Prometheus (Debian's `prometheus`) started by a test with its own configuration and
-//! storage, its HTTP query API, and the text exposition format the agent serves.
+//! storage, its HTTP query API, the text exposition format the agent serves, and a scrape target
+//! that serves recorded expositions.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -349,6 +356,91 @@ pub fn tenant_counts(metrics: &str, tenant: &str) -> BTreeMap<String, u64> {
          exits by the views' rule (right)"
     );
     counts
+}
+
+/// A scrape target that serves recorded expositions, one after the other: each is served until
+/// [`RecordedTarget::next`] moves on to the following one. Prometheus then stores them as it would
+/// an agent's /metrics that changed between two scrapes; dropping the target stops it.
+pub struct RecordedTarget {
+    port: u16,
+    /// The exposition being served, and how many scrapes each got.
+    state: Arc<Mutex<(usize, Vec<u32>)>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RecordedTarget {
+    pub fn serve(expositions: Vec<String>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+        let port = listener.local_addr().expect("local address").port();
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let state = Arc::new(Mutex::new((0, vec![0; expositions.len()])));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (served, stopped) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let current = {
+                    let mut state = served.lock().unwrap();
+                    let current = state.0;
+                    state.1[current] += 1;
+                    current
+                };
+                let _ = answer(stream, &expositions[current]);
+            }
+        });
+        Self { port, state, stop }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How many scrapes the exposition being served has had.
+    pub fn scrapes(&self) -> u32 {
+        let state = self.state.lock().unwrap();
+        state.1[state.0]
+    }
+
+    /// Serves the next exposition from now on.
+    pub fn next(&self) {
+        let mut state = self.state.lock().unwrap();
+        assert!(state.0 + 1 < state.1.len(), "no exposition after the last");
+        state.0 += 1;
+    }
+}
+
+impl Drop for RecordedTarget {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reads a request's headers from `stream` and answers `exposition` in the format its text is in
+/// (OpenMetrics ends with `# EOF`).
+fn answer(mut stream: TcpStream, exposition: &str) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte)? == 1 {
+        head.push(byte[0]);
+    }
+    let content_type = if exposition.trim_end().ends_with("# EOF") {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{exposition}",
+        exposition.len()
+    )
 }
 
 #[cfg(test)]

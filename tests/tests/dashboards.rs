@@ -5,9 +5,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,6 +14,10 @@ use std::{
 use serde_json::Value;
 use vmtrace_tests::{
     TenantCgroup, binary, cgroup2_root,
+    dashboards::{
+        BUILTINS, CountingPanel, Dashboard, dashboards, panels, referenced_variables, regex_of,
+        substitute, variable_query, variables,
+    },
     expect::{Expectation, HostKvm, is_exit_without_kvm_exit},
     expected_agent_counts, free_port, have, http_get, privileged_host,
     process::Proc,
@@ -38,156 +41,6 @@ const RANGE: &str = "5m";
 /// Labels the agent does not export yet; a variable over them may be empty (its All value `.*`
 /// still matches every series).
 const FUTURE_LABELS: [&str; 1] = ["k8s_namespace_name"];
-
-// ---------------------------------------------------------------------------------------------
-// The dashboards as files.
-
-struct Dashboard {
-    file: String,
-    json: Value,
-}
-
-fn dashboards() -> Vec<Dashboard> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no dashboards in {}", dir.display());
-    files
-        .into_iter()
-        .map(|path| {
-            let text = fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-            let json = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-            Dashboard {
-                file: path.file_name().unwrap().to_string_lossy().into_owned(),
-                json,
-            }
-        })
-        .collect()
-}
-
-/// Every panel that is not a row, including those inside collapsed rows.
-fn panels(dashboard: &Value) -> Vec<&Value> {
-    let mut out = Vec::new();
-    for panel in dashboard["panels"].as_array().into_iter().flatten() {
-        if panel["type"] == "row" {
-            out.extend(panel["panels"].as_array().into_iter().flatten());
-        } else {
-            out.push(panel);
-        }
-    }
-    out
-}
-
-fn variables(dashboard: &Value) -> Vec<&Value> {
-    dashboard["templating"]["list"]
-        .as_array()
-        .map(|l| l.iter().collect())
-        .unwrap_or_default()
-}
-
-/// The variable's query text (`label_values(...)`), in either of Grafana's two spellings.
-fn variable_query(variable: &Value) -> Option<&str> {
-    variable["query"]["query"]
-        .as_str()
-        .or_else(|| variable["query"].as_str())
-}
-
-/// Grafana's built-in variables a query may use.
-const BUILTINS: [&str; 9] = [
-    "__rate_interval",
-    "__interval",
-    "__interval_ms",
-    "__range",
-    "__range_s",
-    "__range_ms",
-    "__from",
-    "__to",
-    "__dashboard",
-];
-
-/// Names referenced as `$name`, `${name}` or `${name:format}` in `text`.
-fn referenced_variables(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] != b'$' {
-            i += 1;
-            continue;
-        }
-        let braced = bytes.get(i + 1) == Some(&b'{');
-        let start = i + 1 + usize::from(braced);
-        let mut end = start;
-        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
-            end += 1;
-        }
-        if end > start {
-            names.insert(text[start..end].to_owned());
-        }
-        i = end.max(i + 1);
-    }
-    names
-}
-
-/// Replaces `$name`, `${name}` and `${name:format}` by `values[name]`; every reference must have a
-/// value.
-fn substitute(text: &str, values: &BTreeMap<&str, String>) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + 1..];
-        let (name, consumed) = if let Some(inner) = after.strip_prefix('{') {
-            let close = inner
-                .find('}')
-                .unwrap_or_else(|| panic!("unclosed ${{ in {text}"));
-            let name = inner[..close].split(':').next().unwrap_or_default();
-            (name, close + 2)
-        } else {
-            let len = after
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(after.len());
-            (&after[..len], len)
-        };
-        let value = values
-            .get(name)
-            .unwrap_or_else(|| panic!("no value for ${name} in {text}"));
-        out.push_str(value);
-        rest = &after[consumed..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// A regular expression matching exactly these values, as Grafana formats a multi-value variable
-/// for Prometheus.
-fn regex_of(values: &[String]) -> String {
-    let escaped: Vec<String> = values
-        .iter()
-        .map(|v| {
-            v.chars()
-                .flat_map(|c| {
-                    let special = "\\^$.|?*+()[]{}".contains(c);
-                    special
-                        .then_some('\\')
-                        .into_iter()
-                        .chain(std::iter::once(c))
-                })
-                .collect()
-        })
-        .collect();
-    if escaped.len() == 1 {
-        escaped[0].clone()
-    } else {
-        format!("({})", escaped.join("|"))
-    }
-}
 
 #[test]
 fn dashboards_are_well_formed() {
@@ -406,17 +259,10 @@ const EXACT_RUNS: [&[&str]; 2] = [
     ],
 ];
 
-/// A panel whose value over the known tenant's second phase is its ground truth: the dashboard
-/// file, the panel's title, the label its result is keyed by, and how the expected value per key
+/// A panel whose value over the known tenant's second phase is its ground truth, and how that
 /// follows from the agent's expected counts.
 struct ExactPanel {
-    file: &'static str,
-    title: &'static str,
-    /// The label that tells the result's series apart (`None`: one series).
-    key: Option<&'static str>,
-    /// Whether the query is a rate() over the window (multiplied back by its length), rather than
-    /// an increase() or a plain figure.
-    rate: bool,
+    panel: CountingPanel,
     expected: fn(&BTreeMap<String, u64>) -> BTreeMap<String, u64>,
 }
 
@@ -452,45 +298,57 @@ fn one_agent(_: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
 /// tenant panel: its exact figures are the test's one agent and its one scrape target.
 const EXACT_PANELS: [ExactPanel; 6] = [
     ExactPanel {
-        file: "agent-health.json",
-        title: "Agents reporting",
-        key: None,
-        rate: false,
+        panel: CountingPanel {
+            file: "agent-health.json",
+            title: "Agents reporting",
+            key: None,
+            rate: false,
+        },
         expected: one_agent,
     },
     ExactPanel {
-        file: "agent-health.json",
-        title: "Scrape targets up",
-        key: None,
-        rate: false,
+        panel: CountingPanel {
+            file: "agent-health.json",
+            title: "Scrape targets up",
+            key: None,
+            rate: false,
+        },
         expected: one_agent,
     },
     ExactPanel {
-        file: "fleet-overview.json",
-        title: "Top tenants by exits over the time range",
-        key: None,
-        rate: false,
+        panel: CountingPanel {
+            file: "fleet-overview.json",
+            title: "Top tenants by exits over the time range",
+            key: None,
+            rate: false,
+        },
         expected: all_exits,
     },
     ExactPanel {
-        file: "fleet-overview.json",
-        title: "Agents reporting",
-        key: None,
-        rate: false,
+        panel: CountingPanel {
+            file: "fleet-overview.json",
+            title: "Agents reporting",
+            key: None,
+            rate: false,
+        },
         expected: one_agent,
     },
     ExactPanel {
-        file: "tenant-drilldown.json",
-        title: "Exit rate by reason",
-        key: Some("exit_reason"),
-        rate: true,
+        panel: CountingPanel {
+            file: "tenant-drilldown.json",
+            title: "Exit rate by reason",
+            key: Some("exit_reason"),
+            rate: true,
+        },
         expected: exits_by_reason,
     },
     ExactPanel {
-        file: "tenant-drilldown.json",
-        title: "Kicks per queue",
-        key: Some("virtio_queue"),
-        rate: true,
+        panel: CountingPanel {
+            file: "tenant-drilldown.json",
+            title: "Kicks per queue",
+            key: Some("virtio_queue"),
+            rate: true,
+        },
         expected: kicks_by_queue,
     },
 ];
@@ -793,89 +651,30 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
             }
         }
     }
-    // Each exact panel, evaluated as Grafana does with the dashboard's time range set from the
-    // first bounding scrape to the second (the query at its end, $__range and $__rate_interval
-    // the range's length) and the tenant variable on the known tenant. Prometheus (2.x) selects
-    // the samples of [end - range, end], both ends included: each series' first sample is the
-    // first bounding scrape and its last the second, so increase() extrapolates nothing and is
-    // exactly the difference of the two, the second phase's count; rate() is that over the
-    // range's seconds, which times the seconds gives it back up to floating-point rounding.
-    let range_ms = end - start;
+    // Each exact panel over the known tenant's second phase, from the first bounding scrape to
+    // the second, with the tenant variable on the known tenant.
     let mut exact_values = chosen.clone();
     exact_values.insert("tenant", regex_of(std::slice::from_ref(&exact_path)));
-    exact_values.insert("__range", format!("{range_ms}ms"));
-    exact_values.insert("__rate_interval", format!("{range_ms}ms"));
-    let time = format!("{}.{:03}", end / 1000, end % 1000);
-    for panel in &EXACT_PANELS {
-        let dashboard = all
-            .iter()
-            .find(|d| d.file == panel.file)
-            .unwrap_or_else(|| panic!("no dashboard {}", panel.file));
-        let target = panels(&dashboard.json)
-            .into_iter()
-            .find(|p| p["title"] == panel.title)
-            .unwrap_or_else(|| panic!("{}: no panel \"{}\"", panel.file, panel.title))["targets"]
-            [0]
-        .clone();
-        let query = substitute(target["expr"].as_str().unwrap_or_default(), &exact_values);
-        let data = prometheus
-            .query_at(&query, &time)
-            .unwrap_or_else(|e| panic!("{}: {}: {e}\n    {query}", panel.file, panel.title));
-        let shown: BTreeMap<String, f64> = data["result"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|series| {
-                let key = panel.key.map_or(String::new(), |k| {
-                    series["metric"][k].as_str().unwrap_or("?").to_owned()
-                });
-                let value: f64 = series["value"][1]
-                    .as_str()
-                    .unwrap_or("")
-                    .parse()
-                    .unwrap_or(f64::NAN);
-                (key, value)
-            })
-            .collect();
-        let counted: BTreeMap<String, u64> = shown
-            .iter()
-            .map(|(key, &value)| {
-                let count = if panel.rate {
-                    let count = value * range_ms as f64 / 1000.0;
-                    assert!(
-                        (count - count.round()).abs() < 1e-6,
-                        "{}: {}: {key}: {value}/s over {range_ms} ms is not a whole count",
-                        panel.file,
-                        panel.title
-                    );
-                    count.round()
-                } else {
-                    value
-                };
-                assert!(
-                    count >= 0.0 && count.fract() == 0.0,
-                    "{}: {}: {key}: {value} is not a count",
-                    panel.file,
-                    panel.title
-                );
-                (key.clone(), count as u64)
-            })
-            .collect();
-        let expected = (panel.expected)(&second_phase);
+    for ExactPanel { panel, expected } in &EXACT_PANELS {
+        let (query, counted) = panel.counts_over(&all, &prometheus, &exact_values, (start, end));
         assert_eq!(
-            counted, expected,
-            "{}: \"{}\" over the known tenant's second phase ({range_ms} ms to {time}), and the \
-             ground truth:\n    {query}\n    {shown:?}",
-            panel.file, panel.title
+            counted,
+            expected(&second_phase),
+            "{}: \"{}\" over the known tenant's second phase ({start} ms to {end} ms), and the \
+             ground truth:\n    {query}",
+            panel.file,
+            panel.title
         );
         eprintln!(
-            "exact {} | {} | over {range_ms} ms: {counted:?}",
-            panel.file, panel.title
+            "exact {} | {} | over {} ms: {counted:?}",
+            panel.file,
+            panel.title,
+            end - start
         );
     }
     for file in all.iter().map(|d| d.file.as_str()) {
         assert!(
-            EXACT_PANELS.iter().any(|p| p.file == file),
+            EXACT_PANELS.iter().any(|p| p.panel.file == file),
             "{file}: no panel is checked against an exact value"
         );
     }

@@ -46,6 +46,11 @@ enum Task {
         /// The targets to run (all when none is given).
         targets: Vec<String>,
     },
+    /// Set up, then boot every kernel Debian offers here as an emulated AMD-V host (QEMU/TCG), run
+    /// the agent and the reference VMM's tenants inside, and check that the counts from
+    /// `kvm:kvm_exit` equal the VMMs' (tests/tests/svm_host.rs, docs/svm-host.md). About 2 minutes
+    /// with the release binaries built; `cargo xtask test` runs it too.
+    VmTest,
     /// Set up, build, then run the reference VMM in three tenant cgroups while the agent shows its
     /// live per-tenant view.
     Demo {
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
+        Task::VmTest => test::vm_test(),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::Demo { seconds } => demo::run(seconds),

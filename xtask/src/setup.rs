@@ -32,6 +32,8 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "python3-venv",
     "libcap2-bin",
+    // tests/tests/svm_host.rs boots Debian kernels as an emulated AMD-V host (docs/svm-host.md).
+    "qemu-system-x86",
 ];
 
 pub fn run() -> Result<()> {

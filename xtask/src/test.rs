@@ -78,6 +78,23 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
     })
 }
 
+/// `cargo xtask vm-test`: the emulated SVM host's tests alone, each reported by name.
+pub fn vm_test() -> Result<()> {
+    setup::run()?;
+    let root = workspace_root();
+    step("emulated SVM host (tests/tests/svm_host.rs)", || {
+        setup::exec(cargo(&root).args([
+            "test",
+            "-p",
+            "vmtrace-tests",
+            "--test",
+            "svm_host",
+            "--",
+            "--show-output",
+        ]))
+    })
+}
+
 /// Runs one named step and says how long it took.
 fn step(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
     eprintln!("test: {name}");
