@@ -216,8 +216,6 @@ assert_layout!(ExitKey, size 24, align 8);
 
 /// Capacity of [`EXIT_LATENCY_MAP`].
 pub const EXIT_LATENCY_CAPACITY: u32 = 4096;
-/// Capacity of the per-thread "exit in progress" map: vCPU threads tracked at once.
-pub const EXIT_STARTS_CAPACITY: u32 = 16384;
 /// Number of log2 buckets: bucket `i` counts latencies in [2^i, 2^(i+1)) ns (bucket 0 also holds 0
 /// and 1 ns); the last bucket holds everything from 2^39 ns (about 9 minutes) on.
 pub const LATENCY_BUCKETS: usize = 40;
@@ -527,18 +525,22 @@ pub struct GuestEntry {
 // 8 + 4 + 4 bytes, no padding.
 assert_layout!(GuestEntry, size 16, align 8);
 
-/// A vCPU thread's exit that has not seen its entry yet.
+/// A vCPU thread's exit that has not seen its entry yet, in the slot of its thread id modulo
+/// [`THREAD_SLOTS`].
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct ExitStart {
+    /// When the exit began; 0 once the thread's next entry consumed it.
     pub time_ns: u64,
     pub cgroup_id: u64,
     pub isa: u32,
     pub reason: u32,
+    pub tid: u32,
+    pub reserved: u32,
 }
 
-// 8 + 8 + 4 + 4 bytes, no padding.
-assert_layout!(ExitStart, size 24, align 8);
+// 8 + 8 + 4 * 4 bytes, no padding.
+assert_layout!(ExitStart, size 32, align 8);
 
 /// Capacity of [`VMM_PROCESSES_MAP`].
 pub const VMM_PROCESSES_CAPACITY: u32 = 16384;
@@ -639,7 +641,8 @@ pub enum Drop {
     KvmExitUnreadable = 1,
     /// [`EXIT_LATENCY_MAP`] was full, so a latency could not be recorded.
     ExitLatencyFull = 2,
-    /// The per-thread exit-start map could not take an entry, so that exit's latency is unknown.
+    /// Another thread's exit held the thread's exit-start slot (their ids are equal modulo
+    /// [`THREAD_SLOTS`]), so that exit's latency is unknown.
     ExitStartsFull = 3,
     /// Another thread's return to the VMM held the thread's service-start slot (their ids are equal
     /// modulo [`THREAD_SLOTS`]), so one service time is unknown.

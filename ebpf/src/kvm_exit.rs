@@ -113,14 +113,22 @@ fn on_exit(cgroup_id: u64, tid: u32, time_ns: u64, isa: u32, reason: u32) {
             add_for(cgroup_id, ExitKind::GuestTime, 0, time_ns - entered.time_ns);
         }
     }
-    let start = ExitStart {
-        time_ns,
-        cgroup_id,
-        isa,
-        reason,
-    };
-    if EXIT_STARTS.insert(tid, start, 0).is_err() {
-        count_drop(Drop::ExitStartsFull);
+    if let Some(slot) = EXIT_STARTS.get_ptr_mut(tid % THREAD_SLOTS) {
+        // SAFETY: an array slot of this map; only the thread whose id maps to it writes it. A
+        // colliding thread's exit still in progress there loses its latency, counted.
+        unsafe {
+            if (*slot).time_ns != 0 && (*slot).tid != tid {
+                count_drop(Drop::ExitStartsFull);
+            }
+            *slot = ExitStart {
+                time_ns,
+                cgroup_id,
+                isa,
+                reason,
+                tid,
+                reserved: 0,
+            };
+        }
     }
 }
 
@@ -137,12 +145,19 @@ fn on_entry(tid: u32, time_ns: u64) {
             }
         };
     }
-    // SAFETY: the value is copied out at once.
-    let Some(start) = (unsafe { EXIT_STARTS.get(tid) }).copied() else {
-        // The first entry of a vCPU, or one whose exit was seen before the probes were attached.
+    let Some(slot) = EXIT_STARTS.get_ptr_mut(tid % THREAD_SLOTS) else {
         return;
     };
-    let _ = EXIT_STARTS.remove(tid);
+    // SAFETY: as in `on_exit`; the start is copied out and marked consumed at once.
+    let start = unsafe {
+        let start = *slot;
+        (*slot).time_ns = 0;
+        start
+    };
+    if start.time_ns == 0 || start.tid != tid {
+        // The first entry of a vCPU, or one whose exit was seen before the probes were attached.
+        return;
+    }
     let key = LatencyKey {
         cgroup_id: start.cgroup_id,
         kind: LatencyKind::KvmExit as u32,

@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, Drop,
-    EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, EventfdKey, ExitKey,
-    ExitKind, ExitStart, GuestEntry, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY,
-    PendingKick, REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_SLOTS,
+    EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EventfdKey, ExitKey, ExitKind, ExitStart,
+    GuestEntry, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
+    REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_SLOTS,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -27,9 +27,10 @@ static EXIT_LATENCY: PerCpuHashMap<LatencyKey, LatencyHistogram> =
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
 
+/// Each vCPU thread's exit in progress (VMX, SVM), until its next entry: the exit's latency. In
+/// the slot of its thread id modulo [`THREAD_SLOTS`], as the others: this runs on every exit.
 #[map]
-pub static EXIT_STARTS: LruHashMap<u32, ExitStart> =
-    LruHashMap::with_max_entries(EXIT_STARTS_CAPACITY, 0);
+pub static EXIT_STARTS: Array<ExitStart> = Array::with_max_entries(THREAD_SLOTS, 0);
 
 /// Each thread's return to the VMM in progress (until its next KVM_RUN), in the slot of its thread id
 /// modulo [`THREAD_SLOTS`]: an array lookup is far cheaper on this hot path than a hash map's.

@@ -426,7 +426,9 @@ impl Expectation {
     /// CPU time by timer ticks of a machine ten times slower than this one: there the split into
     /// guest, system and user time is not known (seen: a VMM's user time all accounted to guest
     /// time, and the other way round), and the VMM's exit path takes longer than
-    /// [`CPU_SLACK_NS`] (seen: up to 10 ms more). Only the total holds, to 3 × the slack.
+    /// [`CPU_SLACK_NS`] (seen: up to 10 ms more). Single-threaded TCG (docs/svm-host.md) also
+    /// charges a running task for the time the other vCPU ran in its stead (seen: 65 ms more for
+    /// a VMM of 0.5 s). Only the total holds, to 7 × the slack.
     #[must_use]
     pub fn on_emulated_host(mut self) -> Self {
         let cpu = |kind: &String| kind == "cpu.guest" || kind.starts_with("tax.");
@@ -445,7 +447,7 @@ impl Expectation {
                     rule.why
                 );
             } else {
-                rule.max = rule.max.saturating_add(2 * self.vmms * CPU_SLACK_NS);
+                rule.max = rule.max.saturating_add(6 * self.vmms * CPU_SLACK_NS);
                 rule.why = format!("{}, with an emulated host's slower exit path", rule.why);
             }
         }

@@ -3,7 +3,7 @@
 
 mod agent;
 mod agentcost;
-mod bpfstats;
+pub mod bpfstats;
 mod cgroups;
 mod interrupt;
 mod machine;
@@ -16,6 +16,7 @@ mod rawcount;
 mod report;
 mod scale;
 mod stats;
+mod svm;
 mod targets;
 mod tools;
 mod tracer;
@@ -52,6 +53,13 @@ pub struct BenchArgs {
     /// Use the vmtrace and vmtrace-vmm binaries already in target/release.
     #[arg(long)]
     no_build: bool,
+    /// Measure only what tracing kvm_exit costs on the emulated AMD-V host (about 6 minutes;
+    /// quick: 2), and replace that section of the report, keeping the rest.
+    #[arg(long, conflicts_with = "no_svm")]
+    svm_only: bool,
+    /// Leave out the emulated AMD-V host's section.
+    #[arg(long)]
+    no_svm: bool,
 }
 
 /// What one run measures, resolved from the options.
@@ -109,10 +117,49 @@ pub struct Results {
     pub elapsed: Duration,
 }
 
+/// `--svm-only`: the emulated host's section, in place of the one in the report.
+fn svm_only(plan: &Plan, started: Instant) -> Result<()> {
+    let cost = svm::run(plan.reps, plan.ops_scale)?;
+    let section = svm::render(&cost, &machine::date(), &machine::commit());
+    let old = std::fs::read_to_string(&plan.out).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
+    if let Some(dir) = plan.out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&plan.out, svm::replace_section(&old, &section))
+        .with_context(|| format!("writing {}", plan.out.display()))?;
+    eprintln!(
+        "bench: wrote the SVM host's section of {} in {:.0} s",
+        plan.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `cargo xtask raw-tracer`: the raw counter (or empty programs) on `events` until interrupted.
+pub fn raw_tracer(events: &[String], empty: bool) -> Result<()> {
+    interrupt::install();
+    let events: Vec<&str> = events.iter().map(String::as_str).collect();
+    let body = if empty {
+        rawcount::Body::Empty
+    } else {
+        rawcount::Body::Count
+    };
+    let counter = rawcount::RawCounter::attach(&events, body)?;
+    println!("raw-tracer: attached to {}", events.join(", "));
+    while interrupt::sleep(Duration::from_hours(1)).is_ok() {}
+    for (event, count) in counter.totals()? {
+        println!("raw-tracer: {event} {count}");
+    }
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     let started = Instant::now();
     interrupt::install();
     let plan = Plan::new(args);
+    if args.svm_only {
+        return svm_only(&plan, started);
+    }
     let tools = tools::prepare(!args.no_build)?;
     let env = Env {
         plan,
@@ -139,7 +186,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         scale,
         elapsed: started.elapsed(),
     };
-    let text = report::render(&env.plan, &results);
+    let mut text = report::render(&env.plan, &results);
+    if !args.no_svm {
+        let cost = svm::run(env.plan.reps, env.plan.ops_scale)?;
+        text.push('\n');
+        text.push_str(&svm::render(
+            &cost,
+            &results.machine.date,
+            &results.machine.commit,
+        ));
+    }
     if let Some(dir) = env.plan.out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -1,8 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | fuzz | demo | bench | soak`. Run `cargo xtask --help`.
+//! Project tasks: `cargo xtask setup | test | vm-test | kernel-matrix | fuzz | demo | bench | soak`. Run `cargo xtask --help`.
 
 mod bench;
 mod demo;
+mod emulated;
 mod fuzz;
+mod kernel_matrix;
 mod setup;
 mod soak;
 mod test;
@@ -51,6 +53,11 @@ enum Task {
     /// `kvm:kvm_exit` equal the VMMs' (tests/tests/svm_host.rs, docs/svm-host.md). About 2 minutes
     /// with the release binaries built; `cargo xtask test` runs it too.
     VmTest,
+    /// Set up, build, then boot every kernel Debian offers here as an emulated AMD-V host, and on
+    /// each and on this host's own kernel run `vmtrace doctor` and `vmtrace watch` while the
+    /// reference VMM runs every scenario: which probes attach, which fire. Writes
+    /// docs/kernel-matrix.md. About 5 minutes with the release binaries built.
+    KernelMatrix,
     /// Set up, build, then run the reference VMM in three tenant cgroups while the agent shows its
     /// live per-tenant view.
     Demo {
@@ -59,8 +66,9 @@ enum Task {
         seconds: u64,
     },
     /// Set up, build, then measure what vmtrace costs the guests it watches beside bpftrace and
-    /// perf, the agent's own CPU and memory, and how it scales with tenants; installs bpftrace and
-    /// perf when missing and writes docs/benchmarks.md. Takes about 15 minutes (--quick: 2 to 5).
+    /// perf, the agent's own CPU and memory, and how it scales with tenants, and what tracing
+    /// kvm_exit costs on the emulated AMD-V host; installs bpftrace and perf when missing and
+    /// writes docs/benchmarks.md. Takes about 20 minutes (--quick: 3 to 6; --svm-only: 6).
     Bench(bench::BenchArgs),
     /// Set up, build, then run the soak test for this long: tenants' cgroups created and removed
     /// continuously, VMMs coming and going, doorbells re-registered and clients hammering the
@@ -72,6 +80,17 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// The benchmark's own tracer, run by it inside the emulated host: per-tenant counters (or
+    /// empty programs) on the given events, `name` for a raw tracepoint, `group:name` for a
+    /// classic one; attached until SIGINT or SIGTERM, then prints what each counted.
+    #[command(hide = true)]
+    RawTracer {
+        /// Programs that do nothing, instead of counters.
+        #[arg(long)]
+        empty: bool,
+        #[arg(required = true)]
+        events: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,11 +98,13 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::VmTest => test::vm_test(),
+        Task::KernelMatrix => kernel_matrix::run(),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::Demo { seconds } => demo::run(seconds),
         Task::Bench(args) => bench::run(&args),
         Task::Soak { minutes } => soak::run(minutes),
+        Task::RawTracer { empty, events } => bench::raw_tracer(&events, empty),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

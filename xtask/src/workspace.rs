@@ -20,6 +20,12 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Where cargo builds: `CARGO_TARGET_DIR`, or the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 /// The rustup toolchain of the workspace's `rust-version` (e.g. `1.95` gives `1.95.0`).
 pub fn msrv_toolchain(root: &Path) -> Result<String> {
     let manifest = root.join("Cargo.toml");

@@ -15,10 +15,10 @@ use aya_obj::{
 };
 use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, EXIT_COUNTS_CAPACITY,
-    EXIT_LATENCY_CAPACITY, EXIT_STARTS_CAPACITY, EventfdKey, ExitKey, ExitStart, GuestEntry,
-    GuestMemory, IOMMU_FAULTS_CAPACITY, IommuFaultKey, LatencyHistogram, LatencyKey,
-    PENDING_KICKS_CAPACITY, PendingKick, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges, ServiceStart,
-    THREAD_SLOTS, VMM_MEMORY_CAPACITY, VMM_PROCESSES_CAPACITY,
+    EXIT_LATENCY_CAPACITY, EventfdKey, ExitKey, ExitStart, GuestEntry, GuestMemory,
+    IOMMU_FAULTS_CAPACITY, IommuFaultKey, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY,
+    PendingKick, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges, ServiceStart, THREAD_SLOTS,
+    VMM_MEMORY_CAPACITY, VMM_PROCESSES_CAPACITY,
     names::{maps, programs},
 };
 
@@ -98,11 +98,7 @@ const MAPS: &[MapSpec] = &[
         BPF_MAP_TYPE_PERCPU_HASH,
         Some(IOMMU_FAULTS_CAPACITY),
     ),
-    map::<u32, ExitStart>(
-        maps::EXIT_STARTS,
-        BPF_MAP_TYPE_LRU_HASH,
-        Some(EXIT_STARTS_CAPACITY),
-    ),
+    map::<u32, ExitStart>(maps::EXIT_STARTS, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<u32, ServiceStart>(maps::SERVICE_STARTS, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<u32, GuestEntry>(maps::GUEST_ENTRIES, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<EventfdKey, PendingKick>(

@@ -226,7 +226,8 @@ pub static PROBES: &[ProbeSpec] = &[
     raw("kvm_mmio", "kvm", "kvm_mmio", &[(0, "type"), (1, "len"), (2, "gpa"), (3, "val")], Required),
     raw("kvm_cpuid", "kvm", "kvm_cpuid", &[], Required),
     raw("kvm_entry", "kvm", "kvm_entry", &[], Silent(Silence::OnKvm(NO_KVM_EXIT))),
-    raw("sched_process_exit", "sched", "sched_process_exit", &[], Required),
+    // A class of its own on 6.18 (it has `group_dead`); of `sched_process_template` on 6.1 and 6.12.
+    raw("sched_process_exit", "sched", "sched_process_exit", &[], Required).of_class(&["sched_process_template"]),
     raw("tlb_flush", "tlb", "tlb_flush", &[(0, "reason")], Required),
     raw("kvm_pv_tlb_flush", "kvm", "kvm_pv_tlb_flush", &[(1, "need_flush_tlb")], Required),
     raw("kvm_hv_flush_tlb", "kvm", "kvm_hv_flush_tlb", &[], Required),

@@ -28,15 +28,25 @@ pub fn describe(tools: &Tools) -> Machine {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned()),
         kvm: kvm_flavour(),
-        date: output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
-        commit: output(
-            Command::new("git")
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .args(["describe", "--always", "--dirty"]),
-        ),
+        date: date(),
+        commit: commit(),
         bpftrace: tools::version(&tools.bpftrace),
         perf: tools::version(&tools.perf),
     }
+}
+
+/// Now, to the minute, in UTC.
+pub fn date() -> String {
+    output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+}
+
+/// The commit measured (`-dirty` with uncommitted changes).
+pub fn commit() -> String {
+    output(
+        Command::new("git")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["describe", "--always", "--dirty"]),
+    )
 }
 
 /// `key : value` lines of /proc/cpuinfo and /proc/meminfo.
