@@ -154,16 +154,20 @@ impl Expectation {
                 );
             }
         } else {
+            // The kernel splits the process's and the cgroup's CPU time into user and system each
+            // in proportion to its own tick samples, so the two splits drift apart with the total
+            // (seen: 3 ms beyond the slack in 12 s of system time); the sum is held apart.
+            let split_slack = cpu_slack + (user_ns + system_ns) / 200;
             e.within(
                 &["tax.kernel"],
-                system_ns.saturating_sub(cpu_slack),
-                system_ns + cpu_slack,
+                system_ns.saturating_sub(split_slack),
+                system_ns + split_slack,
                 "the VMMs' system time since joining the cgroup",
             );
             e.within(
                 &["tax.vmm"],
-                user_ns.saturating_sub(guest_ns + cpu_slack),
-                user_ns.saturating_sub(guest_ns) + cpu_slack,
+                user_ns.saturating_sub(guest_ns + split_slack),
+                user_ns.saturating_sub(guest_ns) + split_slack,
                 "the VMMs' user time since joining the cgroup, less guest time",
             );
         }
