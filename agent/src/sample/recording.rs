@@ -176,12 +176,27 @@ pub enum FirstLine {
     Sample(Box<Sample>),
 }
 
+/// `text` with its control characters escaped: serde's messages quote what they could not read
+/// (an unknown variant, say), which may hold a newline, and an error is one line.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 /// Classifies a file's first line: a header this vmtrace can read, a bare sample, or an error saying
 /// which of the two it failed to be.
 pub fn parse_first_line(line: &str, path: &str) -> Result<FirstLine, RecordingError> {
     let value: Value = serde_json::from_str(line).map_err(|e| RecordingError::NotARecording {
         path: path.to_owned(),
-        detail: format!("not JSON: {e}"),
+        detail: one_line(&format!("not JSON: {e}")),
     })?;
     match value.get("format") {
         Some(format) if format == FORMAT => {}
@@ -197,7 +212,7 @@ pub fn parse_first_line(line: &str, path: &str) -> Result<FirstLine, RecordingEr
                 .map_err(|e| RecordingError::BadSample {
                     path: path.to_owned(),
                     line: 1,
-                    detail: e.to_string(),
+                    detail: one_line(&e.to_string()),
                 });
         }
         None => {
@@ -224,7 +239,7 @@ pub fn parse_first_line(line: &str, path: &str) -> Result<FirstLine, RecordingEr
         .map(FirstLine::Header)
         .map_err(|e| RecordingError::BadHeader {
             path: path.to_owned(),
-            detail: e.to_string(),
+            detail: one_line(&e.to_string()),
         })
 }
 
@@ -307,7 +322,7 @@ impl RecordingReader {
             Err(e) => Err(RecordingError::BadSample {
                 path: self.path.clone(),
                 line: self.line,
-                detail: e.to_string(),
+                detail: one_line(&e.to_string()),
             }),
         }
     }
@@ -425,6 +440,16 @@ mod tests {
         kind::{ExitReason, Gauge, Kind},
         probe::load::ExitSource,
     };
+
+    #[test]
+    fn an_error_quoting_a_newline_is_one_line() {
+        let line = r#"{"timestamp": 1.0, "tenants": [], "exit_source": "k\nderived"}"#;
+        let e = parse_first_line(line, "test.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains(r"k\nderived"), "{e}");
+    }
 
     fn sample(elapsed: f64, io: u64) -> Sample {
         serde_json::from_value(serde_json::json!({
