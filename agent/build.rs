@@ -13,6 +13,7 @@ use vmtrace_ebpf_toolchain as ebpf_toolchain;
 const STUB: &str = "VMTRACE_EBPF_STUB";
 
 fn main() {
+    export_version();
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let workspace_root = manifest_dir.join("..");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
@@ -53,6 +54,18 @@ fn main() {
     let built = ebpf_toolchain::object_path(&target_dir);
     std::fs::copy(&built, &object)
         .unwrap_or_else(|e| fail(&format!("cannot copy {}: {e}", built.display())));
+}
+
+/// `VMTRACE_VERSION`, what `vmtrace --version` prints: the crate's version and, when the build was
+/// given one (the image build passes the commit), `VMTRACE_REVISION`.
+fn export_version() {
+    println!("cargo:rerun-if-env-changed=VMTRACE_REVISION");
+    let version = env::var("CARGO_PKG_VERSION").unwrap_or_default();
+    let version = match env::var("VMTRACE_REVISION") {
+        Ok(revision) if !revision.trim().is_empty() => format!("{version} ({})", revision.trim()),
+        _ => version,
+    };
+    println!("cargo:rustc-env=VMTRACE_VERSION={version}");
 }
 
 fn fail(message: &str) -> ! {

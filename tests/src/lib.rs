@@ -15,6 +15,7 @@ use std::{
 use vmtrace_common::mounts::MountTable;
 use vmtrace_vmm::{Report, Scenario};
 
+pub mod container;
 pub mod dashboards;
 pub mod doorbell;
 pub mod expect;
@@ -365,13 +366,15 @@ pub fn dtlb_counters() -> Result<(), std::io::Error> {
 
 /// A GET over HTTP/1.0 to a loopback port (no chunked encoding; the server closes): status and body.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_from(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// [`http_get`] from any address.
+pub fn http_get_from(address: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-    )?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let response = String::from_utf8_lossy(&response);

@@ -201,15 +201,17 @@ pub fn merge(base: &mut Value, patch: &Value) {
 pub fn containerfile_capabilities() -> BTreeSet<String> {
     let text =
         fs::read_to_string(deploy_dir().join("Containerfile")).expect("deploy/Containerfile");
-    let line = text
+    // The command, not a comment that names it: `setcap <caps>=<flags> <file>`.
+    let spec = text
         .lines()
-        .find(|l| l.contains("setcap "))
-        .expect("a setcap line in the Containerfile");
-    let spec = line
-        .split_whitespace()
-        .skip_while(|w| *w != "setcap")
-        .nth(1)
-        .expect("setcap's capability list");
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find_map(|l| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "setcap")
+                .nth(1)
+                .filter(|w| w.contains('='))
+        })
+        .expect("a setcap command in the Containerfile");
     let (caps, flags) = spec.split_once('=').expect("caps=flags");
     assert_eq!(
         flags, "ep",

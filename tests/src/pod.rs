@@ -101,7 +101,7 @@ fn quote(text: &str) -> String {
 
 /// What Kubernetes would set for the container's environment variables (values, and the downward
 /// API fields the manifest uses), with `$(NAME)` references expanded.
-fn environment(container: &Value, node: &str, pod_name: &str) -> Vec<(String, String)> {
+pub fn environment(container: &Value, node: &str, pod_name: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     for var in container["env"].as_array().into_iter().flatten() {
         let name = var["name"].as_str().expect("env name").to_owned();

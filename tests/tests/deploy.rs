@@ -161,6 +161,61 @@ fn manifests_validate_and_keep_to_least_privilege() {
             assert_eq!(mount["readOnly"], true, "hostPath mount {name} read-only");
         }
     }
+    // The agent runs under vmtrace's own seccomp profile, which the init container installs from
+    // the image into the hostPath the profile's path names; the init container holds nothing.
+    let profile = &container["securityContext"]["seccompProfile"];
+    assert_eq!(profile["type"], "Localhost");
+    let profile_path = profile["localhostProfile"]
+        .as_str()
+        .expect("localhostProfile");
+    let (profile_dir, profile_file) = profile_path.rsplit_once('/').expect("dir/file");
+    assert_eq!(
+        volumes.get("seccomp").copied(),
+        Some(format!("/var/lib/kubelet/seccomp/{profile_dir}").as_str()),
+        "the seccomp volume is the profile's directory under the kubelet's seccomp root"
+    );
+    let inits = pod["initContainers"].as_array().expect("initContainers");
+    let installer = inits
+        .iter()
+        .find(|c| c["name"] == "install-seccomp-profile")
+        .expect("the seccomp profile's installer");
+    let command = strings(&installer["command"]).join(" ");
+    assert!(
+        command.contains("/usr/share/vmtrace/seccomp.json")
+            && command.contains(&format!("/seccomp/{profile_file}")),
+        "the installer writes the image's profile as {profile_path}: {command}"
+    );
+    assert!(
+        containerfile_text_has(
+            &dir,
+            "COPY deploy/seccomp/vmtrace.json /usr/share/vmtrace/seccomp.json"
+        ),
+        "the image carries deploy/seccomp/vmtrace.json"
+    );
+    for init in inits {
+        let name = init["name"].as_str().unwrap_or_default();
+        assert_eq!(
+            strings(&init["securityContext"]["capabilities"]["drop"]),
+            ["ALL"],
+            "{name}"
+        );
+        if name == "install-seccomp-profile" {
+            assert!(
+                init["securityContext"]["capabilities"]["add"].is_null(),
+                "{name}"
+            );
+            assert_ne!(init["securityContext"]["privileged"], true, "{name}");
+        }
+        assert_eq!(
+            init["securityContext"]["readOnlyRootFilesystem"], true,
+            "{name}"
+        );
+        assert_eq!(
+            init["image"], container["image"],
+            "{name} runs the agent's image"
+        );
+    }
+
     // Probes, port, arguments, environment, scrape annotations.
     let port = container["ports"]
         .as_array()
@@ -376,6 +431,13 @@ fn manifests_validate_and_keep_to_least_privilege() {
         );
         find_kind(&full, "ServiceMonitor");
     }
+}
+
+fn containerfile_text_has(dir: &Path, line: &str) -> bool {
+    fs::read_to_string(dir.join("Containerfile"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.trim() == line)
 }
 
 /// Runs the agent container of `daemonset` as a pod with `grant`, drives a pio and a doorbell

@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask setup | test | vm-test | kernel-matrix | fuzz | demo | bench | soak`. Run `cargo xtask --help`.
+//! Project tasks: `cargo xtask setup | test | vm-test | kernel-matrix | fuzz | demo | bench | soak | image | seccomp`. Run `cargo xtask --help`.
 
 mod bench;
 mod demo;
 mod emulated;
 mod fuzz;
+mod image;
 mod kernel_matrix;
+mod seccomp;
 mod setup;
 mod soak;
 mod test;
@@ -29,9 +31,10 @@ enum Task {
     /// Takes seconds when nothing is missing.
     Setup,
     /// Set up, then run every check: rustfmt, clippy (every crate, the eBPF crate also for the BPF
-    /// target), all tests, the fuzz targets for 20 seconds each, cargo-deny, a build with the
-    /// workspace's rust-version and `cargo doc` without warnings. With VMTRACE_REQUIRE_CAPS=1 a test that lacks KVM, BPF or root fails
-    /// instead of skipping.
+    /// target), the seccomp profile against the runtime's default, the image build, all tests, the
+    /// fuzz targets for 20 seconds each, cargo-deny, a build with the workspace's rust-version and
+    /// `cargo doc` without warnings. With VMTRACE_REQUIRE_CAPS=1 a test that lacks KVM, BPF or
+    /// root fails instead of skipping.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -80,6 +83,20 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Build the agent's container image from source with podman (deploy/Containerfile: a build
+    /// stage with Debian's rustc-web and bpf-linker, a Debian slim runtime stage), tagged
+    /// localhost/vmtrace:<version> and localhost/vmtrace:dev. Makes the Debian base images it names
+    /// with debootstrap when they are absent, so no registry is needed. About 10 minutes the first
+    /// time on 2 CPUs.
+    Image,
+    /// Write deploy/seccomp/vmtrace.json: the runtime default seccomp profile (containers-common's,
+    /// as CRI-O and podman apply it) with bpf() and perf_event_open() allowed without
+    /// CAP_SYS_ADMIN.
+    Seccomp {
+        /// Fail instead of writing when the shipped profile differs from the installed default's.
+        #[arg(long)]
+        check: bool,
+    },
     /// The benchmark's own tracer, run by it inside the emulated host: per-tenant counters (or
     /// empty programs) on the given events, `name` for a raw tracepoint, `group:name` for a
     /// classic one; attached until SIGINT or SIGTERM, then prints what each counted.
@@ -104,6 +121,8 @@ fn main() -> ExitCode {
         Task::Demo { seconds } => demo::run(seconds),
         Task::Bench(args) => bench::run(&args),
         Task::Soak { minutes } => soak::run(minutes),
+        Task::Image => image::run(&workspace::workspace_root()),
+        Task::Seccomp { check } => seccomp::run(&workspace::workspace_root(), check),
         Task::RawTracer { empty, events } => bench::raw_tracer(&events, empty),
     };
     match result {

@@ -32,6 +32,10 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "python3-venv",
     "libcap2-bin",
+    // tests/tests/container.rs runs the image `cargo xtask image` builds from a debootstrapped base.
+    "podman",
+    "runc",
+    "debootstrap",
     // tests/tests/svm_host.rs boots Debian kernels as an emulated AMD-V host (docs/svm-host.md).
     "qemu-system-x86",
 ];

@@ -6,7 +6,7 @@ use std::{path::Path, time::Instant};
 use anyhow::Result;
 
 use crate::{
-    fuzz, setup,
+    fuzz, image, seccomp, setup,
     workspace::{cargo, msrv_toolchain, workspace_root},
 };
 
@@ -37,6 +37,11 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
         }
         setup::exec(clippy.args(["--", "-D", "warnings"]))
     })?;
+    step("seccomp profile (deploy/seccomp/vmtrace.json)", || {
+        seccomp::run(&root, true)
+    })?;
+    // The container tests (tests/tests/container.rs) run this image.
+    step("image (cargo xtask image)", || image::run(&root))?;
     step("cargo test", || {
         setup::exec(
             cargo(&root)

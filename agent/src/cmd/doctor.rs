@@ -211,11 +211,16 @@ pub fn render(d: &Diagnosis) -> String {
     line(
         "privileges",
         format!(
-            "euid {}; CAP_BPF {}, CAP_PERFMON {}, CAP_SYS_ADMIN {}",
+            "euid {}; CAP_BPF {}, CAP_PERFMON {}, CAP_SYS_ADMIN {}; {}",
             p.euid,
             yes_no(p.cap_bpf),
             yes_no(p.cap_perfmon),
-            yes_no(p.cap_sys_admin)
+            yes_no(p.cap_sys_admin),
+            if p.seccomp_filter {
+                "under a seccomp filter"
+            } else {
+                "no seccomp filter"
+            }
         ),
     );
     line(

@@ -23,7 +23,7 @@ use crate::sample::recording::RecordingError;
 /// resolved to Kubernetes pods, libvirt VMs, systemd units or plain paths. It needs root (or
 /// CAP_BPF and CAP_PERFMON); `vmtrace doctor` checks a host.
 #[derive(Debug, Parser)]
-#[command(version, propagate_version = true)]
+#[command(version = env!("VMTRACE_VERSION"), propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -115,6 +115,8 @@ pub struct Privileges {
     pub cap_bpf: bool,
     pub cap_perfmon: bool,
     pub cap_sys_admin: bool,
+    /// A seccomp filter confines this process (`Seccomp: 2`): a container runtime's profile.
+    pub seccomp_filter: bool,
 }
 
 impl Privileges {
@@ -128,14 +130,15 @@ pub fn privileges() -> Privileges {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
-    let effective = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        })
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let effective = field("CapEff:")
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
         .unwrap_or(0);
     let has = |cap: u32| effective & (1 << cap) != 0;
     Privileges {
@@ -144,6 +147,7 @@ pub fn privileges() -> Privileges {
         cap_bpf: has(CAP_BPF),
         cap_perfmon: has(CAP_PERFMON),
         cap_sys_admin: has(CAP_SYS_ADMIN),
+        seccomp_filter: field("Seccomp:") == Some("2"),
     }
 }
 

@@ -32,6 +32,13 @@ pub enum ProbeError {
     )]
     Load(#[from] aya::EbpfError),
     #[error(
+        "bpf() was refused (EPERM) although vmtrace holds CAP_BPF and CAP_PERFMON: a seccomp filter \
+         blocks it, as the default profile of CRI-O and podman (containers-common) does without \
+         CAP_SYS_ADMIN; run the agent with the seccomp profile deploy/seccomp/vmtrace.json \
+         (Localhost, docs/deploy.md)"
+    )]
+    SeccompRefusesBpf(#[source] aya::EbpfError),
+    #[error(
         "this vmtrace was built with VMTRACE_EBPF_STUB=1 and has no eBPF programs: rebuild it without (docs/building.md)"
     )]
     BuiltWithStub,
@@ -249,7 +256,14 @@ impl Probes {
         if OBJECT.is_empty() {
             return Err(ProbeError::BuiltWithStub);
         }
-        let mut ebpf = loader.load(OBJECT)?;
+        let mut ebpf = loader.load(OBJECT).map_err(|e| {
+            let privileges = crate::host::privileges();
+            if privileges.can_trace() && privileges.seccomp_filter && is_eperm(&e) {
+                ProbeError::SeccompRefusesBpf(e)
+            } else {
+                ProbeError::Load(e)
+            }
+        })?;
         let mut status: Vec<ProbeStatus> = Vec::with_capacity(PROBES.len());
         let mut classic_links = Vec::new();
         for (spec, prepared) in PROBES.iter().zip(prepared) {
@@ -276,11 +290,7 @@ impl Probes {
             ));
         }
         if status.iter().all(|s| s.error.is_some()) {
-            let reasons: Vec<String> = status
-                .iter()
-                .map(|s| format!("{}: {}", s.tracepoint, s.error.as_deref().unwrap_or("")))
-                .collect();
-            return Err(ProbeError::NothingAttached(reasons.join("; ")));
+            return Err(ProbeError::NothingAttached(grouped_errors(&status)));
         }
         let exit_source = if kvm.flavour.emits_kvm_exit() && is_attached(&status, KVM_EXIT.program)
         {
@@ -357,6 +367,35 @@ impl Probes {
 }
 
 /// Whether `program` is among the attached probes.
+/// Each distinct error once, after the tracepoints it stopped (every program refused alike, as
+/// without CAP_PERFMON, is one line, not one per probe).
+fn grouped_errors(status: &[ProbeStatus]) -> String {
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for probe in status {
+        let error = probe.error.as_deref().unwrap_or_default();
+        match groups.iter_mut().find(|(e, _)| *e == error) {
+            Some((_, tracepoints)) => tracepoints.push(&probe.tracepoint),
+            None => groups.push((error, vec![&probe.tracepoint])),
+        }
+    }
+    groups
+        .iter()
+        .map(|(error, tracepoints)| match tracepoints.as_slice() {
+            [one] => format!("{one}: {error}"),
+            many => format!("{} probes ({}): {error}", many.len(), many.join(", ")),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Whether an error, or one of its sources, is the kernel's EPERM.
+fn is_eperm(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
+    })
+}
+
 fn is_attached(status: &[ProbeStatus], program: &str) -> bool {
     status
         .iter()

@@ -1,0 +1,379 @@
+//! deploy/ run by a real container runtime: the image `cargo xtask image` builds, run by podman
+//! (runc) with the flags that say what the DaemonSet says, its init container installing the
+//! seccomp profile the agent container then runs under. The reference VMM's tenants are counted
+//! exactly through the container's /metrics; without the profile, or without any one of the
+//! manifest's capabilities, the agent fails the way docs/deploy.md says.
+
+use std::{fs, path::Path, time::Duration};
+
+use serde_json::Value;
+use vmtrace_tests::{
+    TenantCgroup, cgroup2_root,
+    container::{
+        Container, IMAGE, Node, image_exists, make_world_readable, run_flags, run_to_completion,
+        seccomp_dir, volume_host_path,
+    },
+    expect::{Expectation, HostKvm},
+    have,
+    manifests::{deploy_dir, find_kind, merge, pod_and_container, python, strings, yaml_docs},
+    on_path,
+    pod::capability_number,
+    privileged_host,
+    prometheus::{sample, tenant_counts},
+    run_vmm,
+    temp::{RmdirOnDrop, TempDir},
+    wait::poll,
+};
+
+/// The agent's metrics port in the manifest.
+const PORT: u16 = 9464;
+
+/// What a test needs: the DaemonSet (the base, as `kubectl apply -k deploy/` applies it), a
+/// scratch node whose kubelet seccomp directory is a scratch directory, and a cgroup parent.
+struct Deployment {
+    daemonset: Value,
+    node: Node,
+    parent: String,
+    _parent: RmdirOnDrop,
+    _work: TempDir,
+}
+
+fn deployment(test: &str) -> Option<Deployment> {
+    if !privileged_host(test)
+        || !have(
+            test,
+            on_path("podman"),
+            "podman missing (`cargo xtask setup`)",
+        )
+        || !have(
+            test,
+            image_exists(IMAGE),
+            &format!("no image {IMAGE}: run `cargo xtask image`"),
+        )
+    {
+        return None;
+    }
+    let python = match python() {
+        Ok(p) => p,
+        Err(e) => {
+            have(test, false, &format!("PyYAML unavailable: {e}"));
+            return None;
+        }
+    };
+    let daemonset = find_kind(
+        &yaml_docs(&python, &deploy_dir().join("daemonset.yaml")),
+        "DaemonSet",
+    )
+    .clone();
+    let work = TempDir::new(test);
+    make_world_readable(work.path());
+    let seccomp_root = work.join("kubelet-seccomp");
+    let (pod, _) = pod_and_container(&daemonset);
+    let mut node = Node {
+        seccomp_root: seccomp_root.clone(),
+        ..Node::default()
+    };
+    // The kubelet's seccomp directory, served from the scratch directory.
+    let profiles = volume_host_path(pod, "seccomp");
+    let relative = profiles
+        .strip_prefix("/var/lib/kubelet/seccomp/")
+        .expect("the seccomp volume is under the kubelet's seccomp root");
+    node.host_paths
+        .insert(profiles.to_owned(), seccomp_root.join(relative));
+    let parent = format!("vmtrace-container-{test}-{}", std::process::id());
+    let parent_path = cgroup2_root().expect("cgroup v2").join(&parent);
+    Some(Deployment {
+        daemonset,
+        node,
+        parent,
+        _parent: RmdirOnDrop(parent_path),
+        _work: work,
+    })
+}
+
+/// Runs the pod's init containers, as the kubelet does before the agent's; they must succeed.
+fn run_init_containers(daemonset: &Value, node: &Node, label: &str) {
+    let (pod, _) = pod_and_container(daemonset);
+    for init in pod["initContainers"].as_array().into_iter().flatten() {
+        let name = format!("vmtrace-{label}-{}", init["name"].as_str().unwrap());
+        let (code, logs) = run_to_completion(&run_flags(pod, init, node, &name), IMAGE, init);
+        assert_eq!(code, 0, "{label}: init container {name} failed:\n{logs}");
+    }
+}
+
+/// The agent container of `daemonset`, started with `extra` flags and `args` (the manifest's when
+/// None).
+fn start_agent(
+    daemonset: &Value,
+    node: &Node,
+    label: &str,
+    extra: &[String],
+    args: Option<&[String]>,
+) -> Result<Container, String> {
+    let (pod, container) = pod_and_container(daemonset);
+    let mut flags = run_flags(pod, container, node, &format!("vmtrace-{label}"));
+    flags.extend_from_slice(extra);
+    Container::start(&flags, IMAGE, container, args)
+}
+
+/// Starts the agent container, waits for its readiness, checks what it holds, and that it counts a
+/// pio and a doorbell reference VMM in a tenant cgroup exactly.
+fn counts_exactly(deployment: &Deployment, daemonset: &Value, label: &str) {
+    let (pod, container) = pod_and_container(daemonset);
+    run_init_containers(daemonset, &deployment.node, label);
+    let agent = start_agent(daemonset, &deployment.node, label, &[], None)
+        .unwrap_or_else(|e| panic!("{label}: podman could not start the agent: {e}"));
+    let ready = poll(Duration::from_mins(1), || {
+        matches!(agent.http_get(PORT, "/readyz"), Ok((200, _))).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "{label}: /readyz not 200 within 60 s; the container's output:\n{}",
+        agent.logs()
+    );
+
+    // The agent holds exactly what the manifest grants, under a seccomp filter.
+    let pid = agent.pid().expect("the agent's pid");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let uid = vmtrace_tests::manifests::security(pod, container, "runAsUser")
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        field("Uid:").split_whitespace().next(),
+        Some(uid.to_string().as_str()),
+        "{label}: the agent's uid"
+    );
+    let wanted: u64 = strings(&container["securityContext"]["capabilities"]["add"])
+        .iter()
+        .map(|c| 1u64 << capability_number(c))
+        .sum();
+    let effective = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
+    assert_eq!(
+        effective, wanted,
+        "{label}: effective capabilities {effective:#x}, the manifest grants {wanted:#x}"
+    );
+    assert_eq!(field("NoNewPrivs:"), "1", "{label}: no_new_privs");
+    assert_eq!(field("Seccomp:"), "2", "{label}: a seccomp filter");
+
+    let tenant = TenantCgroup::new(&format!("{}/tenant-{label}", deployment.parent));
+    let reports = vec![
+        run_vmm(&[
+            "--scenario",
+            "pio",
+            "--count",
+            "2000",
+            "--cgroup",
+            &tenant.relative,
+        ]),
+        run_vmm(&[
+            "--scenario",
+            "doorbell",
+            "--count",
+            "1000",
+            "--cgroup",
+            &tenant.relative,
+        ]),
+    ];
+    let expectation = Expectation::of_vmms(&reports, HostKvm::of_this_host());
+    let path = tenant.agent_path();
+    let mut metrics = String::new();
+    poll(Duration::from_secs(30), || {
+        metrics = agent
+            .http_get(PORT, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        expectation
+            .mismatches(&tenant_counts(&metrics, &path))
+            .is_empty()
+            .then_some(())
+    });
+    let wrong = expectation.mismatches(&tenant_counts(&metrics, &path));
+    assert!(
+        wrong.is_empty(),
+        "{label}: {path}:\n  {}\nthe container's output:\n{}",
+        wrong.join("\n  "),
+        agent.logs()
+    );
+    let served = sample(
+        &metrics,
+        "vmtrace_vmm_service_duration_seconds_count",
+        &[("tenant", &path), ("exit_reason", "io")],
+    );
+    assert!(
+        served.is_some_and(|n| n > 0.0),
+        "{label}: no VMM service time for {path}"
+    );
+    let logs = agent.logs();
+    assert!(
+        !logs.contains("not attached"),
+        "{label}: a probe did not attach:\n{logs}"
+    );
+    eprintln!(
+        "{label}: ready, uid {uid}, CapEff {effective:#x}, seccomp filter; counted for {path}: {:?}",
+        tenant_counts(&metrics, &path)
+    );
+}
+
+fn with_patch(daemonset: &Value, patch: &str) -> Value {
+    let python = python().expect("PyYAML");
+    let mut patched = daemonset.clone();
+    merge(
+        &mut patched,
+        &yaml_docs(&python, &deploy_dir().join(patch))[0],
+    );
+    patched
+}
+
+#[test]
+fn the_image_counts_exactly_as_the_daemonset_runs_it() {
+    let Some(deployment) = deployment("the_image_counts_exactly_as_the_daemonset_runs_it") else {
+        return;
+    };
+    counts_exactly(&deployment, &deployment.daemonset, "daemonset");
+    // The init container installed the profile the image ships, byte for byte.
+    let (pod, _) = pod_and_container(&deployment.daemonset);
+    let installed = deployment
+        .node
+        .host_path(volume_host_path(pod, "seccomp"))
+        .join("agent.json");
+    assert_eq!(
+        fs::read_to_string(&installed).expect("the installed profile"),
+        fs::read_to_string(seccomp_dir().join("vmtrace.json")).unwrap(),
+        "{}",
+        installed.display()
+    );
+    let as_root = with_patch(&deployment.daemonset, "patches/run-as-root.yaml");
+    counts_exactly(&deployment, &as_root, "run-as-root");
+}
+
+/// The first line of `logs` that says `error`, and how many do.
+fn error_lines(logs: &str) -> Vec<&str> {
+    logs.lines()
+        .filter(|l| l.to_lowercase().contains("error"))
+        .collect()
+}
+
+#[test]
+fn under_the_runtimes_default_seccomp_profile_the_agent_names_the_fix() {
+    let test = "under_the_runtimes_default_seccomp_profile_the_agent_names_the_fix";
+    let Some(deployment) = deployment(test) else {
+        return;
+    };
+    let mut daemonset = deployment.daemonset.clone();
+    daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfile"] =
+        serde_json::json!({"type": "RuntimeDefault"});
+    let agent = start_agent(&daemonset, &deployment.node, "runtime-default", &[], None)
+        .expect("podman starts the container");
+    let code = agent.exit_code(Duration::from_secs(30));
+    let logs = agent.logs();
+    assert_eq!(code, Some(1), "the agent should fail at start:\n{logs}");
+    let errors = error_lines(&logs);
+    assert_eq!(errors.len(), 1, "one error line:\n{logs}");
+    for words in ["seccomp", "deploy/seccomp/vmtrace.json", "CAP_BPF"] {
+        assert!(errors[0].contains(words), "the error names {words}: {logs}");
+    }
+    documented(errors[0], "bpf() was refused (EPERM)");
+    eprintln!("runtime default: {}", errors[0]);
+}
+
+/// docs/deploy.md says that a run fails with `text`, and `line` does.
+fn documented(line: &str, text: &str) {
+    let docs = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy.md"))
+        .expect("docs/deploy.md");
+    assert!(line.contains(text), "expected `{text}` in: {line}");
+    assert!(
+        docs.contains(text),
+        "docs/deploy.md does not say that the run fails with `{text}`"
+    );
+}
+
+#[test]
+fn without_any_one_capability_the_agent_fails_as_documented() {
+    let test = "without_any_one_capability_the_agent_fails_as_documented";
+    let Some(deployment) = deployment(test) else {
+        return;
+    };
+    run_init_containers(&deployment.daemonset, &deployment.node, "capabilities");
+    let (_, container) = pod_and_container(&deployment.daemonset);
+    let granted = strings(&container["securityContext"]["capabilities"]["add"]);
+    assert_eq!(granted, ["BPF", "PERFMON", "DAC_READ_SEARCH"]);
+    // The image as built: its binary's file capabilities need every one of them in the bounding
+    // set, so the kernel refuses the exec itself.
+    // The same image's binary copied without file capabilities, the capabilities ambient (what
+    // podman gives a non-root user): the agent's own failure says which is missing.
+    let plain = [
+        "--tmpfs=/scratch:rw,exec,mode=1777".to_owned(),
+        "--entrypoint=[\"/bin/sh\",\"-c\",\"cp /usr/local/bin/vmtrace /scratch/vmtrace && exec /scratch/vmtrace \\\"$@\\\"\",\"sh\"]".to_owned(),
+    ];
+    let failures = [
+        ("BPF", "failed to create map"),
+        ("PERFMON", "BPF_PROG_LOAD"),
+        ("DAC_READ_SEARCH", "Permission denied"),
+    ];
+    for (cap, failure) in failures {
+        let mut without = deployment.daemonset.clone();
+        let add = &mut without["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
+            ["add"];
+        *add = Value::from(
+            granted
+                .iter()
+                .filter(|c| *c != cap)
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let label = format!("without-{}", cap.to_lowercase().replace('_', "-"));
+        let refused = match start_agent(&without, &deployment.node, &label, &[], None) {
+            Err(e) => e,
+            Ok(agent) => {
+                let code = agent.exit_code(Duration::from_secs(30));
+                assert!(
+                    code.is_some_and(|c| c != 0),
+                    "{label}: the image's binary ran without {cap}: {code:?}\n{}",
+                    agent.logs()
+                );
+                agent.logs()
+            }
+        };
+        let line = refused
+            .lines()
+            .find(|l| l.contains("operation not permitted"))
+            .unwrap_or_else(|| panic!("{label}: exec was not refused:\n{refused}"));
+        documented(line, "operation not permitted");
+        eprintln!("{label}: {line}");
+        let plain_label = format!("{label}-plain");
+        let agent = start_agent(&without, &deployment.node, &plain_label, &plain, None)
+            .expect("podman starts the container");
+        let logs = if cap == "DAC_READ_SEARCH" {
+            // Degraded, not dead: the raw tracepoints count, the classic ones are missing.
+            poll(Duration::from_secs(30), || {
+                let logs = agent.logs();
+                logs.contains(failure).then_some(())
+            });
+            let ready = agent.http_get(PORT, "/readyz");
+            assert!(
+                matches!(ready, Ok((503, _))),
+                "{plain_label}: /readyz should say degraded: {ready:?}\n{}",
+                agent.logs()
+            );
+            agent.logs()
+        } else {
+            let code = agent.exit_code(Duration::from_secs(30));
+            assert_eq!(code, Some(1), "{plain_label}: {}", agent.logs());
+            agent.logs()
+        };
+        let line = logs
+            .lines()
+            .find(|l| l.contains(failure))
+            .unwrap_or_else(|| panic!("{plain_label}: no `{failure}` in:\n{logs}"));
+        documented(line, failure);
+        eprintln!("{plain_label}: {line}");
+    }
+}
