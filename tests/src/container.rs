@@ -37,9 +37,26 @@ pub struct Node {
     pub host_paths: BTreeMap<String, PathBuf>,
     /// The kubelet's seccomp profile root, which `localhostProfile` is relative to.
     pub seccomp_root: PathBuf,
+    /// The node's mount namespace, as the pid of a process in it, when it is not the host's: podman
+    /// runs there, so the containers' host paths are that namespace's.
+    pub mount_namespace: Option<u32>,
 }
 
 impl Node {
+    /// podman, run in the node's mount namespace.
+    pub fn podman(&self) -> Command {
+        match self.mount_namespace {
+            Some(pid) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--target={pid}"))
+                    .args(["--mount", "--", "podman"]);
+                command
+            }
+            None => Command::new("podman"),
+        }
+    }
+
     pub fn host_path(&self, path: &str) -> PathBuf {
         self.host_paths
             .get(path)
@@ -166,12 +183,14 @@ pub fn run_flags(pod: &Value, container: &Value, node: &Node, name: &str) -> Vec
 /// A container podman runs detached; removed on drop.
 pub struct Container {
     pub name: String,
+    node: Node,
 }
 
 impl Container {
     /// Starts the image with `flags` and `container`'s arguments (`args` when given instead).
     /// Fails with podman's error when the runtime cannot start it.
     pub fn start(
+        node: &Node,
         flags: &[String],
         image: &str,
         container: &Value,
@@ -182,16 +201,23 @@ impl Container {
             .find_map(|f| f.strip_prefix("--name="))
             .expect("a --name flag")
             .to_owned();
-        let _ = podman().args(["rm", "--force", "--time=0", &name]).output();
+        let _ = node
+            .podman()
+            .args(["rm", "--force", "--time=0", &name])
+            .output();
         let args = args.map_or_else(|| strings(&container["args"]), <[String]>::to_vec);
-        let output = podman()
+        let output = node
+            .podman()
             .args(["run", "--detach"])
             .args(flags)
             .arg(image)
             .args(&args)
             .output()
             .expect("running podman");
-        let container = Self { name };
+        let container = Self {
+            name,
+            node: node.clone(),
+        };
         if !output.status.success() {
             return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
         }
@@ -199,7 +225,9 @@ impl Container {
     }
 
     fn inspect(&self, format: &str) -> String {
-        let output = podman()
+        let output = self
+            .node
+            .podman()
             .args(["inspect", "--format", format, &self.name])
             .output()
             .expect("podman inspect");
@@ -226,7 +254,9 @@ impl Container {
     /// What the container wrote to its stdout and stderr, and the runtime's error if it could not
     /// start the container's process (e.g. exec refused).
     pub fn logs(&self) -> String {
-        let output = podman()
+        let output = self
+            .node
+            .podman()
             .args(["logs", &self.name])
             .output()
             .expect("podman logs");
@@ -254,15 +284,22 @@ impl Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = podman()
+        let _ = self
+            .node
+            .podman()
             .args(["rm", "--force", "--time=0", &self.name])
             .output();
     }
 }
 
 /// Runs `container` to completion (an init container): its exit code and output.
-pub fn run_to_completion(flags: &[String], image: &str, container: &Value) -> (i32, String) {
-    let started = Container::start(flags, image, container, None);
+pub fn run_to_completion(
+    node: &Node,
+    flags: &[String],
+    image: &str,
+    container: &Value,
+) -> (i32, String) {
+    let started = Container::start(node, flags, image, container, None);
     let container = match started {
         Ok(c) => c,
         Err(e) => return (-1, e),
@@ -273,13 +310,9 @@ pub fn run_to_completion(flags: &[String], image: &str, container: &Value) -> (i
     (code, container.logs())
 }
 
-pub fn podman() -> Command {
-    Command::new("podman")
-}
-
 /// Whether `image` is in podman's local storage.
 pub fn image_exists(image: &str) -> bool {
-    podman()
+    Command::new("podman")
         .args(["image", "exists", image])
         .status()
         .is_ok_and(|s| s.success())

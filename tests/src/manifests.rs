@@ -170,16 +170,24 @@ pub fn strings(value: &Value) -> Vec<String> {
 }
 
 /// Applies a strategic-merge patch the way kubectl does for the fields these patches touch:
-/// objects merge, `containers` and `env` merge by `name`, other lists are replaced.
+/// objects merge, `containers`, `initContainers`, `env`, `volumes` and `volumeMounts` merge by
+/// `name` (an item with `$patch: delete` removes its namesake), other lists are replaced.
 pub fn merge(base: &mut Value, patch: &Value) {
     match (base, patch) {
         (Value::Object(base), Value::Object(patch)) => {
             for (key, value) in patch {
                 match base.get_mut(key) {
                     Some(Value::Array(items))
-                        if matches!(key.as_str(), "containers" | "env") && value.is_array() =>
+                        if matches!(
+                            key.as_str(),
+                            "containers" | "initContainers" | "env" | "volumes" | "volumeMounts"
+                        ) && value.is_array() =>
                     {
                         for item in value.as_array().unwrap() {
+                            if item["$patch"] == "delete" {
+                                items.retain(|i| i["name"] != item["name"]);
+                                continue;
+                            }
                             match items.iter_mut().find(|i| i["name"] == item["name"]) {
                                 Some(existing) => merge(existing, item),
                                 None => items.push(item.clone()),

@@ -234,6 +234,124 @@ pub fn start_pod(
     Pod { unshare, stderr }
 }
 
+/// Runs a pio and a doorbell reference VMM in `tenant` while an agent runs, and waits until its
+/// /metrics (`metrics()`) counts them exactly (exits, PIO and MMIO events, kicks), with VMM service
+/// times and no probe left unattached (`output()`: the agent's log). Returns the last /metrics.
+pub fn counts_a_pio_and_a_doorbell_vmm(
+    label: &str,
+    tenant: &TenantCgroup,
+    mut metrics: impl FnMut() -> String,
+    output: impl Fn() -> String,
+) -> String {
+    use crate::{
+        expect::{Expectation, HostKvm},
+        prometheus::{sample, tenant_counts},
+        run_vmm,
+    };
+    let reports = vec![
+        run_vmm(&[
+            "--scenario",
+            "pio",
+            "--count",
+            "2000",
+            "--cgroup",
+            &tenant.relative,
+        ]),
+        run_vmm(&[
+            "--scenario",
+            "doorbell",
+            "--count",
+            "1000",
+            "--cgroup",
+            &tenant.relative,
+        ]),
+    ];
+    // Every kind, host-side ones too: what the agent can read under these privileges.
+    let expectation = Expectation::of_vmms(&reports, HostKvm::of_this_host());
+    let path = tenant.agent_path();
+    let mut last = String::new();
+    crate::wait::poll(Duration::from_secs(30), || {
+        last = metrics();
+        expectation
+            .mismatches(&tenant_counts(&last, &path))
+            .is_empty()
+            .then_some(())
+    });
+    let wrong = expectation.mismatches(&tenant_counts(&last, &path));
+    assert!(
+        wrong.is_empty(),
+        "{label}: {path}:\n  {}\nthe agent's output:\n{}",
+        wrong.join("\n  "),
+        output()
+    );
+    // The classic tracepoint (sys_enter_ioctl, read through tracefs) works under these
+    // privileges: VMM service times are measured.
+    let served = sample(
+        &last,
+        "vmtrace_vmm_service_duration_seconds_count",
+        &[("tenant", &path), ("exit_reason", "io")],
+    );
+    assert!(
+        served.is_some_and(|n| n > 0.0),
+        "{label}: no VMM service time for {path}"
+    );
+    let log = output();
+    assert!(
+        !log.contains("not attached"),
+        "{label}: a probe did not attach:\n{log}"
+    );
+    eprintln!(
+        "{label}: counted for {path}: {:?}",
+        tenant_counts(&last, &path)
+    );
+    last
+}
+
+/// Checks what an agent process holds once its probes are attached: its bounding set is exactly
+/// `granted` (what the container was given), its sampling thread holds CAP_BPF and nothing beyond
+/// `granted`, and every other thread holds nothing. Returns the sampling thread's effective set.
+pub fn assert_agent_capabilities(label: &str, pid: u32, granted: u64) -> u64 {
+    let hex = |status: &str, key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("{label}: no {key}"))
+    };
+    let mut sampler = None;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).expect("the agent's threads") {
+        let task = task.unwrap().path();
+        let (Ok(status), Ok(name)) = (
+            fs::read_to_string(task.join("status")),
+            fs::read_to_string(task.join("comm")),
+        ) else {
+            continue; // a thread that just ended
+        };
+        let (effective, bounding) = (hex(&status, "CapEff:"), hex(&status, "CapBnd:"));
+        assert_eq!(
+            bounding, granted,
+            "{label}: thread {name}: bounding set {bounding:#x}, the manifest grants {granted:#x}"
+        );
+        if name.trim() == "vmtrace-sampler" {
+            sampler = Some(effective);
+        } else {
+            assert_eq!(
+                effective,
+                0,
+                "{label}: thread {} holds {effective:#x}",
+                name.trim()
+            );
+        }
+    }
+    let sampler = sampler.unwrap_or_else(|| panic!("{label}: no vmtrace-sampler thread"));
+    let bpf = 1u64 << capability_number("BPF");
+    assert!(
+        sampler & bpf != 0 && sampler & !granted == 0,
+        "{label}: the sampling thread holds {sampler:#x}: CAP_BPF, within {granted:#x}"
+    );
+    sampler
+}
+
 /// The capability numbers of capabilities(7).
 pub fn capability_number(name: &str) -> u32 {
     const NAMES: [&str; 41] = [

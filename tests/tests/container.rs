@@ -13,14 +13,12 @@ use vmtrace_tests::{
         Container, IMAGE, Node, image_exists, make_world_readable, run_flags, run_to_completion,
         seccomp_dir, volume_host_path,
     },
-    expect::{Expectation, HostKvm},
     have,
     manifests::{deploy_dir, find_kind, merge, pod_and_container, python, strings, yaml_docs},
     on_path,
-    pod::capability_number,
+    pod::{assert_agent_capabilities, capability_number, counts_a_pio_and_a_doorbell_vmm},
     privileged_host,
-    prometheus::{sample, tenant_counts},
-    run_vmm,
+    prometheus::sample,
     temp::{RmdirOnDrop, TempDir},
     wait::poll,
 };
@@ -96,7 +94,8 @@ fn run_init_containers(daemonset: &Value, node: &Node, label: &str) {
     let (pod, _) = pod_and_container(daemonset);
     for init in pod["initContainers"].as_array().into_iter().flatten() {
         let name = format!("vmtrace-{label}-{}", init["name"].as_str().unwrap());
-        let (code, logs) = run_to_completion(&run_flags(pod, init, node, &name), IMAGE, init);
+        let flags = run_flags(pod, init, node, &name);
+        let (code, logs) = run_to_completion(node, &flags, IMAGE, init);
         assert_eq!(code, 0, "{label}: init container {name} failed:\n{logs}");
     }
 }
@@ -113,15 +112,15 @@ fn start_agent(
     let (pod, container) = pod_and_container(daemonset);
     let mut flags = run_flags(pod, container, node, &format!("vmtrace-{label}"));
     flags.extend_from_slice(extra);
-    Container::start(&flags, IMAGE, container, args)
+    Container::start(node, &flags, IMAGE, container, args)
 }
 
 /// Starts the agent container, waits for its readiness, checks what it holds, and that it counts a
-/// pio and a doorbell reference VMM in a tenant cgroup exactly.
-fn counts_exactly(deployment: &Deployment, daemonset: &Value, label: &str) {
+/// pio and a doorbell reference VMM in a tenant cgroup exactly. Returns its last /metrics.
+fn counts_exactly(deployment: &Deployment, node: &Node, daemonset: &Value, label: &str) -> String {
     let (pod, container) = pod_and_container(daemonset);
-    run_init_containers(daemonset, &deployment.node, label);
-    let agent = start_agent(daemonset, &deployment.node, label, &[], None)
+    run_init_containers(daemonset, node, label);
+    let agent = start_agent(daemonset, node, label, &[], None)
         .unwrap_or_else(|e| panic!("{label}: podman could not start the agent: {e}"));
     let ready = poll(Duration::from_mins(1), || {
         matches!(agent.http_get(PORT, "/readyz"), Ok((200, _))).then_some(())
@@ -155,71 +154,45 @@ fn counts_exactly(deployment: &Deployment, daemonset: &Value, label: &str) {
         .iter()
         .map(|c| 1u64 << capability_number(c))
         .sum();
-    let effective = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
-    assert_eq!(
-        effective, wanted,
-        "{label}: effective capabilities {effective:#x}, the manifest grants {wanted:#x}"
-    );
+    // What it keeps once the probes are attached: the sampling thread CAP_BPF (with CAP_PERFMON
+    // only where hardware counters are opened), the other threads nothing.
+    let effective = assert_agent_capabilities(label, pid, wanted);
     assert_eq!(field("NoNewPrivs:"), "1", "{label}: no_new_privs");
     assert_eq!(field("Seccomp:"), "2", "{label}: a seccomp filter");
 
     let tenant = TenantCgroup::new(&format!("{}/tenant-{label}", deployment.parent));
-    let reports = vec![
-        run_vmm(&[
-            "--scenario",
-            "pio",
-            "--count",
-            "2000",
-            "--cgroup",
-            &tenant.relative,
-        ]),
-        run_vmm(&[
-            "--scenario",
-            "doorbell",
-            "--count",
-            "1000",
-            "--cgroup",
-            &tenant.relative,
-        ]),
-    ];
-    let expectation = Expectation::of_vmms(&reports, HostKvm::of_this_host());
-    let path = tenant.agent_path();
-    let mut metrics = String::new();
-    poll(Duration::from_secs(30), || {
-        metrics = agent
-            .http_get(PORT, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default();
-        expectation
-            .mismatches(&tenant_counts(&metrics, &path))
-            .is_empty()
-            .then_some(())
-    });
-    let wrong = expectation.mismatches(&tenant_counts(&metrics, &path));
-    assert!(
-        wrong.is_empty(),
-        "{label}: {path}:\n  {}\nthe container's output:\n{}",
-        wrong.join("\n  "),
-        agent.logs()
+    eprintln!("{label}: ready, uid {uid}, sampling thread CapEff {effective:#x}, seccomp filter");
+    counts_a_pio_and_a_doorbell_vmm(
+        label,
+        &tenant,
+        || {
+            agent
+                .http_get(PORT, "/metrics")
+                .map(|(_, body)| body)
+                .unwrap_or_default()
+        },
+        || agent.logs(),
+    )
+}
+
+/// `vmtrace_agent_figure_available` of `figure`, and its `reason` when it is 0.
+fn figure_available(metrics: &str, figure: &str) -> (Option<f64>, String) {
+    let value = sample(
+        metrics,
+        "vmtrace_agent_figure_available",
+        &[("figure", figure)],
     );
-    let served = sample(
-        &metrics,
-        "vmtrace_vmm_service_duration_seconds_count",
-        &[("tenant", &path), ("exit_reason", "io")],
-    );
-    assert!(
-        served.is_some_and(|n| n > 0.0),
-        "{label}: no VMM service time for {path}"
-    );
-    let logs = agent.logs();
-    assert!(
-        !logs.contains("not attached"),
-        "{label}: a probe did not attach:\n{logs}"
-    );
-    eprintln!(
-        "{label}: ready, uid {uid}, CapEff {effective:#x}, seccomp filter; counted for {path}: {:?}",
-        tenant_counts(&metrics, &path)
-    );
+    let reason = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("vmtrace_agent_figure_available{")
+                && l.contains(&format!("figure=\"{figure}\""))
+        })
+        .and_then(|l| l.split("reason=\"").nth(1))
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default()
+        .to_owned();
+    (value, reason)
 }
 
 fn with_patch(daemonset: &Value, patch: &str) -> Value {
@@ -237,7 +210,12 @@ fn the_image_counts_exactly_as_the_daemonset_runs_it() {
     let Some(deployment) = deployment("the_image_counts_exactly_as_the_daemonset_runs_it") else {
         return;
     };
-    counts_exactly(&deployment, &deployment.daemonset, "daemonset");
+    counts_exactly(
+        &deployment,
+        &deployment.node,
+        &deployment.daemonset,
+        "daemonset",
+    );
     // The init container installed the profile the image ships, byte for byte.
     let (pod, _) = pod_and_container(&deployment.daemonset);
     let installed = deployment
@@ -251,7 +229,15 @@ fn the_image_counts_exactly_as_the_daemonset_runs_it() {
         installed.display()
     );
     let as_root = with_patch(&deployment.daemonset, "patches/run-as-root.yaml");
-    counts_exactly(&deployment, &as_root, "run-as-root");
+    counts_exactly(&deployment, &deployment.node, &as_root, "run-as-root");
+    // patches/host-pid.yaml: the host's /proc, so the VMM holding a device can be found.
+    let host_pid = with_patch(&deployment.daemonset, "patches/host-pid.yaml");
+    let metrics = counts_exactly(&deployment, &deployment.node, &host_pid, "host-pid");
+    assert_eq!(
+        figure_available(&metrics, "iommu.fault.owner").0,
+        Some(1.0),
+        "iommu.fault.owner with hostPID"
+    );
 }
 
 /// The first line of `logs` that says `error`, and how many do.
@@ -376,4 +362,74 @@ fn without_any_one_capability_the_agent_fails_as_documented() {
         documented(line, failure);
         eprintln!("{plain_label}: {line}");
     }
+}
+
+/// A process in a mount namespace of its own where tracefs is not mounted, whose mounts propagate
+/// as a systemd host's do (shared): a node that does not mount tracefs. Killed on drop.
+struct NodeWithoutTracefs(std::process::Child);
+
+impl NodeWithoutTracefs {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--"])
+            .args([
+                "sh",
+                "-c",
+                "umount /sys/kernel/tracing && mount --make-rshared / && echo ready && exec sleep 3600",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("unshare");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("the namespace's holder");
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "tracefs could not be unmounted in a namespace"
+        );
+        Self(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Whether tracefs is mounted at /sys/kernel/tracing in the namespace.
+    fn has_tracefs(&self) -> bool {
+        fs::read_to_string(format!("/proc/{}/mountinfo", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(" /sys/kernel/tracing ") && l.contains(" - tracefs "))
+    }
+}
+
+impl Drop for NodeWithoutTracefs {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn on_a_node_without_tracefs_the_init_container_mounts_it() {
+    let test = "on_a_node_without_tracefs_the_init_container_mounts_it";
+    let Some(deployment) = deployment(test) else {
+        return;
+    };
+    let namespace = NodeWithoutTracefs::start();
+    assert!(!namespace.has_tracefs(), "tracefs is still mounted");
+    let node = Node {
+        mount_namespace: Some(namespace.pid()),
+        ..deployment.node.clone()
+    };
+    // The agent's classic tracepoints (VMM service times, kicks) need tracefs: counting exactly
+    // with service times shows it was there for the agent.
+    counts_exactly(&deployment, &node, &deployment.daemonset, "no-tracefs");
+    assert!(
+        namespace.has_tracefs(),
+        "the init container did not mount tracefs on the node"
+    );
 }

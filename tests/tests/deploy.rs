@@ -15,18 +15,17 @@ use std::{
 
 use serde_json::Value;
 use vmtrace_tests::{
-    TenantCgroup, binary, cgroup2_root,
-    expect::{Expectation, HostKvm},
-    have,
+    TenantCgroup, binary, cgroup2_root, have,
     manifests::{
         containerfile_capabilities, deploy_dir, find_kind, kubernetes_validate, merge,
         pod_and_container, python, security, strings, yaml_docs,
     },
     on_path,
-    pod::{Grant, capability_number, start_pod},
+    pod::{
+        Grant, assert_agent_capabilities, capability_number, counts_a_pio_and_a_doorbell_vmm,
+        start_pod,
+    },
     privileged_host,
-    prometheus::{sample, tenant_counts},
-    run_vmm,
     temp::{RmdirOnDrop, TempDir, copy_dir},
     wait::poll,
 };
@@ -194,12 +193,19 @@ fn manifests_validate_and_keep_to_least_privilege() {
     );
     for init in inits {
         let name = init["name"].as_str().unwrap_or_default();
-        assert_eq!(
-            strings(&init["securityContext"]["capabilities"]["drop"]),
-            ["ALL"],
-            "{name}"
-        );
-        if name == "install-seccomp-profile" {
+        if name == "mount-tracefs" {
+            // Privileged only for Bidirectional propagation, and only one mount (docs/deploy.md).
+            let command = strings(&init["command"]).join(" ");
+            assert!(command.contains("mount -t tracefs"), "{name}: {command}");
+            let mounts = init["volumeMounts"].as_array().expect("volumeMounts");
+            assert_eq!(mounts.len(), 1, "{name} mounts tracefs only");
+            assert_eq!(mounts[0]["mountPropagation"], "Bidirectional");
+        } else {
+            assert_eq!(
+                strings(&init["securityContext"]["capabilities"]["drop"]),
+                ["ALL"],
+                "{name}"
+            );
             assert!(
                 init["securityContext"]["capabilities"]["add"].is_null(),
                 "{name}"
@@ -307,6 +313,88 @@ fn manifests_validate_and_keep_to_least_privilege() {
         "the ServiceMonitor labels series with their node"
     );
 
+    // The NetworkPolicy admits only one namespace, to the agents' metrics port.
+    let policy = find_kind(docs_of("networkpolicy.yaml"), "NetworkPolicy");
+    for (key, value) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .expect("podSelector")
+    {
+        assert_eq!(
+            &pod_labels[key], value,
+            "the policy selects the agent's pods"
+        );
+    }
+    assert_eq!(strings(&policy["spec"]["policyTypes"]), ["Ingress"]);
+    let ingress = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    assert_eq!(ingress.len(), 1, "one ingress rule");
+    let from = ingress[0]["from"].as_array().expect("from");
+    assert!(
+        from.len() == 1
+            && from[0]["podSelector"].is_null()
+            && from[0]["ipBlock"].is_null()
+            && from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                .is_string(),
+        "only a namespace, by name: {from:?}"
+    );
+    assert_eq!(ingress[0]["ports"][0]["port"], port["name"]);
+
+    // The TLS patch: the agent reads the ConfigMap's web.toml, whose files are where the patch
+    // mounts the Secret, and whose example user's hash is of the password the file names.
+    let web = find_kind(docs_of("web-config.yaml"), "ConfigMap");
+    let web_toml = web["data"]["web.toml"].as_str().expect("web.toml");
+    let mut tls = daemonset.clone();
+    merge(&mut tls, &docs_of("patches/metrics-tls.yaml")[0]);
+    let (tls_pod, tls_agent) = pod_and_container(&tls);
+    let env_value = |name: &str| {
+        tls_agent["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["name"] == name))
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mount_of = |volume: &str| {
+        tls_agent["volumeMounts"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == volume))
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("no mount of {volume}"))
+            .to_owned()
+    };
+    assert_eq!(
+        env_value("VMTRACE_WEB_CONFIG"),
+        format!("{}/web.toml", mount_of("web-config"))
+    );
+    for file in ["tls.crt", "tls.key"] {
+        assert!(
+            web_toml.contains(&format!("\"{}/{file}\"", mount_of("metrics-tls"))),
+            "web.toml names the Secret's {file}"
+        );
+    }
+    let hash = web_toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("prometheus = "))
+        .expect("the example user")
+        .trim_matches('"');
+    assert!(
+        bcrypt::verify("change-me", hash).unwrap(),
+        "the example hash is of change-me"
+    );
+    let volumes_of_tls: Vec<&str> = tls_pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(volumes_of_tls.contains(&"metrics-tls") && volumes_of_tls.contains(&"tracefs"));
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        assert_eq!(tls_agent[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+        assert_eq!(
+            tls_agent[probe]["httpGet"]["port"], "metrics",
+            "{probe} keeps its port"
+        );
+    }
+
     // The OTLP example: the collector receives gRPC and HTTP, and the patch points the agents at it.
     let collector = docs_of("otel-collector.yaml");
     let config_map = find_kind(collector, "ConfigMap");
@@ -369,10 +457,18 @@ fn manifests_validate_and_keep_to_least_privilege() {
         Some("grpc")
     );
 
-    // Both patches applied (as kubectl would) still validate.
+    // Every patch applied (as kubectl would) still validates.
     let mut both = daemonset.clone();
-    merge(&mut both, &docs_of("patches/otlp-export.yaml")[0]);
-    merge(&mut both, &docs_of("patches/run-as-root.yaml")[0]);
+    for patch in optional.iter().filter(|f| f.starts_with("patches/")) {
+        merge(&mut both, &docs_of(patch)[0]);
+    }
+    assert_eq!(both["spec"]["template"]["spec"]["hostPID"], true);
+    assert!(
+        both["spec"]["template"]["spec"]["initContainers"]
+            .as_array()
+            .is_some_and(|i| i.iter().all(|c| c["name"] != "mount-tracefs")),
+        "patches/no-tracefs-mount.yaml removes the privileged init container"
+    );
     let path = scratch.join("patched-daemonset.json");
     fs::write(&path, serde_json::to_string_pretty(&both).unwrap()).unwrap();
     kubernetes_validate(&python, &path);
@@ -422,6 +518,14 @@ fn manifests_validate_and_keep_to_least_privilege() {
         let rendered_ds = find_kind(&full, "DaemonSet");
         let (rendered_pod, rendered_agent) = pod_and_container(rendered_ds);
         assert_eq!(rendered_pod["securityContext"]["runAsUser"], 0);
+        assert_eq!(rendered_pod["hostPID"], true);
+        assert!(
+            rendered_pod["initContainers"]
+                .as_array()
+                .is_some_and(|i| i.len() == 1 && i[0]["name"] == "install-seccomp-profile"),
+            "kustomize applies the delete patch: {}",
+            rendered_pod["initContainers"]
+        );
         assert!(
             rendered_agent["env"]
                 .as_array()
@@ -497,74 +601,23 @@ fn run_as_pod(daemonset: &Value, grant: Grant, executable: &Path, parent: &str, 
         .iter()
         .map(|c| 1u64 << capability_number(c))
         .sum();
-    let effective = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
-    assert_eq!(
-        effective, wanted,
-        "{label}: effective capabilities {effective:#x}, the manifest grants {wanted:#x}"
-    );
+    // What it keeps once the probes are attached: the sampling thread CAP_BPF (with CAP_PERFMON
+    // only where hardware counters are opened), the other threads nothing.
+    let effective = assert_agent_capabilities(&label, agent, wanted);
     if security(pod_spec, container, "allowPrivilegeEscalation") == &Value::Bool(false) {
         assert_eq!(field("NoNewPrivs:"), "1", "{label}: no_new_privs");
     }
 
-    // A tenant's guests, while the pod runs: exits to the VMM, in-kernel doorbell writes and kicks.
-    let reports = vec![
-        run_vmm(&[
-            "--scenario",
-            "pio",
-            "--count",
-            "2000",
-            "--cgroup",
-            &tenant.relative,
-        ]),
-        run_vmm(&[
-            "--scenario",
-            "doorbell",
-            "--count",
-            "1000",
-            "--cgroup",
-            &tenant.relative,
-        ]),
-    ];
-    // Every kind, host-side ones too: what the agent can read under these privileges.
-    let expectation = Expectation::of_vmms(&reports, HostKvm::of_this_host());
-    let path = tenant.agent_path();
-    let mut metrics = String::new();
-    poll(Duration::from_secs(30), || {
-        metrics = pod
-            .http_get(ready_port, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default();
-        expectation
-            .mismatches(&tenant_counts(&metrics, &path))
-            .is_empty()
-            .then_some(())
-    });
-    let wrong = expectation.mismatches(&tenant_counts(&metrics, &path));
-    assert!(
-        wrong.is_empty(),
-        "{label}: {path}:\n  {}\nthe pod's stderr:\n{}",
-        wrong.join("\n  "),
-        pod.stderr()
-    );
-    // The classic tracepoint (sys_enter_ioctl, read through tracefs) works under these privileges:
-    // VMM service times are measured.
-    let served = sample(
-        &metrics,
-        "vmtrace_vmm_service_duration_seconds_count",
-        &[("tenant", &path), ("exit_reason", "io")],
-    );
-    assert!(
-        served.is_some_and(|n| n > 0.0),
-        "{label}: no VMM service time for {path}"
-    );
-    let stderr = pod.stderr();
-    assert!(
-        !stderr.contains("not attached"),
-        "{label}: a probe did not attach:\n{stderr}"
-    );
-    eprintln!(
-        "{label}: ready, uid {uid}, CapEff {effective:#x}; counted for {path}: {:?}",
-        tenant_counts(&metrics, &path)
+    eprintln!("{label}: ready, uid {uid}, sampling thread CapEff {effective:#x}");
+    counts_a_pio_and_a_doorbell_vmm(
+        &label,
+        &tenant,
+        || {
+            pod.http_get(ready_port, "/metrics")
+                .map(|(_, body)| body)
+                .unwrap_or_default()
+        },
+        || pod.stderr(),
     );
 }
 
@@ -656,6 +709,12 @@ fn strategic_merge_of_the_patches_merges_containers_and_env_by_name() {
         agent["securityContext"]["capabilities"]["add"],
         serde_json::json!(["BPF"])
     );
+    let mut pod = serde_json::json!({"initContainers": [{"name": "a"}, {"name": "b"}]});
+    merge(
+        &mut pod,
+        &serde_json::json!({"initContainers": [{"name": "a", "$patch": "delete"}]}),
+    );
+    assert_eq!(pod["initContainers"], serde_json::json!([{"name": "b"}]));
     assert_eq!(capability_number("CAP_BPF"), 39);
     assert_eq!(capability_number("DAC_READ_SEARCH"), 2);
 }

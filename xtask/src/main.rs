@@ -85,9 +85,9 @@ enum Task {
     },
     /// Build the agent's container image from source with podman (deploy/Containerfile: a build
     /// stage with Debian's rustc-web and bpf-linker, a Debian slim runtime stage), tagged
-    /// localhost/vmtrace:<version> and localhost/vmtrace:dev. Makes the Debian base images it names
-    /// with debootstrap when they are absent, so no registry is needed. About 10 minutes the first
-    /// time on 2 CPUs.
+    /// `localhost/vmtrace:<version>` and `localhost/vmtrace:dev`. Makes the Debian base images it
+    /// names with debootstrap when they are absent, so no registry is needed. About 7 minutes the
+    /// first time on 2 CPUs.
     Image,
     /// Write deploy/seccomp/vmtrace.json: the runtime default seccomp profile (containers-common's,
     /// as CRI-O and podman apply it) with bpf() and perf_event_open() allowed without

@@ -32,6 +32,9 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "python3-venv",
     "libcap2-bin",
+    // tests/tests/web_tls.rs makes certificates and checks refusals with a real client.
+    "openssl",
+    "curl",
     // tests/tests/container.rs runs the image `cargo xtask image` builds from a debootstrapped base.
     "podman",
     "runc",

@@ -25,6 +25,8 @@ pub struct Diagnosis {
     pub cgroup_v2: Option<String>,
     pub privileges: Privileges,
     pub hardware_perf_counters: Result<(), String>,
+    /// Figures beyond the probes that the agent cannot give here, and why.
+    pub figures_unavailable: Vec<crate::host::figures::Unavailable>,
     pub probes: Vec<ProbeStatus>,
     /// Probes that should be attached here and are not (`category:event`): vmtrace runs degraded.
     pub probes_not_attached: Vec<String>,
@@ -76,6 +78,7 @@ pub fn diagnose() -> Diagnosis {
         btf_arguments: btf_arguments(btf_read.as_ref(), &probes),
         tracefs,
         kvm_exit: kvm_exit(kvm.flavour),
+        figures_unavailable: figures_unavailable(kvm.flavour),
         kvm,
         exit_source,
         cgroup_v2,
@@ -89,6 +92,21 @@ pub fn diagnose() -> Diagnosis {
         probes,
         blockers,
     }
+}
+
+/// What the agent would report as unavailable figures, as its sampler decides them.
+fn figures_unavailable(flavour: KvmFlavour) -> Vec<crate::host::figures::Unavailable> {
+    use crate::host::figures;
+    let pid_namespace = figures::foreign_pid_namespace();
+    let dtlb = match &pid_namespace {
+        Some(reason) => Some(reason.clone()),
+        None => crate::host::dtlb::availability().err(),
+    };
+    figures::unavailable(
+        flavour.guest_time_unknown().or(pid_namespace.as_deref()),
+        dtlb.as_deref(),
+        pid_namespace.as_deref(),
+    )
 }
 
 /// Whether `kvm:kvm_exit` fires on this KVM flavour, from the probe table: where it is silent, so
@@ -230,6 +248,18 @@ pub fn render(d: &Diagnosis) -> String {
             Err(e) => e.clone(),
         },
     );
+    if d.figures_unavailable.is_empty() {
+        line(
+            "figures",
+            "every figure beyond the probes is available".to_owned(),
+        );
+    }
+    for (i, figure) in d.figures_unavailable.iter().enumerate() {
+        line(
+            if i == 0 { "figures" } else { "" },
+            format!("{} unavailable: {}", figure.figure, figure.reason),
+        );
+    }
     for (i, probe) in d.probes.iter().enumerate() {
         line(
             if i == 0 { "probes" } else { "" },

@@ -220,6 +220,16 @@ pub const AGENT_PROBE_ATTACHED: MetricDef = MetricDef {
                   answers 503), by `probe` (category:event). A probe silent on this host or optional \
                   and off is not listed when it is not attached.",
 };
+pub const AGENT_FIGURE_AVAILABLE: MetricDef = MetricDef {
+    name: "vmtrace.agent.figure.available",
+    unit: "1",
+    kind: MetricKind::Gauge,
+    description: "1 for each figure beyond the probes that the agent gives on this host, 0 for \
+                  each it cannot (attribute `reason` says why), by `figure`: cpu.guest (the VMM \
+                  threads' guest time, so the tax ratio), tlb.dtlb_misses (hardware counters per \
+                  VMM thread), iommu.fault.owner (the tenant holding a faulting device). A \
+                  container without hostPID cannot give any of the three.",
+};
 pub const AGENT_MAP_ENTRIES: MetricDef = MetricDef {
     name: "vmtrace.agent.map.entries",
     unit: "{entry}",
@@ -249,7 +259,7 @@ pub const AGENT_STATE_ENTRIES: MetricDef = MetricDef {
 };
 
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 29] = [
+pub const ALL: [MetricDef; 30] = [
     VM_EXITS,
     VMM_EXITS,
     VM_EVENTS,
@@ -275,6 +285,7 @@ pub const ALL: [MetricDef; 29] = [
     AGENT_MEMORY,
     AGENT_EXPORT_DROPPED,
     AGENT_PROBE_ATTACHED,
+    AGENT_FIGURE_AVAILABLE,
     AGENT_SAMPLE_ERRORS,
     AGENT_MAP_ENTRIES,
     AGENT_MAP_CAPACITY,
@@ -422,6 +433,19 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
                 ("reason", failure.reason.clone()),
             ],
             Value::Int(0),
+        );
+    }
+    for figure in crate::host::figures::FIGURES {
+        let unavailable = sample
+            .figures_unavailable
+            .iter()
+            .find(|u| u.figure == figure);
+        let mut attributes = vec![("figure", figure.to_owned())];
+        attributes.extend(unavailable.map(|u| ("reason", u.reason.clone())));
+        push(
+            AGENT_FIGURE_AVAILABLE,
+            attributes,
+            Value::Int(u64::from(unavailable.is_none())),
         );
     }
     push(

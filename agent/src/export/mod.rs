@@ -5,3 +5,4 @@ pub mod metrics;
 
 pub(crate) mod otlp;
 pub(crate) mod prometheus;
+pub(crate) mod web;

@@ -47,8 +47,11 @@ use tokio::{
 };
 use tower::ServiceExt;
 
+use tokio_rustls::TlsAcceptor;
+
 use crate::{
     export::metrics::{Family, MetricKind, Value, probes_missing},
+    export::web::{Auth, WebConfig},
     sample::timeline::{self, MovedOn, Points, Timeline},
 };
 
@@ -95,9 +98,15 @@ struct AppState {
     timeline: SharedTimeline,
 }
 
-/// Serves on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, latest: Latest, timeline: SharedTimeline) -> Result<()> {
-    let app = router(AppState { latest, timeline });
+/// Serves on `listener` until the process ends, with `web`'s TLS and authentication.
+pub async fn serve(
+    listener: TcpListener,
+    latest: Latest,
+    timeline: SharedTimeline,
+    web: WebConfig,
+) -> Result<()> {
+    let app = router(AppState { latest, timeline }, Arc::new(web.auth));
+    let tls = web.tls.map(Arc::new);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSED_CONNECTIONS));
     let mut last_logged: Option<Instant> = None;
@@ -117,19 +126,58 @@ pub async fn serve(listener: TcpListener, latest: Latest, timeline: SharedTimeli
         };
         // Best effort: a socket that keeps the kernel's default still works.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
+        let tls = tls.as_ref().map(|t| t.acceptor());
         if let Ok(slot) = connections.clone().try_acquire_owned() {
-            tokio::spawn(serve_connection(stream, app.clone(), slot));
+            let app = app.clone();
+            tokio::spawn(async move {
+                match tls {
+                    Some(tls) => {
+                        if let Some(stream) = handshake(tls, stream, HEADER_TIMEOUT).await {
+                            serve_connection(stream, app, slot).await;
+                        }
+                    }
+                    None => serve_connection(stream, app, slot).await,
+                }
+            });
         } else if let Ok(slot) = refusals.clone().try_acquire_owned() {
-            tokio::spawn(refuse_connection(stream, slot));
+            tokio::spawn(async move {
+                match tls {
+                    Some(tls) => {
+                        if let Some(stream) = handshake(tls, stream, REFUSAL_TIME).await {
+                            refuse_connection(stream, slot).await;
+                        }
+                    }
+                    None => refuse_connection(stream, slot).await,
+                }
+            });
         }
         // Else the stream is dropped here: the connection is closed at once.
     }
 }
 
-fn router(state: AppState) -> Router {
+/// A TLS handshake, given up after `within` (a client that connects and sends nothing).
+async fn handshake(
+    tls: TlsAcceptor,
+    stream: TcpStream,
+    within: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(within, tls.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn router(state: AppState, auth: Arc<Auth>) -> Router {
+    // Authentication runs inside the limit of responses in progress, so that at most that many
+    // bcrypt checks run at once.
     let limited = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/timeline", get(timeline_json))
+        .route_layer(middleware::from_fn_with_state(auth, authenticated))
         .route_layer(middleware::from_fn_with_state(
             Arc::new(Semaphore::new(MAX_RESPONSES_IN_PROGRESS)),
             one_of_the_responses_in_progress,
@@ -141,9 +189,25 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// 401 unless the request's credentials are admitted.
+async fn authenticated(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
+    if auth.admits(request.headers()) {
+        return next.run(request).await;
+    }
+    let mut response = (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(auth.challenge()),
+    );
+    response
+}
+
 /// Serves one connection with hyper, which closes it when its headers are late; closes it too when
 /// a request has been in progress for [`REQUEST_TIMEOUT`].
-async fn serve_connection(stream: TcpStream, app: Router, _slot: OwnedSemaphorePermit) {
+async fn serve_connection<S>(stream: S, app: Router, _slot: OwnedSemaphorePermit)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // When the request in progress began: set as it comes, cleared once its response is sent.
     let began = Arc::new(watch::Sender::new(None::<Instant>));
     let service = {
@@ -193,7 +257,10 @@ impl Drop for RequestEnds {
 
 /// A connection beyond [`MAX_CONNECTIONS`]: its request is answered 503 (`/healthz` 200), then it
 /// is closed, within [`REFUSAL_TIME`] whatever the client does.
-async fn refuse_connection(stream: TcpStream, _slot: OwnedSemaphorePermit) {
+async fn refuse_connection<S>(stream: S, _slot: OwnedSemaphorePermit)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(|request: Request<Incoming>| async move {
         Ok::<_, Infallible>(if request.uri().path() == "/healthz" {
             "ok\n".into_response()

@@ -36,7 +36,7 @@ pub fn availability() -> Result<(), String> {
         .build();
     opened.map(drop).map_err(|e| {
         format!(
-            "unavailable: perf_event_open of a hardware dTLB-miss counter failed ({e}); this host \
+            "perf_event_open of a hardware dTLB-miss counter failed ({e}); this host \
              exposes no hardware performance counters"
         )
     })

@@ -2,9 +2,11 @@
 //! Everything is detected at run time; nothing is assumed from the build machine.
 
 pub(crate) mod agent_usage;
+pub(crate) mod capabilities;
 pub mod cgroup_index;
 pub(crate) mod cgroupfs;
 pub(crate) mod dtlb;
+pub(crate) mod figures;
 pub(crate) mod guest_time;
 pub(crate) mod procfs;
 pub(crate) mod vfio;
@@ -130,7 +132,8 @@ pub fn privileges() -> Privileges {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    // This thread's: capabilities are per thread, and /proc/self is the main thread's.
+    let status = fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
     let field = |key: &str| {
         status
             .lines()

@@ -403,7 +403,7 @@ fn is_attached(status: &[ProbeStatus], program: &str) -> bool {
 }
 
 /// Whether any device here is translated by an IOMMU (the IOMMU events fire only then).
-fn has_iommu_groups() -> bool {
+pub(crate) fn has_iommu_groups() -> bool {
     std::fs::read_dir("/sys/kernel/iommu_groups").is_ok_and(|mut groups| groups.next().is_some())
 }
 

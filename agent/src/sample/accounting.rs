@@ -54,11 +54,17 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    pub fn new(cgroups: CgroupFs) -> Self {
+    /// `pid_namespace`: why the VMMs' threads are not in this agent's /proc, when they are not;
+    /// then no thread can be counted.
+    pub fn new(cgroups: CgroupFs, pid_namespace: Option<&str>) -> Self {
+        let dtlb = match pid_namespace {
+            Some(reason) => Err(reason.to_owned()),
+            None => dtlb::availability(),
+        };
         Self {
             cgroups,
             guest: GuestTime::default(),
-            dtlb: dtlb::availability().map(|()| DtlbCounters::default()),
+            dtlb: dtlb.map(|()| DtlbCounters::default()),
             last: HashMap::new(),
         }
     }

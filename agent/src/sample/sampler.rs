@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     host::cgroup_index::{CgroupIndex, IndexSizes, find_v2_mount},
     host::cgroupfs::CgroupFs,
-    host::vfio,
     host::{self, KvmDetection, KvmFlavour},
+    host::{figures, vfio},
     probe::counters::{Counters, IommuFaults},
     probe::doorbell_state::DoorbellState,
     probe::lifecycle::CgroupEvents,
@@ -45,6 +45,9 @@ pub struct Sample {
     /// is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_time_unavailable: Option<String>,
+    /// Figures the agent cannot give on this host, with why; absent when it gives them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub figures_unavailable: Vec<figures::Unavailable>,
     /// IOMMU faults by device, with the tenant that holds the device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub iommu_faults: Vec<TenantIommuFaults>,
@@ -156,6 +159,8 @@ pub struct Sampler {
     doorbell_state_failing: bool,
     /// Which tenants are reported by name.
     cap: TenantCap,
+    /// Why /proc does not show the VMMs' threads, when it does not (a container without hostPID).
+    pid_namespace: Option<String>,
 }
 
 impl Sampler {
@@ -175,12 +180,22 @@ impl Sampler {
         if let Err(e) = &probes.btf {
             tracing::warn!(error = %e, "raw tracepoint arguments not checked against the kernel's BTF");
         }
+        let pid_namespace = figures::foreign_pid_namespace();
+        let accounting = Accounting::new(CgroupFs::new(root.clone()), pid_namespace.as_deref());
+        let guest_time_unknown = kvm.flavour.guest_time_unknown().map(str::to_owned);
+        for figure in figures::unavailable(
+            guest_time_unknown.as_deref().or(pid_namespace.as_deref()),
+            accounting.dtlb_unavailable(),
+            pid_namespace.as_deref(),
+        ) {
+            tracing::warn!(figure = %figure.figure, reason = %figure.reason, "figure unavailable");
+        }
         Ok(Self {
             probes,
             counters,
             cgroup_events,
             reported_removed: HashSet::new(),
-            accounting: Accounting::new(CgroupFs::new(root.clone())),
+            accounting,
             vfio: vfio::Roots::default(),
             iommu_owners: HashMap::new(),
             index: CgroupIndex::new(root),
@@ -190,6 +205,7 @@ impl Sampler {
             doorbell_state: None,
             doorbell_state_failing: false,
             cap: TenantCap::default(),
+            pid_namespace,
         })
     }
 
@@ -292,7 +308,11 @@ impl Sampler {
                 .extend(tenant.cgroups.iter().map(|c| c.id));
         }
         let mut tenants = self.cap.apply(tenants);
-        let guest_time_unknown = self.kvm.flavour.guest_time_unknown();
+        let guest_time_unknown = self
+            .kvm
+            .flavour
+            .guest_time_unknown()
+            .or(self.pid_namespace.as_deref());
         add_rates(
             &mut tenants,
             previous,
@@ -310,6 +330,11 @@ impl Sampler {
             tenants,
             dtlb_unavailable: self.accounting.dtlb_unavailable().map(str::to_owned),
             guest_time_unavailable: guest_time_unknown.map(str::to_owned),
+            figures_unavailable: figures::unavailable(
+                guest_time_unknown,
+                self.accounting.dtlb_unavailable(),
+                self.pid_namespace.as_deref(),
+            ),
             iommu_faults: self.attribute_iommu_faults(&snapshot.iommu_faults, now),
             drops: snapshot
                 .drops
@@ -336,6 +361,12 @@ impl Sampler {
         self.previous = Some((now, counts));
         sample.state = self.state_sizes();
         Ok(sample)
+    }
+
+    /// Whether hardware counters are opened on VMM threads as they come (which takes
+    /// CAP_PERFMON for as long as the agent runs).
+    pub fn counts_hardware_events(&self) -> bool {
+        self.accounting.dtlb_unavailable().is_none()
     }
 
     /// The probes that should be attached here and are not.

@@ -22,7 +22,7 @@ use crate::{
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
     /// TOML configuration file (keys: interval, window, listen, kick_latency, max_tenants,
-    /// node_name, state_dir, and an
+    /// node_name, state_dir, web_config, and an
     /// `[otlp]` table with endpoint, protocol, headers, timeout_ms, interval_ms; see
     /// docs/configuration.md).
     #[arg(long, env = "VMTRACE_CONFIG")]
@@ -67,6 +67,12 @@ pub struct AgentArgs {
     /// [default: /run/vmtrace].
     #[arg(long, env = "VMTRACE_STATE_DIR")]
     pub state_dir: Option<String>,
+    /// Web configuration file for the Prometheus endpoint: TLS (`[tls_server_config]` with
+    /// cert_file, key_file, and client_ca_file to require client certificates), basic auth
+    /// (`[basic_auth_users]`, bcrypt hashes) and `bearer_token_file`, as node_exporter's keys but
+    /// in TOML (docs/configuration.md). Plain HTTP, open to whoever reaches --listen, without it.
+    #[arg(long, env = "VMTRACE_WEB_CONFIG")]
+    pub web_config: Option<PathBuf>,
     #[command(flatten)]
     pub probes: ProbeArgs,
 }
@@ -84,6 +90,7 @@ pub struct FileConfig {
     pub max_tenants: Option<usize>,
     pub node_name: Option<String>,
     pub state_dir: Option<String>,
+    pub web_config: Option<PathBuf>,
     #[serde(default)]
     pub otlp: FileOtlp,
 }
@@ -189,6 +196,8 @@ pub struct AgentConfig {
     pub otlp: Option<OtlpConfig>,
     /// `None` outside a cluster: pod tenants keep their UID only.
     pub kube: Option<KubeConfig>,
+    /// The endpoint's TLS and authentication; `None`: plain HTTP, open.
+    pub web_config: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -317,6 +326,7 @@ impl AgentConfig {
             state_dir,
             otlp,
             kube,
+            web_config: args.web_config.clone().or(file.web_config),
         })
     }
 }

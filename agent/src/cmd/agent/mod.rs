@@ -22,8 +22,8 @@ use tokio::sync::{oneshot, watch};
 use crate::{
     cmd::agent::config::AgentConfig,
     export::metrics::{AgentHealth, families},
-    export::{otlp, prometheus},
-    host::agent_usage,
+    export::{otlp, prometheus, web},
+    host::{agent_usage, capabilities},
     probe::load::ProbeOptions,
     sample::errors::SampleErrors,
     sample::sampler::{Sample, Sampler},
@@ -34,6 +34,10 @@ use crate::{
 };
 
 pub async fn run(config: AgentConfig) -> Result<()> {
+    let web = match &config.web_config {
+        Some(path) => web::WebConfig::load(path)?,
+        None => web::WebConfig::open(),
+    };
     let listener = match config.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -61,12 +65,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // Served while the probes load: /healthz answers, /readyz says they are not attached yet.
     if let Some(listener) = listener {
         eprintln!(
-            "vmtrace agent: Prometheus endpoint on http://{}/metrics",
-            listener.local_addr()?
+            "vmtrace agent: Prometheus endpoint on {}://{}/metrics{}",
+            if web.tls.is_some() { "https" } else { "http" },
+            listener.local_addr()?,
+            web.describe()
         );
         let (latest, timeline) = (latest.clone(), timeline.clone());
         tokio::spawn(async move {
-            if let Err(e) = prometheus::serve(listener, latest, timeline).await {
+            if let Err(e) = prometheus::serve(listener, latest, timeline, web).await {
                 tracing::error!("{e:#}");
             }
         });
@@ -86,6 +92,25 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 dir.display()
             );
         }
+        // The probes are attached: keep only what reading them takes from now on.
+        let needed = capabilities::needed_by_the_sampler(
+            sampler.counts_hardware_events(),
+            crate::probe::load::has_iommu_groups(),
+        );
+        match capabilities::keep_only(&needed) {
+            Ok(dropped) if !dropped.is_empty() => eprintln!(
+                "vmtrace agent: probes attached; gave up {}, no longer needed; the sampling \
+                 thread keeps at most {}, the others none",
+                if dropped.len() <= 4 {
+                    dropped.join(", ")
+                } else {
+                    format!("{} capabilities", dropped.len())
+                },
+                capabilities::names(&needed)
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("{e:#}"),
+        }
         let watching = format!(
             "vmtrace agent: watching; KVM {}; exit source: {}",
             sampler.kvm().flavour.name(),
@@ -94,6 +119,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Ok((sampler, watching))
     })
     .await?;
+    // The other threads (the endpoint, OTLP, the Kubernetes watch) need no capability.
+    if let Err(e) = capabilities::keep_only(&[]) {
+        tracing::warn!("{e:#}");
+    }
     let started = SystemTime::now();
     if let Some(mut otlp_config) = config.otlp.clone() {
         otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
@@ -321,6 +350,7 @@ mod tests {
                 tenants: Vec::new(),
                 dtlb_unavailable: None,
                 guest_time_unavailable: None,
+                figures_unavailable: Vec::new(),
                 iommu_faults: Vec::new(),
                 drops: std::collections::BTreeMap::new(),
                 probes_not_attached: Vec::new(),

@@ -193,6 +193,7 @@ mod tests {
             tenants,
             dtlb_unavailable: None,
             guest_time_unavailable: None,
+            figures_unavailable: Vec::new(),
             iommu_faults: Vec::new(),
             drops: BTreeMap::default(),
             probes_not_attached: Vec::new(),

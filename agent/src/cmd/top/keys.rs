@@ -142,6 +142,7 @@ pub(crate) mod tests {
             ],
             dtlb_unavailable: None,
             guest_time_unavailable: None,
+            figures_unavailable: Vec::new(),
             iommu_faults: Vec::new(),
             drops: std::collections::BTreeMap::default(),
             probes_not_attached: Vec::new(),
