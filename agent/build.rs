@@ -57,15 +57,24 @@ fn main() {
 }
 
 /// `VMTRACE_VERSION`, what `vmtrace --version` prints: the crate's version and, when the build was
-/// given one (the image build passes the commit), `VMTRACE_REVISION`.
+/// given one (the image build passes the commit), `VMTRACE_REVISION`; and that revision alone as
+/// `VMTRACE_BUILD_REVISION` (`unknown` without), for vmtrace.build.info.
 fn export_version() {
     println!("cargo:rerun-if-env-changed=VMTRACE_REVISION");
     let version = env::var("CARGO_PKG_VERSION").unwrap_or_default();
-    let version = match env::var("VMTRACE_REVISION") {
-        Ok(revision) if !revision.trim().is_empty() => format!("{version} ({})", revision.trim()),
-        _ => version,
+    let revision = env::var("VMTRACE_REVISION")
+        .ok()
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty());
+    let version = match &revision {
+        Some(revision) => format!("{version} ({revision})"),
+        None => version,
     };
     println!("cargo:rustc-env=VMTRACE_VERSION={version}");
+    println!(
+        "cargo:rustc-env=VMTRACE_BUILD_REVISION={}",
+        revision.as_deref().unwrap_or("unknown")
+    );
 }
 
 fn fail(message: &str) -> ! {

@@ -28,9 +28,11 @@ pub fn target_dir() -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Python: kubernetes-validate, and PyYAML (its dependency) to read the manifests.
+// Python: kubernetes-validate, and PyYAML (its dependency) to read the manifests; the reference
+// Python client's strict OpenMetrics parser (prometheus-client) for the exposition.
 
-/// The venv's python with kubernetes-validate and PyYAML importable, installed on first use.
+/// The venv's python with kubernetes-validate, PyYAML and prometheus-client importable, installed
+/// on first use.
 pub fn python() -> Result<PathBuf, String> {
     static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     PYTHON
@@ -39,7 +41,7 @@ pub fn python() -> Result<PathBuf, String> {
             let python = venv.join("bin/python");
             let importable = || {
                 Command::new(&python)
-                    .args(["-c", "import kubernetes_validate, yaml"])
+                    .args(["-c", "import kubernetes_validate, yaml, prometheus_client"])
                     .stderr(Stdio::null())
                     .status()
                     .is_ok_and(|s| s.success())
@@ -74,13 +76,17 @@ pub fn python() -> Result<PathBuf, String> {
                     "--quiet",
                     "--disable-pip-version-check",
                     "kubernetes-validate",
+                    "prometheus-client",
                 ]),
-                "pip install kubernetes-validate",
+                "pip install kubernetes-validate prometheus-client",
             )?;
             if importable() {
                 Ok(python)
             } else {
-                Err("kubernetes-validate installed but not importable".to_owned())
+                Err(
+                    "kubernetes-validate or prometheus-client installed but not importable"
+                        .to_owned(),
+                )
             }
         })
         .clone()

@@ -220,6 +220,15 @@ pub const AGENT_PROBE_ATTACHED: MetricDef = MetricDef {
                   answers 503), by `probe` (category:event). A probe silent on this host or optional \
                   and off is not listed when it is not attached.",
 };
+pub const BUILD_INFO: MetricDef = MetricDef {
+    name: "vmtrace.build.info",
+    unit: "1",
+    kind: MetricKind::Gauge,
+    description: "1, with what the agent is and where it runs as attributes: `version`, \
+                  `revision` (the commit it was built from, `unknown` when the build was not told), \
+                  `kernel` (the release), `kvm` (vmx, svm, pvm or none) and `exit_source` \
+                  (kvm_exit or derived).",
+};
 pub const AGENT_FIGURE_AVAILABLE: MetricDef = MetricDef {
     name: "vmtrace.agent.figure.available",
     unit: "1",
@@ -259,7 +268,7 @@ pub const AGENT_STATE_ENTRIES: MetricDef = MetricDef {
 };
 
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 30] = [
+pub const ALL: [MetricDef; 31] = [
     VM_EXITS,
     VMM_EXITS,
     VM_EVENTS,
@@ -286,6 +295,7 @@ pub const ALL: [MetricDef; 30] = [
     AGENT_EXPORT_DROPPED,
     AGENT_PROBE_ATTACHED,
     AGENT_FIGURE_AVAILABLE,
+    BUILD_INFO,
     AGENT_SAMPLE_ERRORS,
     AGENT_MAP_ENTRIES,
     AGENT_MAP_CAPACITY,
@@ -332,6 +342,12 @@ pub struct AgentHealth {
     pub rss_bytes: u64,
     pub export_dropped: u64,
     pub sample_errors: u64,
+}
+
+/// The kernel's release, read once.
+fn kernel_release() -> &'static str {
+    static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RELEASE.get_or_init(crate::host::kernel_release)
 }
 
 /// Every metric's data points for one sample.
@@ -435,6 +451,17 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
             Value::Int(0),
         );
     }
+    push(
+        BUILD_INFO,
+        vec![
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("revision", env!("VMTRACE_BUILD_REVISION").to_owned()),
+            ("kernel", kernel_release().to_owned()),
+            ("kvm", sample.kvm.name().to_lowercase()),
+            ("exit_source", sample.exit_source.short_name().to_owned()),
+        ],
+        Value::Int(1),
+    );
     for figure in crate::host::figures::FIGURES {
         let unavailable = sample
             .figures_unavailable

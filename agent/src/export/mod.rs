@@ -1,5 +1,6 @@
 //! Where the metrics go: a Prometheus endpoint (pull) and OTLP (push).
 
+pub(crate) mod exposition;
 pub(crate) mod kind_metric;
 pub mod metrics;
 

@@ -1,5 +1,6 @@
-//! The Prometheus endpoint: `/metrics` (OpenMetrics text, the metrics of [`crate::export::metrics`] under the
-//! usual OpenTelemetry-to-Prometheus translation), `/api/timeline` (the agent's timeline, JSON),
+//! The Prometheus endpoint: `/metrics` (the metrics of [`crate::export::metrics`] under the usual
+//! OpenTelemetry-to-Prometheus translation, in the text format 0.0.4 or OpenMetrics as the scraper
+//! asks), `/api/timeline` (the agent's timeline, JSON),
 //! `/healthz` (the agent is alive) and `/readyz` (the probes are attached and a first sample was
 //! taken).
 //!
@@ -50,6 +51,7 @@ use tower::ServiceExt;
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
+    export::exposition::{Format, text_format},
     export::metrics::{Family, MetricKind, Value, probes_missing},
     export::web::{Auth, WebConfig},
     sample::timeline::{self, MovedOn, Points, Timeline},
@@ -489,7 +491,12 @@ fn readiness(families: &[Family]) -> (StatusCode, String) {
     }
 }
 
-async fn metrics(State(AppState { latest, .. }): State<AppState>) -> impl IntoResponse {
+/// The latest sample in the format the scraper asks for (`Accept`): the text format 0.0.4 unless
+/// it asks for OpenMetrics.
+async fn metrics(
+    State(AppState { latest, .. }): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
     let Some(families) = latest.borrow().clone() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -497,15 +504,19 @@ async fn metrics(State(AppState { latest, .. }): State<AppState>) -> impl IntoRe
         )
             .into_response();
     };
+    let format = Format::negotiate(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|accept| accept.to_str().ok()),
+    );
     match encode(&families) {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
+        Ok(openmetrics) => {
+            let text = match format {
+                Format::OpenMetrics => openmetrics,
+                Format::Text => text_format(&openmetrics),
+            };
+            ([(header::CONTENT_TYPE, format.content_type())], text).into_response()
+        }
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding failed: {e}\n"),
