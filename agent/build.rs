@@ -14,6 +14,14 @@ const STUB: &str = "VMTRACE_EBPF_STUB";
 
 fn main() {
     export_version();
+    println!(
+        "cargo:rustc-env=VMTRACE_BPF_TOOLCHAIN={}",
+        if env::var_os(STUB).is_some_and(|v| v == "1") {
+            "none (built with VMTRACE_EBPF_STUB=1)".to_owned()
+        } else {
+            ebpf_toolchain::Toolchain::find().map_or_else(|e| e.to_string(), |t| t.describe())
+        }
+    );
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let workspace_root = manifest_dir.join("..");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());

@@ -133,6 +133,36 @@ impl Toolchain {
     }
 }
 
+impl Toolchain {
+    /// What builds the BPF object, for `vmtrace --version`: the compiler's and bpf-linker's own
+    /// version lines (`unknown` where one does not answer).
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let first_line = |command: &mut Command| {
+            command
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .map(|l| l.trim().to_owned())
+                })
+                .unwrap_or_else(|| "unknown".to_owned())
+        };
+        let rustc = match self {
+            Self::Override(cargo) => first_line(clean_command(cargo).args(["--version"])),
+            Self::Debian => first_line(clean_command(DEBIAN_RUSTC).arg("--version")),
+            Self::RustupNightly => {
+                first_line(clean_command("rustup").args(["run", "nightly", "rustc", "--version"]))
+            }
+        };
+        let linker = first_line(clean_command("bpf-linker").arg("--version"));
+        format!("{rustc}, {linker}")
+    }
+}
+
 /// [`Toolchain::find`], then [`Toolchain::cargo`].
 ///
 /// # Errors

@@ -307,3 +307,102 @@ fn malformed_configuration_and_recordings_get_one_error_line_and_their_exit_code
         assert!(stderr.trim_end().ends_with(errors[0]), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn completions_man_pages_and_the_version_are_generated() {
+    let vmtrace = binary("vmtrace");
+    let run = |args: &[&str]| {
+        let output = Command::new(&vmtrace).args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "vmtrace {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let commands = [
+        "doctor", "watch", "agent", "top", "record", "replay", "report",
+    ];
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]);
+        for command in commands {
+            assert!(
+                script.contains(command),
+                "{shell} completions lack {command}"
+            );
+        }
+        assert!(script.contains("web-config"), "{shell}: the agent's flags");
+    }
+    let page = run(&["man"]);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH vmtrace 1"),
+        "{page}"
+    );
+    for command in commands {
+        assert!(page.contains(command), "vmtrace(1) lists {command}");
+        let sub = run(&["man", command]);
+        assert!(
+            sub.contains(&format!(".TH vmtrace\\-{command} 1"))
+                || sub.contains(&format!(".TH vmtrace-{command} 1")),
+            "{sub}"
+        );
+    }
+    let refused = Command::new(&vmtrace)
+        .args(["man", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("one of doctor, watch, agent"));
+    let version = run(&["--version"]);
+    assert!(
+        version.starts_with(&format!("vmtrace {}", env!("CARGO_PKG_VERSION")))
+            && version.contains("BPF programs built with: rustc ")
+            && version.contains("bpf-linker "),
+        "{version}"
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    if !privileged_host("json_logs_are_one_object_per_line") {
+        return;
+    }
+    let port = vmtrace_tests::free_port();
+    let agent = Command::new(binary("vmtrace"))
+        .args([
+            "--log-format",
+            "json",
+            "agent",
+            "--state-dir",
+            "off",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    vmtrace_tests::wait::wait_for(
+        "the agent to be ready",
+        std::time::Duration::from_mins(1),
+        || matches!(vmtrace_tests::http_get(port, "/readyz"), Ok((200, _))).then_some(()),
+    );
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let output = agent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= 3, "{stderr}");
+    for line in &lines {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            event["level"].is_string() && event["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("vmtrace agent: watching")),
+        "the status lines are JSON too: {stderr}"
+    );
+}

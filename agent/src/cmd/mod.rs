@@ -3,6 +3,7 @@
 pub(crate) mod agent;
 mod args;
 mod doctor;
+pub(crate) mod log;
 mod record;
 mod replay;
 pub mod report;
@@ -23,8 +24,26 @@ use crate::sample::recording::RecordingError;
 /// resolved to Kubernetes pods, libvirt VMs, systemd units or plain paths. It needs root (or
 /// CAP_BPF and CAP_PERFMON); `vmtrace doctor` checks a host.
 #[derive(Debug, Parser)]
-#[command(version = env!("VMTRACE_VERSION"), propagate_version = true)]
+#[command(
+    version = env!("VMTRACE_VERSION"),
+    long_version = concat!(
+        env!("VMTRACE_VERSION"),
+        "\nBPF programs built with: ",
+        env!("VMTRACE_BPF_TOOLCHAIN")
+    ),
+    propagate_version = true
+)]
 pub struct Cli {
+    /// How the log is written on stderr: `text`, or `json` (one object per line, for a log
+    /// pipeline); the level comes from VMTRACE_LOG (default `warn`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "VMTRACE_LOG_FORMAT",
+        default_value_t
+    )]
+    log_format: log::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,6 +70,17 @@ enum Command {
     Record(record::RecordArgs),
     Replay(replay::ReplayArgs),
     Report(report::ReportArgs),
+    /// Print a shell completion script, e.g. `vmtrace completions bash >
+    /// /etc/bash_completion.d/vmtrace` (bash, zsh, fish, elvish, powershell).
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print a manual page (roff): vmtrace(1), or with a command's name that command's, e.g.
+    /// `vmtrace man agent > /usr/share/man/man1/vmtrace-agent.1`.
+    Man {
+        /// The command whose page to print (agent, doctor, top, ...).
+        command: Option<String>,
+    },
 }
 
 /// The exit code of a failure that has no more specific one: the host cannot run vmtrace (`doctor`),
@@ -70,19 +100,12 @@ struct ConfigError(anyhow::Error);
 /// Runs the command line: parses the arguments, sets up logging, runs the command and turns an
 /// error into one line on stderr and the exit code of its kind.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMTRACE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    log::init(cli.log_format);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmtrace: error: {e:#}");
+            log::fatal(&e);
             ExitCode::from(exit_code(&e))
         }
     }
@@ -149,6 +172,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Report(args) => {
             report::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "vmtrace", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { command } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            cli.build();
+            let page = match command {
+                None => cli,
+                Some(name) => {
+                    let Some(sub) = cli.find_subcommand(&name) else {
+                        let names: Vec<&str> =
+                            cli.get_subcommands().map(clap::Command::get_name).collect();
+                        return Err(ConfigError(anyhow::anyhow!(
+                            "no command `{name}`: one of {}",
+                            names.join(", ")
+                        ))
+                        .into());
+                    };
+                    // Named as man pages of subcommands are: vmtrace-agent(1).
+                    sub.clone().name(format!("vmtrace-{name}"))
+                }
+            };
+            clap_mangen::Man::new(page).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     cmd::agent::config::AgentConfig,
+    cmd::log,
     export::metrics::{AgentHealth, families},
     export::{otlp, prometheus, web},
     host::{agent_usage, capabilities},
@@ -48,10 +49,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
     let pods = kubernetes::PodDirectory::default();
     if let Some(kube) = config.kube.clone() {
-        eprintln!(
+        log::status(&format!(
             "vmtrace agent: pod metadata from {} (node {})",
             kube.api, kube.node
-        );
+        ));
         tokio::spawn(kubernetes::run(kube, pods.clone()));
     }
     let (latest_tx, latest) = watch::channel(None);
@@ -64,12 +65,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let export_dropped = Arc::new(AtomicU64::new(0));
     // Served while the probes load: /healthz answers, /readyz says they are not attached yet.
     if let Some(listener) = listener {
-        eprintln!(
+        log::status(&format!(
             "vmtrace agent: Prometheus endpoint on {}://{}/metrics{}",
             if web.tls.is_some() { "https" } else { "http" },
             listener.local_addr()?,
             web.describe()
-        );
+        ));
         let (latest, timeline) = (latest.clone(), timeline.clone());
         tokio::spawn(async move {
             if let Err(e) = prometheus::serve(listener, latest, timeline, web).await {
@@ -87,10 +88,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         sampler.limit_tenants(max_tenants);
         if let Some(dir) = &state_dir {
             let restored = sampler.keep_doorbells(dir);
-            eprintln!(
+            log::status(&format!(
                 "vmtrace agent: learnt doorbells kept in {}; {restored} put back from before",
                 dir.display()
-            );
+            ));
         }
         // The probes are attached: keep only what reading them takes from now on.
         let needed = capabilities::needed_by_the_sampler(
@@ -98,7 +99,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             crate::probe::load::has_iommu_groups(),
         );
         match capabilities::keep_only(&needed) {
-            Ok(dropped) if !dropped.is_empty() => eprintln!(
+            Ok(dropped) if !dropped.is_empty() => log::status(&format!(
                 "vmtrace agent: probes attached; gave up {}, no longer needed; the sampling \
                  thread keeps at most {}, the others none",
                 if dropped.len() <= 4 {
@@ -107,7 +108,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     format!("{} capabilities", dropped.len())
                 },
                 capabilities::names(&needed)
-            ),
+            )),
             Ok(_) => {}
             Err(e) => tracing::warn!("{e:#}"),
         }
@@ -126,10 +127,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let started = SystemTime::now();
     if let Some(mut otlp_config) = config.otlp.clone() {
         otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
-        eprintln!(
+        log::status(&format!(
             "vmtrace agent: OTLP export to {} every {:?}",
             otlp_config.endpoint, otlp_config.interval
-        );
+        ));
         let (latest, dropped) = (latest.clone(), export_dropped.clone());
         tokio::spawn(async move {
             if let Err(e) = otlp::run(otlp_config, latest, dropped, started).await {
@@ -137,7 +138,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             }
         });
     }
-    eprintln!("{watching}");
+    log::status(&watching);
 
     let mut ticks = Ticks::new(config.interval, None, true)?;
     let mut errors = SampleErrors::default();
