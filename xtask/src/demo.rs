@@ -1,10 +1,8 @@
 //! `cargo xtask demo`: the reference VMM runs in three tenant cgroups while the agent shows its live
-//! per-tenant view.
+//! per-tenant view: `vmtrace top` in a terminal (until `q`), `vmtrace watch` for the given time
+//! otherwise.
 
-use std::{
-    path::Path,
-    process::{Child, Command},
-};
+use std::process::{Child, Command};
 
 use anyhow::{Context, Result};
 
@@ -30,12 +28,20 @@ pub fn run(seconds: u64) -> Result<()> {
         "-p",
         "vmtrace-vmm",
     ]))?;
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
-    let mut agent = Command::new(bin.join("vmtrace"))
-        .args(["watch", "--interval", "2s", "--duration"])
-        .arg(format!("{seconds}s"))
-        .spawn()
-        .context("starting the agent")?;
+    let bin = crate::workspace::target_dir().join("release");
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut agent = Command::new(bin.join("vmtrace"));
+    if interactive {
+        eprintln!("demo: vmtrace top; q quits, ? shows its keys");
+        agent.args(["top", "--interval", "1s"]);
+    } else {
+        agent
+            .args(["watch", "--interval", "2s", "--duration"])
+            .arg(format!("{seconds}s"));
+    }
+    let mut agent = agent.spawn().context("starting the agent")?;
+    // In a terminal the guests run until `top` is quit (an hour at most).
+    let seconds = if interactive { 3600 } else { seconds };
     // The agent attaches its probes within a fraction of a second; the guests start after that.
     std::thread::sleep(std::time::Duration::from_millis(500));
     let mut guests = Guests(Vec::new());

@@ -62,9 +62,9 @@ enum Task {
     /// docs/kernel-matrix.md. About 5 minutes with the release binaries built.
     KernelMatrix,
     /// Set up, build, then run the reference VMM in three tenant cgroups while the agent shows its
-    /// live per-tenant view.
+    /// live per-tenant view: `vmtrace top` in a terminal (q quits), `vmtrace watch` otherwise.
     Demo {
-        /// How long the demo runs, in seconds.
+        /// How long the demo runs, in seconds, when not in a terminal.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
