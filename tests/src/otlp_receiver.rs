@@ -19,16 +19,19 @@ use opentelemetry_proto::tonic::{
 use prost::Message;
 
 type Received = Arc<Mutex<Vec<ExportMetricsServiceRequest>>>;
+/// The content encoding of each request received (`identity` when none was named).
+type Encodings = Arc<Mutex<Vec<String>>>;
 
 /// A running receiver; it stops with the test process.
 pub struct Receiver {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     received: Received,
+    encodings: Encodings,
     _runtime: tokio::runtime::Runtime,
 }
 
-struct Grpc(Received);
+struct Grpc(Received, Encodings);
 
 #[tonic::async_trait]
 impl MetricsService for Grpc {
@@ -36,17 +39,43 @@ impl MetricsService for Grpc {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let encoding = request
+            .metadata()
+            .get("grpc-encoding")
+            .and_then(|e| e.to_str().ok())
+            .unwrap_or("identity")
+            .to_owned();
+        self.1.lock().unwrap().push(encoding);
         self.0.lock().unwrap().push(request.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }
 
 async fn http_export(
-    State(received): State<Received>,
+    State((received, encodings)): State<(Received, Encodings)>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Vec<u8>, (axum::http::StatusCode, String)> {
-    let request = ExportMetricsServiceRequest::decode(body)
-        .map_err(|e| (axum::http::StatusCode::BAD_REQUEST, e.to_string()))?;
+    let bad = |e: String| (axum::http::StatusCode::BAD_REQUEST, e);
+    let encoding = headers
+        .get(axum::http::header::CONTENT_ENCODING)
+        .and_then(|e| e.to_str().ok())
+        .unwrap_or("identity")
+        .to_owned();
+    let body = match encoding.as_str() {
+        "gzip" => {
+            use std::io::Read;
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut plain)
+                .map_err(|e| bad(format!("not gzip: {e}")))?;
+            Bytes::from(plain)
+        }
+        "identity" => body,
+        other => return Err(bad(format!("unknown Content-Encoding {other}"))),
+    };
+    let request = ExportMetricsServiceRequest::decode(body).map_err(|e| bad(e.to_string()))?;
+    encodings.lock().unwrap().push(encoding);
     received.lock().unwrap().push(request);
     Ok(ExportMetricsServiceResponse::default().encode_to_vec())
 }
@@ -60,6 +89,7 @@ impl Receiver {
             .build()
             .unwrap();
         let received: Received = Arc::default();
+        let encodings: Encodings = Arc::default();
         let (grpc, http) = runtime.block_on(async {
             let grpc_listener = tokio::net::TcpListener::bind(("127.0.0.1", grpc_port))
                 .await
@@ -71,7 +101,8 @@ impl Receiver {
                 grpc_listener.local_addr().unwrap(),
                 http_listener.local_addr().unwrap(),
             );
-            let service = MetricsServiceServer::new(Grpc(received.clone()));
+            let service = MetricsServiceServer::new(Grpc(received.clone(), encodings.clone()))
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(service)
@@ -81,7 +112,7 @@ impl Receiver {
             );
             let app = Router::new()
                 .route("/v1/metrics", post(http_export))
-                .with_state(received.clone());
+                .with_state((received.clone(), encodings.clone()));
             tokio::spawn(async move { axum::serve(http_listener, app).await });
             addresses
         });
@@ -89,6 +120,7 @@ impl Receiver {
             grpc,
             http,
             received,
+            encodings,
             _runtime: runtime,
         }
     }
@@ -96,6 +128,11 @@ impl Receiver {
     /// Every request received so far.
     pub fn requests(&self) -> Vec<ExportMetricsServiceRequest> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// The content encoding of every request received so far, in order.
+    pub fn encodings(&self) -> Vec<String> {
+        self.encodings.lock().unwrap().clone()
     }
 
     /// Waits until `done` holds for the requests received, or panics after `limit`.

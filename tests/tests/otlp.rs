@@ -1,5 +1,6 @@
-//! The agent's OTLP export, received over gRPC and HTTP by a receiver built on the official OTLP
-//! protobuf definitions, checked against the reference VMM's ground truth; and an unreachable
+//! The agent's OTLP export, received over gRPC and HTTP, plain and gzip-compressed, by a receiver
+//! built on the official OTLP protobuf definitions, checked against the reference VMM's ground
+//! truth; and an unreachable
 //! collector, which must neither stop probing nor grow memory, and whose drops are counted.
 
 use std::{
@@ -25,11 +26,12 @@ use vmtrace_tests::{
 struct AgentProcess(Proc);
 
 impl AgentProcess {
-    fn start(protocol: &str, endpoint: &str) -> Self {
+    fn start(protocol: &str, endpoint: &str, compression: &str) -> Self {
         let process = Proc::spawn(
             "vmtrace agent",
             Command::new(binary("vmtrace"))
                 .args(["agent", "--listen", "off", "--interval", "200ms"])
+                .env("OTEL_EXPORTER_OTLP_COMPRESSION", compression)
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
                 .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
                 .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
@@ -65,14 +67,15 @@ fn last_with(requests: &[ExportMetricsServiceRequest], name: &str) -> ExportMetr
         .clone()
 }
 
-fn exports_match_ground_truth(protocol: &str) {
+/// Exports over `protocol` with `compression` (`none` or `gzip`) carry the reference VMMs' counts.
+fn exports_match_ground_truth(protocol: &str, compression: &str) {
     let receiver = Receiver::start(0);
     let endpoint = match protocol {
         "grpc" => format!("http://{}", receiver.grpc),
         _ => format!("http://{}", receiver.http),
     };
     let base = format!(
-        "vmtrace-test-otlp-{}-{}",
+        "vmtrace-test-otlp-{}-{compression}-{}",
         protocol.replace('/', "-"),
         std::process::id()
     );
@@ -81,7 +84,7 @@ fn exports_match_ground_truth(protocol: &str) {
         TenantCgroup::new(&format!("{base}/a")),
         TenantCgroup::new(&format!("{base}/b")),
     );
-    let agent = AgentProcess::start(protocol, &endpoint);
+    let agent = AgentProcess::start(protocol, &endpoint, compression);
     let pio = run_vmm(&[
         "--scenario",
         "pio",
@@ -104,6 +107,16 @@ fn exports_match_ground_truth(protocol: &str) {
     agent.stop();
     let requests = receiver.requests();
     let last = last_with(&requests, "vmtrace.vm.exits");
+    let encoding = if compression == "gzip" {
+        "gzip"
+    } else {
+        "identity"
+    };
+    let encodings = receiver.encodings();
+    assert!(
+        !encodings.is_empty() && encodings.iter().all(|e| e == encoding),
+        "every {protocol} request {encoding}: {encodings:?}"
+    );
 
     let resource = last.resource_metrics[0].resource.as_ref().unwrap();
     assert_eq!(
@@ -201,14 +214,28 @@ fn exports_match_ground_truth(protocol: &str) {
 #[test]
 fn otlp_grpc_export_carries_the_ground_truth() {
     if privileged_host("otlp_grpc_export_carries_the_ground_truth") {
-        exports_match_ground_truth("grpc");
+        exports_match_ground_truth("grpc", "none");
+    }
+}
+
+#[test]
+fn otlp_grpc_gzip_export_carries_the_ground_truth() {
+    if privileged_host("otlp_grpc_gzip_export_carries_the_ground_truth") {
+        exports_match_ground_truth("grpc", "gzip");
+    }
+}
+
+#[test]
+fn otlp_http_gzip_export_carries_the_ground_truth() {
+    if privileged_host("otlp_http_gzip_export_carries_the_ground_truth") {
+        exports_match_ground_truth("http/protobuf", "gzip");
     }
 }
 
 #[test]
 fn otlp_http_export_carries_the_ground_truth() {
     if privileged_host("otlp_http_export_carries_the_ground_truth") {
-        exports_match_ground_truth("http/protobuf");
+        exports_match_ground_truth("http/protobuf", "none");
     }
 }
 
@@ -221,7 +248,7 @@ fn an_unreachable_collector_costs_nothing_but_counted_drops() {
     let base = format!("vmtrace-test-otlp-down-{}", std::process::id());
     let _base = TenantCgroup::new(&base);
     let tenant = TenantCgroup::new(&format!("{base}/t"));
-    let agent = AgentProcess::start("grpc", &format!("http://127.0.0.1:{port}"));
+    let agent = AgentProcess::start("grpc", &format!("http://127.0.0.1:{port}"), "none");
     let rss_start = agent.rss_kib();
     // Guests exit throughout the outage: 60 s at 2000 port writes per second.
     let vmm = Command::new(binary("vmtrace-vmm"))

@@ -144,6 +144,7 @@ pub struct FileOtlp {
     pub headers: Option<String>,
     pub timeout_ms: Option<u64>,
     pub interval_ms: Option<u64>,
+    pub compression: Option<String>,
 }
 
 /// Durations in the file are written as in flags, "1s", "500ms", and have the flags' ranges.
@@ -368,6 +369,7 @@ fn otlp_setting(
         ("OTEL_EXPORTER_OTLP_ENDPOINT", file.endpoint.clone()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", file.protocol.clone()),
         ("OTEL_EXPORTER_OTLP_HEADERS", file.headers.clone()),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", file.compression.clone()),
         (
             "OTEL_EXPORTER_OTLP_TIMEOUT",
             file.timeout_ms.map(|v| v.to_string()),
