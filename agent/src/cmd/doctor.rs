@@ -98,15 +98,8 @@ pub fn diagnose() -> Diagnosis {
 fn figures_unavailable(flavour: KvmFlavour) -> Vec<crate::host::figures::Unavailable> {
     use crate::host::figures;
     let pid_namespace = figures::foreign_pid_namespace();
-    let dtlb = match &pid_namespace {
-        Some(reason) => Some(reason.clone()),
-        None => crate::host::dtlb::availability().err(),
-    };
-    figures::unavailable(
-        flavour.guest_time_unknown().or(pid_namespace.as_deref()),
-        dtlb.as_deref(),
-        pid_namespace.as_deref(),
-    )
+    let dtlb = figures::dtlb_availability(pid_namespace.as_deref()).err();
+    figures::on_host(flavour, pid_namespace.as_deref(), dtlb.as_deref())
 }
 
 /// Whether `kvm:kvm_exit` fires on this KVM flavour, from the probe table: where it is silent, so

@@ -7,6 +7,8 @@ use std::fs;
 
 use serde::{Deserialize, Serialize};
 
+use super::KvmFlavour;
+
 /// A figure the agent cannot give on this host, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unavailable {
@@ -39,15 +41,36 @@ fn pid_namespace_reason(namespace: &str) -> Option<String> {
     })
 }
 
-/// The unavailable figures, from the reasons the sampler knows.
-pub fn unavailable(
-    guest_time: Option<&str>,
+/// Whether per-thread hardware dTLB counters can be opened here: not from a PID namespace of its
+/// own, nor on a host without hardware counters.
+pub fn dtlb_availability(pid_namespace: Option<&str>) -> Result<(), String> {
+    match pid_namespace {
+        Some(reason) => Err(reason.to_owned()),
+        None => super::dtlb::availability(),
+    }
+}
+
+/// Why the VMM threads' guest time is unknown here, if it is: the KVM flavour's reason first.
+pub fn guest_time_unknown(flavour: KvmFlavour, pid_namespace: Option<&str>) -> Option<&str> {
+    flavour.guest_time_unknown().or(pid_namespace)
+}
+
+/// The figures this host cannot give, from its KVM flavour, the agent's PID namespace and the
+/// dTLB counters' availability (`dtlb`: why not, if not): what the sampler reports and doctor
+/// shows.
+pub fn on_host(
+    flavour: KvmFlavour,
+    pid_namespace: Option<&str>,
     dtlb: Option<&str>,
-    iommu_owner: Option<&str>,
 ) -> Vec<Unavailable> {
+    let reasons = [
+        guest_time_unknown(flavour, pid_namespace),
+        dtlb,
+        pid_namespace,
+    ];
     FIGURES
         .iter()
-        .zip([guest_time, dtlb, iommu_owner])
+        .zip(reasons)
         .filter_map(|(figure, reason)| {
             reason.map(|r| Unavailable {
                 figure: (*figure).to_owned(),
@@ -70,10 +93,12 @@ mod tests {
 
     #[test]
     fn only_the_figures_with_a_reason_are_listed() {
-        let listed = unavailable(None, Some("no PMU"), Some("no host /proc"));
+        let listed = on_host(KvmFlavour::Svm, None, Some("no PMU"));
+        assert_eq!(listed.len(), 1);
+        let listed = on_host(KvmFlavour::Svm, Some("no host /proc"), Some("no PMU"));
         assert_eq!(
             listed.iter().map(|u| u.figure.as_str()).collect::<Vec<_>>(),
-            ["tlb.dtlb_misses", "iommu.fault.owner"]
+            ["cpu.guest", "tlb.dtlb_misses", "iommu.fault.owner"]
         );
     }
 }

@@ -14,9 +14,9 @@ use std::{
 
 use crate::{
     host::cgroupfs::{CgroupFs, CpuStat, MemoryStat, outermost},
-    host::dtlb::{self, DtlbCounters},
     host::guest_time::GuestTime,
     host::procfs::vmm_threads,
+    host::{dtlb::DtlbCounters, figures},
     kind::{CpuMode, Gauge, Kind, MemcgEvent},
     probe::counters::KindCounts,
     tenant::aggregate::TenantCounts,
@@ -57,14 +57,10 @@ impl Accounting {
     /// `pid_namespace`: why the VMMs' threads are not in this agent's /proc, when they are not;
     /// then no thread can be counted.
     pub fn new(cgroups: CgroupFs, pid_namespace: Option<&str>) -> Self {
-        let dtlb = match pid_namespace {
-            Some(reason) => Err(reason.to_owned()),
-            None => dtlb::availability(),
-        };
         Self {
             cgroups,
             guest: GuestTime::default(),
-            dtlb: dtlb.map(|()| DtlbCounters::default()),
+            dtlb: figures::dtlb_availability(pid_namespace).map(|()| DtlbCounters::default()),
             last: HashMap::new(),
         }
     }

@@ -182,11 +182,10 @@ impl Sampler {
         }
         let pid_namespace = figures::foreign_pid_namespace();
         let accounting = Accounting::new(CgroupFs::new(root.clone()), pid_namespace.as_deref());
-        let guest_time_unknown = kvm.flavour.guest_time_unknown().map(str::to_owned);
-        for figure in figures::unavailable(
-            guest_time_unknown.as_deref().or(pid_namespace.as_deref()),
-            accounting.dtlb_unavailable(),
+        for figure in figures::on_host(
+            kvm.flavour,
             pid_namespace.as_deref(),
+            accounting.dtlb_unavailable(),
         ) {
             tracing::warn!(figure = %figure.figure, reason = %figure.reason, "figure unavailable");
         }
@@ -308,11 +307,8 @@ impl Sampler {
                 .extend(tenant.cgroups.iter().map(|c| c.id));
         }
         let mut tenants = self.cap.apply(tenants);
-        let guest_time_unknown = self
-            .kvm
-            .flavour
-            .guest_time_unknown()
-            .or(self.pid_namespace.as_deref());
+        let guest_time_unknown =
+            figures::guest_time_unknown(self.kvm.flavour, self.pid_namespace.as_deref());
         add_rates(
             &mut tenants,
             previous,
@@ -330,10 +326,10 @@ impl Sampler {
             tenants,
             dtlb_unavailable: self.accounting.dtlb_unavailable().map(str::to_owned),
             guest_time_unavailable: guest_time_unknown.map(str::to_owned),
-            figures_unavailable: figures::unavailable(
-                guest_time_unknown,
-                self.accounting.dtlb_unavailable(),
+            figures_unavailable: figures::on_host(
+                self.kvm.flavour,
                 self.pid_namespace.as_deref(),
+                self.accounting.dtlb_unavailable(),
             ),
             iommu_faults: self.attribute_iommu_faults(&snapshot.iommu_faults, now),
             drops: snapshot
