@@ -202,6 +202,11 @@ fn malformed_configuration_and_recordings_get_one_error_line_and_their_exit_code
         "[otlp]\nendpoint = \"http://c:4317\"\nretries = 3\n",
     );
     let wrong_type = file("wrong-type.toml", "listen = 9464\n");
+    let not_a_certificate = file("not-a-certificate.pem", "hello\n");
+    let bad_ca = file(
+        "bad-ca.toml",
+        &format!("[otlp]\nendpoint = \"https://c:4317\"\ncertificate = \"{not_a_certificate}\"\n"),
+    );
     let missing_config = dir.path().join("missing.toml").to_str().unwrap().to_owned();
     let header = "{\"format\":\"vmtrace-recording\",\"version\":1,\"vmtrace_version\":\"0.1.0\",\
                   \"host\":\"h\",\"kernel\":\"6.18\",\"kvm\":\"pvm\",\"exit_source\":\"derived\",\
@@ -225,7 +230,12 @@ fn malformed_configuration_and_recordings_get_one_error_line_and_their_exit_code
         .to_str()
         .unwrap()
         .to_owned();
-    let cases: [(Vec<&str>, i32, &str); 12] = [
+    let cases: [(Vec<&str>, i32, &str); 13] = [
+        (
+            vec!["agent", "--config", &bad_ca],
+            2,
+            "OTEL_EXPORTER_OTLP_CERTIFICATE: ",
+        ),
         (
             vec!["agent", "--config", &unterminated],
             2,

@@ -240,6 +240,40 @@ fn the_image_counts_exactly_as_the_daemonset_runs_it() {
     );
 }
 
+/// The image trusts Debian's public roots (OTLP to a collector with a public certificate needs
+/// them) and not the build host's authorities, which the build sees (docs/deploy.md).
+#[test]
+fn the_image_trusts_the_public_roots_and_nothing_of_the_build_host() {
+    let test = "the_image_trusts_the_public_roots_and_nothing_of_the_build_host";
+    let Some(deployment) = deployment(test) else {
+        return;
+    };
+    let output = deployment
+        .node
+        .podman()
+        .args(["run", "--rm", "--runtime=runc", "--network=none"])
+        .args(["--ulimit=nofile=1024:1024", "--ulimit=nproc=1024:1024"])
+        .args(["--entrypoint", "sh", IMAGE, "-c"])
+        .arg(
+            "cat /usr/share/ca-certificates/mozilla/*.crt | grep -c 'BEGIN CERT'; \
+             grep -c 'BEGIN CERT' /etc/ssl/certs/ca-certificates.crt",
+        )
+        .output()
+        .expect("podman run");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let counts: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(
+        output.status.success() && counts.len() == 2,
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(counts[0] > 100, "Debian's roots: {}", counts[0]);
+    assert_eq!(
+        counts[1], counts[0],
+        "the image's bundle holds other certificates than Debian's roots"
+    );
+}
+
 /// The first line of `logs` that says `error`, and how many do.
 fn error_lines(logs: &str) -> Vec<&str> {
     logs.lines()

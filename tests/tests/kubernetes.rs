@@ -1,6 +1,7 @@
 //! Pod tenants get their namespace and pod name, and KubeVirt launcher pods their VMI name, from the
 //! API server: a node-scoped list, then a watch. The API server here is a stand-in that speaks the
-//! Kubernetes list/watch protocol on loopback and serves pods shaped like real ones.
+//! Kubernetes list/watch protocol on loopback and serves pods shaped like real ones. Over OTLP, each
+//! pod is a Resource of its own with the semantic conventions' `k8s.*` attributes.
 
 use std::{
     net::SocketAddr,
@@ -18,7 +19,9 @@ use axum::{
 use vmtrace_tests::{
     TenantCgroup, binary,
     expect::{Expectation, HostKvm},
-    expected_agent_counts, free_port, http_get, privileged_host,
+    expected_agent_counts, free_port, http_get,
+    otlp_receiver::{Receiver, attribute, exports, tenant_int, tenant_resource},
+    privileged_host,
     process::Proc,
     prometheus::{sample, tenant_counts},
     run_vmm,
@@ -108,9 +111,16 @@ fn pod_tenants_are_named_from_the_api_server() {
 
     let port = free_port();
     let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    let receiver = Receiver::start(0);
     let _agent = Proc::spawn(
         "vmtrace agent",
         Command::new(binary("vmtrace"))
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{}", receiver.grpc),
+            )
+            .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
             .args([
                 "agent",
                 "--interval",
@@ -219,5 +229,52 @@ fn pod_tenants_are_named_from_the_api_server() {
             .iter()
             .any(|q| q.contains("\"watch\": \"true\"") && q.contains("\"resourceVersion\": \"7\"")),
         "{queries:?}"
+    );
+
+    // Over OTLP: one Resource per pod, with the pod's identity as the collector's kubeletstats
+    // receiver gives it, and the pod's counts on it.
+    let resources = [
+        (
+            WEB_UID,
+            &web_report,
+            vec![
+                ("k8s.namespace.name", "shop"),
+                ("k8s.pod.name", "web-0"),
+                ("k8s.pod.uid", WEB_UID),
+                ("k8s.node.name", "node-1"),
+            ],
+        ),
+        (
+            LAUNCHER_UID,
+            &launcher_report,
+            vec![
+                ("k8s.namespace.name", "vms"),
+                ("k8s.pod.name", "virt-launcher-db-x7k2p"),
+                ("k8s.pod.uid", LAUNCHER_UID),
+                ("k8s.node.name", "node-1"),
+                ("vmtrace.vm.name", "db"),
+            ],
+        ),
+    ];
+    receiver.wait_for(
+        Duration::from_secs(20),
+        "both pods' Resources with their names and counts",
+        |requests| {
+            exports(requests).last().is_some_and(|(_, last)| {
+                resources.iter().all(|(uid, report, wanted)| {
+                    let tenant = format!("pod/{uid}");
+                    let Some(resource) =
+                        tenant_resource(last, &tenant).and_then(|r| r.resource.as_ref())
+                    else {
+                        return false;
+                    };
+                    wanted
+                        .iter()
+                        .all(|(k, v)| attribute(&resource.attributes, k) == Some(v))
+                        && tenant_int(last, &tenant, "vmtrace.vmm.exits", &[("exit.reason", "io")])
+                            == Some(report.total.exits["io"] as i64)
+                })
+            })
+        },
     );
 }

@@ -11,7 +11,7 @@ use std::{
 
 use vmtrace_tests::{
     TenantCgroup, binary, free_port, http_get,
-    otlp_receiver::{Receiver, int_value, metric},
+    otlp_receiver::{Receiver, metric, tenant_int},
     privileged_host,
     process::Proc,
     prometheus::Prometheus,
@@ -133,9 +133,8 @@ fn odd_tenant_names_reach_prometheus_and_otlp_exactly() {
         .rev()
         .find(|r| metric(r, "vmtrace.vmm.exits").is_some())
         .expect("an OTLP export with vmtrace.vmm.exits");
-    let exits = metric(last, "vmtrace.vmm.exits").unwrap();
     for (tenant, count) in &expected {
-        let exported = int_value(exits, &[("tenant", tenant.as_str()), ("exit.reason", "io")]);
+        let exported = tenant_int(last, tenant, "vmtrace.vmm.exits", &[("exit.reason", "io")]);
         assert_eq!(
             exported,
             Some(i64::try_from(*count).unwrap()),

@@ -6,6 +6,8 @@
 
 use std::{fs, path::Path, process::Command, process::Stdio, time::Duration};
 
+use vmtrace_tests::otlp_receiver::make_certificates;
+
 use vmtrace_tests::{
     TenantCgroup, binary, expected_agent_counts, free_port, have, on_path, privileged_host,
     process::Proc,
@@ -16,70 +18,6 @@ use vmtrace_tests::{
 };
 
 const PASSWORD: &str = "scrape-s3cret";
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by the CA.
-fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=vmtrace test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ]);
-    fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for (name, subject) in [("server", "/CN=127.0.0.1"), ("client", "/CN=prometheus")] {
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            subject,
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ]);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.crt"),
-        ]);
-    }
-}
 
 /// curl's HTTP status for `url` with `args` (0 when it got no HTTP answer at all).
 fn curl(dir: &Path, url: &str, args: &[&str]) -> u32 {

@@ -199,8 +199,24 @@ pub const AGENT_EXPORT_DROPPED: MetricDef = MetricDef {
     name: "vmtrace.agent.export.dropped",
     unit: "{export}",
     kind: MetricKind::Counter,
-    description: "OTLP exports given up because the collector was unreachable or slow; counters are \
-                  cumulative, so the next export that succeeds carries everything counted meanwhile.",
+    description: "OTLP export attempts that did not go through (the collector unreachable, slow or \
+                  refusing), retried or not; counters are cumulative, so the next export that \
+                  succeeds carries everything counted meanwhile.",
+};
+pub const AGENT_EXPORT_RETRIES: MetricDef = MetricDef {
+    name: "vmtrace.agent.export.retries",
+    unit: "{export}",
+    kind: MetricKind::Counter,
+    description: "OTLP exports tried again after a retryable answer (unreachable, UNAVAILABLE, \
+                  RESOURCE_EXHAUSTED with RetryInfo, HTTP 429/502/503/504), after a jittered \
+                  backoff or the delay the collector asked for.",
+};
+pub const AGENT_EXPORT_REJECTED_POINTS: MetricDef = MetricDef {
+    name: "vmtrace.agent.export.rejected_points",
+    unit: "{data_point}",
+    kind: MetricKind::Counter,
+    description: "Data points the collector accepted the request of but refused \
+                  (partial_success.rejected_data_points).",
 };
 pub const AGENT_SAMPLE_ERRORS: MetricDef = MetricDef {
     name: "vmtrace.agent.sample.errors",
@@ -268,7 +284,7 @@ pub const AGENT_STATE_ENTRIES: MetricDef = MetricDef {
 };
 
 /// Every metric, for documentation and tests.
-pub const ALL: [MetricDef; 31] = [
+pub const ALL: [MetricDef; 33] = [
     VM_EXITS,
     VMM_EXITS,
     VM_EVENTS,
@@ -293,6 +309,8 @@ pub const ALL: [MetricDef; 31] = [
     AGENT_CPU_TIME,
     AGENT_MEMORY,
     AGENT_EXPORT_DROPPED,
+    AGENT_EXPORT_RETRIES,
+    AGENT_EXPORT_REJECTED_POINTS,
     AGENT_PROBE_ATTACHED,
     AGENT_FIGURE_AVAILABLE,
     BUILD_INFO,
@@ -341,6 +359,8 @@ pub struct AgentHealth {
     pub cpu_system_secs: f64,
     pub rss_bytes: u64,
     pub export_dropped: u64,
+    pub export_retries: u64,
+    pub export_rejected_points: u64,
     pub sample_errors: u64,
 }
 
@@ -433,6 +453,16 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
         AGENT_EXPORT_DROPPED,
         Vec::new(),
         Value::Int(health.export_dropped),
+    );
+    push(
+        AGENT_EXPORT_RETRIES,
+        Vec::new(),
+        Value::Int(health.export_retries),
+    );
+    push(
+        AGENT_EXPORT_REJECTED_POINTS,
+        Vec::new(),
+        Value::Int(health.export_rejected_points),
     );
     for probe in &sample.probes_attached {
         push(

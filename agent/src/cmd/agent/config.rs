@@ -23,8 +23,8 @@ use crate::{
 pub struct AgentArgs {
     /// TOML configuration file (keys: interval, window, listen, kick_latency, max_tenants,
     /// node_name, state_dir, web_config, and an
-    /// `[otlp]` table with endpoint, protocol, headers, timeout_ms, interval_ms; see
-    /// docs/configuration.md).
+    /// `[otlp]` table with endpoint, protocol, headers, compression, timeout_ms, interval_ms,
+    /// certificate, client_certificate, client_key, max_request_bytes; see docs/configuration.md).
     #[arg(long, env = "VMTRACE_CONFIG")]
     pub config: Option<PathBuf>,
     /// How often the probes' counters are read, e.g. `1s`, from 10ms to 1h [default: 1s].
@@ -145,6 +145,10 @@ pub struct FileOtlp {
     pub timeout_ms: Option<u64>,
     pub interval_ms: Option<u64>,
     pub compression: Option<String>,
+    pub certificate: Option<String>,
+    pub client_certificate: Option<String>,
+    pub client_key: Option<String>,
+    pub max_request_bytes: Option<u64>,
 }
 
 /// Durations in the file are written as in flags, "1s", "500ms", and have the flags' ranges.
@@ -370,6 +374,16 @@ fn otlp_setting(
         ("OTEL_EXPORTER_OTLP_PROTOCOL", file.protocol.clone()),
         ("OTEL_EXPORTER_OTLP_HEADERS", file.headers.clone()),
         ("OTEL_EXPORTER_OTLP_COMPRESSION", file.compression.clone()),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", file.certificate.clone()),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            file.client_certificate.clone(),
+        ),
+        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", file.client_key.clone()),
+        (
+            "VMTRACE_OTLP_MAX_REQUEST_BYTES",
+            file.max_request_bytes.map(|v| v.to_string()),
+        ),
         (
             "OTEL_EXPORTER_OTLP_TIMEOUT",
             file.timeout_ms.map(|v| v.to_string()),

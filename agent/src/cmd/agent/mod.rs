@@ -8,11 +8,7 @@
 pub(crate) mod config;
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
+    sync::{Arc, Mutex, atomic::Ordering, mpsc},
     time::{Instant, SystemTime},
 };
 
@@ -39,6 +35,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Some(path) => web::WebConfig::load(path)?,
         None => web::WebConfig::open(),
     };
+    // Checked before the probes load, so that a bad certificate stops the agent at once. The
+    // cumulative points start here, before anything is counted.
+    let mut exporters = Exporters::new(&config, SystemTime::now())?;
     let listener = match config.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -62,7 +61,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         )),
         interval: config.interval,
     };
-    let export_dropped = Arc::new(AtomicU64::new(0));
+    let export_counters = Arc::new(otlp::ExportCounters::default());
     // Served while the probes load: /healthz answers, /readyz says they are not attached yet.
     if let Some(listener) = listener {
         log::status(&format!(
@@ -124,19 +123,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if let Err(e) = capabilities::keep_only(&[]) {
         tracing::warn!("{e:#}");
     }
-    let started = SystemTime::now();
-    if let Some(mut otlp_config) = config.otlp.clone() {
-        otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
+    if let Some(running) = exporters.running.take() {
         log::status(&format!(
             "vmtrace agent: OTLP export to {} every {:?}",
-            otlp_config.endpoint, otlp_config.interval
+            running.endpoint(),
+            running.interval()
         ));
-        let (latest, dropped) = (latest.clone(), export_dropped.clone());
-        tokio::spawn(async move {
-            if let Err(e) = otlp::run(otlp_config, latest, dropped, started).await {
-                tracing::error!("{e:#}");
-            }
-        });
+        tokio::spawn(running.run(latest.clone(), export_counters.clone()));
     }
     log::status(&watching);
 
@@ -155,7 +148,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 cpu_user_secs,
                 cpu_system_secs,
                 rss_bytes: agent_usage::rss_bytes(),
-                export_dropped: export_dropped.load(Ordering::Relaxed),
+                export_dropped: export_counters.failed.load(Ordering::Relaxed),
+                export_retries: export_counters.retries.load(Ordering::Relaxed),
+                export_rejected_points: export_counters.rejected_points.load(Ordering::Relaxed),
                 sample_errors: errors,
             };
             latest_tx.send_replace(Some(Arc::new(families(sample, &health))));
@@ -168,13 +163,35 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // The last counts reach the collector before the agent goes: counters are cumulative, so this
     // export carries everything since the last one. Also when sampling broke down: what was
     // counted until then is not lost.
-    if let Some(mut otlp_config) = config.otlp {
-        otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
-        if let Err(e) = otlp::export_latest(&otlp_config, &latest, started).await {
-            tracing::warn!("final OTLP export failed: {e:#}");
-        }
+    if let Some(last) = exporters.last
+        && let Err(e) = last.export_latest(&latest).await
+    {
+        tracing::warn!("{e:#}");
     }
     sampled
+}
+
+/// The OTLP exporters: the one that runs every interval, and one with a client of its own for the
+/// last export, as the running one may be mid-request when the agent stops.
+struct Exporters {
+    running: Option<otlp::Exporter>,
+    last: Option<otlp::Exporter>,
+}
+
+impl Exporters {
+    fn new(config: &AgentConfig, start_time: SystemTime) -> Result<Self> {
+        let Some(mut otlp_config) = config.otlp.clone() else {
+            return Ok(Self {
+                running: None,
+                last: None,
+            });
+        };
+        otlp_config.resource = resource(config.node_name.as_deref(), &|n| std::env::var(n).ok())?;
+        Ok(Self {
+            running: Some(otlp::Exporter::new(otlp_config.clone(), start_time)?),
+            last: Some(otlp::Exporter::new(otlp_config, start_time)?),
+        })
+    }
 }
 
 /// Where the agent's samples come from: the probes, through [`Sampler`].
@@ -327,6 +344,7 @@ mod tests {
 
     use super::*;
     use crate::{host::KvmFlavour, probe::load::ExitSource};
+    use std::sync::atomic::AtomicU64;
 
     /// A source whose every third sample fails, as a map read refused by the kernel would.
     struct Flaky {
