@@ -1,13 +1,18 @@
 //! Pod tenants get their namespace and pod name, and KubeVirt launcher pods their VMI name, from the
-//! API server: a node-scoped list, then a watch. The API server here is a stand-in that speaks the
-//! Kubernetes list/watch protocol on loopback and serves pods shaped like real ones. Over OTLP, each
+//! API server: a node-scoped, metadata-only list, then a watch. The API server here is a stand-in
+//! that speaks the Kubernetes list/watch protocol on loopback, serves pods' metadata shaped like real
+//! ones, and has a bad day: 500s, a slow list, a dropped watch and 410 Gone. Over OTLP, each
 //! pod is a Resource of its own with the semantic conventions' `k8s.*` attributes.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -31,64 +36,147 @@ use vmtrace_tests::{
 const WEB_UID: &str = "0f5c3e6a-8d2b-4f1e-9a7c-2b6d4e8f1a3c";
 const LAUNCHER_UID: &str = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 
-fn pod(uid: &str, namespace: &str, name: &str, launcher_of: Option<&str>) -> serde_json::Value {
-    let mut pod = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"uid": uid, "name": name, "namespace": namespace, "resourceVersion": "7",
-                     "labels": {"app": "web"}},
-        "spec": {"nodeName": "node-1"},
-    });
+/// A pod's metadata as the API server gives it to a metadata-only client.
+fn pod(
+    uid: &str,
+    namespace: &str,
+    name: &str,
+    version: &str,
+    launcher_of: Option<&str>,
+) -> serde_json::Value {
+    let mut metadata = serde_json::json!({"uid": uid, "name": name, "namespace": namespace,
+        "resourceVersion": version, "labels": {"app": "web"}});
     if let Some(vmi) = launcher_of {
-        pod["metadata"]["labels"] =
+        metadata["labels"] =
             serde_json::json!({"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": "a1"});
-        pod["metadata"]["annotations"] = serde_json::json!({"kubevirt.io/domain": vmi});
-        pod["metadata"]["ownerReferences"] = serde_json::json!([{"apiVersion": "kubevirt.io/v1",
+        metadata["annotations"] = serde_json::json!({"kubevirt.io/domain": vmi});
+        metadata["ownerReferences"] = serde_json::json!([{"apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachineInstance", "name": vmi, "uid": "a1", "controller": true}]);
     }
-    pod
+    serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+        "metadata": metadata})
 }
 
-/// The stand-in API server: lists the web pod; its watch then announces the launcher pod.
-fn start_api_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::runtime::Runtime) {
+fn web_pod() -> serde_json::Value {
+    pod(WEB_UID, "shop", "web-0", "7", None)
+}
+
+fn launcher_pod() -> serde_json::Value {
+    pod(
+        LAUNCHER_UID,
+        "vms",
+        "virt-launcher-db-x7k2p",
+        "8",
+        Some("db"),
+    )
+}
+
+/// One request to the stand-in.
+#[derive(Debug, Clone)]
+struct Request {
+    at: Instant,
+    watch: bool,
+    query: HashMap<String, String>,
+    accept: String,
+}
+
+/// What the stand-in saw, and whether the slow list is still being answered.
+#[derive(Default)]
+struct Seen {
+    requests: Mutex<Vec<Request>>,
+    slow_list_pending: AtomicBool,
+}
+
+/// The stand-in API server. It plays a bad day, in order:
+/// - lists 1 and 2: `500`;
+/// - list 3: answered after 5 s (a slow server), the web pod, version 7;
+/// - watch 1: the launcher pod ADDED (version 8), then the connection drops;
+/// - watch 2 (which should resume from 8): `ERROR` 410 Gone, the version expired;
+/// - list 4 (which 410 calls for): both pods, version 9;
+/// - watch 3 and later: open, quiet, as a healthy watch.
+fn start_api_server() -> (SocketAddr, Arc<Seen>, tokio::runtime::Runtime) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let queries: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen: Arc<Seen> = Arc::default();
     let addr = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new()
             .route("/api/v1/pods", get(pods))
-            .with_state(queries.clone());
+            .with_state(seen.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
     });
-    (addr, queries, runtime)
+    (addr, seen, runtime)
 }
 
 async fn pods(
-    State(queries): State<Arc<Mutex<Vec<String>>>>,
-    Query(query): Query<std::collections::HashMap<String, String>>,
-) -> Body {
-    queries.lock().unwrap().push(format!("{query:?}"));
-    if query.get("watch").map(String::as_str) == Some("true") {
-        let event = serde_json::json!({"type": "ADDED", "object": pod(LAUNCHER_UID, "vms", "virt-launcher-db-x7k2p", Some("db"))});
-        let lines = vec![Ok::<_, std::io::Error>(format!("{event}\n"))];
-        // The event, then a connection that stays open as a real watch does.
-        let stream = tokio_stream_from(lines);
-        return Body::from_stream(stream);
+    State(seen): State<Arc<Seen>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::{http::StatusCode, response::IntoResponse};
+    let watch = query.get("watch").map(String::as_str) == Some("true");
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let number = {
+        let mut requests = seen.requests.lock().unwrap();
+        requests.push(Request {
+            at: Instant::now(),
+            watch,
+            query,
+            accept,
+        });
+        requests.iter().filter(|r| r.watch == watch).count()
+    };
+    let list = |items: Vec<serde_json::Value>, version: &str| {
+        serde_json::json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": version}, "items": items})
+        .to_string()
+        .into_response()
+    };
+    let events = |lines: Vec<serde_json::Value>, then_close: bool| {
+        let lines: Vec<Result<String, std::io::Error>> =
+            lines.iter().map(|l| Ok(format!("{l}\n"))).collect();
+        let stream = futures_util::stream::iter(lines);
+        if then_close {
+            Body::from_stream(stream).into_response()
+        } else {
+            // A connection that stays open, as a real watch does.
+            Body::from_stream(stream.chain(futures_util::stream::pending())).into_response()
+        }
+    };
+    match (watch, number) {
+        (false, 1 | 2) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"etcdserver: leader changed","code":500}"#,
+        )
+            .into_response(),
+        (false, 3) => {
+            seen.slow_list_pending.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            seen.slow_list_pending.store(false, Ordering::SeqCst);
+            list(vec![web_pod()], "7")
+        }
+        (false, _) => list(vec![web_pod(), launcher_pod()], "9"),
+        (true, 1) => events(
+            vec![serde_json::json!({"type": "ADDED", "object": launcher_pod()})],
+            true,
+        ),
+        (true, 2) => events(
+            vec![serde_json::json!({"type": "ERROR", "object": {"kind": "Status",
+                "apiVersion": "v1", "status": "Failure", "reason": "Expired",
+                "message": "too old resource version: 8 (9)", "code": 410}})],
+            true,
+        ),
+        (true, _) => events(Vec::new(), false),
     }
-    let list = serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"},
-        "items": [pod(WEB_UID, "shop", "web-0", None)]});
-    Body::from(list.to_string())
-}
-
-fn tokio_stream_from(
-    lines: Vec<Result<String, std::io::Error>>,
-) -> impl futures_core::Stream<Item = Result<String, std::io::Error>> {
-    futures_util::stream::iter(lines).chain(futures_util::stream::pending())
 }
 
 use futures_util::StreamExt;
@@ -98,7 +186,7 @@ fn pod_tenants_are_named_from_the_api_server() {
     if !privileged_host("pod_tenants_are_named_from_the_api_server") {
         return;
     }
-    let (api, queries, _runtime) = start_api_server();
+    let (api, seen, _runtime) = start_api_server();
     let base = format!("vmtrace-test-k8s-{}", std::process::id());
     let _base = TenantCgroup::new(&base);
     // The kubelet's cgroupfs layout: kubepods/<qos>/pod<uid>/<container>.
@@ -139,6 +227,13 @@ fn pod_tenants_are_named_from_the_api_server() {
     wait_for("the agent to be ready", Duration::from_mins(1), || {
         matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
     });
+    // While the API server takes its time over a list, the endpoint answers as ever.
+    wait_for("the slow list", Duration::from_secs(30), || {
+        seen.slow_list_pending.load(Ordering::SeqCst).then_some(())
+    });
+    let answered_while_slow = matches!(http_get(port, "/healthz"), Ok((200, _)))
+        && matches!(http_get(port, "/metrics"), Ok((200, _)))
+        && seen.slow_list_pending.load(Ordering::SeqCst);
     let web_report = run_vmm(&[
         "--scenario",
         "pio",
@@ -219,18 +314,54 @@ fn pod_tenants_are_named_from_the_api_server() {
         });
         expectation.assert_matches(&tenant, &tenant_counts(&metrics, &tenant));
     }
-    let queries = queries.lock().unwrap();
-    assert!(
-        queries.iter().all(|q| q.contains("spec.nodeName=node-1")),
-        "not node-scoped: {queries:?}"
+    // The client came through the bad day as a watcher should (the names may be complete before the
+    // day is over: the launcher pod arrives with the first watch).
+    wait_for(
+        "the list after 410 and the watch after it",
+        Duration::from_mins(1),
+        || {
+            let requests = seen.requests.lock().unwrap();
+            (requests.iter().filter(|r| !r.watch).count() >= 4
+                && requests.iter().filter(|r| r.watch).count() >= 3)
+                .then_some(())
+        },
     );
+    let requests = seen.requests.lock().unwrap().clone();
+    let lists: Vec<&Request> = requests.iter().filter(|r| !r.watch).collect();
+    let watches: Vec<&Request> = requests.iter().filter(|r| r.watch).collect();
+    let version = |r: &Request| r.query.get("resourceVersion").cloned().unwrap_or_default();
     assert!(
-        queries
+        requests
             .iter()
-            .any(|q| q.contains("\"watch\": \"true\"") && q.contains("\"resourceVersion\": \"7\"")),
-        "{queries:?}"
+            .all(|r| r.query.get("fieldSelector").map(String::as_str)
+                == Some("spec.nodeName=node-1")
+                && r.accept.contains("as=PartialObjectMetadata")),
+        "not node-scoped and metadata-only: {requests:#?}"
     );
-
+    assert!(lists.len() >= 4 && watches.len() >= 3, "{requests:#?}");
+    // After each 500, a pause (kube-rs's backoff starts at 800 ms, jittered), not a tight loop.
+    for pair in lists[..3].windows(2) {
+        let pause = pair[1].at - pair[0].at;
+        assert!(pause >= Duration::from_millis(500), "lists {pause:?} apart");
+    }
+    // The first watch from the list's version; after it dropped, the next resumed from the last
+    // version it had seen, without a list; after 410, a list, then a watch from its version.
+    assert_eq!(
+        watches[..3].iter().map(|w| version(w)).collect::<Vec<_>>(),
+        ["7", "8", "9"]
+    );
+    let position = |r: &Request| requests.iter().position(|x| x.at == r.at).unwrap();
+    assert!(position(lists[2]) < position(watches[0]) && position(watches[1]) < position(lists[3]));
+    assert!(
+        !requests[position(watches[0])..position(watches[1])]
+            .iter()
+            .any(|r| !r.watch),
+        "listed again after a dropped watch: {requests:#?}"
+    );
+    assert!(
+        answered_while_slow,
+        "the endpoint did not answer while the API server was slow"
+    );
     // Over OTLP: one Resource per pod, with the pod's identity as the collector's kubeletstats
     // receiver gives it, and the pod's counts on it.
     let resources = [

@@ -22,7 +22,9 @@ static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 pub fn init(format: LogFormat) {
     let _ = FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMTRACE_LOG")
-        .unwrap_or_else(|_| "warn".into())
+        // kube-rs logs every failed request at error level; the agent says the same once per
+        // outage (tenant::kubernetes), so by default kube's own lines stay out.
+        .unwrap_or_else(|_| "warn,kube_client=off,kube_runtime=off".into())
         .add_directive("vmtrace::status=info".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,15 +1,21 @@
 //! Kubernetes metadata for pod tenants: namespace, pod name, and for KubeVirt's virt-launcher pods
 //! the VirtualMachineInstance they run. The cgroup path gives the pod UID; the names come from the
-//! API server, with a list and watch of this node's pods only (`fieldSelector=spec.nodeName=`).
+//! API server through kube-rs's metadata watcher: this node's pods only
+//! (`fieldSelector=spec.nodeName=`), their metadata only (`PartialObjectMetadata`), resumed from the
+//! last version seen, listed again after 410 Gone, with bookmarks and a jittered backoff.
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use kube::{
+    core::PartialObjectMeta,
+    runtime::{WatchStreamExt, watcher},
+};
 use serde::{Deserialize, Serialize};
 
 /// What the API server says of a pod.
@@ -30,12 +36,11 @@ pub type PodDirectory = Arc<RwLock<HashMap<String, PodMeta>>>;
 pub struct KubeConfig {
     /// Base URL, e.g. `https://10.96.0.1:443`.
     pub api: String,
-    pub token_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
+    /// In a cluster: the service account's token (re-read as it rotates) and CA, and only that CA.
+    /// Otherwise (`--kube-api`, e.g. `kubectl proxy`), no credentials.
+    pub in_cluster: bool,
     pub node: String,
 }
-
-const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 impl KubeConfig {
     /// The API server from `--kube-api`, else the in-cluster service environment; `None` outside a
@@ -64,240 +69,191 @@ impl KubeConfig {
                 "Kubernetes metadata needs this node's name: set --node-name or NODE_NAME (the downward API's spec.nodeName)"
             );
         };
-        let account = PathBuf::from(SERVICE_ACCOUNT);
-        let existing = |name: &str| Some(account.join(name)).filter(|p| p.exists());
         Ok(Some(Self {
             api: api.trim_end_matches('/').to_owned(),
-            token_file: if explicit { None } else { existing("token") },
-            ca_file: if explicit { None } else { existing("ca.crt") },
+            in_cluster: !explicit,
             node: node.to_owned(),
         }))
     }
+
+    fn client(&self) -> Result<kube::Client> {
+        let config = if self.in_cluster {
+            kube::Config::incluster().context("the in-cluster service account")?
+        } else {
+            kube::Config::new(self.api.parse().context("the Kubernetes API URL")?)
+        };
+        kube::Client::try_from(config).context("building the Kubernetes client")
+    }
 }
 
-#[derive(Debug, Deserialize)]
-struct PodList {
-    metadata: ListMeta,
-    items: Vec<Pod>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ListMeta {
-    #[serde(rename = "resourceVersion", default)]
-    resource_version: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Pod {
-    metadata: ObjectMeta,
-}
-
-#[derive(Debug, Deserialize)]
-struct ObjectMeta {
-    uid: String,
-    name: String,
-    #[serde(default)]
-    namespace: String,
-    #[serde(default)]
-    labels: HashMap<String, String>,
-    #[serde(default)]
-    annotations: HashMap<String, String>,
-    #[serde(rename = "ownerReferences", default)]
-    owner_references: Vec<OwnerReference>,
-}
-
-#[derive(Debug, Deserialize)]
-struct OwnerReference {
-    kind: String,
-    name: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct WatchEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    object: serde_json::Value,
-}
-
-impl Pod {
-    fn meta(&self) -> PodMeta {
-        let m = &self.metadata;
-        // virt-launcher pods are owned by their VirtualMachineInstance and name it in an annotation.
-        let vmi = m
-            .owner_references
-            .iter()
-            .find(|o| o.kind == "VirtualMachineInstance")
-            .map(|o| o.name.clone())
-            .or_else(|| {
-                (m.labels.get("kubevirt.io").map(String::as_str) == Some("virt-launcher"))
-                    .then(|| m.annotations.get("kubevirt.io/domain").cloned())
-                    .flatten()
-            });
+/// The tenant-facing metadata of a pod, with its UID; `None` without a UID.
+fn pod_meta(m: &ObjectMeta) -> Option<(String, PodMeta)> {
+    // virt-launcher pods are owned by their VirtualMachineInstance and name it in an annotation.
+    let vmi = m
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "VirtualMachineInstance")
+        .map(|o| o.name.clone())
+        .or_else(|| {
+            let launcher = m
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubevirt.io"))
+                .is_some_and(|v| v == "virt-launcher");
+            launcher
+                .then(|| m.annotations.as_ref()?.get("kubevirt.io/domain").cloned())
+                .flatten()
+        });
+    Some((
+        m.uid.clone()?,
         PodMeta {
-            namespace: m.namespace.clone(),
-            name: m.name.clone(),
+            namespace: m.namespace.clone().unwrap_or_default(),
+            name: m.name.clone().unwrap_or_default(),
             vmi,
+        },
+    ))
+}
+
+/// A (re)list in progress: the pods of the list so far, which replace the directory when it ends.
+type Listing = Option<HashMap<String, PodMeta>>;
+
+/// Applies one watcher event to `directory`.
+fn apply(
+    event: watcher::Event<PartialObjectMeta<Pod>>,
+    listing: &mut Listing,
+    directory: &PodDirectory,
+) {
+    use watcher::Event;
+    match event {
+        Event::Init => *listing = Some(HashMap::new()),
+        Event::InitApply(pod) => {
+            if let (Some(listed), Some((uid, meta))) = (listing.as_mut(), pod_meta(&pod.metadata)) {
+                listed.insert(uid, meta);
+            }
+        }
+        Event::InitDone => {
+            if let Some(listed) = listing.take() {
+                *directory.write().expect("pod directory lock") = listed;
+            }
+        }
+        Event::Apply(pod) => {
+            if let Some((uid, meta)) = pod_meta(&pod.metadata) {
+                directory
+                    .write()
+                    .expect("pod directory lock")
+                    .insert(uid, meta);
+            }
+        }
+        Event::Delete(pod) => {
+            if let Some(uid) = &pod.metadata.uid {
+                directory.write().expect("pod directory lock").remove(uid);
+            }
         }
     }
 }
 
-/// Keeps `directory` filled with this node's pods until the process ends: list, then watch from the
-/// list's version; on any error, list again after a pause.
+/// Keeps `directory` filled with this node's pods until the process ends. Errors (the API server
+/// down, 5xx, a dropped or expired watch) are retried after kube-rs's default backoff, jittered so
+/// that a fleet's agents do not come back in lockstep; one warning per outage.
 pub async fn run(config: KubeConfig, directory: PodDirectory) {
-    let mut failures = 0u32;
-    loop {
-        match list_and_watch(&config, &directory).await {
-            Ok(()) => failures = 0,
-            Err(e) => {
-                if failures == 0 {
-                    tracing::warn!(api = %config.api, "Kubernetes pod metadata unavailable, retrying: {e:#}");
+    let client = match config.client() {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(api = %config.api, "Kubernetes pod metadata unavailable: {e:#}");
+            return;
+        }
+    };
+    // PartialObjectMeta: kube asks for metadata only (`as=PartialObjectMetadataList`).
+    let pods: kube::Api<PartialObjectMeta<Pod>> = kube::Api::all(client);
+    let watch = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node));
+    let mut events = std::pin::pin!(watcher(pods, watch).default_backoff());
+    let mut listing: Listing = None;
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => {
+                // Init only starts a list, which may fail again.
+                if failing && !matches!(event, watcher::Event::Init) {
+                    tracing::info!(api = %config.api, "Kubernetes pod metadata available again");
+                    failing = false;
                 }
-                failures = failures.saturating_add(1);
+                apply(event, &mut listing, &directory);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(api = %config.api, "Kubernetes pod metadata unavailable, retrying with backoff: {e}");
+                    failing = true;
+                }
             }
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
     }
-}
-
-async fn list_and_watch(config: &KubeConfig, directory: &PodDirectory) -> Result<()> {
-    let client = client(config)?;
-    let token = match &config.token_file {
-        // Re-read each time: projected service-account tokens rotate.
-        Some(path) => Some(
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let selector = format!("spec.nodeName={}", config.node);
-    let get = |query: Vec<(&str, String)>| {
-        let request = client
-            .get(format!("{}/api/v1/pods", config.api))
-            .query(&query);
-        match &token {
-            Some(token) => request.bearer_auth(token.trim()),
-            None => request,
-        }
-    };
-    let list = get(vec![("fieldSelector", selector.clone())])
-        .send()
-        .await
-        .context("listing pods")?
-        .error_for_status()
-        .context("listing pods")?
-        .bytes()
-        .await
-        .context("reading the pod list")?;
-    let list: PodList = serde_json::from_slice(&list).context("decoding the pod list")?;
-    {
-        let mut pods = directory.write().expect("pod directory lock");
-        pods.clear();
-        pods.extend(
-            list.items
-                .iter()
-                .map(|p| (p.metadata.uid.clone(), p.meta())),
-        );
-    }
-    let mut response = get(vec![
-        ("fieldSelector", selector),
-        ("watch", "true".to_owned()),
-        ("resourceVersion", list.metadata.resource_version),
-        ("allowWatchBookmarks", "true".to_owned()),
-    ])
-    .timeout(Duration::from_hours(1))
-    .send()
-    .await
-    .context("watching pods")?
-    .error_for_status()
-    .context("watching pods")?;
-    let mut buffer = Vec::new();
-    while let Some(chunk) = response.chunk().await.context("reading the pod watch")? {
-        buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buffer.drain(..=end).collect();
-            apply(&line, directory)?;
-        }
-    }
-    Ok(())
-}
-
-/// Applies one watch event line.
-fn apply(line: &[u8], directory: &PodDirectory) -> Result<()> {
-    if line.iter().all(u8::is_ascii_whitespace) {
-        return Ok(());
-    }
-    let event: WatchEvent = serde_json::from_slice(line).context("decoding a pod watch event")?;
-    match event.kind.as_str() {
-        "ADDED" | "MODIFIED" | "DELETED" => {
-            let pod: Pod =
-                serde_json::from_value(event.object).context("decoding a watched pod")?;
-            let mut pods = directory.write().expect("pod directory lock");
-            if event.kind == "DELETED" {
-                pods.remove(&pod.metadata.uid);
-            } else {
-                pods.insert(pod.metadata.uid.clone(), pod.meta());
-            }
-            Ok(())
-        }
-        "BOOKMARK" => Ok(()),
-        // An expired resource version and the like: list again.
-        other => bail!("pod watch ended with {other}: {}", event.object),
-    }
-}
-
-fn client(config: &KubeConfig) -> Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
-    if let Some(ca) = &config.ca_file {
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        builder = builder
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem).context("the cluster CA")?);
-    }
-    builder.build().context("building the Kubernetes client")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LAUNCHER: &str = r#"{"metadata":{"uid":"6b3f1c9e-0d2a-4c55-9e0e-1f2a3b4c5d6e","name":"virt-launcher-db-7xk2p","namespace":"vms",
+    const LAUNCHER: &str = r#"{"uid":"6b3f1c9e-0d2a-4c55-9e0e-1f2a3b4c5d6e","name":"virt-launcher-db-7xk2p","namespace":"vms",
         "labels":{"kubevirt.io":"virt-launcher","kubevirt.io/created-by":"a1"},
         "annotations":{"kubevirt.io/domain":"db"},
-        "ownerReferences":[{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance","name":"db","uid":"a1"}]}}"#;
+        "ownerReferences":[{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance","name":"db","uid":"a1"}]}"#;
+
+    fn pod(metadata: &str) -> PartialObjectMeta<Pod> {
+        PartialObjectMeta {
+            types: None,
+            metadata: serde_json::from_str(metadata).unwrap(),
+            _phantom: std::marker::PhantomData,
+        }
+    }
 
     #[test]
     fn launcher_pods_name_their_vmi() {
-        let pod: Pod = serde_json::from_str(LAUNCHER).unwrap();
+        let (uid, meta) = pod_meta(&pod(LAUNCHER).metadata).unwrap();
+        assert_eq!(uid, "6b3f1c9e-0d2a-4c55-9e0e-1f2a3b4c5d6e");
         assert_eq!(
-            pod.meta(),
+            meta,
             PodMeta {
                 namespace: "vms".into(),
                 name: "virt-launcher-db-7xk2p".into(),
                 vmi: Some("db".into())
             }
         );
-        let plain: Pod =
-            serde_json::from_str(r#"{"metadata":{"uid":"u","name":"web-0","namespace":"shop"}}"#)
-                .unwrap();
-        assert_eq!(plain.meta().vmi, None);
+        let plain = pod(r#"{"uid":"u","name":"web-0","namespace":"shop"}"#);
+        assert_eq!(pod_meta(&plain.metadata).unwrap().1.vmi, None);
+        assert_eq!(pod_meta(&pod(r#"{"name":"no-uid"}"#).metadata), None);
     }
 
     #[test]
     fn watch_events_update_the_directory() {
+        use watcher::Event;
         let directory = PodDirectory::default();
-        let added = format!(r#"{{"type":"ADDED","object":{LAUNCHER}}}"#).replace('\n', " ");
-        apply(added.as_bytes(), &directory).unwrap();
-        assert_eq!(
-            directory.read().unwrap()["6b3f1c9e-0d2a-4c55-9e0e-1f2a3b4c5d6e"].name,
-            "virt-launcher-db-7xk2p"
-        );
-        apply(
-            br#"{"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"9"}}}"#,
-            &directory,
-        )
-        .unwrap();
-        let deleted = added.replace("ADDED", "DELETED");
-        apply(deleted.as_bytes(), &directory).unwrap();
+        let mut listing = None;
+        let web = r#"{"uid":"w","name":"web-0","namespace":"shop"}"#;
+        for event in [Event::Init, Event::InitApply(pod(web))] {
+            apply(event, &mut listing, &directory);
+        }
+        // A list in progress does not show until it is complete.
         assert!(directory.read().unwrap().is_empty());
-        assert!(apply(br#"{"type":"ERROR","object":{"code":410}}"#, &directory).is_err());
+        apply(Event::InitDone, &mut listing, &directory);
+        assert_eq!(directory.read().unwrap()["w"].name, "web-0");
+        apply(Event::Apply(pod(LAUNCHER)), &mut listing, &directory);
+        assert_eq!(directory.read().unwrap().len(), 2);
+        apply(Event::Delete(pod(LAUNCHER)), &mut listing, &directory);
+        assert_eq!(directory.read().unwrap().len(), 1);
+        // A new list (after 410 Gone) replaces what the directory held.
+        for event in [
+            Event::Init,
+            Event::InitApply(pod(LAUNCHER)),
+            Event::InitDone,
+        ] {
+            apply(event, &mut listing, &directory);
+        }
+        let pods = directory.read().unwrap();
+        assert_eq!(
+            pods.keys().collect::<Vec<_>>(),
+            ["6b3f1c9e-0d2a-4c55-9e0e-1f2a3b4c5d6e"]
+        );
     }
 
     #[test]
@@ -324,8 +280,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            (explicit.api.as_str(), explicit.token_file),
-            ("http://127.0.0.1:8001", None)
+            (explicit.api.as_str(), explicit.in_cluster),
+            ("http://127.0.0.1:8001", false)
         );
+        assert!(config.in_cluster);
     }
 }

@@ -118,11 +118,7 @@ pub fn request(
 }
 
 /// One family's points of one Resource, cumulative since `start`.
-fn metric(
-    family: &Family,
-    points: &[(&Point, Attributes)],
-    (start, now): (u64, u64),
-) -> Metric {
+fn metric(family: &Family, points: &[(&Point, Attributes)], (start, now): (u64, u64)) -> Metric {
     let def = family.def;
     let cumulative = AggregationTemporality::Cumulative as i32;
     let numbers = || {
