@@ -261,11 +261,15 @@ fn documented_attributes() -> BTreeMap<String, BTreeSet<String>> {
         if kind == "counter" {
             prometheus.push_str("_total");
         }
-        let labels: BTreeSet<String> = attributes
+        let mut labels: BTreeSet<String> = attributes
             .split(',')
             .map(|a| a.trim().trim_matches('`').replace('.', "_"))
             .filter(|a| !a.is_empty())
             .collect();
+        // "tenant" in the table stands for the tenant's labels: `tenant` and `tenant_name`.
+        if labels.contains("tenant") {
+            labels.insert("tenant_name".to_owned());
+        }
         documented.insert(prometheus, labels);
     }
     documented

@@ -42,6 +42,44 @@ const RANGE: &str = "5m";
 /// still matches every series).
 const FUTURE_LABELS: [&str; 1] = ["k8s_namespace_name"];
 
+/// The labels a legend shows (`{{label}}`).
+fn legend_labels(legend: &str) -> Vec<String> {
+    legend
+        .split("{{")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.split_once("}}")
+                .map(|(label, _)| label.trim().to_owned())
+        })
+        .collect()
+}
+
+/// The Grafana unit of what `expr` measures: seconds for latencies and per-event times, a share
+/// for ratios and seconds per second (CPU, busy time), bytes, bytes per second, counts per second
+/// for other rates, plain numbers otherwise.
+fn expected_unit(expr: &str) -> &'static str {
+    let rate = expr.contains("rate(") && !expr.contains("increase(");
+    if expr.contains("histogram_quantile")
+        || expr.contains("scrape_duration_seconds")
+        || (expr.contains("1e6") && expr.contains(" / "))
+        || (expr.contains("_seconds_sum") && expr.contains("_count"))
+    {
+        "s"
+    } else if expr.contains("_ratio") || expr.contains(" / ") {
+        "percentunit"
+    } else if rate && expr.contains("_bytes_total") {
+        "Bps"
+    } else if expr.contains("_bytes") {
+        "bytes"
+    } else if rate && (expr.contains("_seconds_total") || expr.contains("_seconds_sum")) {
+        "percentunit"
+    } else if rate {
+        "cps"
+    } else {
+        "short"
+    }
+}
+
 #[test]
 fn dashboards_are_well_formed() {
     let all = dashboards();
@@ -170,6 +208,18 @@ fn dashboards_are_well_formed() {
                         "{file}: {title}: ${name} is not a variable of the dashboard: {expr}"
                     );
                 }
+                // Legends name tenants as people read them, by labels the query keeps.
+                let legend = target["legendFormat"].as_str().unwrap_or_default();
+                assert!(
+                    !legend.contains("{{tenant}}"),
+                    "{file}: {title}: the legend shows the tenant's label, not its name ({{{{tenant_name}}}}): {legend}"
+                );
+                for label in legend_labels(legend) {
+                    assert!(
+                        expr.contains(&label),
+                        "{file}: {title}: the legend's {label} is not kept by the query: {expr}"
+                    );
+                }
                 if kind == "heatmap" {
                     assert_eq!(target["format"], "heatmap", "{file}: {title}");
                     assert!(
@@ -178,6 +228,20 @@ fn dashboards_are_well_formed() {
                     );
                 }
                 checked += 1;
+            }
+            // Units from what the first query measures.
+            let expr = targets[0]["expr"].as_str().unwrap_or_default();
+            if kind == "heatmap" {
+                assert_eq!(
+                    panel["options"]["yAxis"]["unit"], "s",
+                    "{file}: {title}: a heatmap of seconds buckets"
+                );
+            } else {
+                assert_eq!(
+                    panel["fieldConfig"]["defaults"]["unit"].as_str(),
+                    Some(expected_unit(expr)),
+                    "{file}: {title}: the unit of {expr}"
+                );
             }
         }
     }
@@ -638,6 +702,24 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
                         outcome = prometheus.query(&query).and_then(|d| describe_result(&d));
                         outcome.is_ok().then_some(())
                     });
+                    // Every series the panel draws has the labels its legend shows: a tenant's
+                    // name, never a blank.
+                    let legend = target["legendFormat"].as_str().unwrap_or_default();
+                    if outcome.is_ok()
+                        && let Ok(data) = prometheus.query(&query)
+                    {
+                        for series in data["result"].as_array().into_iter().flatten() {
+                            for label in legend_labels(legend) {
+                                let value = series["metric"][&label].as_str().unwrap_or_default();
+                                if value.is_empty() {
+                                    failures.push(format!(
+                                        "{file}: panel \"{title}\" ({set}): a series without {label} for its legend: {}",
+                                        series["metric"]
+                                    ));
+                                }
+                            }
+                        }
+                    }
                     match outcome {
                         Ok(summary) => eprintln!("ok   {file} | {title} | {set}: {summary}"),
                         Err(why) => {

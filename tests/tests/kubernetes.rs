@@ -260,6 +260,8 @@ fn pod_tenants_are_named_from_the_api_server() {
                 ("k8s_namespace_name", "shop"),
                 ("k8s_pod_name", "web-0"),
                 ("k8s_pod_uid", WEB_UID),
+                // What dashboards and `top` show: namespace/pod.
+                ("tenant_name", "shop/web-0"),
             ],
         ),
         (
@@ -269,6 +271,8 @@ fn pod_tenants_are_named_from_the_api_server() {
                 ("k8s_pod_name", "virt-launcher-db-x7k2p"),
                 ("vm_name", "db"),
                 ("k8s_pod_uid", LAUNCHER_UID),
+                // A KubeVirt VM's pod: namespace/VM.
+                ("tenant_name", "vms/db"),
             ],
         ),
     ];
@@ -384,6 +388,7 @@ fn pod_tenants_are_named_from_the_api_server() {
                 ("k8s.pod.uid", LAUNCHER_UID),
                 ("k8s.node.name", "node-1"),
                 ("vmtrace.vm.name", "db"),
+                ("vmtrace.tenant.name", "vms/db"),
             ],
         ),
     ];

@@ -548,9 +548,12 @@ pub fn probes_missing(families: &[Family]) -> Vec<String> {
         .collect()
 }
 
-/// `tenant`, and what is known of who the tenant is.
+/// `tenant`, the name people read (`tenant.name`), and what is known of who the tenant is.
 fn tenant_attributes(tenant: &TenantCounts) -> Vec<(&'static str, String)> {
-    let mut attributes = vec![("tenant", tenant.tenant.clone())];
+    let mut attributes = vec![
+        ("tenant", tenant.tenant.clone()),
+        ("tenant.name", tenant.display_name()),
+    ];
     if let Some(pod) = &tenant.kubernetes {
         attributes.push(("k8s.namespace.name", pod.namespace.clone()));
         attributes.push(("k8s.pod.name", pod.name.clone()));

@@ -56,6 +56,22 @@ pub struct TenantCounts {
     pub doorbells: Vec<DoorbellKicks>,
 }
 
+impl TenantCounts {
+    /// The name people read: `<namespace>/<VMI>` for a KubeVirt VM's pod, `<namespace>/<pod>` for
+    /// another pod the API server named, else the tenant label (`vm/<name>`, `unit/<unit>`, the
+    /// path, or `pod/<uid>` while the pod is not known).
+    pub fn display_name(&self) -> String {
+        match &self.kubernetes {
+            Some(pod) => format!(
+                "{}/{}",
+                pod.namespace,
+                pod.vmi.as_deref().unwrap_or(&pod.name)
+            ),
+            None => self.tenant.clone(),
+        }
+    }
+}
+
 /// Groups per-cgroup counts by tenant; [`add_rates`] completes them.
 pub fn by_tenant(snapshot: &Snapshot, index: &mut CgroupIndex) -> Vec<TenantCounts> {
     let mut tenants: BTreeMap<String, TenantCounts> = BTreeMap::new();

@@ -11,7 +11,7 @@ pub fn frame(app: &App) -> String {
     let rows = app.rows();
     let tenant_width = rows
         .iter()
-        .map(|r| r.tenant.chars().count())
+        .map(|r| r.name.chars().count())
         .max()
         .unwrap_or(0)
         .max(Column::Tenant.title().len());

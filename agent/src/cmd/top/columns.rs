@@ -102,7 +102,7 @@ impl Column {
     pub fn cell(self, row: &TenantRow) -> String {
         let opt_rate = |v: Option<f64>| v.map_or_else(|| MISSING.to_owned(), format::rate);
         match self {
-            Self::Tenant => row.tenant.clone(),
+            Self::Tenant => row.name.clone(),
             Self::Exits => format::rate(row.exits),
             Self::Reason => row.top_reason.clone().unwrap_or_else(|| MISSING.to_owned()),
             Self::P99 => row
@@ -122,7 +122,7 @@ impl Column {
             (x, y) => x.is_some().cmp(&y.is_some()),
         };
         match self {
-            Self::Tenant => a.tenant.cmp(&b.tenant),
+            Self::Tenant => a.name.cmp(&b.name),
             Self::Exits => a.exits.total_cmp(&b.exits),
             Self::Reason => match (&a.top_reason, &b.top_reason) {
                 (Some(x), Some(y)) => x.cmp(y),

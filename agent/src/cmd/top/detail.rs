@@ -81,9 +81,12 @@ fn info_lines(tenant: &TenantCounts, width: usize) -> Paragraph<'static> {
         .iter()
         .map(|c| format!("{} ({})", c.path.as_deref().unwrap_or("?"), c.id))
         .collect();
+    let name = match tenant.display_name() {
+        name if name == tenant.tenant => name,
+        name => format!("{name} ({})", tenant.tenant),
+    };
     let first = format!(
-        "{} · {} · cgroups: {}",
-        tenant.tenant,
+        "{name} · {} · cgroups: {}",
         identity(tenant),
         cgroups.join(", ")
     );

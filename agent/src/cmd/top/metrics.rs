@@ -16,6 +16,8 @@ use crate::{
 #[derive(Debug, Clone, PartialEq)]
 pub struct TenantRow {
     pub tenant: String,
+    /// What the TENANT column shows: the namespace and pod (or VM) where known.
+    pub name: String,
     /// Exits per second: every `kvm_exit.*` where the host emits kvm_exit; else exits to the VMM
     /// (`exit.*`) plus the exits the kernel served itself that the probes see (`mmio.write.kernel`,
     /// `cpuid`). See [`Kind::counts_as_exit`].
@@ -95,6 +97,7 @@ pub fn tenant_row(t: &TenantCounts) -> TenantRow {
         .map(|l| l.p99_ns);
     TenantRow {
         tenant: t.tenant.clone(),
+        name: t.display_name(),
         exits,
         top_reason: top_kind.as_ref().map(Kind::reason_name),
         top_kind,

@@ -135,7 +135,10 @@ impl App {
         let mut rows: Vec<TenantRow> = sample
             .tenants
             .iter()
-            .filter(|t| t.tenant.to_lowercase().contains(&filter))
+            .filter(|t| {
+                t.tenant.to_lowercase().contains(&filter)
+                    || t.display_name().to_lowercase().contains(&filter)
+            })
             .map(tenant_row)
             .collect();
         sort_rows(&mut rows, self.sort, self.descending);

@@ -150,7 +150,7 @@ fn draw_tenants(frame: &mut Frame, app: &App, rows: &[super::metrics::TenantRow]
                 .iter()
                 .map(|&c| {
                     let text = match c {
-                        Column::Tenant => truncate_left(&row.tenant, tenant_width as usize),
+                        Column::Tenant => truncate_left(&row.name, tenant_width as usize),
                         c => align(c, &c.cell(row), c.width()),
                     };
                     Cell::from(text)

@@ -26,6 +26,7 @@ use crate::export::metrics::{Family, MetricKind, Point, Value};
 fn resource_key(point_key: &str) -> Option<&'static str> {
     Some(match point_key {
         "tenant" => "vmtrace.tenant",
+        "tenant.name" => "vmtrace.tenant.name",
         "k8s.pod.uid" => "k8s.pod.uid",
         "k8s.pod.name" => "k8s.pod.name",
         "k8s.namespace.name" => "k8s.namespace.name",
