@@ -113,11 +113,11 @@ fn a_recorded_iommu_stream_becomes_tenant_metrics() {
         points(IOMMU_FAULTS),
         BTreeMap::from([
             (
-                "tenant=unattributed,iommu.device=0000:66:00.0,iommu.flags=1".to_owned(),
+                "tenant=unattributed,tenant.name=unattributed,iommu.device=0000:66:00.0,iommu.flags=1".to_owned(),
                 1
             ),
             (
-                "tenant=vm/db,iommu.device=0000:65:00.0,iommu.flags=2".to_owned(),
+                "tenant=vm/db,tenant.name=vm/db,vm.name=db,iommu.device=0000:65:00.0,iommu.flags=2".to_owned(),
                 7
             ),
         ])
@@ -125,9 +125,12 @@ fn a_recorded_iommu_stream_becomes_tenant_metrics() {
     assert_eq!(
         points(IOMMU_MAPPINGS),
         BTreeMap::from([
-            ("tenant=vm/db,vm.name=db,iommu.operation=map".to_owned(), 12),
             (
-                "tenant=vm/db,vm.name=db,iommu.operation=unmap".to_owned(),
+                "tenant=vm/db,tenant.name=vm/db,vm.name=db,iommu.operation=map".to_owned(),
+                12
+            ),
+            (
+                "tenant=vm/db,tenant.name=vm/db,vm.name=db,iommu.operation=unmap".to_owned(),
                 2
             ),
         ])
@@ -136,11 +139,11 @@ fn a_recorded_iommu_stream_becomes_tenant_metrics() {
         points(IOMMU_MAPPED),
         BTreeMap::from([
             (
-                "tenant=vm/db,vm.name=db,iommu.operation=map".to_owned(),
+                "tenant=vm/db,tenant.name=vm/db,vm.name=db,iommu.operation=map".to_owned(),
                 50331648
             ),
             (
-                "tenant=vm/db,vm.name=db,iommu.operation=unmap".to_owned(),
+                "tenant=vm/db,tenant.name=vm/db,vm.name=db,iommu.operation=unmap".to_owned(),
                 4194304
             ),
         ])

@@ -416,15 +416,26 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
         }
     }
     for fault in &sample.iommu_faults {
-        push(
-            IOMMU_FAULTS,
-            vec![
-                ("tenant", fault.tenant.clone()),
-                ("iommu.device", fault.device.clone()),
-                ("iommu.flags", fault.flags.to_string()),
-            ],
-            Value::Int(fault.faults),
-        );
+        // The tenant's own attributes, so that its faults are on the same series labels (and OTLP
+        // Resource) as the rest of its figures; a fault of no known tenant names only itself.
+        let mut attributes = sample
+            .tenants
+            .iter()
+            .find(|t| t.tenant == fault.tenant)
+            .map_or_else(
+                || {
+                    vec![
+                        ("tenant", fault.tenant.clone()),
+                        ("tenant.name", fault.tenant.clone()),
+                    ]
+                },
+                tenant_attributes,
+            );
+        attributes.extend([
+            ("iommu.device", fault.device.clone()),
+            ("iommu.flags", fault.flags.to_string()),
+        ]);
+        push(IOMMU_FAULTS, attributes, Value::Int(fault.faults));
     }
     for (reason, &count) in &sample.drops {
         push(
