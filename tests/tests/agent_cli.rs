@@ -77,6 +77,10 @@ fn bad_flags_and_values_get_one_clear_error() {
         (&["watch", "--interval", "1ms"][..], "at least 10ms"),
         (&["watch", "--duration", "soon"][..], "invalid value 'soon'"),
         (&["frobnicate"][..], "unrecognized subcommand"),
+        (
+            &["agent", "--prometheus-bucket-factor", "3"][..],
+            "give a power of two from 2",
+        ),
     ] {
         let output = Command::new(binary("vmtrace")).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -200,3 +200,101 @@ fn the_exposition_follows_accept_and_each_format_is_clean() {
         counts.split_whitespace().next().unwrap_or("?")
     );
 }
+
+/// The lines of `exposition` that are the series of the tenant at `path`.
+fn tenant_series<'a>(exposition: &'a str, path: &str) -> BTreeSet<&'a str> {
+    let label = format!("tenant=\"{path}\"");
+    samples(exposition)
+        .into_iter()
+        .filter(|l| l.contains(&label))
+        .collect()
+}
+
+#[test]
+fn a_coarser_bucket_factor_costs_a_tenant_fewer_series_and_keeps_every_kept_bucket_exact() {
+    let test =
+        "a_coarser_bucket_factor_costs_a_tenant_fewer_series_and_keeps_every_kept_bucket_exact";
+    if !privileged_host(test) {
+        return;
+    }
+    if !have(test, on_path("curl"), "curl missing (`cargo xtask setup`)") {
+        return;
+    }
+    let agent = |factor: &str| {
+        let port = free_port();
+        let agent = Proc::spawn(
+            "vmtrace agent",
+            Command::new(binary("vmtrace"))
+                .args(["agent", "--interval", "200ms", "--state-dir", "off"])
+                .args(["--prometheus-bucket-factor", factor])
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+        );
+        wait_for("the agent to be ready", Duration::from_mins(1), || {
+            matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
+        });
+        (agent, port)
+    };
+    let (_fine, fine_port) = agent("2");
+    let (_coarse, coarse_port) = agent("16");
+    let tenant = TenantCgroup::new(&format!("vmtrace-buckets-{}", std::process::id()));
+    let report = run_vmm(&[
+        "--scenario",
+        "pio",
+        "--count",
+        "200",
+        "--vcpus",
+        "2",
+        "--cgroup",
+        &tenant.relative,
+    ]);
+    // Every io exit but each vCPU's last was served and timed.
+    let served = report.total.exits["io"] - report.vcpus.len() as u64;
+    let path = tenant.agent_path();
+    let served_count = |exposition: &str| -> Option<u64> {
+        tenant_series(exposition, &path).into_iter().find_map(|l| {
+            (l.starts_with("vmtrace_vmm_service_duration_seconds_count{")
+                && l.contains("exit_reason=\"io\""))
+            .then(|| l.rsplit_once(' ')?.1.parse().ok())?
+        })
+    };
+    let [fine, coarse] = [fine_port, coarse_port].map(|port| {
+        poll(Duration::from_secs(20), || {
+            let (text, _) = get(port, "");
+            (served_count(&text) == Some(served)).then_some(text)
+        })
+        .unwrap_or_else(|| panic!("the agent on {port} never counted {served} served exits"))
+    });
+    let (fine, coarse) = (tenant_series(&fine, &path), tenant_series(&coarse, &path));
+    let buckets = |series: &BTreeSet<&str>| {
+        series
+            .iter()
+            .filter(|l| {
+                l.split_once('{')
+                    .is_some_and(|(name, _)| name.ends_with("_bucket"))
+            })
+            .count()
+    };
+    let histograms = fine
+        .iter()
+        .filter(|l| l.contains("_seconds_count{"))
+        .count();
+    assert!(histograms > 0, "the tenant has latency histograms");
+    // 40 buckets each (39 bounds and +Inf) against 10 (9 and +Inf).
+    assert_eq!(buckets(&fine), histograms * 40);
+    assert_eq!(buckets(&coarse), histograms * 10);
+    assert_eq!(fine.len() - coarse.len(), histograms * 30);
+    // Every bucket kept is the fine exposition's own, count for count, and so is every other series.
+    let missing: Vec<_> = coarse.difference(&fine).collect();
+    assert!(
+        missing.is_empty(),
+        "not in the fine exposition: {missing:#?}"
+    );
+    eprintln!(
+        "series of one tenant ({histograms} latency histograms): {} at factor 2, {} at factor 16",
+        fine.len(),
+        coarse.len()
+    );
+}

@@ -289,15 +289,38 @@ impl Run {
             Some(doorbell.doorbell_signals.unwrap() as i64)
         );
         // Every io exit but each vCPU's last (after which the VMM stops) was served and timed.
+        // Latencies go as exponential histograms at scale 0, in the kernel's nanoseconds, or as
+        // explicit ones in seconds where configured so.
         let service = tenant_metric(&last, tenant_a, "vmtrace.vmm.service.duration").unwrap();
-        assert_eq!(service.unit, "s");
-        let Some(Data::Histogram(histogram)) = &service.data else {
-            panic!("not a histogram: {service:?}")
-        };
-        let point = &histogram.data_points[0];
-        assert_eq!(point.count, pio.total.exits["io"] - pio.vcpus.len() as u64);
-        assert_eq!(point.bucket_counts.iter().sum::<u64>(), point.count);
-        assert_eq!(point.bucket_counts.len(), point.explicit_bounds.len() + 1);
+        let served = pio.total.exits["io"] - pio.vcpus.len() as u64;
+        match &service.data {
+            Some(Data::ExponentialHistogram(histogram)) => {
+                assert_eq!(service.unit, "ns");
+                let point = &histogram.data_points[0];
+                assert_eq!((point.count, point.scale), (served, 0));
+                let positive = point.positive.as_ref().unwrap();
+                assert_eq!(
+                    point.zero_count + positive.bucket_counts.iter().sum::<u64>(),
+                    point.count
+                );
+                // Serving an exit takes more than 2 ns, and less than the 2^40 ns counted to.
+                assert!(positive.offset >= 1, "{point:?}");
+                assert!(
+                    positive.offset as usize + positive.bucket_counts.len() <= 40,
+                    "{point:?}"
+                );
+                assert!(point.max.unwrap() <= point.sum.unwrap(), "{point:?}");
+            }
+            Some(Data::Histogram(histogram)) => {
+                assert_eq!(service.unit, "s");
+                let point = &histogram.data_points[0];
+                assert_eq!(point.count, served);
+                assert_eq!(point.bucket_counts.iter().sum::<u64>(), point.count);
+                assert_eq!(point.explicit_bounds.len(), 39);
+                assert_eq!(point.bucket_counts.len(), point.explicit_bounds.len() + 1);
+            }
+            other => panic!("not a histogram: {other:?}"),
+        }
         // The agent's own metrics are on its own Resource, without a tenant.
         let agent = last
             .resource_metrics
@@ -383,6 +406,26 @@ fn otlp_http_export_carries_the_ground_truth() {
     if privileged_host("otlp_http_export_carries_the_ground_truth") {
         exports_match_ground_truth("http/protobuf", "none");
     }
+}
+
+#[test]
+fn otlp_explicit_bucket_histograms_by_configuration() {
+    if !privileged_host("otlp_explicit_bucket_histograms_by_configuration") {
+        return;
+    }
+    let mut setup = Setup::plain("explicit", "http/protobuf", "none");
+    setup.env = vec![(
+        "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+        "explicit_bucket_histogram".to_owned(),
+    )];
+    let run = run(&setup);
+    run.assert_ground_truth();
+    let last = run.last_export();
+    let service = tenant_metric(&last, &run.tenant_a, "vmtrace.vmm.service.duration").unwrap();
+    assert!(
+        matches!(service.data, Some(Data::Histogram(_))),
+        "{service:?}"
+    );
 }
 
 /// Over TLS to a collector that requires a client certificate: with the CA and the agent's

@@ -4,14 +4,9 @@
 //! `{exit}` becomes `vmtrace_vm_exits_total`; a histogram in `s` becomes `..._seconds`).
 
 use serde::Serialize;
-use vmtrace_common::LATENCY_BUCKETS;
+use vmtrace_common::LatencyHistogram;
 
-use crate::{
-    probe::latency::{LatencySummary, bucket_lower_ns},
-    sample::sampler::Sample,
-    tenant::aggregate::TenantCounts,
-    tenant::resolve::Tenant,
-};
+use crate::{sample::sampler::Sample, tenant::aggregate::TenantCounts, tenant::resolve::Tenant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -320,22 +315,12 @@ pub const ALL: [MetricDef; 33] = [
     AGENT_STATE_ENTRIES,
 ];
 
-/// A histogram data point: explicit bounds in seconds and the count in each bucket
-/// (`bounds.len() + 1` buckets, the last one open-ended).
-#[derive(Debug, Clone, PartialEq)]
-pub struct HistogramValue {
-    pub count: u64,
-    pub sum: f64,
-    pub max: f64,
-    pub bounds: Vec<f64>,
-    pub bucket_counts: Vec<u64>,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Int(u64),
     Float(f64),
-    Histogram(HistogramValue),
+    /// The kernel's log2 buckets as counted; each exporter renders them ([`super::histogram`]).
+    Histogram(Box<LatencyHistogram>),
 }
 
 /// One data point: attributes (OpenTelemetry keys) and a value.
@@ -411,7 +396,11 @@ pub fn families(sample: &Sample, health: &AgentHealth) -> Vec<Family> {
         }
         for (kind, latency) in &tenant.latency {
             if let Some((def, attributes)) = kind.latency_metric() {
-                push(def, with(attributes), Value::Histogram(histogram(latency)));
+                push(
+                    def,
+                    with(attributes),
+                    Value::Histogram(Box::new(latency.histogram())),
+                );
             }
         }
     }
@@ -583,35 +572,6 @@ fn tenant_attributes(tenant: &TenantCounts) -> Vec<(&'static str, String)> {
     attributes
 }
 
-/// The explicit bucket bounds of every latency histogram, in seconds: 2, 4, 8, ... ns, matching the
-/// kernel's log2 buckets exactly, so no count moves between buckets on the way out.
-pub fn bounds_secs() -> Vec<f64> {
-    (1..LATENCY_BUCKETS)
-        .map(|i| bucket_lower_ns(i) as f64 / 1e9)
-        .collect()
-}
-
-fn histogram(latency: &LatencySummary) -> HistogramValue {
-    let mut bucket_counts = vec![0; LATENCY_BUCKETS];
-    for &(lowest_ns, count) in &latency.buckets {
-        let index = if lowest_ns == 0 {
-            0
-        } else {
-            lowest_ns.trailing_zeros() as usize
-        };
-        if let Some(slot) = bucket_counts.get_mut(index) {
-            *slot += count;
-        }
-    }
-    HistogramValue {
-        count: latency.count,
-        sum: latency.sum_ns as f64 / 1e9,
-        max: latency.max_ns as f64 / 1e9,
-        bounds: bounds_secs(),
-        bucket_counts,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::UNIX_EPOCH;
@@ -661,7 +621,9 @@ mod tests {
         // kvm_exit: the hardware exits alone; derived: exit.* + mmio.write.kernel + cpuid.
         for (source, exits) in [("kvm_exit", 100 + 40 + 5), ("derived", 100 + 7 + 33 + 5)] {
             let families = families(&sample_from(source), &AgentHealth::default());
-            let text = prometheus::encode(&families).unwrap();
+            let text =
+                prometheus::encode(&families, crate::export::histogram::BucketFactor::KERNEL)
+                    .unwrap();
             let scraped = |name: &str| -> u64 {
                 text.lines()
                     .filter(|l| l.starts_with(&format!("{name}{{")))
@@ -673,7 +635,13 @@ mod tests {
                     .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
                     .sum()
             };
-            let request = otlp::request(&families, &[], UNIX_EPOCH, UNIX_EPOCH);
+            let request = otlp::request(
+                &families,
+                &[],
+                otlp::HistogramAggregation::default(),
+                UNIX_EPOCH,
+                UNIX_EPOCH,
+            );
             let exported = |name: &str| -> i64 {
                 let metrics = &request.resource_metrics[0].scope_metrics[0].metrics;
                 let Some(Data::Sum(sum)) = &metrics.iter().find(|m| m.name == name).unwrap().data
@@ -700,29 +668,5 @@ mod tests {
                 "{source}"
             );
         }
-    }
-
-    #[test]
-    fn bounds_match_the_kernel_buckets() {
-        let bounds = bounds_secs();
-        assert_eq!(bounds.len(), LATENCY_BUCKETS - 1);
-        assert_eq!(bounds[0], 2e-9);
-        assert_eq!(bounds[9], 1024e-9);
-        let summary = LatencySummary {
-            count: 3,
-            sum_ns: 3000,
-            mean_ns: 1000,
-            p50_ns: 1023,
-            p90_ns: 1023,
-            p99_ns: 2047,
-            max_ns: 1500,
-            buckets: vec![(512, 2), (1024, 1)],
-        };
-        let h = histogram(&summary);
-        assert_eq!(
-            (h.count, h.sum, h.bucket_counts[9], h.bucket_counts[10]),
-            (3, 3e-6, 2, 1)
-        );
-        assert_eq!(h.bucket_counts.len(), h.bounds.len() + 1);
     }
 }

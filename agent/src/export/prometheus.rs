@@ -52,6 +52,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     export::exposition::{Format, text_format},
+    export::histogram::{self, BucketFactor},
     export::metrics::{Family, MetricKind, Value, probes_missing},
     export::web::{Auth, WebConfig},
     sample::timeline::{self, MovedOn, Points, Timeline},
@@ -98,16 +99,26 @@ pub struct SharedTimeline {
 struct AppState {
     latest: Latest,
     timeline: SharedTimeline,
+    buckets: BucketFactor,
 }
 
-/// Serves on `listener` until the process ends, with `web`'s TLS and authentication.
+/// Serves on `listener` until the process ends, with `web`'s TLS and authentication, latency
+/// histograms with a bound every `buckets` times the one before.
 pub async fn serve(
     listener: TcpListener,
     latest: Latest,
     timeline: SharedTimeline,
     web: WebConfig,
+    buckets: BucketFactor,
 ) -> Result<()> {
-    let app = router(AppState { latest, timeline }, Arc::new(web.auth));
+    let app = router(
+        AppState {
+            latest,
+            timeline,
+            buckets,
+        },
+        Arc::new(web.auth),
+    );
     let tls = web.tls.map(Arc::new);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSED_CONNECTIONS));
@@ -494,7 +505,9 @@ fn readiness(families: &[Family]) -> (StatusCode, String) {
 /// The latest sample in the format the scraper asks for (`Accept`): the text format 0.0.4 unless
 /// it asks for OpenMetrics.
 async fn metrics(
-    State(AppState { latest, .. }): State<AppState>,
+    State(AppState {
+        latest, buckets, ..
+    }): State<AppState>,
     headers: axum::http::HeaderMap,
 ) -> impl IntoResponse {
     let Some(families) = latest.borrow().clone() else {
@@ -509,7 +522,7 @@ async fn metrics(
             .get(header::ACCEPT)
             .and_then(|accept| accept.to_str().ok()),
     );
-    match encode(&families) {
+    match encode(&families, buckets) {
         Ok(openmetrics) => {
             let text = match format {
                 Format::OpenMetrics => openmetrics,
@@ -526,20 +539,21 @@ async fn metrics(
 }
 
 /// The families as OpenMetrics text.
-pub fn encode(families: &[Family]) -> Result<String, std::fmt::Error> {
+pub fn encode(families: &[Family], buckets: BucketFactor) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Families(families.to_vec())));
+    registry.register_collector(Box::new(Families(families.to_vec(), buckets)));
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
     Ok(text)
 }
 
 #[derive(Debug)]
-struct Families(Vec<Family>);
+struct Families(Vec<Family>, BucketFactor);
 
 impl Collector for Families {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for family in &self.0 {
+        let Self(families, factor) = self;
+        for family in families {
             let def = family.def;
             let (name, unit) = prometheus_name(def.name, def.unit);
             let metric_type = match def.kind {
@@ -566,16 +580,19 @@ impl Collector for Families {
                     (Value::Int(v), _) => ConstGauge::new(*v as i64).encode(point_encoder)?,
                     (Value::Float(v), _) => ConstGauge::new(*v).encode(point_encoder)?,
                     (Value::Histogram(h), _) => {
-                        let mut buckets: Vec<(f64, u64)> = h
-                            .bounds
-                            .iter()
-                            .copied()
-                            .zip(h.bucket_counts.iter().copied())
+                        let explicit = histogram::explicit(h, *factor);
+                        let buckets: Vec<(f64, u64)> = explicit
+                            .bounds_secs
+                            .into_iter()
+                            .chain([f64::INFINITY])
+                            .zip(explicit.counts)
                             .collect();
-                        buckets.push((f64::INFINITY, h.bucket_counts.last().copied().unwrap_or(0)));
                         let mut point_encoder = point_encoder;
                         point_encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                            h.sum, h.count, &buckets, None,
+                            h.sum_ns as f64 / 1e9,
+                            h.count,
+                            &buckets,
+                            None,
                         )?;
                     }
                 }
@@ -600,7 +617,8 @@ pub fn prometheus_name(name: &str, unit: &str) -> (String, Option<Unit>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::metrics::{HistogramValue, Point, VM_EXITS, VMM_SERVICE_DURATION};
+    use crate::export::metrics::{Point, VM_EXITS, VMM_SERVICE_DURATION};
+    use vmtrace_common::LatencyHistogram;
 
     #[test]
     fn ready_only_while_every_probe_that_should_be_is_attached() {
@@ -733,17 +751,17 @@ mod tests {
                 def: VMM_SERVICE_DURATION,
                 points: vec![Point {
                     attributes: vec![("tenant", "/a".to_owned())],
-                    value: Value::Histogram(HistogramValue {
-                        count: 3,
-                        sum: 0.5,
-                        max: 0.4,
-                        bounds: vec![0.1, 0.2],
-                        bucket_counts: vec![1, 0, 2],
-                    }),
+                    value: Value::Histogram(Box::new({
+                        let mut h = LatencyHistogram::EMPTY;
+                        for ns in [100, 300, 500] {
+                            h.record(ns);
+                        }
+                        h
+                    })),
                 }],
             },
         ];
-        let text = encode(&families).unwrap();
+        let text = encode(&families, BucketFactor::KERNEL).unwrap();
         assert!(text.contains("# TYPE vmtrace_vm_exits counter"), "{text}");
         assert!(
             text.contains(
@@ -751,28 +769,54 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(
-            text.contains(
-                "vmtrace_vmm_service_duration_seconds_bucket{le=\"0.1\",tenant=\"/a\"} 1"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "vmtrace_vmm_service_duration_seconds_bucket{le=\"0.2\",tenant=\"/a\"} 1"
-            ),
-            "{text}"
-        );
+        // The `le` of the bucket whose bound is `ns`, as the encoder writes it.
+        let bucket = |text: &str, ns: u64| -> Option<u64> {
+            text.lines().find_map(|line| {
+                let rest =
+                    line.strip_prefix("vmtrace_vmm_service_duration_seconds_bucket{le=\"")?;
+                let (le, rest) = rest.split_once('"')?;
+                let count = rest.strip_prefix(",tenant=\"/a\"} ")?;
+                (le.parse::<f64>().ok()? == ns as f64 / 1e9).then(|| count.parse().ok())?
+            })
+        };
+        // 100 ns below 128 ns, 300 and 500 ns below 512 ns; cumulative, as Prometheus wants.
+        assert_eq!(bucket(&text, 64), Some(0), "{text}");
+        assert_eq!(bucket(&text, 128), Some(1), "{text}");
+        assert_eq!(bucket(&text, 256), Some(1), "{text}");
+        assert_eq!(bucket(&text, 512), Some(3), "{text}");
         assert!(
             text.contains(
                 "vmtrace_vmm_service_duration_seconds_bucket{le=\"+Inf\",tenant=\"/a\"} 3"
             ),
             "{text}"
         );
+        assert_eq!(
+            text.matches("vmtrace_vmm_service_duration_seconds_bucket")
+                .count(),
+            40
+        );
         assert!(
             text.contains("vmtrace_vmm_service_duration_seconds_count{tenant=\"/a\"} 3"),
             "{text}"
         );
+        assert!(
+            text.contains("vmtrace_vmm_service_duration_seconds_sum{tenant=\"/a\"} 9e-7")
+                || text
+                    .contains("vmtrace_vmm_service_duration_seconds_sum{tenant=\"/a\"} 0.0000009"),
+            "{text}"
+        );
+        // Every fourth bound: 16 ns, 256 ns, 4096 ns, ...; the same counts where a bound is kept.
+        let coarse = encode(&families, BucketFactor::parse("16", "test").unwrap()).unwrap();
+        assert_eq!(
+            coarse
+                .matches("vmtrace_vmm_service_duration_seconds_bucket")
+                .count(),
+            10
+        );
+        assert_eq!(bucket(&coarse, 16), Some(0), "{coarse}");
+        assert_eq!(bucket(&coarse, 256), Some(1), "{coarse}");
+        assert_eq!(bucket(&coarse, 4096), Some(3), "{coarse}");
+        assert_eq!(bucket(&coarse, 128), None, "{coarse}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -64,6 +64,22 @@ impl LatencySummary {
     }
 }
 
+impl LatencySummary {
+    /// The kernel's histogram this summary was made of.
+    pub fn histogram(&self) -> LatencyHistogram {
+        let mut h = LatencyHistogram {
+            count: self.count,
+            sum_ns: self.sum_ns,
+            max_ns: self.max_ns,
+            ..LatencyHistogram::EMPTY
+        };
+        for &(lowest_ns, count) in &self.buckets {
+            h.buckets[LatencyHistogram::bucket(lowest_ns)] += count;
+        }
+        h
+    }
+}
+
 /// Lowest latency of bucket `i`: 2^i ns (bucket 0 starts at 0).
 pub fn bucket_lower_ns(i: usize) -> u64 {
     if i == 0 { 0 } else { 1 << i }

@@ -14,7 +14,7 @@ use crate::{
     cmd::args::{
         INTERVAL_RANGE, ProbeArgs, WINDOW_RANGE, check_max_tenants, check_range, parse_in_range,
     },
-    export::otlp::OtlpConfig,
+    export::{histogram::BucketFactor, otlp::OtlpConfig},
     tenant::kubernetes::KubeConfig,
 };
 
@@ -22,9 +22,10 @@ use crate::{
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
     /// TOML configuration file (keys: interval, window, listen, kick_latency, max_tenants,
-    /// node_name, state_dir, web_config, and an
+    /// node_name, state_dir, web_config, prometheus_bucket_factor, and an
     /// `[otlp]` table with endpoint, protocol, headers, compression, timeout_ms, interval_ms,
-    /// certificate, client_certificate, client_key, max_request_bytes; see docs/configuration.md).
+    /// certificate, client_certificate, client_key, max_request_bytes,
+    /// default_histogram_aggregation; see docs/configuration.md).
     #[arg(long, env = "VMTRACE_CONFIG")]
     pub config: Option<PathBuf>,
     /// How often the probes' counters are read, e.g. `1s`, from 10ms to 1h [default: 1s].
@@ -73,6 +74,14 @@ pub struct AgentArgs {
     /// in TOML (docs/configuration.md). Plain HTTP, open to whoever reaches --listen, without it.
     #[arg(long, env = "VMTRACE_WEB_CONFIG")]
     pub web_config: Option<PathBuf>,
+    /// Ratio between consecutive latency histogram bounds on the Prometheus endpoint, a power of
+    /// two: 2 keeps every one of the kernel's log2 buckets (42 series per histogram with _sum and
+    /// _count), 4 every other one (22), 16 every fourth (12), up to 1024 (6). Counts are exact at
+    /// every bound kept. OTLP is not affected [default: 2].
+    #[arg(long, env = "VMTRACE_PROMETHEUS_BUCKET_FACTOR", value_parser = |text: &str| {
+        BucketFactor::parse(text, "--prometheus-bucket-factor (VMTRACE_PROMETHEUS_BUCKET_FACTOR)")
+    })]
+    pub prometheus_bucket_factor: Option<BucketFactor>,
     #[command(flatten)]
     pub probes: ProbeArgs,
 }
@@ -91,6 +100,7 @@ pub struct FileConfig {
     pub node_name: Option<String>,
     pub state_dir: Option<String>,
     pub web_config: Option<PathBuf>,
+    pub prometheus_bucket_factor: Option<u64>,
     #[serde(default)]
     pub otlp: FileOtlp,
 }
@@ -149,6 +159,7 @@ pub struct FileOtlp {
     pub client_certificate: Option<String>,
     pub client_key: Option<String>,
     pub max_request_bytes: Option<u64>,
+    pub default_histogram_aggregation: Option<String>,
 }
 
 /// Durations in the file are written as in flags, "1s", "500ms", and have the flags' ranges.
@@ -203,6 +214,8 @@ pub struct AgentConfig {
     pub kube: Option<KubeConfig>,
     /// The endpoint's TLS and authentication; `None`: plain HTTP, open.
     pub web_config: Option<PathBuf>,
+    /// The endpoint's latency histogram bounds.
+    pub prometheus_buckets: BucketFactor,
 }
 
 impl AgentConfig {
@@ -319,6 +332,15 @@ impl AgentConfig {
             }
             (None, None) => args.probes.max_tenants(),
         };
+        let prometheus_buckets =
+            match (args.prometheus_bucket_factor, file.prometheus_bucket_factor) {
+                (Some(flag), _) => flag,
+                (None, Some(value)) => {
+                    BucketFactor::parse(&value.to_string(), &file_key("prometheus_bucket_factor"))
+                        .map_err(anyhow::Error::msg)?
+                }
+                (None, None) => BucketFactor::KERNEL,
+            };
         let node_name = args.node_name.clone().or(file.node_name);
         let kube = KubeConfig::resolve(args.kube_api.as_deref(), node_name.as_deref(), env)?;
         Ok(Self {
@@ -332,6 +354,7 @@ impl AgentConfig {
             otlp,
             kube,
             web_config: args.web_config.clone().or(file.web_config),
+            prometheus_buckets,
         })
     }
 }
@@ -383,6 +406,10 @@ fn otlp_setting(
         (
             "VMTRACE_OTLP_MAX_REQUEST_BYTES",
             file.max_request_bytes.map(|v| v.to_string()),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+            file.default_histogram_aggregation.clone(),
         ),
         (
             "OTEL_EXPORTER_OTLP_TIMEOUT",
@@ -472,6 +499,11 @@ mod tests {
                 "[otlp]\nendpoint = \"collector:4317\"\n",
                 "must start with http",
             ),
+            ("prometheus_bucket_factor = 12\n", "power of two from 2"),
+            (
+                "[otlp]\nendpoint = \"http://c:4318\"\ndefault_histogram_aggregation = \"log\"\n",
+                "base2_exponential_bucket_histogram",
+            ),
         ] {
             let path = file(text);
             let args = AgentArgs {
@@ -483,7 +515,8 @@ mod tests {
             assert!(
                 err.contains("vmtrace-config")
                     || needle == "not HOST:PORT"
-                    || needle == "must start with http",
+                    || needle == "must start with http"
+                    || needle == "base2_exponential_bucket_histogram",
                 "{err}"
             );
             std::fs::remove_file(path).unwrap();

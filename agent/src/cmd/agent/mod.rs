@@ -71,8 +71,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             web.describe()
         ));
         let (latest, timeline) = (latest.clone(), timeline.clone());
+        let buckets = config.prometheus_buckets;
         tokio::spawn(async move {
-            if let Err(e) = prometheus::serve(listener, latest, timeline, web).await {
+            if let Err(e) = prometheus::serve(listener, latest, timeline, web, buckets).await {
                 tracing::error!("{e:#}");
             }
         });

@@ -21,6 +21,18 @@ pub enum Compression {
     Gzip,
 }
 
+/// `OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION`: how latency histograms are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HistogramAggregation {
+    /// `base2_exponential_bucket_histogram`: scale 0 in nanoseconds, the kernel's log2 buckets one
+    /// to one. The default here (the specification's is explicit): it is exact and costs one
+    /// series per histogram in backends with native histograms.
+    #[default]
+    Exponential,
+    /// `explicit_bucket_histogram`: bounds at every power of two of nanoseconds, in seconds.
+    Explicit,
+}
+
 /// The PEM files of an `https://` endpoint's TLS, beside the system's trusted roots.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TlsFiles {
@@ -56,6 +68,7 @@ pub struct OtlpConfig {
     pub tls: TlsFiles,
     /// `VMTRACE_OTLP_MAX_REQUEST_BYTES`: larger requests are sent as several.
     pub max_request_bytes: usize,
+    pub histograms: HistogramAggregation,
     /// The agent's own Resource attributes (service, host, node); each tenant's are added to them.
     pub resource: Vec<(String, String)>,
 }
@@ -137,6 +150,20 @@ impl OtlpConfig {
                 ),
             },
         };
+        let histograms = match env("OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("" | "base2_exponential_bucket_histogram") => {
+                HistogramAggregation::Exponential
+            }
+            Some("explicit_bucket_histogram") => HistogramAggregation::Explicit,
+            Some(other) => bail!(
+                "unsupported histogram aggregation `{other}` \
+                 (OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION): use \
+                 `base2_exponential_bucket_histogram` (the default) or `explicit_bucket_histogram`"
+            ),
+        };
         Ok(Some(Self {
             protocol,
             compression,
@@ -150,6 +177,7 @@ impl OtlpConfig {
             )?,
             tls,
             max_request_bytes,
+            histograms,
             resource: Vec::new(),
         }))
     }

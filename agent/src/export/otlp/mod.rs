@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-pub use config::{OtlpConfig, parse_key_values};
+pub use config::{HistogramAggregation, OtlpConfig, parse_key_values};
 pub use request::request;
 use request::split;
 use tokio::{sync::watch, time::Instant};
@@ -151,6 +151,7 @@ impl Exporter {
         let request = request(
             families,
             &self.config.resource,
+            self.config.histograms,
             self.start_time,
             SystemTime::now(),
         );

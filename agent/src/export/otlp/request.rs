@@ -11,14 +11,19 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
-        AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-        ResourceMetrics, ScopeMetrics, Sum, metric::Data, number_data_point,
+        AggregationTemporality, ExponentialHistogram, ExponentialHistogramDataPoint, Gauge,
+        Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+        exponential_histogram_data_point::Buckets, metric::Data, number_data_point,
     },
     resource::v1::Resource,
 };
 use prost::Message;
 
-use crate::export::metrics::{Family, MetricKind, Point, Value};
+use super::HistogramAggregation;
+use crate::export::{
+    histogram::{self, BucketFactor, ZERO_THRESHOLD_NS},
+    metrics::{Family, MetricKind, Point, Value},
+};
 
 /// The Resource attribute a tenant-describing point attribute becomes; `None` for the attributes
 /// that stay on the data point (the exit reason, the queue, ...). Keys of the semantic conventions
@@ -47,10 +52,11 @@ struct Group<'a> {
 }
 
 /// The OTLP request for one set of metrics: the agent's own metrics under `resource`, each
-/// tenant's under `resource` plus the tenant's attributes.
+/// tenant's under `resource` plus the tenant's attributes; latencies as `histograms` says.
 pub fn request(
     families: &[Family],
     resource: &[(String, String)],
+    histograms: HistogramAggregation,
     start: SystemTime,
     now: SystemTime,
 ) -> ExportMetricsServiceRequest {
@@ -95,7 +101,7 @@ pub fn request(
                     .iter()
                     .zip(&group.points)
                     .filter(|(_, points)| !points.is_empty())
-                    .map(|(family, points)| metric(family, points, times))
+                    .map(|(family, points)| metric(family, points, histograms, times))
                     .collect();
                 ResourceMetrics {
                     resource: Some(Resource {
@@ -119,8 +125,14 @@ pub fn request(
 }
 
 /// One family's points of one Resource, cumulative since `start`.
-fn metric(family: &Family, points: &[(&Point, Attributes)], (start, now): (u64, u64)) -> Metric {
+fn metric(
+    family: &Family,
+    points: &[(&Point, Attributes)],
+    histograms: HistogramAggregation,
+    (start, now): (u64, u64),
+) -> Metric {
     let def = family.def;
+    let mut unit = def.unit;
     let cumulative = AggregationTemporality::Cumulative as i32;
     let numbers = || {
         points
@@ -150,31 +162,67 @@ fn metric(family: &Family, points: &[(&Point, Attributes)], (start, now): (u64, 
         MetricKind::Gauge => Data::Gauge(Gauge {
             data_points: numbers(),
         }),
-        MetricKind::Histogram => Data::Histogram(Histogram {
-            data_points: points
-                .iter()
-                .filter_map(|(p, attributes)| match &p.value {
-                    Value::Histogram(h) => Some(HistogramDataPoint {
-                        attributes: key_values(attributes),
-                        start_time_unix_nano: start,
-                        time_unix_nano: now,
-                        count: h.count,
-                        sum: Some(h.sum),
-                        bucket_counts: h.bucket_counts.clone(),
-                        explicit_bounds: h.bounds.clone(),
-                        max: Some(h.max),
-                        ..Default::default()
-                    }),
-                    _ => None,
-                })
-                .collect(),
-            aggregation_temporality: cumulative,
-        }),
+        MetricKind::Histogram => {
+            let latencies = points.iter().filter_map(|(p, attributes)| match &p.value {
+                Value::Histogram(h) => Some((h, attributes)),
+                _ => None,
+            });
+            match histograms {
+                HistogramAggregation::Explicit => Data::Histogram(Histogram {
+                    data_points: latencies
+                        .map(|(h, attributes)| {
+                            let buckets = histogram::explicit(h, BucketFactor::KERNEL);
+                            HistogramDataPoint {
+                                attributes: key_values(attributes),
+                                start_time_unix_nano: start,
+                                time_unix_nano: now,
+                                count: h.count,
+                                sum: Some(h.sum_ns as f64 / 1e9),
+                                bucket_counts: buckets.counts,
+                                explicit_bounds: buckets.bounds_secs,
+                                max: Some(h.max_ns as f64 / 1e9),
+                                ..Default::default()
+                            }
+                        })
+                        .collect(),
+                    aggregation_temporality: cumulative,
+                }),
+                // Scale 0 is base 2, the kernel's buckets, but only in the unit they were
+                // counted in: powers of two of seconds would cut through them.
+                HistogramAggregation::Exponential => {
+                    unit = "ns";
+                    Data::ExponentialHistogram(ExponentialHistogram {
+                        data_points: latencies
+                            .map(|(h, attributes)| {
+                                let buckets = histogram::exponential(h);
+                                ExponentialHistogramDataPoint {
+                                    attributes: key_values(attributes),
+                                    start_time_unix_nano: start,
+                                    time_unix_nano: now,
+                                    count: h.count,
+                                    sum: Some(h.sum_ns as f64),
+                                    scale: 0,
+                                    zero_count: buckets.zero_count,
+                                    zero_threshold: ZERO_THRESHOLD_NS,
+                                    positive: Some(Buckets {
+                                        offset: buckets.offset,
+                                        bucket_counts: buckets.counts,
+                                    }),
+                                    max: Some(h.max_ns as f64),
+                                    ..Default::default()
+                                }
+                            })
+                            .collect(),
+                        aggregation_temporality: cumulative,
+                    })
+                }
+            }
+        }
     };
     Metric {
         name: def.name.to_owned(),
         description: def.description.to_owned(),
-        unit: def.unit.to_owned(),
+        unit: unit.to_owned(),
         data: Some(data),
         ..Default::default()
     }
@@ -318,7 +366,8 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::export::metrics::{AGENT_TENANTS, HistogramValue, IOMMU_FAULTS};
+    use crate::export::metrics::{AGENT_TENANTS, IOMMU_FAULTS};
+    use vmtrace_common::LatencyHistogram;
 
     fn tenant_points(count: usize) -> Vec<Family> {
         let exits = crate::export::metrics::ALL
@@ -370,13 +419,13 @@ mod tests {
             }
             families[1].points.push(Point {
                 attributes: tenant.clone(),
-                value: Value::Histogram(HistogramValue {
-                    count: 3,
-                    sum: 1e-6,
-                    max: 5e-7,
-                    bounds: vec![1e-7, 1e-6],
-                    bucket_counts: vec![1, 2, 0],
-                }),
+                value: Value::Histogram(Box::new({
+                    let mut h = LatencyHistogram::EMPTY;
+                    for ns in [100, 300, 500] {
+                        h.record(ns);
+                    }
+                    h
+                })),
             });
         }
         families
@@ -392,7 +441,10 @@ mod tests {
                     Data::Sum(s) => s.data_points.iter().map(|p| format!("{p:?}")).collect(),
                     Data::Gauge(g) => g.data_points.iter().map(|p| format!("{p:?}")).collect(),
                     Data::Histogram(h) => h.data_points.iter().map(|p| format!("{p:?}")).collect(),
-                    other => panic!("unexpected {other:?}"),
+                    Data::ExponentialHistogram(h) => {
+                        h.data_points.iter().map(|p| format!("{p:?}")).collect()
+                    }
+                    other @ Data::Summary(_) => panic!("unexpected {other:?}"),
                 };
                 for point in points {
                     assert!(all.insert(format!("{attributes} {} {point}", metric.name)));
@@ -403,9 +455,59 @@ mod tests {
     }
 
     #[test]
+    fn latencies_go_as_exponential_histograms_in_ns_or_explicit_ones_in_seconds() {
+        let latency = |request: &ExportMetricsServiceRequest| {
+            request.resource_metrics[0].scope_metrics[0].metrics[1].clone()
+        };
+        let exponential = latency(&request(
+            &tenant_points(1),
+            &[],
+            HistogramAggregation::Exponential,
+            UNIX_EPOCH,
+            UNIX_EPOCH,
+        ));
+        assert_eq!(exponential.unit, "ns");
+        let Some(Data::ExponentialHistogram(h)) = exponential.data else {
+            panic!("{exponential:?}")
+        };
+        let point = &h.data_points[0];
+        // 100 ns in (64, 128], 300 in (256, 512], 500 likewise: indices 6 and 8 at scale 0.
+        assert_eq!((point.scale, point.count, point.sum), (0, 3, Some(900.0)));
+        let positive = point.positive.as_ref().unwrap();
+        assert_eq!(
+            (positive.offset, positive.bucket_counts.as_slice()),
+            (6, &[1, 0, 2][..])
+        );
+        assert_eq!((point.zero_count, point.zero_threshold), (0, 1.0));
+        assert_eq!(point.max, Some(500.0));
+
+        let explicit = latency(&request(
+            &tenant_points(1),
+            &[],
+            HistogramAggregation::Explicit,
+            UNIX_EPOCH,
+            UNIX_EPOCH,
+        ));
+        assert_eq!(explicit.unit, "s");
+        let Some(Data::Histogram(h)) = explicit.data else {
+            panic!("{explicit:?}")
+        };
+        let point = &h.data_points[0];
+        assert_eq!(point.explicit_bounds.len(), 39);
+        assert_eq!((point.bucket_counts[6], point.bucket_counts[8]), (1, 2));
+        assert_eq!(point.sum, Some(900e-9));
+    }
+
+    #[test]
     fn each_tenant_is_one_resource_with_its_kubernetes_attributes() {
         let agent = vec![("service.name".to_owned(), "vmtrace".to_owned())];
-        let request = request(&tenant_points(2), &agent, UNIX_EPOCH, UNIX_EPOCH);
+        let request = request(
+            &tenant_points(2),
+            &agent,
+            HistogramAggregation::default(),
+            UNIX_EPOCH,
+            UNIX_EPOCH,
+        );
         // One Resource per tenant, in the order met, and the agent's own.
         assert_eq!(request.resource_metrics.len(), 3);
         let keys = |r: &ResourceMetrics| -> Vec<(String, String)> {
@@ -454,7 +556,13 @@ mod tests {
 
     #[test]
     fn split_requests_fit_and_carry_every_point_once() {
-        let whole = request(&tenant_points(200), &[], UNIX_EPOCH, UNIX_EPOCH);
+        let whole = request(
+            &tenant_points(200),
+            &[],
+            HistogramAggregation::default(),
+            UNIX_EPOCH,
+            UNIX_EPOCH,
+        );
         let expected = flatten(std::slice::from_ref(&whole));
         for limit in [4096, 10_000, 100_000] {
             let parts = split(whole.clone(), limit);
@@ -490,7 +598,13 @@ mod tests {
                 value: Value::Int(i),
             });
         }
-        let whole = request(&families, &[], UNIX_EPOCH, UNIX_EPOCH);
+        let whole = request(
+            &families,
+            &[],
+            HistogramAggregation::default(),
+            UNIX_EPOCH,
+            UNIX_EPOCH,
+        );
         let parts = split(whole.clone(), 4096);
         assert!(parts.len() >= 4);
         assert!(parts.iter().all(|p| p.encoded_len() <= 4096));
