@@ -25,7 +25,8 @@ pub use names::maps::{
     CGROUP_EVENTS as CGROUP_EVENTS_MAP, DOORBELL_ADDRS as DOORBELL_ADDRS_MAP,
     DOORBELLS as DOORBELLS_MAP, DROPS as DROPS_MAP, EXIT_COUNTS as EXIT_COUNTS_MAP,
     EXIT_LATENCY as EXIT_LATENCY_MAP, IOMMU_FAULTS as IOMMU_FAULTS_MAP, KICKS as KICKS_MAP,
-    REMOVED_DOORBELLS as REMOVED_DOORBELLS_MAP, VMM_PROCESSES as VMM_PROCESSES_MAP,
+    REMOVED_DOORBELLS as REMOVED_DOORBELLS_MAP, THREAD_EXITS as THREAD_EXITS_MAP,
+    THREAD_NAMES as THREAD_NAMES_MAP, VMM_PROCESSES as VMM_PROCESSES_MAP,
 };
 
 /// Fails the build unless `$type` is `$size` bytes with alignment `$align`: the layout the kernel
@@ -213,6 +214,32 @@ pub struct ExitKey {
 
 // 8 + 4 * 4 bytes, no padding.
 assert_layout!(ExitKey, size 24, align 8);
+
+/// Capacity of [`THREAD_EXITS_MAP`]: (thread, kind, detail) triples held at once. The agent
+/// removes the entries of threads that have ended, so this bounds the live vCPU threads times
+/// their exit reasons; beyond it, a thread's new reason is a counted drop.
+pub const THREAD_EXITS_CAPACITY: u32 = 8192;
+
+/// Key of [`THREAD_EXITS_MAP`]: the exit events of one VMM thread (a vCPU), as [`ExitKey`] has
+/// them per cgroup. Only the kinds that make up exits are counted: [`ExitKind::Userspace`],
+/// [`ExitKind::UserspaceError`], [`ExitKind::Pio`], [`ExitKind::Mmio`] (doorbell writes
+/// included), [`ExitKind::Cpuid`] and [`ExitKind::KvmExit`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ThreadExitKey {
+    /// The thread's cgroup v2 id, its tenant.
+    pub cgroup_id: u64,
+    /// Thread id (the low half of pid_tgid).
+    pub tid: u32,
+    /// An [`ExitKind`] as `u32`.
+    pub kind: u32,
+    pub detail: u32,
+    /// As [`ExitKey::isa`].
+    pub isa: u32,
+}
+
+// 8 + 4 * 4 bytes, no padding.
+assert_layout!(ThreadExitKey, size 24, align 8);
 
 /// Capacity of [`EXIT_LATENCY_MAP`].
 pub const EXIT_LATENCY_CAPACITY: u32 = 4096;
@@ -669,6 +696,9 @@ pub enum Drop {
     GuestMemoryLost = 14,
     /// [`REMOVED_DOORBELLS_MAP`] was full, so a removed doorbell's last kicks are not reported.
     RemovedDoorbellsFull = 15,
+    /// [`THREAD_EXITS_MAP`] was full, so a thread's exit is missing from the per-vCPU view (the
+    /// tenant's own counts have it).
+    ThreadExitsFull = 16,
 }
 
 impl Drop {
@@ -690,6 +720,7 @@ impl Drop {
         Self::IommuFaultLost,
         Self::GuestMemoryLost,
         Self::RemovedDoorbellsFull,
+        Self::ThreadExitsFull,
     ];
 
     /// The reason as the agent exports it (a metric label, a recording's key).
@@ -711,6 +742,7 @@ impl Drop {
             Self::IommuFaultLost => "iommu_fault_lost",
             Self::GuestMemoryLost => "guest_memory_lost",
             Self::RemovedDoorbellsFull => "removed_doorbells_full",
+            Self::ThreadExitsFull => "thread_exits_full",
         }
     }
 }
@@ -737,6 +769,8 @@ pub const DROP_REASONS: u32 = Drop::ALL.len() as u32;
 mod user {
     // SAFETY: repr(C), Copy, integers only; 24 bytes = 8 + 4 * 4, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::ExitKey {}
+    // SAFETY: repr(C), Copy, integers only; 24 bytes = 8 + 4 * 4, no padding (assert_layout! above).
+    unsafe impl aya::Pod for super::ThreadExitKey {}
     // SAFETY: repr(C), Copy, integers only; 24 bytes = 8 + 4 * 4, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::LatencyKey {}
     // SAFETY: repr(C), Copy, u64s only; 344 bytes = 43 * 8, no padding (assert_layout! above).
@@ -790,6 +824,7 @@ mod tests {
             IommuFaultLost,
             GuestMemoryLost,
             RemovedDoorbellsFull,
+            ThreadExitsFull,
         );
         assert_eq!(Drop::ALL.len(), every.len());
         for reason in every {
@@ -800,7 +835,7 @@ mod tests {
         }
         assert_eq!(DROP_REASONS as usize, every.len());
         // The names are exported (metric labels, recordings): they never change.
-        let names: [&str; 16] = core::array::from_fn(|i| Drop::ALL[i].name());
+        let names: [&str; 17] = core::array::from_fn(|i| Drop::ALL[i].name());
         assert_eq!(
             names,
             [
@@ -820,6 +855,7 @@ mod tests {
                 "iommu_fault_lost",
                 "guest_memory_lost",
                 "removed_doorbells_full",
+                "thread_exits_full",
             ]
         );
     }

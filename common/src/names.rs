@@ -35,6 +35,12 @@ pub mod maps {
     pub const VMM_PROCESSES: &str = "VMM_PROCESSES";
     /// Per-CPU hash map of IOMMU faults per device, [`crate::IommuFaultKey`] to `u64`.
     pub const IOMMU_FAULTS: &str = "IOMMU_FAULTS";
+    /// Per-CPU hash map of exits per VMM thread, [`crate::ThreadExitKey`] to `u64`, filled only
+    /// while `vmtrace top` (the per-vCPU view) runs.
+    pub const THREAD_EXITS: &str = "THREAD_EXITS";
+    /// Hash map of the names of [`THREAD_EXITS`]'s threads, thread id to `comm` (`[u8; 16]`,
+    /// NUL-padded), noted by the probes so that a thread that has ended keeps its name.
+    pub const THREAD_NAMES: &str = "THREAD_NAMES";
 
     // Maps only the kernel side uses; named here so that the object test covers every map.
 
@@ -62,4 +68,11 @@ pub mod programs {
     pub const REPLAY_KVM_EXIT: &str = "replay_kvm_exit";
     /// Replays `iommu:io_page_fault` records through the IOMMU fault logic.
     pub const REPLAY_IO_PAGE_FAULT: &str = "replay_io_page_fault";
+}
+
+/// Globals the agent sets at load beyond the probe table's field offsets and probe switches.
+pub mod globals {
+    /// `u32`: 1 to count every VMM thread's exits in [`super::maps::THREAD_EXITS`] (the per-vCPU
+    /// view of `vmtrace top`); 0, the default, costs the exit probes one load and branch.
+    pub const THREAD_EXITS_ON: &str = "THREAD_EXITS_ON";
 }

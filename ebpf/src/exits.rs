@@ -16,7 +16,10 @@ use vmtrace_common::{
 };
 
 use crate::{
-    maps::{SERVICE_STARTS, count, count_drop, count_for, current_cgroup_id, record_latency},
+    maps::{
+        SERVICE_STARTS, count, count_current_thread, count_drop, count_for, current_cgroup_id,
+        record_latency,
+    },
     virtio::on_guest_write,
 };
 
@@ -39,8 +42,10 @@ pub fn kvm_userspace_exit(ctx: RawTracePointContext) -> i32 {
 fn on_userspace_exit(reason: u32, errno: i32) {
     if errno < 0 {
         count(ExitKind::UserspaceError, errno.unsigned_abs());
+        count_current_thread(ExitKind::UserspaceError, errno.unsigned_abs());
         return;
     }
+    count_current_thread(ExitKind::Userspace, reason);
     let cgroup_id = current_cgroup_id();
     count_for(cgroup_id, ExitKind::Userspace, reason);
     let tid = current_tid();
@@ -97,6 +102,8 @@ pub fn on_kvm_run() {
 #[raw_tracepoint(tracepoint = "kvm_pio")]
 pub fn kvm_pio(ctx: RawTracePointContext) -> i32 {
     let rw: u64 = ctx.arg(0);
+    // Per thread, a doorbell write is the write it is: the view shows exits, not kicks.
+    count_current_thread(ExitKind::Pio, rw as u32);
     if rw == 1 {
         let port: u64 = ctx.arg(1);
         let size: u64 = ctx.arg(2);
@@ -116,6 +123,7 @@ pub fn kvm_pio(ctx: RawTracePointContext) -> i32 {
 pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     let mmio_type: u64 = ctx.arg(0);
     let mmio_type = mmio_type as u32;
+    count_current_thread(ExitKind::Mmio, mmio_type);
     if mmio_type == MmioType::Write as u32 {
         let len: u64 = ctx.arg(1);
         let gpa: u64 = ctx.arg(2);
@@ -132,5 +140,6 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "kvm_cpuid")]
 pub fn kvm_cpuid(_ctx: RawTracePointContext) -> i32 {
     count(ExitKind::Cpuid, 0);
+    count_current_thread(ExitKind::Cpuid, 0);
     0
 }

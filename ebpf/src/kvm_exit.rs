@@ -14,13 +14,14 @@ use aya_ebpf::{
 };
 use vmtrace_common::{
     Drop, ExitKey, ExitKind, ExitStart, GuestEntry, LatencyKey, LatencyKind, THREAD_SLOTS,
+    ThreadExitKey,
 };
 
 use crate::{
     exits::current_tid,
     maps::{
-        EXIT_STARTS, GUEST_ENTRIES, add_for, count_drop, count_key, current_cgroup_id,
-        record_latency,
+        EXIT_STARTS, GUEST_ENTRIES, add_for, count_drop, count_key, count_thread,
+        current_cgroup_id, record_latency, thread_exits_on,
     },
 };
 
@@ -100,6 +101,15 @@ fn on_exit(cgroup_id: u64, tid: u32, time_ns: u64, isa: u32, reason: u32) {
         isa,
         reserved: 0,
     });
+    if thread_exits_on() {
+        count_thread(ThreadExitKey {
+            cgroup_id,
+            tid,
+            kind: ExitKind::KvmExit as u32,
+            detail: reason,
+            isa,
+        });
+    }
     if let Some(entry) = GUEST_ENTRIES.get_ptr_mut(tid % THREAD_SLOTS) {
         // SAFETY: an array slot of this map, read and marked consumed at once; only the thread
         // whose id maps to it writes it (two live vCPU threads whose ids collide lose some guest

@@ -9,7 +9,7 @@ use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, Drop,
     EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EventfdKey, ExitKey, ExitKind, ExitStart,
     GuestEntry, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
-    REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_SLOTS,
+    REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_EXITS_CAPACITY, THREAD_SLOTS, ThreadExitKey,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -66,6 +66,62 @@ pub static DOORBELL_ADDRS: HashMap<DoorbellAddr, u32> =
 #[map]
 pub static REMOVED_DOORBELLS: HashMap<DoorbellKey, Doorbell> =
     HashMap::with_max_entries(REMOVED_DOORBELLS_CAPACITY, 0);
+
+/// Exits per VMM thread, for `vmtrace top`'s per-vCPU view; written only when the agent sets
+/// [`THREAD_EXITS_ON`].
+#[map]
+static THREAD_EXITS: PerCpuHashMap<ThreadExitKey, u64> =
+    PerCpuHashMap::with_max_entries(THREAD_EXITS_CAPACITY, 0);
+
+/// The name (`comm`) of each thread in [`THREAD_EXITS`], noted at its first exit of a kind on a
+/// CPU: a vCPU thread that ends before the agent reads /proc would otherwise be nameless.
+#[map]
+static THREAD_NAMES: HashMap<u32, [u8; 16]> = HashMap::with_max_entries(THREAD_EXITS_CAPACITY, 0);
+
+/// Set to 1 by the agent while the per-vCPU view is wanted (`vmtrace top`); the agent and
+/// `watch` leave it 0, so the exit probes pay one load and branch for it.
+#[unsafe(no_mangle)]
+static THREAD_EXITS_ON: u32 = 0;
+
+/// Whether per-thread exit counts are wanted; callers check it before gathering a thread's key,
+/// so that the helpers' cost is only paid while they are.
+#[inline(always)]
+pub fn thread_exits_on() -> bool {
+    // SAFETY: a volatile read of a constant the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&raw const THREAD_EXITS_ON) != 0 }
+}
+
+/// Adds one to thread `tid`'s counter for `kind` and `detail`.
+#[inline(always)]
+pub fn count_thread(key: ThreadExitKey) {
+    if let Some(value) = THREAD_EXITS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of this CPU; tracepoint programs run with preemption disabled.
+        unsafe { *value += 1 };
+        return;
+    }
+    // A new entry: note the thread's name, if the event is the current thread's (a replayed
+    // one is not). A full name map leaves the agent /proc, while the thread lives.
+    if key.tid == aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32
+        && let Ok(comm) = aya_ebpf::helpers::bpf_get_current_comm()
+    {
+        let _ = THREAD_NAMES.insert(key.tid, comm, 0);
+    }
+    increment(&THREAD_EXITS, key, Drop::ThreadExitsFull, 1);
+}
+
+/// Counts an exit event of the current thread, if per-thread counts are on.
+#[inline(always)]
+pub fn count_current_thread(kind: ExitKind, detail: u32) {
+    if thread_exits_on() {
+        count_thread(ThreadExitKey {
+            cgroup_id: current_cgroup_id(),
+            tid: aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32,
+            kind: kind as u32,
+            detail,
+            isa: 0,
+        });
+    }
+}
 
 /// The current task's cgroup v2 id, the tenant key.
 #[inline(always)]

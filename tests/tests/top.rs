@@ -682,3 +682,87 @@ fn top_batch_mode_prints_n_plain_frames() {
     assert_eq!(text.matches("TENANT").count(), 2, "{text}");
     assert!(!text.contains('\x1b'), "no escape sequences:\n{text}");
 }
+
+/// The per-vCPU view's exits by thread id, as the screen shows them.
+fn vcpu_exits(screen: &str) -> BTreeMap<u32, String> {
+    screen
+        .lines()
+        .skip_while(|l| !l.contains("REASONS"))
+        .skip(1)
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|w| w.parse::<u32>().is_ok())?;
+            Some((words[at].parse().ok()?, (*words.get(at + 1)?).to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_per_vcpu_view_gives_each_vcpu_threads_exits_as_the_vmm_counted_them() {
+    let test = "the_per_vcpu_view_gives_each_vcpu_threads_exits_as_the_vmm_counted_them";
+    if !privileged_host(test) || !tmux_available(test) {
+        return;
+    }
+    let tenant = TenantCgroup::new(&format!("vmtrace-test-top-vcpus-{}", std::process::id()));
+    let tmux = Tmux::start("top-vcpus");
+    tmux.type_text(&format!(
+        "{} top --interval 1s --filter {}",
+        binary("vmtrace").display(),
+        tenant.agent_path()
+    ));
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("top's screen", Duration::from_mins(1), |s| {
+        s.starts_with("vmtrace top · live")
+    });
+    let report = vmtrace_tests::run_vmm(&[
+        "--scenario",
+        "pio",
+        "--count",
+        "1500",
+        "--vcpus",
+        "3",
+        "--cgroup",
+        &tenant.relative,
+    ]);
+    // Each vCPU's exits are its returns to the VMM (a port-I/O guest has no exit KVM completes
+    // itself): the view must show each thread's, though the threads have ended.
+    let expected: BTreeMap<u32, String> = report
+        .vcpus
+        .iter()
+        .map(|v| (v.tid, v.exits.values().sum::<u64>().to_string()))
+        .collect();
+    assert_eq!(expected.len(), 3);
+    tmux.wait_for("the tenant's row", Duration::from_secs(20), |s| {
+        lists_tenant(s, &tenant.agent_path())
+    });
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the drill-down", Duration::from_secs(5), |s| {
+        s.contains("KIND")
+    });
+    tmux.keys(&["v"]);
+    let screen = tmux.wait_for("every vCPU's exits", Duration::from_secs(20), |s| {
+        vcpu_exits(s) == expected
+    });
+    eprintln!("per-vCPU view at 80x24:\n{screen}");
+    for vcpu in &report.vcpus {
+        let line = screen
+            .lines()
+            .find(|l| l.contains(&vcpu.tid.to_string()))
+            .unwrap();
+        assert!(line.contains(&format!("vcpu{}", vcpu.index)), "{line}");
+        assert!(line.contains("(ended)") && line.contains("io "), "{line}");
+    }
+    // Back to the kinds.
+    tmux.keys(&["v"]);
+    tmux.wait_for("the kinds again", Duration::from_secs(5), |s| {
+        s.contains("KIND")
+    });
+    tmux.keys(&["q"]);
+}
+
+/// Whether the table lists the tenant at `path`; a cell too narrow for it shows its end after `…`.
+fn lists_tenant(screen: &str, path: &str) -> bool {
+    table(screen)
+        .iter()
+        .any(|(cell, _)| path.ends_with(cell.trim_start_matches('…')))
+}

@@ -98,8 +98,10 @@ impl ProbeArgs {
 
 impl From<ProbeArgs> for ProbeOptions {
     fn from(args: ProbeArgs) -> Self {
+        // Exits per thread are top's alone; it turns them on.
         Self {
             kick_latency: args.kick_latency,
+            thread_exits: false,
         }
     }
 }

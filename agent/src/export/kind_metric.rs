@@ -93,15 +93,7 @@ impl Kind {
     /// where the kind is one of the tenant's exits by the views' rule ([`Kind::counts_as_exit`]),
     /// so that every sum of the metric counts each exit once and one host exports one source.
     pub fn exit_metric(&self, source: ExitSource) -> Option<KindMetric> {
-        if !self.counts_as_exit(source == ExitSource::KvmExit) {
-            return None;
-        }
-        let reason = match self {
-            Self::Exit(reason) => reason.to_string(),
-            Self::KvmExit(KvmExitReason(name)) => name.clone(),
-            // The exits KVM completes itself keep their kinds' names: `mmio.write.kernel`, `cpuid`.
-            other => other.to_string(),
-        };
+        let reason = self.exit_reason(source)?;
         Some(KindMetric {
             def: VM_EXITS,
             attributes: vec![
@@ -109,6 +101,20 @@ impl Kind {
                 ("exit.reason", reason),
             ],
             scale: Scale::Count,
+        })
+    }
+
+    /// The exit reason this kind is counted under in `vmtrace.vm.exits` from `source`, if it is
+    /// one of the tenant's exits there.
+    pub fn exit_reason(&self, source: ExitSource) -> Option<String> {
+        if !self.counts_as_exit(source == ExitSource::KvmExit) {
+            return None;
+        }
+        Some(match self {
+            Self::Exit(reason) => reason.to_string(),
+            Self::KvmExit(KvmExitReason(name)) => name.clone(),
+            // The exits KVM completes itself keep their kinds' names: `mmio.write.kernel`, `cpuid`.
+            other => other.to_string(),
         })
     }
 

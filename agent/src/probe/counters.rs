@@ -12,7 +12,7 @@ use vmtrace_common::{
     ANY_QUEUE, DOORBELL_ADDRS_MAP, DOORBELLS_MAP, DROPS_MAP, Doorbell, DoorbellAddr, DoorbellKey,
     Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, IOMMU_FAULTS_MAP, IommuFaultKey,
     KICKS_MAP, KickKey, LatencyHistogram, LatencyKey, LatencyKind, MmioType, REMOVED_DOORBELLS_MAP,
-    SPACE_PIO, VMM_PROCESSES_MAP,
+    SPACE_PIO, THREAD_EXITS_MAP, THREAD_NAMES_MAP, VMM_PROCESSES_MAP,
 };
 
 use crate::{
@@ -20,6 +20,7 @@ use crate::{
     probe::exit_reasons::ExitReasonNames,
     probe::latency::merge,
     probe::map_fill::{self, MapFill},
+    probe::threads::{ThreadCounters, ThreadExits},
 };
 
 #[derive(Debug, Error)]
@@ -68,6 +69,8 @@ pub struct Snapshot {
     pub by_cgroup: BTreeMap<u64, KindCounts>,
     pub latency_by_cgroup: BTreeMap<u64, KindLatencies>,
     pub kicks_by_cgroup: BTreeMap<u64, Vec<DoorbellKicks>>,
+    /// Exits per VMM thread, by cgroup: only while `top` asks for them (else empty).
+    pub threads_by_cgroup: BTreeMap<u64, Vec<ThreadExits>>,
     /// IOMMU faults by device (not by cgroup: they arrive in interrupt context).
     pub iommu_faults: Vec<IommuFaults>,
     /// Live VMM processes: tgid to the cgroup of their first KVM_RUN.
@@ -90,6 +93,7 @@ pub struct Counters {
     collected_kicks: BTreeMap<KickKey, u64>,
     iommu_faults: PerCpuHashMap<MapData, IommuFaultKey, u64>,
     vmm_processes: HashMap<MapData, u32, u64>,
+    threads: ThreadCounters,
     drops: PerCpuArray<MapData, u64>,
 }
 
@@ -105,6 +109,10 @@ impl Counters {
             collected_kicks: BTreeMap::new(),
             iommu_faults: take(ebpf, IOMMU_FAULTS_MAP)?,
             vmm_processes: take(ebpf, VMM_PROCESSES_MAP)?,
+            threads: ThreadCounters::new(
+                take(ebpf, THREAD_EXITS_MAP)?,
+                take(ebpf, THREAD_NAMES_MAP)?,
+            ),
             drops: take(ebpf, DROPS_MAP)?,
         })
     }
@@ -188,6 +196,7 @@ impl Counters {
         }
         snapshot.iommu_faults.sort();
         snapshot.vmm_processes = self.read_vmm_processes()?;
+        snapshot.threads_by_cgroup = self.threads.read(names)?;
         for &reason in Drop::ALL {
             let per_cpu = self
                 .drops
@@ -274,6 +283,7 @@ impl Counters {
                 self.iommu_faults.map(),
                 self.iommu_faults.keys(),
             ),
+            self.threads.fill(),
         ]
     }
 
@@ -401,7 +411,7 @@ impl Counters {
             remove_per_cpu_if_present(&mut self.kicks, &key, KICKS_MAP)?;
             remove_if_present(&mut self.doorbell_addrs, &key.address(), DOORBELL_ADDRS_MAP)?;
         }
-        Ok(())
+        self.threads.forget(cgroups)
     }
 }
 
@@ -425,7 +435,7 @@ fn remove_per_cpu_if_present<K: aya::Pod, V: aya::Pod>(
 }
 
 /// The result of a delete, with "no such entry" (`ENOENT` from `bpf_map_delete_elem`) as success.
-fn absent_is_removed(result: Result<(), MapError>) -> Result<(), MapError> {
+pub(super) fn absent_is_removed(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(SyscallError { io_error, .. }))

@@ -160,6 +160,8 @@ pub struct ProbeOptions {
     /// Kick service latency: attaches the probe table's read() tracepoint, which runs on every
     /// read() of the host, to see VMMs read their doorbell eventfds.
     pub kick_latency: bool,
+    /// Exits per VMM thread (`vmtrace top`'s per-vCPU view): one more map update per exit event.
+    pub thread_exits: bool,
 }
 
 impl ProbeOptions {
@@ -250,6 +252,12 @@ impl Probes {
         for (switch, on) in &switches {
             loader.override_global(switch, on, true);
         }
+        let thread_exits = u32::from(options.thread_exits);
+        loader.override_global(
+            vmtrace_common::names::globals::THREAD_EXITS_ON,
+            &thread_exits,
+            true,
+        );
         for (global, offset) in prepared.iter().flat_map(|p| p.globals.iter().flatten()) {
             loader.override_global(global, offset, true);
         }
@@ -696,7 +704,10 @@ mod tests {
             ProbeStatus::new(spec, host, options, Some("ENOENT".to_owned()), None)
         };
         let off = ProbeOptions::default();
-        let on = ProbeOptions { kick_latency: true };
+        let on = ProbeOptions {
+            kick_latency: true,
+            ..ProbeOptions::default()
+        };
         // Silent on this flavour: expected. Where it fires: degraded.
         assert!(!failed("kvm_exit", Pvm, &off).degraded());
         assert!(failed("kvm_exit", Svm, &off).degraded());

@@ -1,7 +1,8 @@
 //! The kernel side as the agent sees it: every probe declared once (`spec`), the embedded eBPF object
 //! loaded and those probes attached (`load`), their arguments checked against the kernel's BTF
 //! (`btf_args`), the counters read back (`counters`) with their keys turned into kinds (`kinds`) and
-//! their histograms summarised (`latency`), how full the maps are (`map_fill`), cgroup lifecycle
+//! their histograms summarised (`latency`), exits per VMM thread (`threads`), how full the maps are
+//! (`map_fill`), cgroup lifecycle
 //! events (`lifecycle`), tracefs and the kernel's names for exit reasons (`tracefs`,
 //! `exit_reasons`), and the learnt doorbells kept across restarts (`doorbell_state`).
 
@@ -17,4 +18,5 @@ pub mod map_fill;
 #[cfg(test)]
 mod object_check;
 pub(crate) mod spec;
+pub mod threads;
 pub(crate) mod tracefs;

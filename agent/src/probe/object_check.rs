@@ -17,8 +17,8 @@ use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, EXIT_COUNTS_CAPACITY,
     EXIT_LATENCY_CAPACITY, EventfdKey, ExitKey, ExitStart, GuestEntry, GuestMemory,
     IOMMU_FAULTS_CAPACITY, IommuFaultKey, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY,
-    PendingKick, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges, ServiceStart, THREAD_SLOTS,
-    VMM_MEMORY_CAPACITY, VMM_PROCESSES_CAPACITY,
+    PendingKick, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges, ServiceStart, THREAD_EXITS_CAPACITY,
+    THREAD_SLOTS, ThreadExitKey, VMM_MEMORY_CAPACITY, VMM_PROCESSES_CAPACITY,
     names::{maps, programs},
 };
 
@@ -98,6 +98,16 @@ const MAPS: &[MapSpec] = &[
         BPF_MAP_TYPE_PERCPU_HASH,
         Some(IOMMU_FAULTS_CAPACITY),
     ),
+    map::<ThreadExitKey, u64>(
+        maps::THREAD_EXITS,
+        BPF_MAP_TYPE_PERCPU_HASH,
+        Some(THREAD_EXITS_CAPACITY),
+    ),
+    map::<u32, [u8; 16]>(
+        maps::THREAD_NAMES,
+        BPF_MAP_TYPE_HASH,
+        Some(THREAD_EXITS_CAPACITY),
+    ),
     map::<u32, ExitStart>(maps::EXIT_STARTS, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<u32, ServiceStart>(maps::SERVICE_STARTS, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<u32, GuestEntry>(maps::GUEST_ENTRIES, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
@@ -142,7 +152,7 @@ fn programs() -> Vec<(&'static str, Attach)> {
 /// The globals the agent overrides at load, all `u32`: the probe table's field offsets and the
 /// switches of its optional probes.
 fn globals() -> BTreeSet<&'static str> {
-    let mut globals = BTreeSet::new();
+    let mut globals = BTreeSet::from([vmtrace_common::names::globals::THREAD_EXITS_ON]);
     for spec in PROBES {
         if let Reads::Classic { fields } = spec.reads {
             globals.extend(fields.iter().map(|field| field.global));

@@ -15,6 +15,7 @@ use crate::{
     kind::{CpuMode, Gauge, Kind},
     probe::counters::{DoorbellKicks, KindCounts, Snapshot},
     probe::latency::{LatencySummary, merge},
+    probe::threads::ThreadExits,
     tenant::kubernetes::PodMeta,
     tenant::resolve::Tenant,
 };
@@ -54,6 +55,9 @@ pub struct TenantCounts {
     /// Kicks per VMM process, doorbell and queue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub doorbells: Vec<DoorbellKicks>,
+    /// Exit events per VMM thread (vCPU), where the probes count them (`top`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub threads: Vec<ThreadExits>,
 }
 
 impl TenantCounts {
@@ -102,6 +106,9 @@ pub fn by_tenant(snapshot: &Snapshot, index: &mut CgroupIndex) -> Vec<TenantCoun
         }
         if let Some(kicks) = snapshot.kicks_by_cgroup.get(&id) {
             entry.doorbells.extend(kicks.iter().cloned());
+        }
+        if let Some(threads) = snapshot.threads_by_cgroup.get(&id) {
+            entry.threads.extend(threads.iter().cloned());
         }
         for (kind, histogram) in snapshot.latency_by_cgroup.get(&id).into_iter().flatten() {
             let merged = histograms
@@ -244,6 +251,7 @@ fn empty_tenant(label: String, identity: Option<Tenant>) -> TenantCounts {
         removed: false,
         kubernetes: None,
         doorbells: Vec::new(),
+        threads: Vec::new(),
     }
 }
 

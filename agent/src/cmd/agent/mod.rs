@@ -80,6 +80,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     let options = ProbeOptions {
         kick_latency: config.kick_latency,
+        thread_exits: false,
     };
     let state_dir = config.state_dir.clone();
     let max_tenants = config.max_tenants;

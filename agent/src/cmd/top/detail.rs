@@ -1,5 +1,6 @@
 //! The drill-down screen: one tenant's every kind (count, rate, p50, p99), its exit-rate timeline,
-//! a latency histogram as bars, and its virtio kicks per VMM, doorbell and queue.
+//! a latency histogram as bars, and its virtio kicks per VMM, doorbell and queue; or, with `v`,
+//! each vCPU thread's exits ([`super::vcpus`]).
 
 use ratatui::{
     Frame,
@@ -13,7 +14,7 @@ use super::{
     format::{self, MISSING},
     metrics::tenant_row,
     state::App,
-    timeline,
+    timeline, vcpus,
 };
 use crate::{
     kind::{Gauge, Kind, Latency},
@@ -54,8 +55,12 @@ pub fn draw(frame: &mut Frame, app: &App, area: Rect) {
         let [k, h] = Layout::vertical([Constraint::Fill(1), Constraint::Fill(1)]).areas(middle);
         (k, h)
     };
-    draw_kinds(frame, tenant, kinds_area);
-    draw_histogram(frame, tenant, app.histogram_kind, histogram_area);
+    if let (Some(sample), true) = (&app.sample, app.vcpus) {
+        vcpus::draw(frame, sample, tenant, app.previous.as_ref(), middle);
+    } else {
+        draw_kinds(frame, tenant, kinds_area);
+        draw_histogram(frame, tenant, app.histogram_kind, histogram_area);
+    }
     if doorbell_rows > 0 {
         draw_doorbells(frame, tenant, doorbells);
     }

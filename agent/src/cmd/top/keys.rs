@@ -17,6 +17,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("Enter →", "drill down into the tenant"),
     ("Esc ← ⌫", "back to all tenants"),
     ("Tab", "next latency histogram (drill-down)"),
+    ("v", "each vCPU thread's exits by reason (drill-down)"),
     ("/", "new name filter (Enter keeps, Esc clears)"),
     ("p Space", "pause / resume"),
     ("?", "this help (any key closes)"),
@@ -79,6 +80,7 @@ pub fn handle_key(app: &mut App, key: KeyEvent) {
             }
             app.close_detail();
         }
+        KeyCode::Char('v') if matches!(app.screen, Screen::Detail(_)) => app.vcpus = !app.vcpus,
         KeyCode::Tab => app.histogram_kind = app.histogram_kind.wrapping_add(1),
         KeyCode::BackTab => app.histogram_kind = app.histogram_kind.wrapping_sub(1),
         _ => {}

@@ -17,6 +17,7 @@ pub(crate) mod source;
 pub(crate) mod state;
 pub(crate) mod terminal;
 pub(crate) mod timeline;
+pub(crate) mod vcpus;
 pub(crate) mod view;
 
 use std::{
@@ -43,7 +44,7 @@ use state::App;
 ///
 /// Keys: 1-8 sort by a column (again to reverse), < > previous/next column, r reverse, ↑/↓ select,
 /// Enter drill down into a tenant (every kind with count, rate, p50 and p99; virtio kicks per
-/// queue; a latency histogram, Tab for the next), Esc back, / filter by name, p or Space pause, Ctrl-L redraw,
+/// queue; a latency histogram, Tab for the next; v for each vCPU thread's exits by reason), Esc back, / filter by name, p or Space pause, Ctrl-L redraw,
 /// ? help, q or Ctrl-C quit.
 ///
 /// Samples come from the probes (the default; needs root or CAP_BPF and CAP_PERFMON), or from a

@@ -48,6 +48,11 @@ impl Source {
     /// Attaches the probes; the first sample comes one interval later. At most `max_tenants` are
     /// shown by name.
     pub fn live(options: ProbeOptions, max_tenants: usize, interval: Duration) -> Result<Self> {
+        // The per-vCPU view's counts: top runs the probes for itself alone.
+        let options = ProbeOptions {
+            thread_exits: true,
+            ..options
+        };
         let mut sampler = Sampler::start(&options)?;
         sampler.limit_tenants(max_tenants);
         Ok(Self::Live {

@@ -29,6 +29,8 @@ pub enum Screen {
 pub struct App {
     /// The sample on screen.
     pub sample: Option<Sample>,
+    /// The one before it, for the per-vCPU rates.
+    pub previous: Option<Sample>,
     /// Every tenant's recent samples, for the trends.
     pub timeline: Timeline,
     /// Samples shown so far.
@@ -49,6 +51,8 @@ pub struct App {
     selected_tenant: Option<String>,
     /// Which latency kind's histogram the detail screen shows (index among the tenant's kinds).
     pub histogram_kind: usize,
+    /// The detail screen shows each vCPU thread's exits instead of the tenant's kinds (`v`).
+    pub vcpus: bool,
     pub help: bool,
     pub paused: bool,
     backlog: VecDeque<Sample>,
@@ -65,6 +69,7 @@ impl App {
     pub fn new(source: String, sort: Column, filter: String) -> Self {
         Self {
             sample: None,
+            previous: None,
             timeline: Timeline::with_capacity(HISTORY),
             samples: 0,
             skipped: 0,
@@ -77,6 +82,7 @@ impl App {
             selected: 0,
             selected_tenant: None,
             histogram_kind: 0,
+            vcpus: false,
             help: false,
             paused: false,
             backlog: VecDeque::new(),
@@ -108,7 +114,7 @@ impl App {
     fn apply(&mut self, sample: Sample) {
         // Tenants that are gone (their cgroups removed) leave the timeline once flat.
         self.timeline.push(&sample);
-        self.sample = Some(sample);
+        self.previous = self.sample.replace(sample);
         self.samples += 1;
     }
 
