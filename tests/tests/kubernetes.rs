@@ -35,6 +35,10 @@ use vmtrace_tests::{
 
 const WEB_UID: &str = "0f5c3e6a-8d2b-4f1e-9a7c-2b6d4e8f1a3c";
 const LAUNCHER_UID: &str = "7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+/// The pods of the `top` test: their own UIDs, so that the agent test running beside it does not
+/// count their VMMs.
+const TOP_WEB_UID: &str = "3d8e1f2a-6b4c-4d9e-8f1a-5c7b9d2e4f6a";
+const TOP_LAUNCHER_UID: &str = "9c2d4e6f-1a3b-4c5d-8e7f-0a1b2c3d4e5f";
 
 /// A pod's metadata as the API server gives it to a metadata-only client.
 fn pod(
@@ -57,13 +61,20 @@ fn pod(
         "metadata": metadata})
 }
 
-fn web_pod() -> serde_json::Value {
-    pod(WEB_UID, "shop", "web-0", "7", None)
+/// The UIDs of the stand-in's two pods, a web pod and a KubeVirt launcher.
+#[derive(Clone, Copy)]
+struct PodUids {
+    web: &'static str,
+    launcher: &'static str,
 }
 
-fn launcher_pod() -> serde_json::Value {
+fn web_pod(uids: PodUids) -> serde_json::Value {
+    pod(uids.web, "shop", "web-0", "7", None)
+}
+
+fn launcher_pod(uids: PodUids) -> serde_json::Value {
     pod(
-        LAUNCHER_UID,
+        uids.launcher,
         "vms",
         "virt-launcher-db-x7k2p",
         "8",
@@ -83,6 +94,7 @@ struct Request {
 /// What the stand-in saw, and whether the slow list is still being answered.
 #[derive(Default)]
 struct Seen {
+    uids: Option<PodUids>,
     requests: Mutex<Vec<Request>>,
     slow_list_pending: AtomicBool,
 }
@@ -94,13 +106,16 @@ struct Seen {
 /// - watch 2 (which should resume from 8): `ERROR` 410 Gone, the version expired;
 /// - list 4 (which 410 calls for): both pods, version 9;
 /// - watch 3 and later: open, quiet, as a healthy watch.
-fn start_api_server() -> (SocketAddr, Arc<Seen>, tokio::runtime::Runtime) {
+fn start_api_server(uids: PodUids) -> (SocketAddr, Arc<Seen>, tokio::runtime::Runtime) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let seen: Arc<Seen> = Arc::default();
+    let seen = Arc::new(Seen {
+        uids: Some(uids),
+        ..Seen::default()
+    });
     let addr = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -120,6 +135,7 @@ async fn pods(
 ) -> axum::response::Response {
     use axum::{http::StatusCode, response::IntoResponse};
     let watch = query.get("watch").map(String::as_str) == Some("true");
+    let uids = seen.uids.expect("the stand-in's pods");
     let accept = headers
         .get(axum::http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -162,11 +178,11 @@ async fn pods(
             seen.slow_list_pending.store(true, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_secs(5)).await;
             seen.slow_list_pending.store(false, Ordering::SeqCst);
-            list(vec![web_pod()], "7")
+            list(vec![web_pod(uids)], "7")
         }
-        (false, _) => list(vec![web_pod(), launcher_pod()], "9"),
+        (false, _) => list(vec![web_pod(uids), launcher_pod(uids)], "9"),
         (true, 1) => events(
-            vec![serde_json::json!({"type": "ADDED", "object": launcher_pod()})],
+            vec![serde_json::json!({"type": "ADDED", "object": launcher_pod(uids)})],
             true,
         ),
         (true, 2) => events(
@@ -186,7 +202,10 @@ fn pod_tenants_are_named_from_the_api_server() {
     if !privileged_host("pod_tenants_are_named_from_the_api_server") {
         return;
     }
-    let (api, seen, _runtime) = start_api_server();
+    let (api, seen, _runtime) = start_api_server(PodUids {
+        web: WEB_UID,
+        launcher: LAUNCHER_UID,
+    });
     let base = format!("vmtrace-test-k8s-{}", std::process::id());
     let _base = TenantCgroup::new(&base);
     // The kubelet's cgroupfs layout: kubepods/<qos>/pod<uid>/<container>.
@@ -412,5 +431,76 @@ fn pod_tenants_are_named_from_the_api_server() {
                 })
             })
         },
+    );
+}
+
+/// `vmtrace top` names pod tenants from the same API server as the agent: namespace/pod, and
+/// namespace/VM for a KubeVirt launcher, through the same bad day.
+#[test]
+fn top_names_pod_tenants_from_the_api_server() {
+    if !privileged_host("top_names_pod_tenants_from_the_api_server") {
+        return;
+    }
+    let (api, _seen, _runtime) = start_api_server(PodUids {
+        web: TOP_WEB_UID,
+        launcher: TOP_LAUNCHER_UID,
+    });
+    let base = format!("vmtrace-test-k8s-top-{}", std::process::id());
+    let _base = TenantCgroup::new(&base);
+    let _kubepods = TenantCgroup::new(&format!("{base}/kubepods"));
+    let _qos = TenantCgroup::new(&format!("{base}/kubepods/besteffort"));
+    let web_pod = TenantCgroup::new(&format!("{base}/kubepods/besteffort/pod{TOP_WEB_UID}"));
+    let web = TenantCgroup::new(&format!("{}/cri-containerd-5e6f", web_pod.relative));
+    let launcher_pod =
+        TenantCgroup::new(&format!("{base}/kubepods/besteffort/pod{TOP_LAUNCHER_UID}"));
+    let launcher = TenantCgroup::new(&format!("{}/cri-containerd-7a8b", launcher_pod.relative));
+    let dir = vmtrace_tests::temp::TempDir::new("k8s-top");
+    let frames = dir.path().join("frames.txt");
+    let _top = Proc::spawn(
+        "vmtrace top",
+        Command::new(binary("vmtrace"))
+            .args(["top", "-b", "--interval", "500ms"])
+            .args([
+                "--kube-api",
+                &format!("http://{api}"),
+                "--node-name",
+                "node-1",
+            ])
+            .stdout(std::fs::File::create(&frames).unwrap())
+            .stderr(Stdio::inherit()),
+    );
+    let last_frame = || {
+        let text = std::fs::read_to_string(&frames).unwrap_or_default();
+        text.rsplit("vmtrace top · live")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    wait_for("top's first frame", Duration::from_mins(1), || {
+        last_frame().contains("TENANT").then_some(())
+    });
+    for tenant in [&web, &launcher] {
+        run_vmm(&[
+            "--scenario",
+            "pio",
+            "--count",
+            "300",
+            "--cgroup",
+            &tenant.relative,
+        ]);
+    }
+    let frame = poll(Duration::from_mins(1), || {
+        let frame = last_frame();
+        let named = |name: &str| {
+            frame
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name))
+        };
+        (named("shop/web-0") && named("vms/db")).then_some(frame)
+    });
+    assert!(
+        frame.is_some(),
+        "top did not name both pods; its last frame:\n{}",
+        last_frame()
     );
 }

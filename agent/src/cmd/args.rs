@@ -147,3 +147,18 @@ mod tests {
         }
     }
 }
+
+/// Where pod tenants' names come from: the Kubernetes API server.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KubeArgs {
+    /// The Kubernetes node this host is (`k8s.node.name` on the agent's exports), usually from the
+    /// downward API. With it, inside a cluster or with --kube-api, pod tenants get their namespace
+    /// and name (and KubeVirt VMs their VirtualMachineInstance name) from the API server, watching
+    /// this node's pods only.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubernetes API server base URL, for use outside a cluster (e.g. `kubectl proxy`'s
+    /// `http://127.0.0.1:8001`); inside a cluster the service environment and account are used.
+    #[arg(long, env = "VMTRACE_KUBE_API")]
+    pub kube_api: Option<String>,
+}

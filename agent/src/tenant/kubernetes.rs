@@ -18,6 +18,8 @@ use kube::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::tenant::{aggregate::TenantCounts, resolve::Tenant};
+
 /// What the API server says of a pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodMeta {
@@ -151,6 +153,31 @@ fn apply(
             }
         }
     }
+}
+
+/// Adds what the API server knows to the pod tenants among `tenants`.
+pub fn name_pods(tenants: &mut [TenantCounts], directory: &PodDirectory) {
+    let pods = directory.read().expect("pod directory lock");
+    for tenant in tenants {
+        if let Some(Tenant::KubernetesPod { pod_uid, .. }) = &tenant.identity {
+            tenant.kubernetes = pods.get(pod_uid).cloned();
+        }
+    }
+}
+
+/// [`run`] on a thread of its own, for a command without a runtime (`vmtrace top`).
+pub fn watch_in_background(config: KubeConfig) -> Result<PodDirectory> {
+    let directory = PodDirectory::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the Kubernetes watcher's runtime")?;
+    let filled = directory.clone();
+    std::thread::Builder::new()
+        .name("kube-watch".into())
+        .spawn(move || runtime.block_on(run(config, filled)))
+        .context("starting the Kubernetes watcher's thread")?;
+    Ok(directory)
 }
 
 /// Keeps `directory` filled with this node's pods until the process ends. Errors (the API server

@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use crate::{
     cmd::args::{
-        INTERVAL_RANGE, ProbeArgs, WINDOW_RANGE, check_max_tenants, check_range, parse_in_range,
+        INTERVAL_RANGE, KubeArgs, ProbeArgs, WINDOW_RANGE, check_max_tenants, check_range,
+        parse_in_range,
     },
     export::{histogram::BucketFactor, otlp::OtlpConfig},
     tenant::kubernetes::KubeConfig,
@@ -54,15 +55,8 @@ pub struct AgentArgs {
     /// [default: http/protobuf].
     #[arg(long, env = "VMTRACE_OTLP_PROTOCOL")]
     pub otlp_protocol: Option<String>,
-    /// The Kubernetes node this agent runs on (`k8s.node.name`), usually from the downward API.
-    /// With it, inside a cluster, pod tenants get their namespace and name (and KubeVirt VMs their
-    /// VirtualMachineInstance name) from the API server, watching this node's pods only.
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
-    /// Kubernetes API server base URL, for use outside a cluster (e.g. `kubectl proxy`'s
-    /// `http://127.0.0.1:8001`); inside a cluster the service environment and account are used.
-    #[arg(long, env = "VMTRACE_KUBE_API")]
-    pub kube_api: Option<String>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Directory where the agent keeps the doorbells it has learnt, so that after a restart it
     /// goes on counting the kicks of VMs that were already running; `off` keeps nothing
     /// [default: /run/vmtrace].
@@ -341,8 +335,8 @@ impl AgentConfig {
                 }
                 (None, None) => BucketFactor::KERNEL,
             };
-        let node_name = args.node_name.clone().or(file.node_name);
-        let kube = KubeConfig::resolve(args.kube_api.as_deref(), node_name.as_deref(), env)?;
+        let node_name = args.kube.node_name.clone().or(file.node_name);
+        let kube = KubeConfig::resolve(args.kube.kube_api.as_deref(), node_name.as_deref(), env)?;
         Ok(Self {
             interval,
             window,

@@ -27,7 +27,6 @@ use crate::{
     sample::ticks::Ticks,
     sample::timeline::Timeline,
     tenant::kubernetes,
-    tenant::resolve::Tenant,
 };
 
 pub async fn run(config: AgentConfig) -> Result<()> {
@@ -143,7 +142,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         &mut errors,
         |sample, fresh, errors| {
             if fresh {
-                name_pods(sample, &pods);
+                kubernetes::name_pods(&mut sample.tenants, &pods);
             }
             let (cpu_user_secs, cpu_system_secs) = agent_usage::cpu_secs();
             let health = AgentHealth {
@@ -287,16 +286,6 @@ async fn sample_every_tick(
         }
         if stop {
             return Ok(());
-        }
-    }
-}
-
-/// Adds what the API server knows to pod tenants.
-fn name_pods(sample: &mut Sample, pods: &kubernetes::PodDirectory) {
-    let pods = pods.read().expect("pod directory lock");
-    for tenant in &mut sample.tenants {
-        if let Some(Tenant::KubernetesPod { pod_uid, .. }) = &tenant.identity {
-            tenant.kubernetes = pods.get(pod_uid).cloned();
         }
     }
 }

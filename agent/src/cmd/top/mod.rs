@@ -31,9 +31,10 @@ use clap::Args;
 use ratatui::crossterm::event::{self, Event};
 
 use crate::{
-    cmd::args::{ProbeArgs, parse_interval},
+    cmd::args::{KubeArgs, ProbeArgs, parse_interval},
     sample::errors::SampleErrors,
     sample::recording::parse_speed,
+    tenant::kubernetes::{self, KubeConfig},
 };
 use columns::Column;
 use source::{Feed, Source};
@@ -44,8 +45,8 @@ use state::App;
 ///
 /// Keys: 1-8 sort by a column (again to reverse), < > previous/next column, r reverse, ↑/↓ select,
 /// Enter drill down into a tenant (every kind with count, rate, p50 and p99; virtio kicks per
-/// queue; a latency histogram, Tab for the next; v for each vCPU thread's exits by reason), Esc back, / filter by name, p or Space pause, Ctrl-L redraw,
-/// ? help, q or Ctrl-C quit.
+/// queue; a latency histogram, Tab for the next; v for each vCPU thread's exits by reason), Esc
+/// back, / filter by name, p or Space pause, Ctrl-L redraw, ? help, q or Ctrl-C quit.
 ///
 /// Samples come from the probes (the default; needs root or CAP_BPF and CAP_PERFMON), or from a
 /// recording with --replay. `vmtrace watch --json | vmtrace top --replay -` shows a running agent's
@@ -80,15 +81,14 @@ pub struct TopArgs {
     pub filter: Option<String>,
     #[command(flatten)]
     pub probes: ProbeArgs,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 pub fn run(args: &TopArgs) -> Result<()> {
     let (source, label) = match &args.replay {
         Some(path) => open_replay(path, (!args.no_delay).then_some(args.speed))?,
-        None => (
-            Source::live(args.probes.into(), args.probes.max_tenants(), args.interval)?,
-            "live".to_owned(),
-        ),
+        None => (open_live(args)?, "live".to_owned()),
     };
     let app = App::new(label, args.sort, args.filter.clone().unwrap_or_default());
     if args.batch || !std::io::stdout().is_terminal() {
@@ -96,6 +96,39 @@ pub fn run(args: &TopArgs) -> Result<()> {
     } else {
         run_interactive(source, app)
     }
+}
+
+/// The probes, and the pods' names from the API server where it is known.
+fn open_live(args: &TopArgs) -> Result<Source> {
+    let kube = match KubeConfig::resolve(
+        args.kube.kube_api.as_deref(),
+        args.kube.node_name.as_deref(),
+        &|name| std::env::var(name).ok(),
+    ) {
+        Ok(kube) => kube,
+        // In a pod without NODE_NAME, top still shows its tenants, by pod UID.
+        Err(e) if args.kube.kube_api.is_none() => {
+            eprintln!("vmtrace top: pods are shown by UID: {e:#}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let pods = match kube {
+        Some(kube) => {
+            eprintln!(
+                "vmtrace top: pod names from {} (node {})",
+                kube.api, kube.node
+            );
+            Some(kubernetes::watch_in_background(kube)?)
+        }
+        None => None,
+    };
+    Source::live(
+        args.probes.into(),
+        args.probes.max_tenants(),
+        args.interval,
+        pods,
+    )
 }
 
 /// `vmtrace replay FILE --top`.

@@ -13,6 +13,7 @@ use crate::{
     probe::load::ProbeOptions,
     sample::recording::{Pacer, RecordingReader, describe},
     sample::sampler::{Sample, Sampler},
+    tenant::kubernetes::{PodDirectory, name_pods},
 };
 
 /// The answer to "anything new?".
@@ -32,6 +33,8 @@ pub enum Source {
         sampler: Box<Sampler>,
         interval: Duration,
         next: Instant,
+        /// Pod names from the API server, when it is known.
+        pods: Option<PodDirectory>,
     },
     File {
         reader: Box<RecordingReader>,
@@ -46,8 +49,13 @@ pub enum Source {
 
 impl Source {
     /// Attaches the probes; the first sample comes one interval later. At most `max_tenants` are
-    /// shown by name.
-    pub fn live(options: ProbeOptions, max_tenants: usize, interval: Duration) -> Result<Self> {
+    /// shown by name; pod tenants are named from `pods` where it knows them.
+    pub fn live(
+        options: ProbeOptions,
+        max_tenants: usize,
+        interval: Duration,
+        pods: Option<PodDirectory>,
+    ) -> Result<Self> {
         // The per-vCPU view's counts: top runs the probes for itself alone.
         let options = ProbeOptions {
             thread_exits: true,
@@ -59,6 +67,7 @@ impl Source {
             sampler: Box::new(sampler),
             interval,
             next: Instant::now() + interval,
+            pods,
         })
     }
 
@@ -100,6 +109,7 @@ impl Source {
                 sampler,
                 interval,
                 next,
+                pods,
             } => {
                 let now = Instant::now();
                 if now < *next {
@@ -110,7 +120,12 @@ impl Source {
                     *next += *interval;
                 }
                 Ok(match sampler.sample() {
-                    Ok(sample) => Feed::Sample(Box::new(sample)),
+                    Ok(mut sample) => {
+                        if let Some(pods) = pods {
+                            name_pods(&mut sample.tenants, pods);
+                        }
+                        Feed::Sample(Box::new(sample))
+                    }
                     Err(e) => Feed::Skipped(e),
                 })
             }
