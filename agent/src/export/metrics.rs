@@ -319,7 +319,7 @@ pub const ALL: [MetricDef; 33] = [
 pub enum Value {
     Int(u64),
     Float(f64),
-    /// The kernel's log2 buckets as counted; each exporter renders them ([`super::histogram`]).
+    /// The kernel's log2 buckets as counted; each exporter renders them (`export::histogram`).
     Histogram(Box<LatencyHistogram>),
 }
 

@@ -7,7 +7,6 @@ use aya::{
     sys::SyscallError,
 };
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 use vmtrace_common::{
     ANY_QUEUE, DOORBELL_ADDRS_MAP, DOORBELLS_MAP, DROPS_MAP, Doorbell, DoorbellAddr, DoorbellKey,
     Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, IOMMU_FAULTS_MAP, IommuFaultKey,
@@ -16,24 +15,15 @@ use vmtrace_common::{
 };
 
 use crate::{
-    kind::{ExitReason, Kind, KvmExitReason, MmioAccess, TlbEvent},
+    kind::Kind,
+    probe::exit_counts::{KindCounts, aggregate},
     probe::exit_reasons::ExitReasonNames,
     probe::latency::merge,
+    probe::map_access::{CountsError, absent_is_removed},
     probe::map_fill::{self, MapFill},
     probe::threads::{ThreadCounters, ThreadExits},
 };
 
-#[derive(Debug, Error)]
-pub enum CountsError {
-    #[error("the eBPF object has no map `{0}`")]
-    MissingMap(&'static str),
-    // The map's error is the source, so that a report of the chain ends with the errno.
-    #[error("reading map `{0}`")]
-    Map(&'static str, #[source] MapError),
-}
-
-/// Counts of one cgroup by kind, since the probes were attached.
-pub type KindCounts = BTreeMap<Kind, u64>;
 /// Latency histograms of one cgroup by kind, since the probes were attached.
 pub type KindLatencies = BTreeMap<Kind, LatencyHistogram>;
 
@@ -434,19 +424,6 @@ fn remove_per_cpu_if_present<K: aya::Pod, V: aya::Pod>(
     absent_is_removed(map.remove(key)).map_err(|e| CountsError::Map(name, e))
 }
 
-/// The result of a delete, with "no such entry" (`ENOENT` from `bpf_map_delete_elem`) as success.
-pub(super) fn absent_is_removed(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        other => other,
-    }
-}
-
 /// What an unknown doorbell is reported as.
 const ORPHAN: Doorbell = Doorbell {
     queue: ANY_QUEUE,
@@ -475,111 +452,4 @@ where
 {
     let map = ebpf.take_map(name).ok_or(CountsError::MissingMap(name))?;
     T::try_from(map).map_err(|e| CountsError::Map(name, e))
-}
-
-/// Turns raw (key, total) pairs into named counts per cgroup, adding the derived in-kernel MMIO writes.
-pub fn aggregate(raw: &[(ExitKey, u64)], names: &ExitReasonNames) -> BTreeMap<u64, KindCounts> {
-    let mut by_cgroup: BTreeMap<u64, KindCounts> = BTreeMap::new();
-    for (key, total) in raw {
-        let Ok(kind) = ExitKind::try_from(key.kind) else {
-            continue;
-        };
-        let kind = Kind::from_exit_key(kind, key.isa, key.detail, names);
-        *by_cgroup
-            .entry(key.cgroup_id)
-            .or_default()
-            .entry(kind)
-            .or_default() += total;
-    }
-    for counts in by_cgroup.values_mut() {
-        let get = |kind: Kind| counts.get(&kind).copied().unwrap_or(0);
-        // Every MMIO exit to the VMM is a read, which KVM logs as unsatisfied before exiting, or a
-        // write; the writes that did not exit were completed in the kernel. A write can be counted
-        // exiting before its kvm_mmio is read by this snapshot, so never go below zero.
-        let writes_to_vmm = get(Kind::Exit(ExitReason::MMIO))
-            .saturating_sub(get(Kind::Mmio(MmioAccess::ReadUnsatisfied)));
-        let in_kernel = get(Kind::Mmio(MmioAccess::Write)).saturating_sub(writes_to_vmm);
-        if in_kernel > 0 {
-            counts.insert(Kind::Mmio(MmioAccess::WriteKernel), in_kernel);
-        }
-        let tlb_exits: u64 = counts
-            .iter()
-            .filter(|(kind, _)| {
-                kind.kvm_exit_reason()
-                    .is_some_and(KvmExitReason::touches_tlb)
-            })
-            .map(|(_, count)| count)
-            .sum();
-        if tlb_exits > 0 {
-            counts.insert(Kind::Tlb(TlbEvent::Exit), tlb_exits);
-        }
-    }
-    by_cgroup
-}
-
-#[cfg(test)]
-mod tests {
-    use vmtrace_common::MmioType;
-
-    use super::*;
-
-    fn key(cgroup_id: u64, kind: ExitKind, detail: u32) -> ExitKey {
-        ExitKey {
-            cgroup_id,
-            kind: kind as u32,
-            detail,
-            isa: 0,
-            reserved: 0,
-        }
-    }
-
-    #[test]
-    fn in_kernel_writes_are_the_writes_that_did_not_exit() {
-        let raw = [
-            // 150 writes and 30 reads; 100 writes and the 30 reads exited to the VMM.
-            (key(7, ExitKind::Mmio, MmioType::Write as u32), 150),
-            (key(7, ExitKind::Mmio, MmioType::ReadUnsatisfied as u32), 30),
-            (key(7, ExitKind::Mmio, MmioType::Read as u32), 30),
-            (key(7, ExitKind::Userspace, 6), 130),
-            (key(8, ExitKind::Mmio, MmioType::Write as u32), 40),
-            (key(8, ExitKind::Cpuid, 0), 3),
-        ];
-        let by_cgroup = aggregate(&raw, &ExitReasonNames::builtin());
-        let kind = |name: &str| name.parse::<Kind>().unwrap();
-        assert_eq!(by_cgroup[&7][&kind("mmio.write")], 150);
-        assert_eq!(by_cgroup[&7][&kind("mmio.write.kernel")], 50);
-        assert_eq!(by_cgroup[&7][&kind("exit.mmio")], 130);
-        assert_eq!(by_cgroup[&8][&kind("mmio.write.kernel")], 40);
-        assert_eq!(by_cgroup[&8][&Kind::Cpuid], 3);
-        assert_eq!(by_cgroup[&8].get(&kind("exit.mmio")), None);
-    }
-
-    fn syscall_error(errno: i32) -> MapError {
-        MapError::SyscallError(SyscallError {
-            call: "bpf_map_delete_elem",
-            io_error: std::io::Error::from_raw_os_error(errno),
-        })
-    }
-
-    #[test]
-    fn an_entry_the_kernel_deleted_first_counts_as_removed() {
-        assert!(absent_is_removed(Err(syscall_error(libc::ENOENT))).is_ok());
-        assert!(absent_is_removed(Err(MapError::KeyNotFound)).is_ok());
-        assert!(absent_is_removed(Ok(())).is_ok());
-        // Any other failure is one: a bad descriptor or a refused call says the map is not usable.
-        for errno in [libc::EBADF, libc::EPERM, libc::EINVAL] {
-            assert!(matches!(
-                absent_is_removed(Err(syscall_error(errno))),
-                Err(MapError::SyscallError(_))
-            ));
-        }
-        // A message that merely reads like ENOENT is not taken for it.
-        assert!(
-            absent_is_removed(Err(MapError::SyscallError(SyscallError {
-                call: "bpf_map_delete_elem",
-                io_error: std::io::Error::other("No such file or directory"),
-            })))
-            .is_err()
-        );
-    }
 }

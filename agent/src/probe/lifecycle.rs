@@ -5,7 +5,7 @@
 use aya::maps::{MapData, RingBuf};
 use vmtrace_common::{CGROUP_EVENTS_MAP, CGROUP_PATH_LEN, CgroupEvent, CgroupEventKind};
 
-use crate::{host::cgroup_index::CgroupIndex, probe::counters::CountsError};
+use crate::{host::cgroup_index::CgroupIndex, probe::map_access::CountsError};
 
 pub struct CgroupEvents {
     ring: RingBuf<MapData>,

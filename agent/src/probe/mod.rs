@@ -1,6 +1,7 @@
 //! The kernel side as the agent sees it: every probe declared once (`spec`), the embedded eBPF object
 //! loaded and those probes attached (`load`), their arguments checked against the kernel's BTF
-//! (`btf_args`), the counters read back (`counters`) with their keys turned into kinds (`kinds`) and
+//! (`btf_args`), the counters read back (`counters`, failing as `map_access` says) with their keys turned into kinds
+//! (`kinds`) and exit entries into named counts (`exit_counts`) and
 //! their histograms summarised (`latency`), exits per VMM thread (`threads`), how full the maps are
 //! (`map_fill`), cgroup lifecycle
 //! events (`lifecycle`), tracefs and the kernel's names for exit reasons (`tracefs`,
@@ -9,11 +10,13 @@
 pub(crate) mod btf_args;
 pub mod counters;
 pub(crate) mod doorbell_state;
+pub mod exit_counts;
 pub(crate) mod exit_reasons;
 pub(crate) mod kinds;
 pub mod latency;
 pub(crate) mod lifecycle;
 pub mod load;
+pub mod map_access;
 pub mod map_fill;
 #[cfg(test)]
 mod object_check;

@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use vmtrace_common::{ExitKey, THREAD_EXITS_MAP, THREAD_NAMES_MAP, ThreadExitKey};
 
 use super::{
-    counters::{CountsError, KindCounts, absent_is_removed, aggregate},
+    exit_counts::{KindCounts, aggregate},
     exit_reasons::ExitReasonNames,
+    map_access::{CountsError, absent_is_removed},
     map_fill::{self, MapFill},
 };
 

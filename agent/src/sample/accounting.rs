@@ -18,7 +18,7 @@ use crate::{
     host::procfs::vmm_threads,
     host::{dtlb::DtlbCounters, figures},
     kind::{CpuMode, Gauge, Kind, MemcgEvent},
-    probe::counters::KindCounts,
+    probe::exit_counts::KindCounts,
     tenant::aggregate::TenantCounts,
 };
 

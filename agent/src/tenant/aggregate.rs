@@ -13,10 +13,11 @@ use vmtrace_common::LatencyHistogram;
 use crate::{
     host::cgroup_index::CgroupIndex,
     kind::{CpuMode, Gauge, Kind},
-    probe::counters::{DoorbellKicks, KindCounts, Snapshot},
+    probe::counters::{DoorbellKicks, Snapshot},
+    probe::exit_counts::KindCounts,
     probe::latency::{LatencySummary, merge},
     probe::threads::ThreadExits,
-    tenant::kubernetes::PodMeta,
+    tenant::kubernetes::{PodDirectory, PodMeta},
     tenant::resolve::Tenant,
 };
 
@@ -232,6 +233,16 @@ impl Default for TenantCap {
 }
 
 /// Adds `more` to `counts`, kind by kind.
+/// Adds what the API server knows to the pod tenants among `tenants`.
+pub fn name_pods(tenants: &mut [TenantCounts], directory: &PodDirectory) {
+    let pods = directory.read().expect("pod directory lock");
+    for tenant in tenants {
+        if let Some(Tenant::KubernetesPod { pod_uid, .. }) = &tenant.identity {
+            tenant.kubernetes = pods.get(pod_uid).cloned();
+        }
+    }
+}
+
 fn add_counts(counts: &mut KindCounts, more: &KindCounts) {
     for (kind, count) in more {
         *counts.entry(kind.clone()).or_default() += count;

@@ -18,8 +18,6 @@ use kube::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::tenant::{aggregate::TenantCounts, resolve::Tenant};
-
 /// What the API server says of a pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodMeta {
@@ -151,16 +149,6 @@ fn apply(
             if let Some(uid) = &pod.metadata.uid {
                 directory.write().expect("pod directory lock").remove(uid);
             }
-        }
-    }
-}
-
-/// Adds what the API server knows to the pod tenants among `tenants`.
-pub fn name_pods(tenants: &mut [TenantCounts], directory: &PodDirectory) {
-    let pods = directory.read().expect("pod directory lock");
-    for tenant in tenants {
-        if let Some(Tenant::KubernetesPod { pod_uid, .. }) = &tenant.identity {
-            tenant.kubernetes = pods.get(pod_uid).cloned();
         }
     }
 }

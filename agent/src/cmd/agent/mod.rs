@@ -26,7 +26,7 @@ use crate::{
     sample::sampler::{Sample, Sampler},
     sample::ticks::Ticks,
     sample::timeline::Timeline,
-    tenant::kubernetes,
+    tenant::{aggregate, kubernetes},
 };
 
 pub async fn run(config: AgentConfig) -> Result<()> {
@@ -142,7 +142,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         &mut errors,
         |sample, fresh, errors| {
             if fresh {
-                kubernetes::name_pods(&mut sample.tenants, &pods);
+                aggregate::name_pods(&mut sample.tenants, &pods);
             }
             let (cpu_user_secs, cpu_system_secs) = agent_usage::cpu_secs();
             let health = AgentHealth {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::{
     cmd::top::metrics::{has_hardware_exits, tenant_row},
     kind::{Kind, TopColumn},
-    probe::counters::KindCounts,
+    probe::exit_counts::KindCounts,
     probe::latency::LatencySummary,
     sample::sampler::Sample,
 };

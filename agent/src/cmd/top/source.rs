@@ -13,7 +13,7 @@ use crate::{
     probe::load::ProbeOptions,
     sample::recording::{Pacer, RecordingReader, describe},
     sample::sampler::{Sample, Sampler},
-    tenant::kubernetes::{PodDirectory, name_pods},
+    tenant::{aggregate::name_pods, kubernetes::PodDirectory},
 };
 
 /// The answer to "anything new?".
