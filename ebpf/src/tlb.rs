@@ -7,10 +7,20 @@ use vmtrace_common::ExitKind;
 
 use crate::{maps::count, vmm_process::in_vmm};
 
+/// `TLB_FLUSH_ON_TASK_SWITCH` of `enum tlb_flush_reason`.
+const ON_TASK_SWITCH: u64 = 0;
+
 /// `tlb_flush(int reason, unsigned long pages)`; reason is `enum tlb_flush_reason`.
 #[raw_tracepoint(tracepoint = "tlb_flush")]
 pub fn tlb_flush(ctx: RawTracePointContext) -> i32 {
     let reason: u64 = ctx.arg(0);
+    let pages: u64 = ctx.arg(1);
+    // Nearly every context switch of the host lands here with 0 pages: switch_mm_irqs_off() found
+    // the next mm's ASID (PCID) still holding its entries, and flushed nothing. Returning before
+    // any helper or map keeps the host's context switches, VM or not, at an empty program's cost.
+    if reason == ON_TASK_SWITCH && pages == 0 {
+        return 0;
+    }
     if in_vmm() {
         count(ExitKind::TlbFlush, reason as u32);
     }

@@ -228,7 +228,7 @@ pub static PROBES: &[ProbeSpec] = &[
     raw("kvm_entry", "kvm", "kvm_entry", &[], Silent(Silence::OnKvm(NO_KVM_EXIT))),
     // A class of its own on 6.18 (it has `group_dead`); of `sched_process_template` on 6.1 and 6.12.
     raw("sched_process_exit", "sched", "sched_process_exit", &[], Required).of_class(&["sched_process_template"]),
-    raw("tlb_flush", "tlb", "tlb_flush", &[(0, "reason")], Required),
+    raw("tlb_flush", "tlb", "tlb_flush", &[(0, "reason"), (1, "pages")], Required),
     raw("kvm_pv_tlb_flush", "kvm", "kvm_pv_tlb_flush", &[(1, "need_flush_tlb")], Required),
     raw("kvm_hv_flush_tlb", "kvm", "kvm_hv_flush_tlb", &[], Required),
     raw("kvm_hv_flush_tlb_ex", "kvm", "kvm_hv_flush_tlb_ex", &[], Required),
