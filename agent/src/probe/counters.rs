@@ -16,6 +16,7 @@ use vmtrace_common::{
 
 use crate::{
     kind::Kind,
+    probe::batch,
     probe::exit_counts::{KindCounts, aggregate},
     probe::exit_reasons::ExitReasonNames,
     probe::latency::merge,
@@ -110,8 +111,9 @@ impl Counters {
     pub fn read(&mut self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
         let map_error = |name| move |e| CountsError::Map(name, e);
         let mut raw = Vec::new();
-        for entry in &self.exits {
-            let (key, per_cpu) = entry.map_err(map_error(EXIT_COUNTS_MAP))?;
+        for (key, per_cpu) in
+            batch::per_cpu_entries(&self.exits).map_err(map_error(EXIT_COUNTS_MAP))?
+        {
             raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
         }
         let kicks = self.read_kicks()?;
@@ -135,8 +137,9 @@ impl Counters {
             by_cgroup: aggregate(&raw, names),
             ..Snapshot::default()
         };
-        for entry in &self.latency {
-            let (key, per_cpu) = entry.map_err(map_error(EXIT_LATENCY_MAP))?;
+        for (key, per_cpu) in
+            batch::per_cpu_entries(&self.latency).map_err(map_error(EXIT_LATENCY_MAP))?
+        {
             let Ok(latency_kind) = LatencyKind::try_from(key.kind) else {
                 continue;
             };
@@ -147,7 +150,7 @@ impl Counters {
                 .or_default()
                 .entry(kind)
                 .or_insert(LatencyHistogram::EMPTY);
-            for cpu in per_cpu.iter() {
+            for cpu in &per_cpu {
                 merge(histogram, cpu);
             }
         }
@@ -171,8 +174,9 @@ impl Counters {
             });
             doorbells.sort();
         }
-        for entry in &self.iommu_faults {
-            let (key, per_cpu) = entry.map_err(map_error(IOMMU_FAULTS_MAP))?;
+        for (key, per_cpu) in
+            batch::per_cpu_entries(&self.iommu_faults).map_err(map_error(IOMMU_FAULTS_MAP))?
+        {
             let length = key
                 .device
                 .iter()
@@ -321,8 +325,7 @@ impl Counters {
         let mut kicks = self.collected_kicks.clone();
         let mut collected = Vec::new();
         let mut seen_kicks = std::collections::BTreeSet::new();
-        for entry in &self.kicks {
-            let (key, per_cpu) = entry.map_err(map_error(KICKS_MAP))?;
+        for (key, per_cpu) in batch::per_cpu_entries(&self.kicks).map_err(map_error(KICKS_MAP))? {
             let total: u64 = per_cpu.iter().sum();
             if let Some(doorbell) = live.get(&key) {
                 *kicks.entry(kick_key(&key, doorbell)).or_default() += total;

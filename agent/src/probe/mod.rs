@@ -1,12 +1,13 @@
 //! The kernel side as the agent sees it: every probe declared once (`spec`), the embedded eBPF object
 //! loaded and those probes attached (`load`), their arguments checked against the kernel's BTF
-//! (`btf_args`), the counters read back (`counters`, failing as `map_access` says) with their keys turned into kinds
+//! (`btf_args`), the counters read back (`counters`, in batches: `batch`, failing as `map_access` says) with their keys turned into kinds
 //! (`kinds`) and exit entries into named counts (`exit_counts`) and
 //! their histograms summarised (`latency`), exits per VMM thread (`threads`), how full the maps are
 //! (`map_fill`), cgroup lifecycle
 //! events (`lifecycle`), tracefs and the kernel's names for exit reasons (`tracefs`,
 //! `exit_reasons`), and the learnt doorbells kept across restarts (`doorbell_state`).
 
+pub(crate) mod batch;
 pub(crate) mod btf_args;
 pub mod counters;
 pub(crate) mod doorbell_state;

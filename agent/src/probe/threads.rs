@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use vmtrace_common::{ExitKey, THREAD_EXITS_MAP, THREAD_NAMES_MAP, ThreadExitKey};
 
 use super::{
+    batch,
     exit_counts::{KindCounts, aggregate},
     exit_reasons::ExitReasonNames,
     map_access::{CountsError, absent_is_removed},
@@ -76,8 +77,9 @@ impl ThreadCounters {
     ) -> Result<BTreeMap<u64, Vec<ThreadExits>>, CountsError> {
         let mut raw: BTreeMap<(u64, u32), Vec<(ExitKey, u64)>> = BTreeMap::new();
         let mut keys: BTreeMap<(u64, u32), Vec<ThreadExitKey>> = BTreeMap::new();
-        for entry in &self.map {
-            let (key, per_cpu) = entry.map_err(|e| CountsError::Map(THREAD_EXITS_MAP, e))?;
+        let entries =
+            batch::per_cpu_entries(&self.map).map_err(|e| CountsError::Map(THREAD_EXITS_MAP, e))?;
+        for (key, per_cpu) in entries {
             let total = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
             // The per-cgroup logic turns raw events into kinds (in-kernel MMIO writes are the
             // writes that did not exit): here the "cgroup" is the thread.
