@@ -248,6 +248,10 @@ impl Probes {
                 _ => None,
             })
             .collect();
+        // The loader parses the kernel's BTF again (`EbpfLoader::new`): the checks' copy goes first,
+        // so that the two (some 20 MiB each) are never held at once.
+        let btf = btf.map(drop);
+        return_freed_memory();
         let mut loader = EbpfLoader::new();
         for (switch, on) in &switches {
             loader.override_global(switch, on, true);
@@ -272,6 +276,8 @@ impl Probes {
                 ProbeError::Load(e)
             }
         })?;
+        drop(loader);
+        return_freed_memory();
         let mut status: Vec<ProbeStatus> = Vec::with_capacity(PROBES.len());
         let mut classic_links = Vec::new();
         for (spec, prepared) in PROBES.iter().zip(prepared) {
@@ -311,7 +317,7 @@ impl Probes {
             status,
             exit_source,
             reason_names,
-            btf: btf.map(drop),
+            btf,
             tracefs: location,
             _classic_links: ClassicLinks(classic_links),
         })
@@ -458,6 +464,17 @@ fn prepare(
                 btf_args: None,
             }
         }
+    }
+}
+
+/// Hands the heap's free pages back to the kernel. Parsing the kernel's BTF takes some 20 MiB in
+/// many small allocations, freed once the programs are loaded; glibc's allocator would otherwise
+/// keep most of them, and they would count in the agent's resident memory for its whole life.
+fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
