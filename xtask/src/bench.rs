@@ -5,6 +5,7 @@ mod agent;
 mod agentcost;
 pub mod bpfstats;
 mod cgroups;
+mod hostswitch;
 mod interrupt;
 mod machine;
 mod overhead;
@@ -112,6 +113,7 @@ pub struct Results {
     pub machine: machine::Machine,
     pub overhead: overhead::Overhead,
     pub probes: probecost::ProbeCost,
+    pub host: hostswitch::HostSwitch,
     pub agent: Vec<agentcost::CostRow>,
     pub scale: Vec<scale::ScaleRow>,
     pub elapsed: Duration,
@@ -167,7 +169,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         cgroups: cgroups::Cgroups::new()?,
     };
     eprintln!(
-        "bench: {} repetitions of {} tracers × {} workloads, then BPF run time, agent cost, {:?} tenants",
+        "bench: {} repetitions of {} tracers × {} workloads, then BPF run time, host context switches, agent cost, {:?} tenants",
         env.plan.reps,
         tracer::Tracer::ALL.len(),
         workload::Workload::ALL.len(),
@@ -176,12 +178,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let machine = machine::describe(&env.tools);
     let overhead = overhead::run(&env)?;
     let probes = probecost::run(&env)?;
+    let host = hostswitch::run(&env)?;
     let agent = agentcost::run(&env)?;
     let scale = scale::run(&env)?;
     let results = Results {
         machine,
         overhead,
         probes,
+        host,
         agent,
         scale,
         elapsed: started.elapsed(),

@@ -16,6 +16,7 @@ pub fn render(plan: &Plan, r: &Results) -> String {
     target_table(&mut out, r);
     guest_cost(&mut out, plan, r);
     bpf_cost(&mut out, r);
+    host_switches(&mut out, plan, r);
     agent_cost(&mut out, plan, r);
     scale(&mut out, plan, r);
     how_measured(&mut out, plan);
@@ -155,19 +156,60 @@ fn bpf_cost(out: &mut String, r: &Results) {
     for t in tracers {
         let _ = write!(out, "| {} |", t.label());
         for w in Workload::ALL {
-            let ns: u64 = r
-                .probes
-                .progs
-                .iter()
-                .filter(|p| p.tracer == t)
-                .filter_map(|p| p.runs.get(&w).map(|x| x.0))
-                .sum();
-            let ops = r.probes.guest_ops.get(&w).copied().unwrap_or(0).max(1);
-            let _ = write!(out, " {:.0} |", ns as f64 / ops as f64);
+            let ns = targets::bpf_ns_per_op(r, t, w).unwrap_or(0.0);
+            let _ = write!(out, " {ns:.0} |");
         }
         out.push('\n');
     }
     out.push('\n');
+}
+
+fn host_switches(out: &mut String, plan: &Plan, r: &Results) {
+    let h = &r.host;
+    let _ = writeln!(
+        out,
+        "## What the agent costs work that is not a VM\n\n\
+         `taskset -c 0 perf bench sched pipe -l {}`: two processes on one CPU passing a token \
+         through a pipe, so every round trip is two context switches between two mms, each through \
+         `switch_mm_irqs_off()` and `tlb:tlb_flush`. {} repetitions; in each, the untraced and the \
+         agent's turn (`vmtrace watch`, default probes; order alternating), each the median of {} \
+         runs. Then one run with the kernel's BPF statistics on: the host's context switches \
+         (`ctxt` of /proc/stat, every CPU) and the agent's programs that ran meanwhile.\n\n\
+         | | µs per round trip (median) | min – max | vs untraced |\n|---|---|---|---|",
+        h.loops,
+        plan.reps,
+        super::hostswitch::RUNS_PER_TURN
+    );
+    for (label, values) in [
+        ("none", &h.untraced),
+        ("vmtrace (default probes)", &h.traced),
+    ] {
+        let median = stats::median(values).map_or("-".to_owned(), |m| format!("{m:.3}"));
+        let range =
+            stats::range(values).map_or("-".to_owned(), |(a, b)| format!("{a:.3} – {b:.3}"));
+        let ratio =
+            stats::paired_ratio(values, &h.untraced).map_or("-".to_owned(), |x| format!("{x:.3}x"));
+        let _ = writeln!(out, "| {label} | {median} | {range} | {ratio} |");
+    }
+    let _ = writeln!(
+        out,
+        "\n{} context switches of the host during the statistics run; the agent's programs that ran:\n\n\
+         | program | runs | ns/run | ns per context switch |\n|---|---|---|---|",
+        h.switches
+    );
+    for (name, ns, runs) in &h.programs {
+        let _ = writeln!(
+            out,
+            "| {name} | {runs} | {:.1} | {:.1} |",
+            *ns as f64 / (*runs).max(1) as f64,
+            *ns as f64 / h.switches.max(1) as f64
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| all | | | {:.1} |\n",
+        h.bpf_ns() as f64 / h.switches.max(1) as f64
+    );
 }
 
 fn agent_cost(out: &mut String, plan: &Plan, r: &Results) {
@@ -246,19 +288,13 @@ fn scale(out: &mut String, plan: &Plan, r: &Results) {
             row.populate_secs
         );
     }
-    let tick_ms = |row: &super::scale::ScaleRow| row.cpu_secs * 1000.0 / row.ticks.max(1) as f64;
-    if let (Some(small), Some(large)) = (r.scale.first(), r.scale.last())
-        && large.tenants > small.tenants
-    {
-        let per_tenant =
-            (tick_ms(large) - tick_ms(small)) * 1000.0 / (large.tenants - small.tenants) as f64;
+    if let Some((per_tenant, small, large)) = targets::tick_us_per_tenant(r) {
         let _ = writeln!(
             out,
             "\nEach tick costs about {per_tenant:.1} µs of agent CPU per tenant with counts \
-             (from {} to {} tenants). Peak RSS is set by the agent's start (loading its BPF \
+             (from {small} to {large} tenants). Peak RSS is set by the agent's start (loading its BPF \
              object), so it hardly moves; the RSS at the end of the window shows the tenants' \
-             own memory.",
-            small.tenants, large.tenants
+             own memory."
         );
     }
     out.push('\n');

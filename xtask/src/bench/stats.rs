@@ -23,12 +23,16 @@ pub fn ratio(value: f64, base: f64) -> Option<f64> {
 /// The median over repetitions of each repetition's ratio to the untraced run of the same
 /// repetition; pairing them cancels slow drifts of the host's speed.
 pub fn paired_ratio(values: &[f64], bases: &[f64]) -> Option<f64> {
-    let ratios: Vec<f64> = values
+    median(&paired_ratios(values, bases))
+}
+
+/// Each repetition's ratio to the untraced run of the same repetition.
+pub fn paired_ratios(values: &[f64], bases: &[f64]) -> Vec<f64> {
+    values
         .iter()
         .zip(bases)
         .filter_map(|(v, b)| ratio(*v, *b))
-        .collect();
-    median(&ratios)
+        .collect()
 }
 
 /// The smallest and largest value.
