@@ -248,8 +248,8 @@ impl Probes {
                 _ => None,
             })
             .collect();
-        // The loader parses the kernel's BTF again (`EbpfLoader::new`): the checks' copy goes first,
-        // so that the two (some 20 MiB each) are never held at once.
+        // The loader parses the kernel's BTF again (`EbpfLoader::new`, some 18 MiB): the checks'
+        // mapping goes first, so that the two are never held at once.
         let btf = btf.map(drop);
         return_freed_memory();
         let mut loader = EbpfLoader::new();
