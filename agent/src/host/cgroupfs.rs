@@ -85,8 +85,13 @@ impl CgroupFs {
 
     /// Whether the cgroup at `path` has tasks, from v2 `cgroup.events`; `None` if unknown.
     pub fn populated(&self, path: &str) -> Option<bool> {
-        let text = fs::read_to_string(self.v2.join(relative(path)).join("cgroup.events")).ok()?;
-        field(&text, "populated").map(|v| v != 0)
+        let text = fs::read_to_string(self.events_file(path)).ok()?;
+        populated_in(&text)
+    }
+
+    /// The v2 `cgroup.events` file of the cgroup at `path`.
+    pub fn events_file(&self, path: &str) -> PathBuf {
+        self.v2.join(relative(path)).join("cgroup.events")
     }
 
     /// Memory of the cgroup at `path`: from v2 if the memory controller is enabled there, else from
@@ -133,6 +138,11 @@ fn relative(path: &str) -> &Path {
 }
 
 /// The value of `name` in a flat-keyed cgroup file (`name value` per line).
+/// `populated` of a `cgroup.events` text.
+pub fn populated_in(text: &str) -> Option<bool> {
+    field(text, "populated").map(|v| v != 0)
+}
+
 fn field(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let (key, value) = line.split_once(' ')?;

@@ -3,6 +3,7 @@
 
 pub(crate) mod agent_usage;
 pub(crate) mod capabilities;
+pub(crate) mod cgroup_events;
 pub mod cgroup_index;
 pub(crate) mod cgroupfs;
 pub(crate) mod dtlb;

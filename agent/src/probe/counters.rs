@@ -111,9 +111,9 @@ impl Counters {
     pub fn read(&mut self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
         let map_error = |name| move |e| CountsError::Map(name, e);
         let mut raw = Vec::new();
-        for (key, per_cpu) in
-            batch::per_cpu_entries(&self.exits).map_err(map_error(EXIT_COUNTS_MAP))?
-        {
+        let exits = batch::per_cpu_entries(&self.exits).map_err(map_error(EXIT_COUNTS_MAP))?;
+        let exit_entries = exits.len();
+        for (key, per_cpu) in exits {
             raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
         }
         let kicks = self.read_kicks()?;
@@ -137,9 +137,9 @@ impl Counters {
             by_cgroup: aggregate(&raw, names),
             ..Snapshot::default()
         };
-        for (key, per_cpu) in
-            batch::per_cpu_entries(&self.latency).map_err(map_error(EXIT_LATENCY_MAP))?
-        {
+        let latency = batch::per_cpu_entries(&self.latency).map_err(map_error(EXIT_LATENCY_MAP))?;
+        let latency_entries = latency.len();
+        for (key, per_cpu) in latency {
             let Ok(latency_kind) = LatencyKind::try_from(key.kind) else {
                 continue;
             };
@@ -174,9 +174,10 @@ impl Counters {
             });
             doorbells.sort();
         }
-        for (key, per_cpu) in
-            batch::per_cpu_entries(&self.iommu_faults).map_err(map_error(IOMMU_FAULTS_MAP))?
-        {
+        let iommu_faults =
+            batch::per_cpu_entries(&self.iommu_faults).map_err(map_error(IOMMU_FAULTS_MAP))?;
+        let iommu_entries = iommu_faults.len();
+        for (key, per_cpu) in iommu_faults {
             let length = key
                 .device
                 .iter()
@@ -198,7 +199,7 @@ impl Counters {
                 .map_err(map_error(DROPS_MAP))?;
             snapshot.drops.insert(reason.name(), per_cpu.iter().sum());
         }
-        snapshot.maps = self.fill();
+        snapshot.maps = self.fill(exit_entries, latency_entries, iommu_entries);
         Ok(snapshot)
     }
 }
@@ -250,33 +251,29 @@ impl Counters {
         Ok(restored)
     }
 
-    /// How full each hash map is.
-    fn fill(&self) -> Vec<MapFill> {
+    /// How full each hash map is; the maps read whole this tick by the entries the read found.
+    fn fill(&self, exits: usize, latency: usize, iommu_faults: usize) -> Vec<MapFill> {
         vec![
-            map_fill::of(EXIT_COUNTS_MAP, self.exits.map(), self.exits.keys()),
-            map_fill::of(EXIT_LATENCY_MAP, self.latency.map(), self.latency.keys()),
-            map_fill::of(DOORBELLS_MAP, self.doorbells.map(), self.doorbells.keys()),
-            map_fill::of(KICKS_MAP, self.kicks.map(), self.kicks.keys()),
-            map_fill::of(
+            map_fill::of(EXIT_COUNTS_MAP, self.exits.map(), exits),
+            map_fill::of(EXIT_LATENCY_MAP, self.latency.map(), latency),
+            map_fill::of_keys(DOORBELLS_MAP, self.doorbells.map(), self.doorbells.keys()),
+            map_fill::of_keys(KICKS_MAP, self.kicks.map(), self.kicks.keys()),
+            map_fill::of_keys(
                 DOORBELL_ADDRS_MAP,
                 self.doorbell_addrs.map(),
                 self.doorbell_addrs.keys(),
             ),
-            map_fill::of(
+            map_fill::of_keys(
                 REMOVED_DOORBELLS_MAP,
                 self.removed_doorbells.map(),
                 self.removed_doorbells.keys(),
             ),
-            map_fill::of(
+            map_fill::of_keys(
                 VMM_PROCESSES_MAP,
                 self.vmm_processes.map(),
                 self.vmm_processes.keys(),
             ),
-            map_fill::of(
-                IOMMU_FAULTS_MAP,
-                self.iommu_faults.map(),
-                self.iommu_faults.keys(),
-            ),
+            map_fill::of(IOMMU_FAULTS_MAP, self.iommu_faults.map(), iommu_faults),
             self.threads.fill(),
         ]
     }

@@ -55,6 +55,8 @@ pub struct ThreadCounters {
     ended: Vec<Ended>,
     /// Whether /proc shows the host's threads; if not, none is taken for ended.
     host_proc: bool,
+    /// Entries of `map` at its last read.
+    entries: usize,
 }
 
 impl ThreadCounters {
@@ -65,6 +67,7 @@ impl ThreadCounters {
         Self {
             map,
             names,
+            entries: 0,
             ended: Vec::new(),
             host_proc: crate::host::figures::foreign_pid_namespace().is_none(),
         }
@@ -79,6 +82,7 @@ impl ThreadCounters {
         let mut keys: BTreeMap<(u64, u32), Vec<ThreadExitKey>> = BTreeMap::new();
         let entries =
             batch::per_cpu_entries(&self.map).map_err(|e| CountsError::Map(THREAD_EXITS_MAP, e))?;
+        self.entries = entries.len();
         for (key, per_cpu) in entries {
             let total = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
             // The per-cgroup logic turns raw events into kinds (in-kernel MMIO writes are the
@@ -160,7 +164,7 @@ impl ThreadCounters {
     }
 
     pub fn fill(&self) -> MapFill {
-        map_fill::of(THREAD_EXITS_MAP, self.map.map(), self.map.keys())
+        map_fill::of(THREAD_EXITS_MAP, self.map.map(), self.entries)
     }
 
     /// The name the probes noted for the thread, up to its first NUL.

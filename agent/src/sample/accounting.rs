@@ -13,6 +13,7 @@ use std::{
 };
 
 use crate::{
+    host::cgroup_events::CgroupEvents,
     host::cgroupfs::{CgroupFs, CpuStat, MemoryStat, outermost},
     host::guest_time::GuestTime,
     host::procfs::vmm_threads,
@@ -42,6 +43,8 @@ const SETTLE: Duration = Duration::from_secs(4);
 /// Reads cgroup files, VMM threads' guest time and dTLB counters for the tenants of each sample.
 pub struct Accounting {
     cgroups: CgroupFs,
+    /// Whether each cgroup has tasks, asked every tick of every tenant's cgroups.
+    events: CgroupEvents,
     guest: GuestTime,
     /// `Err` with the reason where the host cannot count dTLB misses.
     dtlb: Result<DtlbCounters, String>,
@@ -59,6 +62,7 @@ impl Accounting {
     pub fn new(cgroups: CgroupFs, pid_namespace: Option<&str>) -> Self {
         Self {
             cgroups,
+            events: CgroupEvents::default(),
             guest: GuestTime::default(),
             dtlb: figures::dtlb_availability(pid_namespace).map(|()| DtlbCounters::default()),
             last: HashMap::new(),
@@ -68,7 +72,7 @@ impl Accounting {
     /// CPU and memory figures of the cgroup at `path`.
     fn read(&mut self, path: &str) -> Figures {
         let now = Instant::now();
-        let empty = self.cgroups.populated(path) == Some(false);
+        let empty = self.events.populated(&self.cgroups, path) == Some(false);
         let empty_since = match self.last.get(path) {
             Some((figures, Some(since))) if empty => {
                 if now.duration_since(*since) >= SETTLE {
@@ -186,6 +190,7 @@ impl Accounting {
             }
         }
         self.last.retain(|path, _| seen.contains(path));
+        self.events.retain(|path| seen.contains(path));
     }
 
     /// Cgroup paths whose figures are kept.
