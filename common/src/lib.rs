@@ -24,7 +24,8 @@ pub mod names;
 pub use names::maps::{
     CGROUP_EVENTS as CGROUP_EVENTS_MAP, DOORBELL_ADDRS as DOORBELL_ADDRS_MAP,
     DOORBELLS as DOORBELLS_MAP, DROPS as DROPS_MAP, EXIT_COUNTS as EXIT_COUNTS_MAP,
-    EXIT_LATENCY as EXIT_LATENCY_MAP, IOMMU_FAULTS as IOMMU_FAULTS_MAP, KICKS as KICKS_MAP,
+    EXIT_LATENCY as EXIT_LATENCY_MAP, INFERRED_KICKS as INFERRED_KICKS_MAP,
+    IOMMU_FAULTS as IOMMU_FAULTS_MAP, KICKS as KICKS_MAP,
     REMOVED_DOORBELLS as REMOVED_DOORBELLS_MAP, THREAD_EXITS as THREAD_EXITS_MAP,
     THREAD_NAMES as THREAD_NAMES_MAP, VMM_PROCESSES as VMM_PROCESSES_MAP,
 };
@@ -472,9 +473,34 @@ pub struct KickKey {
     pub space: u32,
     pub addr: u64,
     pub queue: u32,
-    /// The VM's file descriptor in the VMM process.
+    /// The VM's file descriptor in the VMM process; 0 for a kick inferred from an in-kernel
+    /// write (no VM fd is 0: it is the VMM's standard input).
     pub vm_fd: u32,
 }
+
+// 8 + 4 + 4 + 8 + 4 + 4 bytes, no padding.
+assert_layout!(KickKey, size 32, align 8);
+
+/// A guest MMIO write that hit no known doorbell, kept in its thread's slot until the thread's
+/// next MMIO event or return to the VMM tells whether the VMM served it (a `KVM_EXIT_MMIO`
+/// follows at once) or the kernel completed it (anything else follows).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PendingWrite {
+    pub addr: u64,
+    /// The value written: a virtqueue index, for a doorbell.
+    pub value: u64,
+    pub cgroup_id: u64,
+    /// The thread the slot holds a write of; 0 when it holds none.
+    pub tid: u32,
+    pub reserved: u32,
+}
+
+// 8 + 8 + 8 + 4 + 4 bytes, no padding.
+assert_layout!(PendingWrite, size 32, align 8);
+
+/// `KVM_EXIT_MMIO`: the VMM is to serve an MMIO access.
+pub const KVM_EXIT_MMIO: u32 = 6;
 
 /// A thread's return to the VMM that has not seen its next `KVM_RUN` yet.
 #[repr(C)]
@@ -699,6 +725,10 @@ pub enum Drop {
     /// [`THREAD_EXITS_MAP`] was full, so a thread's exit is missing from the per-vCPU view (the
     /// tenant's own counts have it).
     ThreadExitsFull = 16,
+    /// [`INFERRED_KICKS_MAP`] was full, or another thread held the thread's pending-write slot,
+    /// so a kick to a doorbell registered before the probes were attached was not counted (it
+    /// still counts as an in-kernel MMIO write).
+    InferredKickLost = 17,
 }
 
 impl Drop {
@@ -721,6 +751,7 @@ impl Drop {
         Self::GuestMemoryLost,
         Self::RemovedDoorbellsFull,
         Self::ThreadExitsFull,
+        Self::InferredKickLost,
     ];
 
     /// The reason as the agent exports it (a metric label, a recording's key).
@@ -743,6 +774,7 @@ impl Drop {
             Self::GuestMemoryLost => "guest_memory_lost",
             Self::RemovedDoorbellsFull => "removed_doorbells_full",
             Self::ThreadExitsFull => "thread_exits_full",
+            Self::InferredKickLost => "inferred_kick_lost",
         }
     }
 }
@@ -784,6 +816,9 @@ mod user {
     unsafe impl aya::Pod for super::DoorbellAddr {}
     // SAFETY: repr(C), Copy, 32 bytes then two u32s; 40 bytes, no padding (assert_layout! above).
     unsafe impl aya::Pod for super::IommuFaultKey {}
+    // SAFETY: repr(C), Copy, integers only; 32 bytes = 8 + 4 + 4 + 8 + 4 + 4, no padding
+    // (assert_layout! above).
+    unsafe impl aya::Pod for super::KickKey {}
 }
 
 #[cfg(test)]
@@ -825,6 +860,7 @@ mod tests {
             GuestMemoryLost,
             RemovedDoorbellsFull,
             ThreadExitsFull,
+            InferredKickLost,
         );
         assert_eq!(Drop::ALL.len(), every.len());
         for reason in every {
@@ -835,7 +871,7 @@ mod tests {
         }
         assert_eq!(DROP_REASONS as usize, every.len());
         // The names are exported (metric labels, recordings): they never change.
-        let names: [&str; 17] = core::array::from_fn(|i| Drop::ALL[i].name());
+        let names: [&str; 18] = core::array::from_fn(|i| Drop::ALL[i].name());
         assert_eq!(
             names,
             [
@@ -856,6 +892,7 @@ mod tests {
                 "guest_memory_lost",
                 "removed_doorbells_full",
                 "thread_exits_full",
+                "inferred_kick_lost",
             ]
         );
     }

@@ -28,6 +28,10 @@ pub mod maps {
     /// Hash map of removed doorbells ([`crate::DoorbellKey`] to [`crate::Doorbell`]) whose kicks
     /// the agent has not collected yet; it removes both entries once it has.
     pub const REMOVED_DOORBELLS: &str = "REMOVED_DOORBELLS";
+    /// Per-CPU hash map of kicks to doorbells the probes never saw registered, inferred from MMIO
+    /// writes the kernel completed itself: [`crate::KickKey`] (VM fd 0, queue = the value
+    /// written) to `u64`.
+    pub const INFERRED_KICKS: &str = "INFERRED_KICKS";
     /// Ring buffer of cgroup lifecycle events ([`crate::CgroupEvent`]).
     pub const CGROUP_EVENTS: &str = "CGROUP_EVENTS";
     /// Hash map of VMM processes (tgid to the cgroup id of its last `KVM_RUN`), kept by the
@@ -52,6 +56,9 @@ pub mod maps {
     pub const GUEST_ENTRIES: &str = "GUEST_ENTRIES";
     /// LRU hash map of unserved kicks, [`crate::EventfdKey`] to [`crate::PendingKick`].
     pub const PENDING_KICKS: &str = "PENDING_KICKS";
+    /// Array of MMIO writes whose fate is not known yet, by thread slot, of
+    /// [`crate::PendingWrite`].
+    pub const PENDING_WRITES: &str = "PENDING_WRITES";
     /// Hash map of `madvise` calls in progress, thread id to advice.
     pub const MADVISE_CALLS: &str = "MADVISE_CALLS";
     /// Hash map of memory each VMM returned to the host, tgid to [`crate::ReturnedRanges`].

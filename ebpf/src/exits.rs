@@ -20,7 +20,7 @@ use crate::{
         SERVICE_STARTS, count, count_current_thread, count_drop, count_for, current_cgroup_id,
         record_latency,
     },
-    virtio::on_guest_write,
+    virtio::{on_guest_write, remember_unknown_write, settle_pending_write},
 };
 
 /// The current thread's id (the low half of pid_tgid).
@@ -40,6 +40,7 @@ pub fn kvm_userspace_exit(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_userspace_exit(reason: u32, errno: i32) {
+    settle_pending_write((errno >= 0).then_some(reason));
     if errno < 0 {
         count(ExitKind::UserspaceError, errno.unsigned_abs());
         count_current_thread(ExitKind::UserspaceError, errno.unsigned_abs());
@@ -124,6 +125,8 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     let mmio_type: u64 = ctx.arg(0);
     let mmio_type = mmio_type as u32;
     count_current_thread(ExitKind::Mmio, mmio_type);
+    // The thread's previous MMIO write did not exit: this event would not be here if it had.
+    settle_pending_write(None);
     if mmio_type == MmioType::Write as u32 {
         let len: u64 = ctx.arg(1);
         let gpa: u64 = ctx.arg(2);
@@ -131,6 +134,7 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
         if on_guest_write(SPACE_MMIO, gpa, len as u32, data) {
             return 0;
         }
+        remember_unknown_write(gpa, len as u32, data);
     }
     count(ExitKind::Mmio, mmio_type);
     0

@@ -8,8 +8,9 @@ use aya_ebpf::{
 use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, Drop,
     EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EventfdKey, ExitKey, ExitKind, ExitStart,
-    GuestEntry, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
-    REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_EXITS_CAPACITY, THREAD_SLOTS, ThreadExitKey,
+    GuestEntry, KickKey, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
+    PendingWrite, REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_EXITS_CAPACITY, THREAD_SLOTS,
+    ThreadExitKey,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -66,6 +67,17 @@ pub static DOORBELL_ADDRS: HashMap<DoorbellAddr, u32> =
 #[map]
 pub static REMOVED_DOORBELLS: HashMap<DoorbellKey, Doorbell> =
     HashMap::with_max_entries(REMOVED_DOORBELLS_CAPACITY, 0);
+
+/// Each thread's MMIO write that hit no known doorbell, until its next MMIO event or return to
+/// the VMM says whether the kernel completed it; by thread slot, as the others.
+#[map]
+pub static PENDING_WRITES: Array<PendingWrite> = Array::with_max_entries(THREAD_SLOTS, 0);
+
+/// Kicks to doorbells registered before the probes were attached, per CPU: in-kernel MMIO writes
+/// by (tenant, VMM, address, value written).
+#[map]
+pub static INFERRED_KICKS: PerCpuHashMap<KickKey, u64> =
+    PerCpuHashMap::with_max_entries(DOORBELLS_CAPACITY, 0);
 
 /// Exits per VMM thread, for `vmtrace top`'s per-vCPU view; written only when the agent sets
 /// [`THREAD_EXITS_ON`].

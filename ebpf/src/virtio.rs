@@ -2,8 +2,11 @@
 //! `KVM_IOEVENTFD` (address, length, PIO or MMIO, datamatch = queue index); vmtrace learns them from
 //! that ioctl and counts each guest write that matches one as a kick of that queue.
 //!
-//! Doorbells registered before the probes were attached are unknown: writes to them are still
-//! counted as in-kernel MMIO writes (`mmio.write.kernel`), but not as kicks.
+//! Doorbells registered before the probes were attached are unknown. Their kicks are inferred: an
+//! MMIO write that hits no known doorbell waits in its thread's slot until the thread's next MMIO
+//! event or return to the VMM; if that is not the `KVM_EXIT_MMIO` the write itself would cause,
+//! the kernel completed the write, and a virtio driver's in-kernel write is a kick whose value is
+//! the queue index (virtio 1.x, 4.1.4.4 and 4.2.2.2).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -12,14 +15,15 @@ use aya_ebpf::{
     },
 };
 use vmtrace_common::{
-    ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, KVM_IOEVENTFD_FLAG_DATAMATCH,
-    KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KvmIoeventfd, LatencyKey, LatencyKind,
-    PendingKick, SPACE_MMIO, SPACE_PIO,
+    ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, KVM_EXIT_MMIO,
+    KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KickKey,
+    KvmIoeventfd, LatencyKey, LatencyKind, PendingKick, PendingWrite, SPACE_MMIO, SPACE_PIO,
+    THREAD_SLOTS,
 };
 
 use crate::maps::{
-    DOORBELL_ADDRS, DOORBELLS, KICKS, PENDING_KICKS, REMOVED_DOORBELLS, count_drop,
-    current_cgroup_id, record_latency,
+    DOORBELL_ADDRS, DOORBELLS, INFERRED_KICKS, KICKS, PENDING_KICKS, PENDING_WRITES,
+    REMOVED_DOORBELLS, count_drop, current_cgroup_id, increment, record_latency,
 };
 
 /// The VMM process (thread group) of the current thread.
@@ -178,6 +182,79 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) -> bool {
     }
     true
 }
+
+/// An MMIO write of `len` bytes at `gpa` (value at the kernel address `data`) that hit no known
+/// doorbell: kept in the thread's slot until [`settle_pending_write`] learns where it went. Writes
+/// to the interrupt controllers KVM emulates, and values too large for a queue index, are no
+/// doorbell's and are not kept.
+#[inline(always)]
+pub fn remember_unknown_write(gpa: u64, len: u32, data: u64) {
+    if (LAPIC_AND_MSI..LAPIC_AND_MSI_END).contains(&gpa) || (IOAPIC..IOAPIC_END).contains(&gpa) {
+        return;
+    }
+    let Some(value) = read_value(data, len) else {
+        return;
+    };
+    if value > u64::from(u16::MAX) {
+        return;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
+        return;
+    };
+    // SAFETY: an array slot of this map; only the thread whose id maps to it writes it, except
+    // when two live threads' ids collide, which is detected (the other thread's pending write).
+    unsafe {
+        if (*slot).tid != 0 && (*slot).tid != tid {
+            count_drop(Drop::InferredKickLost);
+        }
+        *slot = PendingWrite {
+            addr: gpa,
+            value,
+            cgroup_id: current_cgroup_id(),
+            tid,
+            reserved: 0,
+        };
+    }
+}
+
+/// The current thread's next MMIO event (`exit` = None) or return to the VMM (`exit` = its
+/// `KVM_EXIT_*` reason, or None for an error): its pending write, if any, went to the VMM if this
+/// is a `KVM_EXIT_MMIO`, else the kernel completed it, and it is counted as an inferred kick.
+#[inline(always)]
+pub fn settle_pending_write(exit: Option<u32>) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
+        return;
+    };
+    // SAFETY: as in `remember_unknown_write`; the write is copied out and the slot freed at once.
+    let pending = unsafe {
+        if (*slot).tid != tid {
+            return;
+        }
+        (*slot).tid = 0;
+        *slot
+    };
+    if exit == Some(KVM_EXIT_MMIO) {
+        return;
+    }
+    let key = KickKey {
+        cgroup_id: pending.cgroup_id,
+        tgid: current_tgid(),
+        space: SPACE_MMIO,
+        addr: pending.addr,
+        queue: pending.value as u32,
+        vm_fd: 0,
+    };
+    increment(&INFERRED_KICKS, key, Drop::InferredKickLost, 1);
+}
+
+/// The local APICs' page and the MSI window above it (0xFEE00000, 1 MiB), and the I/O APIC's
+/// registers (0xFEC00000): the MMIO KVM's own interrupt controllers complete.
+const LAPIC_AND_MSI: u64 = 0xfee0_0000;
+const LAPIC_AND_MSI_END: u64 = 0xfef0_0000;
+const IOAPIC: u64 = 0xfec0_0000;
+const IOAPIC_END: u64 = 0xfec0_1000;
 
 /// Set to 1 by the agent when kick service latency is wanted; it needs `sys_enter_read`, which costs
 /// every read() on the host, so it is off by default.

@@ -1,5 +1,6 @@
 //! Virtio kicks per tenant and queue against the reference VMM's virtio-blk device, doorbells that
-//! predate the agent, and VMM service time of a VMM made slow on purpose.
+//! predate the agent (their kicks inferred per queue), and VMM service time of a VMM made slow on
+//! purpose.
 
 use std::{thread, time::Duration};
 
@@ -128,62 +129,102 @@ fn virtio_kicks_per_tenant_and_queue_equal_the_vmms_count() {
 }
 
 #[test]
-fn doorbells_registered_before_the_agent_started_count_as_in_kernel_writes_only() {
+fn kicks_to_doorbells_registered_before_the_agent_started_are_counted_per_queue() {
     if !privileged_host(
-        "doorbells_registered_before_the_agent_started_count_as_in_kernel_writes_only",
+        "kicks_to_doorbells_registered_before_the_agent_started_are_counted_per_queue",
     ) {
         return;
     }
     let base = format!("vmtrace-test-early-{}", std::process::id());
     let _base = TenantCgroup::new(&base);
-    let tenant = TenantCgroup::new(&format!("{base}/t"));
-    // The VMM registers its doorbell, then waits 4 s before running the guest; the agent starts
-    // within that wait, after the registration.
-    let vmm = {
+    let virtio_tenant = TenantCgroup::new(&format!("{base}/virtio"));
+    let doorbell_tenant = TenantCgroup::new(&format!("{base}/doorbell"));
+    // Each VMM registers its doorbells, then waits 4 s before running the guest; the agent
+    // starts within that wait, after the registrations, so it never sees them.
+    let delayed = |tenant: &TenantCgroup, scenario: &'static [&'static str]| {
         let relative = tenant.relative.clone();
         thread::spawn(move || {
-            run_vmm(&[
-                "--scenario",
-                "doorbell",
-                "--count",
-                "5000",
-                "--vm-setup-delay-ms",
-                "4000",
-                "--cgroup",
-                &relative,
-            ])
+            let mut args = scenario.to_vec();
+            args.extend(["--vm-setup-delay-ms", "4000", "--cgroup", &relative]);
+            run_vmm(&args)
         })
     };
+    let virtio = delayed(
+        &virtio_tenant,
+        &[
+            "--scenario",
+            "virtio",
+            "--vcpus",
+            "2",
+            "--queues",
+            "3",
+            "--count",
+            "200",
+        ],
+    );
+    // A doorbell without datamatch, written with 0 (AL holds the low byte of the guest's
+    // segment, 0xD000).
+    let doorbell = delayed(
+        &doorbell_tenant,
+        &["--scenario", "doorbell", "--count", "5000"],
+    );
     thread::sleep(Duration::from_millis(500));
     let agent = Agent::start(&[]);
-    let report = vmm.join().unwrap();
+    let virtio = virtio.join().unwrap();
+    let doorbell = doorbell.join().unwrap();
     thread::sleep(Duration::from_millis(400));
     let samples = agent.stop();
-    let counts =
-        agent_counts(samples.last().unwrap(), &tenant.agent_path()).expect("tenant reported");
-    let signals = report.doorbell_signals.unwrap();
+    let last = samples.last().unwrap();
+
+    // Every queue's kicks, inferred from the writes the kernel completed, equal the VMM's.
+    let queues = &virtio.virtio.as_ref().unwrap().queues;
+    assert!(queues.len() >= 2);
+    let counts = agent_counts(last, &virtio_tenant.agent_path()).expect("tenant reported");
+    assert_eq!(
+        counts,
+        expected_agent_counts(std::slice::from_ref(&virtio)),
+        "agent (left) vs VMM (right)"
+    );
+    let detail = agent_report(last, &virtio_tenant.agent_path()).unwrap();
+    let doorbells = detail["doorbells"].as_array().unwrap();
+    assert_eq!(doorbells.len(), queues.len(), "{doorbells:?}");
+    for queue in queues {
+        let found = doorbells
+            .iter()
+            .find(|d| d["queue"] == queue.index)
+            .unwrap_or_else(|| panic!("queue {}: {doorbells:?}", queue.index));
+        assert_eq!(found["kicks"], queue.kicks);
+        assert_eq!(found["pid"], virtio.pid);
+        assert_eq!(found["addr"], queue.notify_addr);
+        assert_eq!(found["vm_fd"], 0, "an inferred doorbell has no known VM fd");
+    }
+
+    // The doorbell without datamatch: its kicks are those of the queue its value names.
+    let counts = agent_counts(last, &doorbell_tenant.agent_path()).expect("tenant reported");
+    let signals = doorbell.doorbell_signals.unwrap();
+    assert_eq!(counts.get("kick.q0"), Some(&signals), "{counts:?}");
     assert_eq!(
         counts.get("mmio.write.kernel"),
         Some(&signals),
         "{counts:?}"
     );
-    assert!(
-        counts.keys().all(|k| !k.starts_with("kick.")),
-        "an unknown doorbell produced kicks: {counts:?}"
-    );
-    // The host's side: the VMM became one before the agent started, so its set-up faults were
-    // not seen; the rest was.
-    let all = all_agent_counts(samples.last().unwrap(), &tenant.agent_path()).unwrap();
-    eprintln!("{all:?}");
-    let mut guest_side = expected_agent_counts(std::slice::from_ref(&report));
-    guest_side.remove("kick.any");
-    expect::Expectation::of_vmms(
-        std::slice::from_ref(&report),
-        expect::HostKvm::of_this_host(),
-    )
-    .with_exact(guest_side)
-    .seen_from_mid_run()
-    .assert_matches(&tenant.agent_path(), &all);
+    // The host's side: the VMMs became ones before the agent started, so their set-up faults
+    // were not seen; the rest was.
+    for (tenant, report) in [(&virtio_tenant, &virtio), (&doorbell_tenant, &doorbell)] {
+        let all = all_agent_counts(last, &tenant.agent_path()).unwrap();
+        eprintln!("{}: {all:?}", tenant.agent_path());
+        let mut guest_side = expected_agent_counts(std::slice::from_ref(report));
+        if let Some(any) = guest_side.remove("kick.any") {
+            guest_side.insert("kick.q0".to_owned(), any);
+        }
+        expect::Expectation::of_vmms(
+            std::slice::from_ref(report),
+            expect::HostKvm::of_this_host(),
+        )
+        .with_exact(guest_side)
+        .seen_from_mid_run()
+        .assert_matches(&tenant.agent_path(), &all);
+    }
 }
 
 #[test]

@@ -9,9 +9,10 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use vmtrace_common::{
     ANY_QUEUE, DOORBELL_ADDRS_MAP, DOORBELLS_MAP, DROPS_MAP, Doorbell, DoorbellAddr, DoorbellKey,
-    Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, IOMMU_FAULTS_MAP, IommuFaultKey,
-    KICKS_MAP, KickKey, LatencyHistogram, LatencyKey, LatencyKind, MmioType, REMOVED_DOORBELLS_MAP,
-    SPACE_PIO, THREAD_EXITS_MAP, THREAD_NAMES_MAP, VMM_PROCESSES_MAP,
+    Drop, EXIT_COUNTS_MAP, EXIT_LATENCY_MAP, ExitKey, ExitKind, INFERRED_KICKS_MAP,
+    IOMMU_FAULTS_MAP, IommuFaultKey, KICKS_MAP, KickKey, LatencyHistogram, LatencyKey, LatencyKind,
+    MmioType, REMOVED_DOORBELLS_MAP, SPACE_PIO, THREAD_EXITS_MAP, THREAD_NAMES_MAP,
+    VMM_PROCESSES_MAP,
 };
 
 use crate::{
@@ -33,7 +34,8 @@ pub type KindLatencies = BTreeMap<Kind, LatencyHistogram>;
 pub struct DoorbellKicks {
     /// The VMM's process id: the VM's owner.
     pub pid: u32,
-    /// The VM's file descriptor in that process.
+    /// The VM's file descriptor in that process; 0 for a doorbell registered before the probes
+    /// were attached, whose kicks are inferred from the kernel completing the writes.
     pub vm_fd: u32,
     /// "mmio" or "pio".
     pub space: String,
@@ -77,11 +79,14 @@ pub struct Counters {
     exits: PerCpuHashMap<MapData, ExitKey, u64>,
     latency: PerCpuHashMap<MapData, LatencyKey, LatencyHistogram>,
     kicks: PerCpuHashMap<MapData, DoorbellKey, u64>,
+    inferred_kicks: PerCpuHashMap<MapData, KickKey, u64>,
     doorbells: HashMap<MapData, DoorbellKey, Doorbell>,
     removed_doorbells: HashMap<MapData, DoorbellKey, Doorbell>,
     doorbell_addrs: HashMap<MapData, DoorbellAddr, u32>,
     /// Kicks of removed doorbells, collected from the kernel and deleted there.
     collected_kicks: BTreeMap<KickKey, u64>,
+    /// Inferred kicks of exited VMMs, collected from the kernel and deleted there.
+    collected_inferred: BTreeMap<KickKey, u64>,
     iommu_faults: PerCpuHashMap<MapData, IommuFaultKey, u64>,
     vmm_processes: HashMap<MapData, u32, u64>,
     threads: ThreadCounters,
@@ -94,10 +99,12 @@ impl Counters {
             exits: take(ebpf, EXIT_COUNTS_MAP)?,
             latency: take(ebpf, EXIT_LATENCY_MAP)?,
             kicks: take(ebpf, KICKS_MAP)?,
+            inferred_kicks: take(ebpf, INFERRED_KICKS_MAP)?,
             doorbells: take(ebpf, DOORBELLS_MAP)?,
             removed_doorbells: take(ebpf, REMOVED_DOORBELLS_MAP)?,
             doorbell_addrs: take(ebpf, DOORBELL_ADDRS_MAP)?,
             collected_kicks: BTreeMap::new(),
+            collected_inferred: BTreeMap::new(),
             iommu_faults: take(ebpf, IOMMU_FAULTS_MAP)?,
             vmm_processes: take(ebpf, VMM_PROCESSES_MAP)?,
             threads: ThreadCounters::new(
@@ -116,7 +123,7 @@ impl Counters {
         for (key, per_cpu) in exits {
             raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
         }
-        let kicks = self.read_kicks()?;
+        let mut kicks = self.read_kicks()?;
         // A kick is counted on its doorbell only, not also as the port or MMIO write it is.
         for (key, &count) in &kicks {
             let (kind, detail) = if key.space == SPACE_PIO {
@@ -133,6 +140,8 @@ impl Counters {
             };
             raw.push((write, count));
         }
+        // Inferred kicks were counted as MMIO writes too: nothing to add back.
+        let inferred_entries = self.read_inferred_kicks(&mut kicks)?;
         let mut snapshot = Snapshot {
             by_cgroup: aggregate(&raw, names),
             ..Snapshot::default()
@@ -199,7 +208,12 @@ impl Counters {
                 .map_err(map_error(DROPS_MAP))?;
             snapshot.drops.insert(reason.name(), per_cpu.iter().sum());
         }
-        snapshot.maps = self.fill(exit_entries, latency_entries, iommu_entries);
+        snapshot.maps = self.fill(
+            exit_entries,
+            latency_entries,
+            iommu_entries,
+            inferred_entries,
+        );
         Ok(snapshot)
     }
 }
@@ -252,12 +266,23 @@ impl Counters {
     }
 
     /// How full each hash map is; the maps read whole this tick by the entries the read found.
-    fn fill(&self, exits: usize, latency: usize, iommu_faults: usize) -> Vec<MapFill> {
+    fn fill(
+        &self,
+        exits: usize,
+        latency: usize,
+        iommu_faults: usize,
+        inferred_kicks: usize,
+    ) -> Vec<MapFill> {
         vec![
             map_fill::of(EXIT_COUNTS_MAP, self.exits.map(), exits),
             map_fill::of(EXIT_LATENCY_MAP, self.latency.map(), latency),
             map_fill::of_keys(DOORBELLS_MAP, self.doorbells.map(), self.doorbells.keys()),
             map_fill::of_keys(KICKS_MAP, self.kicks.map(), self.kicks.keys()),
+            map_fill::of(
+                INFERRED_KICKS_MAP,
+                self.inferred_kicks.map(),
+                inferred_kicks,
+            ),
             map_fill::of_keys(
                 DOORBELL_ADDRS_MAP,
                 self.doorbell_addrs.map(),
@@ -361,6 +386,45 @@ impl Counters {
         Ok(kicks)
     }
 
+    /// Adds the kicks inferred for doorbells registered before the probes were attached to `kicks`;
+    /// those of exited VMMs are collected here once and deleted from the kernel's map. An address
+    /// written with more distinct values than a device has queues is not a doorbell (a coalesced
+    /// MMIO zone, say): its writes stay in-kernel MMIO writes only. Returns the entries the map
+    /// held.
+    fn read_inferred_kicks(
+        &mut self,
+        kicks: &mut BTreeMap<KickKey, u64>,
+    ) -> Result<usize, CountsError> {
+        let entries = batch::per_cpu_entries(&self.inferred_kicks)
+            .map_err(|e| CountsError::Map(INFERRED_KICKS_MAP, e))?;
+        let held = entries.len();
+        let mut inferred = self.collected_inferred.clone();
+        // Read after the counters: a VMM noted live here had made every kick read above.
+        let vmms = self.read_vmm_processes()?;
+        for (key, per_cpu) in entries {
+            let total: u64 = per_cpu.iter().sum();
+            *inferred.entry(key).or_default() += total;
+            if !vmms.contains_key(&key.tgid) {
+                // A thread of the VMM may still make a kick after its main thread is gone: the
+                // entry is then made again, and collected again.
+                *self.collected_inferred.entry(key).or_default() += total;
+                remove_per_cpu_if_present(&mut self.inferred_kicks, &key, INFERRED_KICKS_MAP)?;
+            }
+        }
+        let mut values: BTreeMap<(u64, u32, u64), usize> = BTreeMap::new();
+        for key in inferred.keys() {
+            *values
+                .entry((key.cgroup_id, key.tgid, key.addr))
+                .or_default() += 1;
+        }
+        for (key, count) in inferred {
+            if values[&(key.cgroup_id, key.tgid, key.addr)] <= MAX_INFERRED_QUEUES {
+                *kicks.entry(key).or_default() += count;
+            }
+        }
+        Ok(held)
+    }
+
     /// Deletes every counter of `cgroups` (removed tenants whose last counts were reported), so
     /// that the maps hold live tenants only.
     pub fn forget(&mut self, cgroups: &std::collections::HashSet<u64>) -> Result<(), CountsError> {
@@ -384,6 +448,17 @@ impl Counters {
         }
         self.collected_kicks
             .retain(|key, _| !cgroups.contains(&key.cgroup_id));
+        self.collected_inferred
+            .retain(|key, _| !cgroups.contains(&key.cgroup_id));
+        let inferred: Vec<KickKey> = self
+            .inferred_kicks
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| cgroups.contains(&k.cgroup_id))
+            .collect();
+        for key in inferred {
+            remove_per_cpu_if_present(&mut self.inferred_kicks, &key, INFERRED_KICKS_MAP)?;
+        }
         let doorbells: Vec<DoorbellKey> = self
             .doorbells
             .iter()
@@ -404,6 +479,10 @@ impl Counters {
         self.threads.forget(cgroups)
     }
 }
+
+/// Queues a doorbell address inferred from in-kernel writes may have: virtio devices have a few
+/// (a multi-queue NIC two per vCPU and one more), far below this.
+const MAX_INFERRED_QUEUES: usize = 256;
 
 /// Deletes `key` from `map`; an entry that is not there (the kernel deleted it since it was read)
 /// is already what was asked for.

@@ -16,9 +16,10 @@ use aya_obj::{
 use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, EXIT_COUNTS_CAPACITY,
     EXIT_LATENCY_CAPACITY, EventfdKey, ExitKey, ExitStart, GuestEntry, GuestMemory,
-    IOMMU_FAULTS_CAPACITY, IommuFaultKey, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY,
-    PendingKick, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges, ServiceStart, THREAD_EXITS_CAPACITY,
-    THREAD_SLOTS, ThreadExitKey, VMM_MEMORY_CAPACITY, VMM_PROCESSES_CAPACITY,
+    IOMMU_FAULTS_CAPACITY, IommuFaultKey, KickKey, LatencyHistogram, LatencyKey,
+    PENDING_KICKS_CAPACITY, PendingKick, PendingWrite, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges,
+    ServiceStart, THREAD_EXITS_CAPACITY, THREAD_SLOTS, ThreadExitKey, VMM_MEMORY_CAPACITY,
+    VMM_PROCESSES_CAPACITY,
     names::{maps, programs},
 };
 
@@ -111,6 +112,12 @@ const MAPS: &[MapSpec] = &[
     map::<u32, ExitStart>(maps::EXIT_STARTS, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<u32, ServiceStart>(maps::SERVICE_STARTS, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<u32, GuestEntry>(maps::GUEST_ENTRIES, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
+    map::<u32, PendingWrite>(maps::PENDING_WRITES, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
+    map::<KickKey, u64>(
+        maps::INFERRED_KICKS,
+        BPF_MAP_TYPE_PERCPU_HASH,
+        Some(DOORBELLS_CAPACITY),
+    ),
     map::<EventfdKey, PendingKick>(
         maps::PENDING_KICKS,
         BPF_MAP_TYPE_LRU_HASH,
