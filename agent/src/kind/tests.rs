@@ -290,6 +290,20 @@ fn kinds_sort_and_serialise_as_their_names() {
     let mut kinds: Vec<Kind> = every_key_kind().into_iter().map(|(kind, _)| kind).collect();
     kinds.extend(OTHER_NAMES.iter().map(|name| kind(name)));
     kinds.push(Kind::from_recorded("a.kind.from.the.future"));
+    // Numbers order as their digits do, and a name that is another's start comes first.
+    for name in [
+        "kick.q9",
+        "kick.q10",
+        "kick.q1",
+        "kick.q100",
+        "kick.any",
+        "exit.reason_99",
+        "exit.reason_100",
+        "run_error.errno_5",
+        "run_error.errno_50",
+    ] {
+        kinds.push(kind(name));
+    }
     kinds.sort();
     kinds.dedup();
     let mut names: Vec<String> = kinds.iter().map(Kind::to_string).collect();
