@@ -249,6 +249,44 @@ pub fn settle_pending_write(exit: Option<u32>) {
     increment(&INFERRED_KICKS, key, Drop::InferredKickLost, 1);
 }
 
+/// A write KVM completed on its fast MMIO bus, which holds only doorbells of length 0 without
+/// datamatch: a kick of the known one at `gpa` (true: counted as a kick alone), else of one
+/// registered before the probes were attached, of an unknown queue (false: counted as an MMIO
+/// write too, as inferred kicks are).
+#[inline(always)]
+pub fn on_fast_mmio_write(gpa: u64) -> bool {
+    let key = DoorbellKey {
+        tgid: current_tgid(),
+        space: SPACE_MMIO,
+        addr: gpa,
+        datamatch: 0,
+        wildcard: 1,
+        len: 0,
+    };
+    if let Some(kicks) = KICKS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value of the entry; tracepoint programs run with preemption disabled.
+        unsafe { *kicks += 1 };
+        // SAFETY: a volatile read of a constant the loader may have rewritten.
+        if unsafe { core::ptr::read_volatile(&raw const KICK_LATENCY) } != 0 {
+            // SAFETY: the value is copied out at once.
+            if let Some(doorbell) = unsafe { DOORBELLS.get(key) }.copied() {
+                remember_kick(key.tgid, doorbell);
+            }
+        }
+        return true;
+    }
+    let inferred = KickKey {
+        cgroup_id: current_cgroup_id(),
+        tgid: key.tgid,
+        space: SPACE_MMIO,
+        addr: gpa,
+        queue: ANY_QUEUE,
+        vm_fd: 0,
+    };
+    increment(&INFERRED_KICKS, inferred, Drop::InferredKickLost, 1);
+    false
+}
+
 /// The local APICs' page and the MSI window above it (0xFEE00000, 1 MiB), and the I/O APIC's
 /// registers (0xFEC00000): the MMIO KVM's own interrupt controllers complete.
 const LAPIC_AND_MSI: u64 = 0xfee0_0000;

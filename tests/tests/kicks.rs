@@ -4,6 +4,13 @@
 
 use std::{thread, time::Duration};
 
+use vmtrace::{
+    host,
+    probe::counters::Counters,
+    probe::load::{ProbeOptions, Probes},
+};
+use vmtrace_common::{ANY_QUEUE, Doorbell, DoorbellKey, SPACE_MMIO};
+
 use vmtrace_tests::{
     Agent, TenantCgroup, agent_counts, agent_report, all_agent_counts, expect,
     expected_agent_counts, privileged_host, run_vmm,
@@ -277,5 +284,81 @@ fn a_slow_vmm_shows_in_its_service_time_percentiles() {
         ns(&fast_latency, "p99_ns"),
         ns(&slow_latency, "p50_ns"),
         ns(&slow_latency, "p99_ns")
+    );
+}
+
+/// VMX completes writes to doorbells of length 0 on its fast MMIO bus, tracing `kvm_fast_mmio`
+/// instead of `kvm_mmio`. These hosts have no VMX, so the probe itself is run through
+/// `BPF_PROG_TEST_RUN`, in this process, as a VMM's vCPU thread would run it: writes to a known
+/// doorbell are its kicks, and those to an unknown one are inferred kicks of an unknown queue.
+#[test]
+fn fast_mmio_writes_are_kicks_of_their_doorbell_or_inferred() {
+    if !privileged_host("fast_mmio_writes_are_kicks_of_their_doorbell_or_inferred") {
+        return;
+    }
+    let mut probes = Probes::attach(&host::detect_kvm(), &ProbeOptions::default())
+        .expect("attaching the probes");
+    let mut counters = Counters::new(&mut probes.ebpf).unwrap();
+    let pid = std::process::id();
+    // Addresses no guest of this host uses, and a cgroup id no cgroup has.
+    let known = 0xdead_0000_0000 + u64::from(pid) * 0x1000;
+    let unknown = known + 0x800;
+    let cgroup_id = u64::MAX - u64::from(pid);
+    let key = DoorbellKey {
+        tgid: pid,
+        space: SPACE_MMIO,
+        addr: known,
+        datamatch: 0,
+        wildcard: 1,
+        len: 0,
+    };
+    let doorbell = Doorbell {
+        queue: ANY_QUEUE,
+        vm_fd: 7,
+        eventfd: 9,
+        reserved: 0,
+        cgroup_id,
+    };
+    assert_eq!(counters.restore_doorbells(&[(key, doorbell)]).unwrap(), 1);
+    for _ in 0..25 {
+        probes.replay_fast_mmio(known).unwrap();
+    }
+    for _ in 0..13 {
+        probes.replay_fast_mmio(unknown).unwrap();
+    }
+    let snapshot = counters.read(&probes.reason_names).unwrap();
+    let count = |cgroup: u64, name: &str| {
+        snapshot.by_cgroup.get(&cgroup).and_then(|counts| {
+            counts
+                .iter()
+                .find(|(kind, _)| kind.to_string() == name)
+                .map(|(_, &n)| n)
+        })
+    };
+    // The known doorbell's kicks, in its tenant, and as the MMIO writes they are.
+    assert_eq!(count(cgroup_id, "kick.any"), Some(25));
+    assert_eq!(count(cgroup_id, "mmio.write"), Some(25));
+    let doorbells = &snapshot.kicks_by_cgroup[&cgroup_id];
+    assert_eq!(doorbells.len(), 1, "{doorbells:?}");
+    assert_eq!(
+        (
+            doorbells[0].addr,
+            doorbells[0].vm_fd,
+            doorbells[0].queue,
+            doorbells[0].kicks
+        ),
+        (known, 7, None, 25)
+    );
+    // The unknown one's, in this process's own cgroup, without a VM fd or queue.
+    let inferred: Vec<_> = snapshot
+        .kicks_by_cgroup
+        .values()
+        .flatten()
+        .filter(|d| d.pid == pid && d.addr == unknown)
+        .collect();
+    assert_eq!(inferred.len(), 1, "{inferred:?}");
+    assert_eq!(
+        (inferred[0].vm_fd, inferred[0].queue, inferred[0].kicks),
+        (0, None, 13)
     );
 }

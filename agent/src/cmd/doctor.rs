@@ -103,7 +103,7 @@ fn figures_unavailable(flavour: KvmFlavour) -> Vec<crate::host::figures::Unavail
 }
 
 /// Whether `kvm:kvm_exit` fires on this KVM flavour, from the probe table: where it is silent, so
-/// are the other probes the table marks silent on the same flavours.
+/// are the other probes the table marks silent on exactly the same flavours.
 fn kvm_exit(flavour: KvmFlavour) -> String {
     let host = HostTraits {
         kvm: flavour,
@@ -115,10 +115,14 @@ fn kvm_exit(flavour: KvmFlavour) -> String {
     if KVM_EXIT.silent_on(host).is_none() {
         return format!("fires on every exit ({} emits it)", flavour.name());
     }
+    // The probes silent exactly where kvm_exit is (kvm_fast_mmio, silent on SVM too, is not one).
+    let kvm_exit_silence = match KVM_EXIT.when {
+        When::Silent(Silence::OnKvm(flavours)) => flavours,
+        _ => &[],
+    };
     let others = PROBES.iter().filter(|p| {
         p.program != KVM_EXIT.program
-            && matches!(p.when, When::Silent(Silence::OnKvm(_)))
-            && p.silent_on(host).is_some()
+            && matches!(p.when, When::Silent(Silence::OnKvm(flavours)) if flavours == kvm_exit_silence)
     });
     let silent: Vec<&str> = std::iter::once(KVM_EXIT.event)
         .chain(others.map(|p| p.event))

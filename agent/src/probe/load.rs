@@ -350,6 +350,21 @@ impl Probes {
         Ok(())
     }
 
+    /// Runs the `kvm_fast_mmio` probe through `BPF_PROG_TEST_RUN`, in this thread, as VMX would on
+    /// a write to `gpa` that its fast MMIO bus completed.
+    pub fn replay_fast_mmio(&mut self, gpa: u64) -> Result<(), ProbeError> {
+        let program: &mut RawTracePoint = program(&mut self.ebpf, "kvm_fast_mmio")?;
+        let mut args = [0u64; 12];
+        args[0] = gpa;
+        let result = program
+            .test_run(RawTracePointRunOptions { args, cpu: None })
+            .map_err(ProbeError::Replay)?;
+        if result.return_value != 0 {
+            return Err(ProbeError::ReplayRejected([gpa, 0, 0, 0, 0, 0]));
+        }
+        Ok(())
+    }
+
     /// Runs the in-kernel IOMMU fault logic through `BPF_PROG_TEST_RUN`, exactly as the
     /// `iommu:io_page_fault` probe would for a fault of `device` with `flags`.
     pub fn replay_io_page_fault(&mut self, device: &str, flags: u32) -> Result<(), ProbeError> {

@@ -131,6 +131,9 @@ impl ProbeSpec {
 /// The flavours that never emit `kvm_exit` and `kvm_entry`.
 const NO_KVM_EXIT: &[KvmFlavour] = &[KvmFlavour::Pvm, KvmFlavour::None];
 
+/// Where KVM has no fast MMIO bus path: only VMX completes MMIO writes without decoding them.
+const NOT_VMX: &[KvmFlavour] = &[KvmFlavour::Svm, KvmFlavour::Pvm, KvmFlavour::None];
+
 const fn raw(
     program: &'static str,
     category: &'static str,
@@ -225,6 +228,7 @@ pub static PROBES: &[ProbeSpec] = &[
     raw("kvm_pio", "kvm", "kvm_pio", &[(0, "rw"), (1, "port"), (2, "size"), (4, "data")], Required),
     raw("kvm_mmio", "kvm", "kvm_mmio", &[(0, "type"), (1, "len"), (2, "gpa"), (3, "val")], Required),
     raw("kvm_cpuid", "kvm", "kvm_cpuid", &[], Required),
+    raw("kvm_fast_mmio", "kvm", "kvm_fast_mmio", &[(0, "gpa")], Silent(Silence::OnKvm(NOT_VMX))),
     raw("kvm_entry", "kvm", "kvm_entry", &[], Silent(Silence::OnKvm(NO_KVM_EXIT))),
     // A class of its own on 6.18 (it has `group_dead`); of `sched_process_template` on 6.1 and 6.12.
     raw("sched_process_exit", "sched", "sched_process_exit", &[], Required).of_class(&["sched_process_template"]),
