@@ -57,7 +57,11 @@ fn memory_bound_kib(at_rest_kib: u64) -> u64 {
     let per_tenant = 16 * 1024 + series * points * 8;
     let cgroups = (LIVE + 1) as u64;
     let recent = 4096 * 512;
-    let slack = 8 * 1024 * 1024;
+    // glibc keeps part of what the churn frees resident (fragments between live chunks): on
+    // these machines a debug agent ends 13 to 15 MiB above its rest, up to 2.4 MiB past a
+    // bound with 8 MiB here, at commits whose figures did not change. A leak per tenant passes
+    // any slack within the first thousand of the 10,000 cgroups.
+    let slack = 12 * 1024 * 1024;
     at_rest_kib + (tenants * per_tenant + cgroups * 1024 + recent + slack) / 1024
 }
 
