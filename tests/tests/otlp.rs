@@ -370,9 +370,10 @@ fn exports_match_ground_truth(protocol: &str, compression: &str) {
         !encodings.is_empty() && encodings.iter().all(|e| e == encoding),
         "every {protocol} request {encoding}: {encodings:?}"
     );
-    // One connection for the periodic exports, at most one more for the last export.
+    // One connection for the periodic exports, at most one more for the last export: three
+    // exports show a connection reused (a loaded machine runs the guests in fewer periods).
     assert!(
-        encodings.len() >= 5 && run.receiver.connections() <= 2,
+        encodings.len() >= 3 && run.receiver.connections() <= 2,
         "{} exports over {} connections",
         encodings.len(),
         run.receiver.connections()
