@@ -171,6 +171,13 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) -> bool {
     let Some(kicks) = kicks else {
         return false;
     };
+    count_kick(kicks, &key);
+    true
+}
+
+/// One more kick of the known doorbell `key`, whose counter on this CPU is `kicks`.
+#[inline(always)]
+fn count_kick(kicks: *mut u64, key: &DoorbellKey) {
     // SAFETY: this CPU's value of the entry; tracepoint programs run with preemption disabled.
     unsafe { *kicks += 1 };
     // SAFETY: a volatile read of a constant the loader may have rewritten.
@@ -180,7 +187,20 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) -> bool {
             remember_kick(key.tgid, doorbell);
         }
     }
-    true
+}
+
+/// One more kick inferred for a doorbell registered before the probes were attached.
+#[inline(always)]
+fn count_inferred_kick(cgroup_id: u64, gpa: u64, queue: u32) {
+    let key = KickKey {
+        cgroup_id,
+        tgid: current_tgid(),
+        space: SPACE_MMIO,
+        addr: gpa,
+        queue,
+        vm_fd: 0,
+    };
+    increment(&INFERRED_KICKS, key, Drop::InferredKickLost, 1);
 }
 
 /// An MMIO write of `len` bytes at `gpa` (value at the kernel address `data`) that hit no known
@@ -235,18 +255,9 @@ pub fn settle_pending_write(exit: Option<u32>) {
         (*slot).tid = 0;
         *slot
     };
-    if exit == Some(KVM_EXIT_MMIO) {
-        return;
+    if exit != Some(KVM_EXIT_MMIO) {
+        count_inferred_kick(pending.cgroup_id, pending.addr, pending.value as u32);
     }
-    let key = KickKey {
-        cgroup_id: pending.cgroup_id,
-        tgid: current_tgid(),
-        space: SPACE_MMIO,
-        addr: pending.addr,
-        queue: pending.value as u32,
-        vm_fd: 0,
-    };
-    increment(&INFERRED_KICKS, key, Drop::InferredKickLost, 1);
 }
 
 /// A write KVM completed on its fast MMIO bus, which holds only doorbells of length 0 without
@@ -264,26 +275,10 @@ pub fn on_fast_mmio_write(gpa: u64) -> bool {
         len: 0,
     };
     if let Some(kicks) = KICKS.get_ptr_mut(key) {
-        // SAFETY: this CPU's value of the entry; tracepoint programs run with preemption disabled.
-        unsafe { *kicks += 1 };
-        // SAFETY: a volatile read of a constant the loader may have rewritten.
-        if unsafe { core::ptr::read_volatile(&raw const KICK_LATENCY) } != 0 {
-            // SAFETY: the value is copied out at once.
-            if let Some(doorbell) = unsafe { DOORBELLS.get(key) }.copied() {
-                remember_kick(key.tgid, doorbell);
-            }
-        }
+        count_kick(kicks, &key);
         return true;
     }
-    let inferred = KickKey {
-        cgroup_id: current_cgroup_id(),
-        tgid: key.tgid,
-        space: SPACE_MMIO,
-        addr: gpa,
-        queue: ANY_QUEUE,
-        vm_fd: 0,
-    };
-    increment(&INFERRED_KICKS, inferred, Drop::InferredKickLost, 1);
+    count_inferred_kick(current_cgroup_id(), gpa, ANY_QUEUE);
     false
 }
 
