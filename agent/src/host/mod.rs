@@ -9,6 +9,7 @@ pub(crate) mod cgroupfs;
 pub(crate) mod dtlb;
 pub(crate) mod figures;
 pub(crate) mod guest_time;
+pub(crate) mod heap;
 pub(crate) mod procfs;
 pub(crate) mod vfio;
 

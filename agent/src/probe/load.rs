@@ -14,7 +14,7 @@ use thiserror::Error;
 use vmtrace_common::names::programs;
 
 use crate::{
-    host::KvmDetection,
+    host::{KvmDetection, heap},
     probe::btf_args::{ArgCheck, KernelBtf},
     probe::exit_reasons::ExitReasonNames,
     probe::spec::{FieldRead, HostTraits, KVM_EXIT, PROBES, ProbeOption, ProbeSpec, Reads, When},
@@ -251,7 +251,8 @@ impl Probes {
         // The loader parses the kernel's BTF again (`EbpfLoader::new`, some 18 MiB): the checks'
         // mapping goes first, so that the two are never held at once.
         let btf = btf.map(drop);
-        return_freed_memory();
+        // Parsing the kernel's BTF takes some 20 MiB in many small allocations, freed by now.
+        heap::return_freed_memory();
         let mut loader = EbpfLoader::new();
         for (switch, on) in &switches {
             loader.override_global(switch, on, true);
@@ -277,7 +278,7 @@ impl Probes {
             }
         })?;
         drop(loader);
-        return_freed_memory();
+        heap::return_freed_memory();
         let mut status: Vec<ProbeStatus> = Vec::with_capacity(PROBES.len());
         let mut classic_links = Vec::new();
         for (spec, prepared) in PROBES.iter().zip(prepared) {
@@ -479,17 +480,6 @@ fn prepare(
                 btf_args: None,
             }
         }
-    }
-}
-
-/// Hands the heap's free pages back to the kernel. Parsing the kernel's BTF takes some 20 MiB in
-/// many small allocations, freed once the programs are loaded; glibc's allocator would otherwise
-/// keep most of them, and they would count in the agent's resident memory for its whole life.
-fn return_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -15,7 +15,7 @@ use crate::{
     host::cgroup_index::{CgroupIndex, IndexSizes, find_v2_mount},
     host::cgroupfs::CgroupFs,
     host::{self, KvmDetection, KvmFlavour},
-    host::{figures, vfio},
+    host::{figures, heap, vfio},
     probe::counters::{Counters, IommuFaults},
     probe::doorbell_state::DoorbellState,
     probe::lifecycle::CgroupEvents,
@@ -273,8 +273,12 @@ impl Sampler {
         // Removed tenants were reported once, marked removed: their series end here.
         if !self.reported_removed.is_empty() {
             self.counters.forget(&self.reported_removed)?;
+            let forgotten = self.reported_removed.len();
             for id in self.reported_removed.drain() {
                 self.index.forget(id);
+            }
+            if forgotten >= heap::MASS_FORGET {
+                heap::return_freed_memory();
             }
         }
         let snapshot = self.counters.read(&self.probes.reason_names)?;
