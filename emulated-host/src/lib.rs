@@ -22,6 +22,9 @@ pub const STALL: Duration = Duration::from_mins(3);
 
 /// The kernel modules KVM needs, loaded with their dependencies first.
 const MODULES: &[&str] = &["kvm-amd"];
+/// The modules a VMM needs to take a device through VFIO (the type1 IOMMU backend is loaded on
+/// demand only where modprobe exists).
+const VFIO_MODULES: &[&str] = &["vfio-iommu-type1", "vfio-pci"];
 
 /// What a job's shell functions and the guest's `/init` provide: `emit NAME CMD...` runs CMD and
 /// sends its output as section NAME (and its exit status as NAME.rc).
@@ -271,7 +274,12 @@ impl Initramfs {
 
 /// A kernel module's file in an unpacked kernel package, and its `depends=` modules.
 fn module(modules_dir: &Path, name: &str) -> (Vec<u8>, Vec<String>) {
-    let wanted = [format!("{name}.ko"), format!("{name}.ko.xz")];
+    // Module files are named with `-` or `_` (vfio-pci.ko, vfio_iommu_type1.ko); both mean the
+    // same to the kernel.
+    let wanted: Vec<String> = [name.to_owned(), name.replace('-', "_")]
+        .iter()
+        .flat_map(|n| [format!("{n}.ko"), format!("{n}.ko.xz")])
+        .collect();
     let path = find_file(modules_dir, &wanted)
         .unwrap_or_else(|| panic!("no module {name} under {}", modules_dir.display()));
     let data = if path.extension().is_some_and(|e| e == "xz") {
@@ -404,6 +412,30 @@ pub struct Guest {
     pub attempts: usize,
     /// How long the guest may emit nothing before it counts as hung ([`STALL`] for the tests).
     pub stall: Duration,
+    /// Whether the guest has an IOMMU and a device to pass through: a q35 machine with QEMU's
+    /// AMD or Intel IOMMU (`iommu=nopt`: translated DMA domains) and its `edu` PCI device
+    /// (1234:11e8, DMA to addresses its driver programs), and the VFIO modules loaded
+    /// (docs/iommu.md).
+    pub iommu: Option<Iommu>,
+}
+
+/// The IOMMU QEMU emulates for the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Iommu {
+    /// `amd-iommu` (AMD-Vi), with interrupt remapping.
+    Amd,
+    /// `intel-iommu` (VT-d) with interrupt remapping, which VFIO requires; Debian's kernel
+    /// enables it only with `intel_iommu=on`.
+    Intel,
+}
+
+impl Iommu {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Amd => "amd",
+            Self::Intel => "intel",
+        }
+    }
 }
 
 impl Guest {
@@ -444,7 +476,10 @@ impl Guest {
         let kernel_dir = unpacked(&self.cache, &kernel.0);
         let busybox = unpacked(&self.cache, "busybox-static");
         let release = kernel.release();
-        let work = self.cache.join(format!("run-{release}"));
+        let machine = self
+            .iommu
+            .map_or(String::new(), |iommu| format!("-{}-iommu", iommu.name()));
+        let work = self.cache.join(format!("run-{release}{machine}"));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).expect("mkdir run");
 
@@ -465,7 +500,12 @@ impl Guest {
         }
         let modules_dir = kernel_dir.join("lib/modules").join(release);
         let mut order = Vec::new();
-        for name in MODULES {
+        let vfio = if self.iommu.is_some() {
+            VFIO_MODULES
+        } else {
+            &[]
+        };
+        for name in MODULES.iter().chain(vfio) {
             add_module(&mut initramfs, &modules_dir, name, &mut order);
         }
         initramfs.file("modules/order", 0o644, order.join("\n").into_bytes());
@@ -474,7 +514,32 @@ impl Guest {
 
         let console = work.join("console.log");
         let results = work.join("results.txt");
-        eprintln!("svm-host: booting {release} under QEMU/TCG with AMD-V");
+        eprintln!(
+            "svm-host: booting {release} under QEMU/TCG with AMD-V{}",
+            self.iommu.map_or(String::new(), |iommu| format!(
+                ", an {} IOMMU and an edu device",
+                iommu.name()
+            ))
+        );
+        // The IOMMU must exist before the devices it translates for.
+        let (machine, append): (&[&str], _) = match self.iommu {
+            None => (&[], "console=ttyS0 quiet panic=-1"),
+            Some(Iommu::Amd) => (
+                &["-machine", "q35", "-device", "amd-iommu", "-device", "edu"],
+                "console=ttyS0 quiet panic=-1 iommu=nopt",
+            ),
+            Some(Iommu::Intel) => (
+                &[
+                    "-machine",
+                    "q35,kernel-irqchip=split",
+                    "-device",
+                    "intel-iommu,intremap=on",
+                    "-device",
+                    "edu",
+                ],
+                "console=ttyS0 quiet panic=-1 iommu=nopt intel_iommu=on",
+            ),
+        };
         let mut qemu = KillOnDrop(
             Command::new("qemu-system-x86_64")
                 .args([
@@ -490,7 +555,9 @@ impl Guest {
                 .arg(kernel_dir.join("boot").join(format!("vmlinuz-{release}")))
                 .arg("-initrd")
                 .arg(&initrd)
-                .args(["-append", "console=ttyS0 quiet panic=-1"])
+                .args(machine)
+                .arg("-append")
+                .arg(append)
                 .arg("-serial")
                 .arg(format!("file:{}", console.display()))
                 .arg("-serial")

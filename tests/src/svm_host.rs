@@ -8,10 +8,20 @@ use std::{
     sync::OnceLock,
 };
 
-pub use vmtrace_emulated_host::{KernelPackage, Run, offered_kernels, qemu_available};
+pub use vmtrace_emulated_host::{Iommu, KernelPackage, Run, offered_kernels, qemu_available};
 
 /// Boots `kernel` with `/bin/vmtrace`, `/bin/vmtrace-vmm` and `job`; what the guest emitted.
 pub fn boot(kernel: &KernelPackage, job: &str) -> Run {
+    guest(None).boot(kernel, job)
+}
+
+/// Boots `kernel` as [`boot`] does, on a machine with `iommu` and QEMU's edu device, with the
+/// VFIO modules loaded.
+pub fn boot_with_iommu(kernel: &KernelPackage, iommu: Iommu, job: &str) -> Run {
+    guest(Some(iommu)).boot(kernel, job)
+}
+
+fn guest(iommu: Option<Iommu>) -> vmtrace_emulated_host::Guest {
     vmtrace_emulated_host::Guest {
         cache: target_dir().join("svm-host"),
         executables: ["vmtrace", "vmtrace-vmm"]
@@ -21,8 +31,8 @@ pub fn boot(kernel: &KernelPackage, job: &str) -> Run {
         timeout: vmtrace_emulated_host::BOOT_TIMEOUT,
         attempts: 2,
         stall: vmtrace_emulated_host::STALL,
+        iommu,
     }
-    .boot(kernel, job)
 }
 
 fn target_dir() -> PathBuf {

@@ -215,13 +215,26 @@ REPORT (JSON, one line unless --pretty; written only if all ground truth agrees)
                        256; touch: null)
     resident_pages_end the same after the vCPUs stopped: --mib x 256 (the resident_pages_*
                        are measurements: they would be lower if the host reclaimed pages)
+  vfio               (with --vfio, else null) the passed-through device:
+    device, group      its PCI address and IOMMU group (/dev/vfio/<group>)
+    mappings[]         {iova, gpa, bytes} per VFIO_IOMMU_MAP_DMA: a page each
+    maps, map_bytes    VFIO_IOMMU_MAP_DMA calls and bytes (4, 16384): each one IOMMU mapping,
+                       one iommu:map event
+    unmaps, unmap_bytes
+                       VFIO_IOMMU_UNMAP_DMA calls and bytes, at the end (4, 16384); the
+                       container's setup (VFIO_SET_IOMMU) maps and unmaps a probe of its own,
+                       not counted here (docs/iommu.md)
+    dma                (with --vfio-dma, else null) {transfers, bytes, unmapped_transfers,
+                       unmapped_iova}: the edu device's DMA through mapped IOVAs (2 transfers
+                       of 2 KiB, the data checked) and to the unmapped IOVA 0x400000 (1)
 
 The VMM fails (exit status 1, no report) if a guest counter differs from the requested count or
 from what the VMM observed, or on an unexpected exit; for virtio also if, for any queue, kicks,
 guest_kicks and requests differ from each other or from the plan, if bytes differ from requests
 x request_size, or if any byte of the disk or of the guest's buffers differs from the pattern
 the requests must have left; for touch and balloon if any page's first byte differs from the
-pattern the guest must have written last, or if the BALLOON exit did not come exactly once.
+pattern the guest must have written last, or if the BALLOON exit did not come exactly once;
+with --vfio-dma if the page the device moved did not arrive whole.
 Usage errors exit with status 2.";
 
 /// Default `--queues`.
@@ -330,6 +343,20 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 
+    /// Pass the PCI device at BDF (e.g. 0000:00:03.0, bound to vfio-pci) through to the VM, as
+    /// a VMM passes a NIC VF or a GPU: its IOMMU group is opened in a VFIO type1 container and
+    /// guest memory is mapped for its DMA (four VFIO_IOMMU_MAP_DMA of a page each, GPA 0x9000
+    /// to 0xCFFF at IOVA 0x100000, 0x200000, 0x300000 and 0x380000), unmapped when the VM ends.
+    /// Not with --scenario virtio or --write-protect-cycles; --vcpus at most 1024
+    #[arg(long, value_name = "BDF")]
+    pub vfio: Option<String>,
+
+    /// With --vfio on QEMU's edu device (1234:11e8): DMA a page from one mapping into the
+    /// device and back into another (checked), then to IOVA 0x400000, which is not mapped: one
+    /// I/O page fault for the IOMMU
+    #[arg(long, requires = "vfio")]
+    pub vfio_dma: bool,
+
     /// Write the JSON report to FILE instead of stdout
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
@@ -373,6 +400,10 @@ pub struct VmmConfig {
     pub balloon_mib: Option<u32>,
     /// Times a VMM thread write-protects the page at `WRITE_PROTECT_GPA` while the vCPUs run.
     pub write_protect_cycles: u64,
+    /// The PCI device (BDF) passed through with VFIO (see [`Cli::vfio`]).
+    pub vfio: Option<String>,
+    /// Whether the passed-through edu device does its DMA transfers (see [`Cli::vfio_dma`]).
+    pub vfio_dma: bool,
 }
 
 impl VmmConfig {
@@ -393,6 +424,8 @@ impl VmmConfig {
             mib: DEFAULT_MIB,
             balloon_mib: None,
             write_protect_cycles: 0,
+            vfio: None,
+            vfio_dma: false,
         }
     }
 
@@ -425,6 +458,32 @@ impl VmmConfig {
     }
 
     /// Checks what can be checked without KVM.
+    fn validate_vfio(&self) -> Result<(), Error> {
+        if self.vfio.is_none() {
+            if self.vfio_dma {
+                return Err(Error::Config("--vfio-dma needs --vfio <BDF>".into()));
+            }
+            return Ok(());
+        }
+        let max_vcpus = ((crate::vfio::DMA_GPA - crate::layout::COUNTERS_GPA) / 4) as u32;
+        if self.scenario == Scenario::Virtio {
+            Err(Error::Config(
+                "--vfio maps guest memory that --scenario virtio's rings and buffers use".into(),
+            ))
+        } else if self.write_protect_cycles > 0 {
+            Err(Error::Config(
+                "--vfio maps the page --write-protect-cycles write-protects (GPA 0xF000)".into(),
+            ))
+        } else if self.vcpus > max_vcpus {
+            Err(Error::Config(format!(
+                "--vfio needs --vcpus {max_vcpus} or fewer: the counters of more vCPUs reach the \
+                 guest memory it maps (GPA 0x9000)"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         if self.vcpus == 0 {
             return Err(Error::Config("--vcpus must be at least 1".into()));
@@ -441,6 +500,7 @@ impl VmmConfig {
                  counters of more vCPUs reach the page it write-protects"
             )));
         }
+        self.validate_vfio()?;
         if self.scenario.touches_memory() {
             self.validate_region()?;
         } else if self.count == 0 {
@@ -622,6 +682,8 @@ impl TryFrom<&Cli> for VmmConfig {
             write_protect_cycles: cli.write_protect_cycles,
             mib: cli.mib.unwrap_or(DEFAULT_MIB),
             balloon_mib: cli.balloon_mib,
+            vfio: cli.vfio.clone(),
+            vfio_dma: cli.vfio_dma,
         };
         config.validate()?;
         // The configuration says what runs: for touch and balloon, the pages.
@@ -757,7 +819,7 @@ mod tests {
             Some(100.0)
         );
 
-        let bad: [(&[&str], &str); 14] = [
+        let bad: [(&[&str], &str); 18] = [
             (
                 &["--scenario", "touch", "--mib", "0"],
                 "--mib 0 is out of range",
@@ -797,6 +859,33 @@ mod tests {
                 "--balloon-mib 0",
             ),
             (&["--scenario", "balloon", "--vcpus", "2"], "one vCPU"),
+            (&["--scenario", "pio", "--vfio-dma"], "--vfio <BDF>"),
+            (
+                &["--scenario", "virtio", "--vfio", "0000:00:04.0"],
+                "--scenario virtio's rings",
+            ),
+            (
+                &[
+                    "--scenario",
+                    "pio",
+                    "--vfio",
+                    "0000:00:04.0",
+                    "--write-protect-cycles",
+                    "3",
+                ],
+                "write-protects",
+            ),
+            (
+                &[
+                    "--scenario",
+                    "pio",
+                    "--vfio",
+                    "0000:00:04.0",
+                    "--vcpus",
+                    "1025",
+                ],
+                "--vcpus 1024 or fewer",
+            ),
         ];
         for (args, needle) in bad {
             let err = parse(args).unwrap_err();

@@ -59,10 +59,13 @@ pub enum Error {
     /// The virtio device (its transport, queues or worker thread) failed.
     #[error("virtio-blk device: {0}")]
     Device(String),
-    /// A vCPU thread could not be started or died.
+    /// The passed-through device (`--vfio`) could not be opened, mapped or driven.
+    #[error("VFIO: {0}")]
+    Vfio(String),
+    /// This process's own accounting could not be read.
     #[error("reading this process's own accounting: {0}")]
     Usage(String),
-
+    /// A vCPU thread could not be started or died.
     #[error("vCPU thread {0}")]
     Thread(String),
     /// The vCPU was stopped because another vCPU failed.

@@ -36,6 +36,7 @@ pub mod region;
 pub mod report;
 pub mod usage;
 pub mod vcpu;
+pub mod vfio;
 pub mod virtio;
 pub mod vmm;
 

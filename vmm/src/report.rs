@@ -9,6 +9,7 @@ use crate::config::Scenario;
 pub use crate::exits::ExitCounts;
 pub use crate::protect::WriteProtectReport;
 use crate::usage::Usage;
+pub use crate::vfio::{DmaMapping, DmaReport, VfioReport};
 
 /// Everything known for certain about one VMM run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +52,9 @@ pub struct Report {
     /// What `--write-protect-cycles` did.
     #[serde(default)]
     pub write_protect: Option<WriteProtectReport>,
+    /// The device passed through with `--vfio`, and what was mapped and transferred for it.
+    #[serde(default)]
+    pub vfio: Option<VfioReport>,
     /// What the kernel accounted to this process, read by the VMM of itself at the end.
     #[serde(default)]
     pub process: ProcessReport,
@@ -313,6 +317,7 @@ mod tests {
             virtio: None,
             memory: None,
             write_protect: None,
+            vfio: None,
             process: ProcessReport {
                 lifetime: Usage {
                     user_us: 30_000,

@@ -33,6 +33,7 @@ use crate::report::{
 };
 use crate::usage::Usage;
 use crate::vcpu::{self, VcpuOutcome, VcpuRunner};
+use crate::vfio::{Passthrough, VfioReport};
 use crate::virtio::VirtioBlk;
 use crate::virtio::plan::Plan;
 use crate::virtio::worker::WorkerOutput;
@@ -82,6 +83,9 @@ pub struct Vmm {
     /// The process's accounting when it joined its cgroup, and just before it became a VMM.
     accounted_at_join: Usage,
     accounted_before_first_slot: Usage,
+    /// The device passed through with `--vfio`; declared before the memory its DMA maps, so
+    /// that it is unmapped and closed first.
+    passthrough: Option<Passthrough>,
     vm: VmFd,
     _kvm: Kvm,
     memory: GuestMemoryMmap,
@@ -157,6 +161,11 @@ impl TryFrom<VmmConfig> for Vmm {
             memory::load(&memory, counter_gpa(index), &0u32.to_le_bytes())?;
         }
 
+        let passthrough = match &config.vfio {
+            Some(bdf) => Some(Passthrough::attach(bdf, &memory, config.vfio_dma)?),
+            None => None,
+        };
+
         let mut ioeventfds = Vec::new();
         let doorbell = if config.scenario == Scenario::Doorbell {
             let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::EventFd("creation", e))?;
@@ -208,6 +217,7 @@ impl TryFrom<VmmConfig> for Vmm {
             vcpus,
             accounted_at_join,
             accounted_before_first_slot,
+            passthrough,
             vm,
             _kvm: kvm,
             memory,
@@ -238,7 +248,12 @@ impl Vmm {
     /// vCPUs are stopped and its error returned.
     pub fn run(mut self) -> Result<Report, Error> {
         let ran = self.run_vcpus()?;
-        self.report(ran)
+        let vfio = self
+            .passthrough
+            .take()
+            .map(Passthrough::finish)
+            .transpose()?;
+        self.report(ran, vfio)
     }
 
     /// Runs the vCPUs to the end (see [`Vmm::run`]) and collects what they observed.
@@ -412,7 +427,7 @@ impl Vmm {
 
     /// Checks what a run left against the plan and the guests' own counters and, if all
     /// agrees, builds the report.
-    fn report(&self, ran: Ran) -> Result<Report, Error> {
+    fn report(&self, ran: Ran, vfio: Option<VfioReport>) -> Result<Report, Error> {
         let Ran {
             outcomes,
             duration,
@@ -508,6 +523,7 @@ impl Vmm {
             virtio,
             memory,
             write_protect,
+            vfio,
             process: ProcessReport {
                 lifetime: usage,
                 in_cgroup: usage.since(self.accounted_at_join),
@@ -679,7 +695,7 @@ mod tests {
         let gpa = TOUCH_REGION_GPA + 7 * PAGE_SIZE;
         assert_eq!(memory_byte(&vmm, gpa), crate::layout::TOUCH_PATTERN);
         memory::load(&vmm.memory, gpa, &[0]).unwrap();
-        let err = vmm.report(ran).unwrap_err();
+        let err = vmm.report(ran, None).unwrap_err();
         assert!(matches!(err, Error::Mismatch(_)), "{err}");
         let msg = err.to_string();
         assert!(
@@ -708,7 +724,7 @@ mod tests {
         );
         // ...until one of the returned pages goes back to the first pattern.
         memory::load(&vmm.memory, last_returned, &[crate::layout::TOUCH_PATTERN]).unwrap();
-        let err = vmm.report(ran).unwrap_err().to_string();
+        let err = vmm.report(ran, None).unwrap_err().to_string();
         assert!(
             err.contains("page 255 (GPA 0x10ff000): 0x5a instead of 0xa5"),
             "{err}"

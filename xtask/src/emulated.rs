@@ -42,6 +42,7 @@ pub fn guest() -> Result<Guest> {
         timeout: vmtrace_emulated_host::BOOT_TIMEOUT,
         attempts: 2,
         stall: vmtrace_emulated_host::STALL,
+        iommu: None,
     })
 }
 

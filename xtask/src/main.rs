@@ -53,8 +53,10 @@ enum Task {
     },
     /// Set up, then boot every kernel Debian offers here as an emulated AMD-V host (QEMU/TCG), run
     /// the agent and the reference VMM's tenants inside, and check that the counts from
-    /// `kvm:kvm_exit` equal the VMMs' (tests/tests/svm_host.rs, docs/svm-host.md). About 2 minutes
-    /// with the release binaries built; `cargo xtask test` runs it too.
+    /// `kvm:kvm_exit` equal the VMMs' (tests/tests/svm_host.rs, docs/svm-host.md); then boot it
+    /// with QEMU's AMD and Intel IOMMUs and check a VFIO tenant's DMA mappings
+    /// (tests/tests/iommu_host.rs, docs/iommu.md). About 3 minutes with the release binaries
+    /// built; `cargo xtask test` runs it too.
     VmTest,
     /// Set up, build, then boot every kernel Debian offers here as an emulated AMD-V host, and on
     /// each and on this host's own kernel run `vmtrace doctor` and `vmtrace watch` while the

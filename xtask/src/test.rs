@@ -83,21 +83,28 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
     })
 }
 
-/// `cargo xtask vm-test`: the emulated SVM host's tests alone, each reported by name.
+/// `cargo xtask vm-test`: the emulated host's tests alone (SVM, then the IOMMUs), each reported
+/// by name.
 pub fn vm_test() -> Result<()> {
     setup::run()?;
     let root = workspace_root();
-    step("emulated SVM host (tests/tests/svm_host.rs)", || {
-        setup::exec(cargo(&root).args([
-            "test",
-            "-p",
-            "vmtrace-tests",
-            "--test",
-            "svm_host",
-            "--",
-            "--show-output",
-        ]))
-    })
+    for (name, test) in [
+        ("emulated SVM host (tests/tests/svm_host.rs)", "svm_host"),
+        ("emulated IOMMUs (tests/tests/iommu_host.rs)", "iommu_host"),
+    ] {
+        step(name, || {
+            setup::exec(cargo(&root).args([
+                "test",
+                "-p",
+                "vmtrace-tests",
+                "--test",
+                test,
+                "--",
+                "--show-output",
+            ]))
+        })?;
+    }
+    Ok(())
 }
 
 /// Runs one named step and says how long it took.
