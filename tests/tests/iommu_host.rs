@@ -29,6 +29,7 @@ emit edu echo $edu
 echo 1234 11e8 > /sys/bus/pci/drivers/vfio-pci/new_id
 emit group readlink /sys/bus/pci/devices/$edu/iommu_group
 emit vfio ls /dev/vfio
+emit doctor vmtrace doctor
 echo 1 > /sys/kernel/tracing/events/iommu/enable
 vmtrace watch --json --interval 200ms > /tmp/watch.json 2> /tmp/watch.err &
 watch=$!
@@ -282,6 +283,19 @@ fn the_devices_fault_at_an_unmapped_iova_shows_where_each_iommu_reports_it() {
                 dma.unmapped_iova
             ),
         }
-        eprintln!("{iommu:?}: no iommu:io_page_fault; kernel log: {logged:?}");
+        // doctor says where faults cannot be seen.
+        let doctor = run.text("doctor");
+        let probe = doctor
+            .lines()
+            .find(|l| l.contains("iommu:io_page_fault"))
+            .unwrap_or_else(|| panic!("{iommu:?}: doctor lists no iommu:io_page_fault:\n{doctor}"));
+        let says_kernel_log =
+            probe.contains("silent here: Intel VT-d reports IOMMU faults in the kernel log only");
+        assert_eq!(
+            says_kernel_log,
+            iommu == Iommu::Intel,
+            "{iommu:?}: doctor: {probe}"
+        );
+        eprintln!("{iommu:?}: no iommu:io_page_fault; kernel log: {logged:?}; doctor: {probe}");
     }
 }

@@ -107,7 +107,7 @@ fn figures_unavailable(flavour: KvmFlavour) -> Vec<crate::host::figures::Unavail
 fn kvm_exit(flavour: KvmFlavour) -> String {
     let host = HostTraits {
         kvm: flavour,
-        iommu: false,
+        iommu: crate::host::IommuHost::None,
     };
     if flavour == KvmFlavour::None {
         return "no KVM".to_owned();

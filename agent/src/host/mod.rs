@@ -101,6 +101,49 @@ fn detect_kvm_in(modules: &Path, dev_kvm: bool) -> KvmDetection {
     }
 }
 
+/// The host's IOMMU, as far as it decides which IOMMU events fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IommuHost {
+    /// No IOMMU groups: no device is translated by an IOMMU, no `iommu:*` event fires.
+    None,
+    /// Intel VT-d (`/sys/class/iommu/dmar*`): maps and unmaps are traced, but its driver reports
+    /// faults in the kernel log only, never through `iommu:io_page_fault` (docs/iommu.md).
+    IntelVtd,
+    /// Another IOMMU (AMD-Vi, an Arm SMMU, ...), whose driver may report faults through
+    /// `report_iommu_fault()`.
+    Other,
+}
+
+impl IommuHost {
+    pub fn present(self) -> bool {
+        self != Self::None
+    }
+}
+
+/// The host's IOMMU, from sysfs.
+pub fn detect_iommu() -> IommuHost {
+    detect_iommu_in(Path::new("/sys"))
+}
+
+fn detect_iommu_in(sys: &Path) -> IommuHost {
+    let entries = |dir: &str| -> Vec<String> {
+        fs::read_dir(sys.join(dir))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if entries("kernel/iommu_groups").is_empty() {
+        IommuHost::None
+    } else if entries("class/iommu").iter().any(|n| n.starts_with("dmar")) {
+        IommuHost::IntelVtd
+    } else {
+        IommuHost::Other
+    }
+}
+
 /// The running kernel's release, e.g. "6.18.44".
 pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -174,5 +217,19 @@ mod tests {
         assert_eq!(vmx.flavour, KvmFlavour::Vmx);
         assert!(vmx.evidence.contains("kvm_intel"));
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_iommu_is_told_from_its_groups_and_its_class() {
+        let sys = std::env::temp_dir().join(format!("vmtrace-iommu-{}", std::process::id()));
+        fs::create_dir_all(sys.join("kernel/iommu_groups")).unwrap();
+        fs::create_dir_all(sys.join("class/iommu")).unwrap();
+        assert_eq!(detect_iommu_in(&sys), IommuHost::None);
+        fs::create_dir_all(sys.join("kernel/iommu_groups/3")).unwrap();
+        fs::create_dir_all(sys.join("class/iommu/ivhd0")).unwrap();
+        assert_eq!(detect_iommu_in(&sys), IommuHost::Other);
+        fs::create_dir_all(sys.join("class/iommu/dmar0")).unwrap();
+        assert_eq!(detect_iommu_in(&sys), IommuHost::IntelVtd);
+        fs::remove_dir_all(sys).unwrap();
     }
 }

@@ -220,7 +220,7 @@ impl Probes {
     pub fn attach(kvm: &KvmDetection, options: &ProbeOptions) -> Result<Self, ProbeError> {
         let host = HostTraits {
             kvm: kvm.flavour,
-            iommu: has_iommu_groups(),
+            iommu: crate::host::detect_iommu(),
         };
         let location = tracefs::find_or_mount().map_err(|e| e.to_string());
         let tracefs = location
@@ -430,11 +430,6 @@ fn is_attached(status: &[ProbeStatus], program: &str) -> bool {
     status
         .iter()
         .any(|s| s.program == program && s.error.is_none())
-}
-
-/// Whether any device here is translated by an IOMMU (the IOMMU events fire only then).
-pub(crate) fn has_iommu_groups() -> bool {
-    std::fs::read_dir("/sys/kernel/iommu_groups").is_ok_and(|mut groups| groups.next().is_some())
 }
 
 /// What `spec` needs before the object is loaded, on this host with these options.
@@ -722,7 +717,10 @@ mod tests {
         use crate::host::KvmFlavour::{Pvm, Svm};
         let failed = |event: &str, kvm: crate::host::KvmFlavour, options: &ProbeOptions| {
             let spec = PROBES.iter().find(|p| p.event == event).unwrap();
-            let host = HostTraits { kvm, iommu: false };
+            let host = HostTraits {
+                kvm,
+                iommu: crate::host::IommuHost::None,
+            };
             ProbeStatus::new(spec, host, options, Some("ENOENT".to_owned()), None)
         };
         let off = ProbeOptions::default();
@@ -752,7 +750,7 @@ mod tests {
         let spec = PROBES.iter().find(|p| p.event == "kvm_mmio").unwrap();
         let host = HostTraits {
             kvm: Pvm,
-            iommu: false,
+            iommu: crate::host::IommuHost::None,
         };
         assert!(!ProbeStatus::new(spec, host, &off, None, None).degraded());
     }

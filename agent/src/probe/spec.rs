@@ -7,7 +7,7 @@
 //! the format-file fields its program reads, their widths and the program globals their offsets set
 //! (checked against the format file, `probe::tracefs`).
 
-use crate::host::KvmFlavour;
+use crate::host::{IommuHost, KvmFlavour};
 
 /// One probe: an eBPF program and the tracepoint it attaches to.
 #[derive(Debug, Clone, Copy)]
@@ -83,13 +83,16 @@ pub enum Silence {
     OnKvm(&'static [KvmFlavour]),
     /// Hosts without IOMMU groups (no device is translated by an IOMMU).
     WithoutIommu,
+    /// Hosts without IOMMU groups, and Intel VT-d hosts, whose driver never reports a fault
+    /// through `report_iommu_fault()` (drivers/iommu/intel/dmar.c, `dmar_fault()`).
+    WithoutFaultReports,
 }
 
 /// What a host offers that decides whether a probe fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostTraits {
     pub kvm: KvmFlavour,
-    pub iommu: bool,
+    pub iommu: IommuHost,
 }
 
 impl Silence {
@@ -99,7 +102,14 @@ impl Silence {
             Self::OnKvm(flavours) if flavours.contains(&host.kvm) => {
                 Some(format!("{} never emits it", host.kvm.name()))
             }
-            Self::WithoutIommu if !host.iommu => Some("no IOMMU groups on this host".to_owned()),
+            Self::WithoutIommu | Self::WithoutFaultReports if !host.iommu.present() => {
+                Some("no IOMMU groups on this host".to_owned())
+            }
+            Self::WithoutFaultReports if host.iommu == IommuHost::IntelVtd => Some(
+                "Intel VT-d reports IOMMU faults in the kernel log only (DMAR lines), not \
+                 through this event (docs/iommu.md)"
+                    .to_owned(),
+            ),
             _ => None,
         }
     }
@@ -290,7 +300,7 @@ pub static PROBES: &[ProbeSpec] = &[
             field("device", 4, "IO_PAGE_FAULT_DEVICE_OFFSET"),
             field("flags", 4, "IO_PAGE_FAULT_FLAGS_OFFSET"),
         ],
-        Silent(Silence::WithoutIommu),
+        Silent(Silence::WithoutFaultReports),
     ),
 ];
 
@@ -327,11 +337,15 @@ mod tests {
     fn silence_depends_on_the_host() {
         let pvm = HostTraits {
             kvm: KvmFlavour::Pvm,
-            iommu: false,
+            iommu: IommuHost::None,
         };
         let svm = HostTraits {
             kvm: KvmFlavour::Svm,
-            iommu: true,
+            iommu: IommuHost::Other,
+        };
+        let vtd = HostTraits {
+            kvm: KvmFlavour::Vmx,
+            iommu: IommuHost::IntelVtd,
         };
         assert_eq!(
             KVM_EXIT.silent_on(pvm).as_deref(),
@@ -341,5 +355,12 @@ mod tests {
         let io_page_fault = find("io_page_fault").unwrap();
         assert!(io_page_fault.silent_on(pvm).is_some());
         assert_eq!(io_page_fault.silent_on(svm), None);
+        assert!(
+            io_page_fault
+                .silent_on(vtd)
+                .unwrap()
+                .contains("kernel log only")
+        );
+        assert_eq!(find("iommu_map").unwrap().silent_on(vtd), None);
     }
 }

@@ -96,7 +96,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         // The probes are attached: keep only what reading them takes from now on.
         let needed = capabilities::needed_by_the_sampler(
             sampler.counts_hardware_events(),
-            crate::probe::load::has_iommu_groups(),
+            crate::host::detect_iommu().present(),
         );
         match capabilities::keep_only(&needed) {
             Ok(dropped) if !dropped.is_empty() => log::status(&format!(
