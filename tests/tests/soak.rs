@@ -4,8 +4,9 @@
 //! hammering the endpoint, while two long-lived tenants run guests at a steady rate.
 //!
 //! Afterwards the agent is alive, its memory stopped growing once its timeline window was full,
-//! it holds the same file descriptors and BPF objects as at the start, and the long-lived tenants'
-//! counts equal their VMMs' ground truth exactly.
+//! it holds the same file descriptors and BPF objects as at the start (but the `cgroup.events` files
+//! it keeps open for live tenants' cgroups, none of them of a cgroup that is gone), and the
+//! long-lived tenants' counts equal their VMMs' ground truth exactly.
 
 use std::{
     fs,
@@ -56,11 +57,19 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The process's open file descriptors: all of them, and those that hold BPF objects or perf
-/// events (programs, maps, links, the tracepoints' perf events).
-fn descriptors(pid: u32) -> (usize, usize) {
+/// The process's open file descriptors: all of them but the `cgroup.events` files the agent keeps
+/// open for its tenants' cgroups, and those that hold BPF objects or perf events (programs, maps,
+/// links, the tracepoints' perf events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+struct Descriptors {
+    others: usize,
+    bpf: usize,
+}
+
+/// The descriptors of `pid`, and the cgroups whose `cgroup.events` it holds open.
+fn descriptors(pid: u32) -> (Descriptors, Vec<String>) {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return (0, 0);
+        return (Descriptors::default(), Vec::new());
     };
     let targets: Vec<String> = entries
         .flatten()
@@ -71,12 +80,18 @@ fn descriptors(pid: u32) -> (usize, usize) {
         .iter()
         .filter(|t| t.starts_with("anon_inode:bpf") || t.starts_with("anon_inode:[perf_event]"))
         .count();
-    (targets.len(), bpf)
+    let events: Vec<String> = targets
+        .iter()
+        .filter_map(|t| t.strip_suffix("/cgroup.events"))
+        .map(str::to_owned)
+        .collect();
+    let others = targets.len() - events.len();
+    (Descriptors { others, bpf }, events)
 }
 
-/// The fewest descriptors seen over a few reads: a sample in progress holds a cgroup file or two
-/// for a moment.
-fn settled_descriptors(pid: u32) -> (usize, usize) {
+/// The fewest descriptors seen over a few reads (a sample in progress holds a cgroup file or two
+/// for a moment), with the `cgroup.events` files held then.
+fn settled_descriptors(pid: u32) -> (Descriptors, Vec<String>) {
     (0..10)
         .map(|_| {
             thread::sleep(Duration::from_millis(30));
@@ -214,7 +229,7 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
         matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
     });
     let pid = agent.id();
-    let (start_fds, start_bpf) = settled_descriptors(pid);
+    let (start_fds, _) = settled_descriptors(pid);
 
     let stop = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(Requests::default());
@@ -308,7 +323,7 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
     });
     assert!(mismatches.is_empty(), "counts differ: {mismatches:#?}");
 
-    let (end_fds, end_bpf) = settled_descriptors(pid);
+    let (end_fds, events_open) = settled_descriptors(pid);
     let (_, metrics) = http_get(port, "/metrics").expect("GET /metrics");
     let sample_errors = metrics.lines().find_map(|line| {
         line.strip_prefix("vmtrace_agent_sample_errors_total ")
@@ -339,12 +354,13 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
         "soak of {secs} s: {} cgroup create/remove cycles, {} VMMs, {} doorbell cycles (16 \
          ioctls each); requests: {ok} ok, {shed} shed (503), {failed} failed; agent RSS: {} KiB \
          at the start, {settled} KiB in the second quarter, {last} KiB in the last, {peak} KiB at \
-         most (allowed growth {allowed} KiB); descriptors: {start_fds} ({start_bpf} BPF) at the \
-         start, {end_fds} ({end_bpf} BPF) at the end; sample errors: {sample_errors:?}",
+         most (allowed growth {allowed} KiB); descriptors: {start_fds:?} at the start, {end_fds:?} \
+         and {} cgroup.events at the end; sample errors: {sample_errors:?}",
         cycles[0],
         cycles[1],
         cycles[2],
         rss.first().map_or(0, |r| r.1),
+        events_open.len(),
     );
 
     assert!(
@@ -352,9 +368,16 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
         "the agent's memory grew from {settled} KiB to {last} KiB (allowed {allowed} KiB): {rss:?}"
     );
     assert_eq!(
-        (end_fds, end_bpf),
-        (start_fds, start_bpf),
-        "file descriptors (all, BPF) at the end vs the start"
+        end_fds, start_fds,
+        "file descriptors at the end vs the start"
+    );
+    let gone: Vec<&String> = events_open
+        .iter()
+        .filter(|cgroup| !Path::new(cgroup).exists())
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "cgroup.events held open for cgroups that are gone: {gone:?}"
     );
     assert_eq!(failed, 0, "requests that failed");
     assert!(ok > shed, "{ok} requests answered, {shed} shed");
