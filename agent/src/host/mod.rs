@@ -10,6 +10,7 @@ pub(crate) mod dtlb;
 pub(crate) mod figures;
 pub(crate) mod guest_time;
 pub(crate) mod heap;
+pub(crate) mod kernel_log;
 pub(crate) mod procfs;
 pub(crate) mod vfio;
 

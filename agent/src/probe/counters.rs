@@ -51,7 +51,7 @@ pub struct DoorbellKicks {
 pub struct IommuFaults {
     /// The device's name, e.g. `0000:65:00.0`.
     pub device: String,
-    /// `IOMMU_FAULT_READ` (1) / `IOMMU_FAULT_WRITE` (2).
+    /// `IOMMU_FAULT_READ` (0) or `IOMMU_FAULT_WRITE` (1), as `iommu:io_page_fault` gives them.
     pub flags: u32,
     pub faults: u64,
 }

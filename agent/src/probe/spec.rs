@@ -106,8 +106,8 @@ impl Silence {
                 Some("no IOMMU groups on this host".to_owned())
             }
             Self::WithoutFaultReports if host.iommu == IommuHost::IntelVtd => Some(
-                "Intel VT-d reports IOMMU faults in the kernel log only (DMAR lines), not \
-                 through this event (docs/iommu.md)"
+                "Intel VT-d reports IOMMU faults in the kernel log only; they are counted \
+                 from its DMAR lines (/dev/kmsg, docs/iommu.md)"
                     .to_owned(),
             ),
             _ => None,

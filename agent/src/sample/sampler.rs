@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     host::cgroup_index::{CgroupIndex, IndexSizes, find_v2_mount},
     host::cgroupfs::CgroupFs,
-    host::{self, KvmDetection, KvmFlavour},
+    host::{self, IommuHost, KvmDetection, KvmFlavour, kernel_log::DmarFaults},
     host::{figures, heap, vfio},
     probe::counters::{Counters, IommuFaults},
     probe::doorbell_state::DoorbellState,
@@ -150,6 +150,9 @@ pub struct Sampler {
     /// The tenant holding each faulting device, and when it was looked up: finding it scans every
     /// process's open files, so it is done once a minute per device at most.
     iommu_owners: HashMap<String, (Instant, String)>,
+    /// Where the IOMMU's driver reports faults in the kernel log only (Intel VT-d): the faults
+    /// logged since the start.
+    dmar_faults: Option<DmarFaults>,
     kvm: KvmDetection,
     started: Instant,
     /// When the previous sample was taken, and its counts.
@@ -180,6 +183,19 @@ impl Sampler {
         if let Err(e) = &probes.btf {
             tracing::warn!(error = %e, "raw tracepoint arguments not checked against the kernel's BTF");
         }
+        let dmar_faults = (host::detect_iommu() == IommuHost::IntelVtd)
+            .then(|| {
+                DmarFaults::open()
+                    .inspect_err(|e| {
+                        tracing::warn!(
+                            "IOMMU faults are not counted on this Intel VT-d host, whose driver \
+                             reports them in the kernel log only: /dev/kmsg: {e} (reading it takes \
+                             CAP_SYSLOG where kernel.dmesg_restrict is set)"
+                        );
+                    })
+                    .ok()
+            })
+            .flatten();
         let pid_namespace = figures::foreign_pid_namespace();
         let accounting = Accounting::new(CgroupFs::new(root.clone()), pid_namespace.as_deref());
         for figure in figures::on_host(
@@ -197,6 +213,7 @@ impl Sampler {
             accounting,
             vfio: vfio::Roots::default(),
             iommu_owners: HashMap::new(),
+            dmar_faults,
             index: CgroupIndex::new(root),
             kvm,
             started: Instant::now(),
@@ -319,6 +336,11 @@ impl Sampler {
             interval_secs,
             guest_time_unknown.is_none(),
         );
+        let mut iommu_faults = snapshot.iommu_faults.clone();
+        if let Some(dmar) = &mut self.dmar_faults {
+            dmar.read();
+            iommu_faults.extend(dmar.faults());
+        }
         let mut sample = Sample {
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -335,7 +357,7 @@ impl Sampler {
                 self.pid_namespace.as_deref(),
                 self.accounting.dtlb_unavailable(),
             ),
-            iommu_faults: self.attribute_iommu_faults(&snapshot.iommu_faults, now),
+            iommu_faults: self.attribute_iommu_faults(&iommu_faults, now),
             drops: snapshot
                 .drops
                 .iter()
