@@ -29,8 +29,8 @@ use crate::{
     memory::{host_address, load},
 };
 
-/// Guest memory the mappings cover: GPA 0x9000 to 0xFFFF, above the vCPU counters and below the
-/// end of the 64 KiB of guest RAM, which no guest program uses.
+/// Where the mappings' guest memory starts: above the vCPU counters, in pages of the 64 KiB of
+/// guest RAM no guest program uses (0x9000 to 0xCFFF for the four).
 pub const DMA_GPA: u64 = 0x9000;
 /// The mappings: one page of guest memory each, from [`DMA_GPA`] on, each at its own IOVA.
 const MAPPINGS: [u64; 4] = [0x10_0000, 0x20_0000, 0x30_0000, 0x38_0000];
