@@ -125,8 +125,8 @@ pub struct Passthrough {
 }
 
 impl Passthrough {
-    /// Opens `bdf`'s group and device in a new container and maps the guest pages of
-    /// [`MAPPINGS`]; with `dma`, drives the edu device's DMA as the module says.
+    /// Opens `bdf`'s group and device in a new container and maps four pages of guest memory
+    /// for its DMA; with `dma`, drives the edu device's DMA as the module says.
     pub fn attach(bdf: &str, memory: &GuestMemoryMmap, dma: bool) -> Result<Self, Error> {
         let sysfs = Path::new("/sys/bus/pci/devices").join(bdf);
         let group = group_of(&sysfs)?;
