@@ -281,6 +281,11 @@ fn the_devices_fault_at_an_unmapped_iova_is_counted_where_the_kernel_reports_it(
                      {dmesg}"
                 );
                 assert_eq!(counted, Vec::<serde_json::Value>::new(), "AMD: {last}");
+                assert_eq!(
+                    last["drops"].get("iommu_fault_log_lost"),
+                    None,
+                    "AMD: {last}"
+                );
                 assert!(!probe.contains("silent here"), "AMD: doctor: {probe}");
             }
             Iommu::Intel => {
@@ -304,6 +309,7 @@ fn the_devices_fault_at_an_unmapped_iova_is_counted_where_the_kernel_reports_it(
                     expected,
                     "Intel: the agent's IOMMU faults"
                 );
+                assert_eq!(last["drops"]["iommu_fault_log_lost"], 0, "Intel: {last}");
                 assert!(
                     probe.contains(
                         "silent here: Intel VT-d reports IOMMU faults in the kernel log only; \

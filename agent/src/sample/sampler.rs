@@ -137,6 +137,10 @@ impl StateSizes {
     }
 }
 
+/// The drop reason of kernel log records overwritten before they were read, on hosts whose IOMMU
+/// faults are counted from the log (Intel VT-d).
+const DMAR_FAULT_LOG_LOST: &str = "iommu_fault_log_lost";
+
 /// Attached probes and what is needed to read them.
 pub struct Sampler {
     probes: Probes,
@@ -362,6 +366,11 @@ impl Sampler {
                 .drops
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), *v))
+                .chain(
+                    self.dmar_faults
+                        .as_ref()
+                        .map(|dmar| (DMAR_FAULT_LOG_LOST.to_owned(), dmar.records_lost)),
+                )
                 .collect(),
             last: false,
             probes_not_attached: self.probes_not_attached(),
