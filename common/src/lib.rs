@@ -254,8 +254,8 @@ pub const LATENCY_BUCKETS: usize = 40;
 pub enum LatencyKind {
     /// `kvm:kvm_exit` to the same vCPU thread's next `kvm:kvm_entry` (VMX, SVM). Reason: the ISA's.
     KvmExit = 1,
-    /// A return to the VMM (`kvm_userspace_exit`) to the same thread's next `KVM_RUN` ioctl: the time
-    /// the VMM took to serve the exit. Reason: the `KVM_EXIT_*` value.
+    /// A return to the VMM (`kvm_userspace_exit`) to the same thread's next `KVM_RUN` (`kvm_fpu` with
+    /// load = 1): the time the VMM took to serve the exit. Reason: the `KVM_EXIT_*` value.
     ServiceTime = 2,
     /// A queue's first unserved kick to the VMM's next read of that queue's eventfd: how long the
     /// VMM took to pick the kick up. Reason: the queue ([`ANY_QUEUE`] without datamatch).
@@ -337,8 +337,6 @@ impl LatencyHistogram {
     }
 }
 
-/// `KVM_RUN`, `_IO(KVMIO, 0x80)`: the VMM enters the guest.
-pub const KVM_RUN: u32 = 0xAE80;
 /// `KVM_IOEVENTFD`, `_IOW(KVMIO, 0x79, struct kvm_ioeventfd)` (64 bytes): a VMM (de)registers a doorbell.
 pub const KVM_IOEVENTFD: u32 = 0x4040_AE79;
 /// `struct kvm_ioeventfd` flags (include/uapi/linux/kvm.h).

@@ -1,15 +1,12 @@
 //! Exits seen through the events that fire on every host, including those where `kvm:kvm_exit` is
-//! silent (PVM): the return to the VMM (`kvm_userspace_exit`) and the port, MMIO and CPUID handlers.
+//! silent (PVM): the entry into `KVM_RUN` (`kvm_fpu`), the return to the VMM (`kvm_userspace_exit`)
+//! and the port, MMIO and CPUID handlers.
 //! `kvm_exit.rs` has the `kvm:kvm_exit` probes of VMX and SVM hosts.
 //!
 //! Raw tracepoints are used where the arguments suffice: they hand the tracepoint's arguments over
 //! without building a trace record, which costs a guest far less per event.
 
-use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
 use vmtrace_common::{
     Drop, ExitKind, LatencyKey, LatencyKind, MmioType, SPACE_MMIO, SPACE_PIO, ServiceStart,
     THREAD_SLOTS,
@@ -18,16 +15,11 @@ use vmtrace_common::{
 use crate::{
     maps::{
         SERVICE_STARTS, count, count_current_thread, count_drop, count_for, current_cgroup_id,
-        record_latency,
+        current_tid, record_latency,
     },
     virtio::{on_fast_mmio_write, on_guest_write, remember_unknown_write, settle_pending_write},
+    vmm_process::note_vmm,
 };
-
-/// The current thread's id (the low half of pid_tgid).
-#[inline(always)]
-pub fn current_tid() -> u32 {
-    bpf_get_current_pid_tgid() as u32
-}
 
 /// `kvm_userspace_exit(__u32 reason, int errno)`: KVM_RUN is returning to the VMM.
 #[raw_tracepoint(tracepoint = "kvm_userspace_exit")]
@@ -55,8 +47,9 @@ fn on_userspace_exit(reason: u32, errno: i32) {
     };
     // SAFETY: an array slot of this map; only the thread whose id maps to it writes it, except
     // when two live threads' ids collide, which is detected (the other thread's pending start).
-    unsafe {
-        if (*slot).time_ns != 0 && (*slot).tid != tid {
+    let owned = unsafe {
+        let owned = (*slot).tid == tid;
+        if (*slot).time_ns != 0 && !owned {
             count_drop(Drop::ServiceSlotTaken);
         }
         *slot = ServiceStart {
@@ -65,12 +58,32 @@ fn on_userspace_exit(reason: u32, errno: i32) {
             reason,
             tid,
         };
+        owned
+    };
+    if !owned {
+        // The thread's first return seen; it may have entered KVM_RUN before the probes were
+        // attached, so `on_kvm_run` may never have noted its process.
+        note_vmm();
     }
 }
 
-/// The thread enters `KVM_RUN`: the VMM has served its last exit, if any.
+/// `kvm_fpu(int load)`: with `load` = 1, KVM loads the guest's FPU state, which it does once early in
+/// every `KVM_RUN` (`kvm_arch_vcpu_ioctl_run()`, arch/x86/kvm/x86.c); with 0 it puts it back on the
+/// way out. This raw tracepoint is how `KVM_RUN` is seen without a syscall tracepoint, which would
+/// run (and build its record) on every ioctl of the host.
+#[raw_tracepoint(tracepoint = "kvm_fpu")]
+pub fn kvm_fpu(ctx: RawTracePointContext) -> i32 {
+    let load: u64 = ctx.arg(0);
+    if load as u32 == 1 {
+        on_kvm_run();
+    }
+    0
+}
+
+/// The thread enters `KVM_RUN`: the VMM has served its last exit, if any. A thread that returned
+/// to the VMM before is already known to be a VMM's; any other is noted as one.
 #[inline(always)]
-pub fn on_kvm_run() {
+fn on_kvm_run() {
     let tid = current_tid();
     let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) else {
         return;
@@ -80,6 +93,7 @@ pub fn on_kvm_run() {
         let start = *slot;
         if start.time_ns == 0 || start.tid != tid {
             // The vCPU's first KVM_RUN, or one after an exit the probes did not see.
+            note_vmm();
             return;
         }
         (*slot).time_ns = 0;
@@ -95,6 +109,25 @@ pub fn on_kvm_run() {
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     record_latency(key, now.saturating_sub(start.time_ns));
+}
+
+/// The thread `tid` exited: a service it left pending (a vCPU's last exit) never ends, and must
+/// not be taken for the service of a later thread with the same id.
+#[inline(always)]
+pub fn forget_thread(tid: u32) {
+    if let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) {
+        // SAFETY: an array slot of this map; only this thread's own start is cleared.
+        unsafe {
+            if (*slot).tid == tid {
+                *slot = ServiceStart {
+                    time_ns: 0,
+                    cgroup_id: 0,
+                    reason: 0,
+                    tid: 0,
+                };
+            }
+        }
+    }
 }
 
 /// `kvm_pio(unsigned int rw, unsigned int port, unsigned int size, unsigned int count, const void *data)`.

@@ -1,15 +1,14 @@
-//! System call probes. `syscalls:sys_enter_ioctl`, for the KVM ioctls vmtrace follows: `KVM_RUN` (the
-//! VMM enters the guest again, ending the service time of its last exit), `KVM_IOEVENTFD` (a
-//! doorbell is registered or removed) and `KVM_SET_USER_MEMORY_REGION(2)` (guest memory is mapped). A classic tracepoint on this one syscall costs only ioctl callers, where a
-//! raw `sys_enter` probe would run on every system call of the host.
+//! System call probes, attached only with `--vm-ioctls`. `syscalls:sys_enter_ioctl`, for the VM
+//! setup ioctls vmtrace follows: `KVM_IOEVENTFD` (a doorbell is registered or removed) and
+//! `KVM_SET_USER_MEMORY_REGION(2)` (guest memory is mapped). It runs, and the kernel builds its
+//! record, on every ioctl of the host, `KVM_RUN` included, which is why it is not attached by
+//! default: `KVM_RUN` itself is seen at `kvm_fpu` (exits.rs), and doorbells registered unseen are
+//! inferred (virtio.rs). A raw `sys_enter` probe would run on every system call of the host.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use vmtrace_common::{
-    KVM_IOEVENTFD, KVM_RUN, KVM_SET_USER_MEMORY_REGION, KVM_SET_USER_MEMORY_REGION2,
-};
+use vmtrace_common::{KVM_IOEVENTFD, KVM_SET_USER_MEMORY_REGION, KVM_SET_USER_MEMORY_REGION2};
 
 use crate::{
-    exits::on_kvm_run,
     memory::on_set_memory_region,
     virtio::{on_ioeventfd, on_read},
     vmm_process::note_vmm,
@@ -39,10 +38,6 @@ pub fn sys_enter_ioctl(ctx: TracePointContext) -> i32 {
         return 0;
     };
     match cmd as u32 {
-        KVM_RUN => {
-            note_vmm();
-            on_kvm_run();
-        }
         KVM_SET_USER_MEMORY_REGION | KVM_SET_USER_MEMORY_REGION2 => {
             note_vmm();
             // SAFETY: as above.

@@ -17,12 +17,9 @@ use vmtrace_common::{
     ThreadExitKey,
 };
 
-use crate::{
-    exits::current_tid,
-    maps::{
-        EXIT_STARTS, GUEST_ENTRIES, add_for, count_drop, count_key, count_thread,
-        current_cgroup_id, record_latency, thread_exits_on,
-    },
+use crate::maps::{
+    EXIT_STARTS, GUEST_ENTRIES, add_for, count_drop, count_key, count_thread, current_cgroup_id,
+    current_tid, record_latency, thread_exits_on,
 };
 
 /// Offsets of `exit_reason` and `isa` in the `kvm:kvm_exit` record, from the host's format file; the

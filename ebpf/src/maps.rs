@@ -113,7 +113,7 @@ pub fn count_thread(key: ThreadExitKey) {
     }
     // A new entry: note the thread's name, if the event is the current thread's (a replayed
     // one is not). A full name map leaves the agent /proc, while the thread lives.
-    if key.tid == aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32
+    if key.tid == current_tid()
         && let Ok(comm) = aya_ebpf::helpers::bpf_get_current_comm()
     {
         let _ = THREAD_NAMES.insert(key.tid, comm, 0);
@@ -127,12 +127,24 @@ pub fn count_current_thread(kind: ExitKind, detail: u32) {
     if thread_exits_on() {
         count_thread(ThreadExitKey {
             cgroup_id: current_cgroup_id(),
-            tid: aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32,
+            tid: current_tid(),
             kind: kind as u32,
             detail,
             isa: 0,
         });
     }
+}
+
+/// The current thread's id (the low half of pid_tgid).
+#[inline(always)]
+pub fn current_tid() -> u32 {
+    aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32
+}
+
+/// The current process id, its thread group (the high half of pid_tgid).
+#[inline(always)]
+pub fn current_tgid() -> u32 {
+    (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32
 }
 
 /// The current task's cgroup v2 id, the tenant key.
@@ -203,19 +215,20 @@ pub fn increment<K>(map: &PerCpuHashMap<K, u64>, key: K, full: Drop, amount: u64
 /// Records one latency in the histogram of `key`.
 #[inline(always)]
 pub fn record_latency(key: LatencyKey, ns: u64) {
-    if EXIT_LATENCY.get_ptr_mut(key).is_none()
-        && EXIT_LATENCY
-            .insert(key, LatencyHistogram::EMPTY, u64::from(BPF_NOEXIST))
-            .is_err()
-        && EXIT_LATENCY.get_ptr_mut(key).is_none()
-    {
-        count_drop(Drop::ExitLatencyFull);
-        return;
-    }
-    if let Some(histogram) = EXIT_LATENCY.get_ptr_mut(key) {
-        // SAFETY: per-CPU value of this CPU; tracepoint programs run with preemption disabled.
-        unsafe { (*histogram).record(ns) };
-    }
+    // One lookup once the key exists, which is every time but the first.
+    let histogram = if let Some(histogram) = EXIT_LATENCY.get_ptr_mut(key) {
+        histogram
+    } else {
+        // NOEXIST: if another CPU added the key meanwhile, this CPU's slot of it is used.
+        let _ = EXIT_LATENCY.insert(key, LatencyHistogram::EMPTY, u64::from(BPF_NOEXIST));
+        let Some(histogram) = EXIT_LATENCY.get_ptr_mut(key) else {
+            count_drop(Drop::ExitLatencyFull);
+            return;
+        };
+        histogram
+    };
+    // SAFETY: per-CPU value of this CPU; tracepoint programs run with preemption disabled.
+    unsafe { (*histogram).record(ns) };
 }
 
 /// Counts an event that was lost, so that every loss is visible to the agent.

@@ -4,7 +4,9 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::bpf_probe_read_user,
+    helpers::{
+        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+    },
     macros::{map, raw_tracepoint, tracepoint},
     maps::HashMap,
     programs::{RawTracePointContext, TracePointContext},
@@ -16,9 +18,8 @@ use vmtrace_common::{
 };
 
 use crate::{
-    exits::current_tid,
-    maps::{add_for, count, count_drop, count_for, current_cgroup_id},
-    vmm_process::{current_tgid, in_vmm},
+    maps::{add_for, count, count_drop, count_for, current_cgroup_id, current_tgid, current_tid},
+    vmm_process::in_vmm,
 };
 
 /// Threads of VMMs inside a `madvise` that discards memory: tid to the advice.
@@ -249,19 +250,30 @@ pub fn forget_process(tgid: u32) {
     let _ = GUEST_MEMORY.remove(tgid);
 }
 
-/// Offset of `behavior` in the `syscalls:sys_enter_madvise` record; set by the agent from the format
-/// file.
+/// Offsets of `start`, `len_in` and `behavior` in the `syscalls:sys_enter_madvise` record; set by
+/// the agent from the format file.
+#[unsafe(no_mangle)]
+static MADVISE_START_OFFSET: u32 = 16;
+#[unsafe(no_mangle)]
+static MADVISE_LEN_OFFSET: u32 = 24;
 #[unsafe(no_mangle)]
 static MADVISE_BEHAVIOR_OFFSET: u32 = 32;
 
 /// `syscalls:sys_enter_madvise`: a VMM thread starting to discard memory is noted, so that the
-/// invalidations it causes count as memory returned to the host.
+/// invalidations it causes count as memory returned to the host, unless it is discarding its own
+/// stack on its way out.
 #[tracepoint(category = "syscalls", name = "sys_enter_madvise")]
 pub fn sys_enter_madvise(ctx: TracePointContext) -> i32 {
-    // SAFETY: a volatile read of a constant the loader may have rewritten.
-    let offset = unsafe { core::ptr::read_volatile(&raw const MADVISE_BEHAVIOR_OFFSET) };
-    // SAFETY: offset checked against the format file; read_at fails rather than faults.
-    let Ok(behavior) = (unsafe { ctx.read_at::<u64>(offset as usize) }) else {
+    // SAFETY: volatile reads of constants the loader may have rewritten.
+    let (start_offset, len_offset, behavior_offset) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const MADVISE_START_OFFSET),
+            core::ptr::read_volatile(&raw const MADVISE_LEN_OFFSET),
+            core::ptr::read_volatile(&raw const MADVISE_BEHAVIOR_OFFSET),
+        )
+    };
+    // SAFETY: offsets checked against the format file; read_at fails rather than faults.
+    let Ok(behavior) = (unsafe { ctx.read_at::<u64>(behavior_offset as usize) }) else {
         return 0;
     };
     let behavior = behavior as u32;
@@ -269,10 +281,48 @@ pub fn sys_enter_madvise(ctx: TracePointContext) -> i32 {
         behavior,
         MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED
     );
-    if discards && in_vmm() && MADVISE_CALLS.insert(current_tid(), behavior, 0).is_err() {
+    if !discards || !in_vmm() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let range = unsafe {
+        (
+            ctx.read_at::<u64>(start_offset as usize),
+            ctx.read_at::<u64>(len_offset as usize),
+        )
+    };
+    if let (Ok(start), Ok(len)) = range
+        && releases_own_stack(start.saturating_add(len))
+    {
+        return 0;
+    }
+    if MADVISE_CALLS.insert(current_tid(), behavior, 0).is_err() {
         count_drop(Drop::MadviseCallsFull);
     }
     0
+}
+
+/// How far below a thread's stack pointer a release of its own stack ends: glibc's
+/// `advise_stack_range()` (nptl/nptl-stack.c), called by every exiting thread, discards its stack
+/// up to `PTHREAD_STACK_MIN` (16 KiB) and a page below the stack pointer.
+const OWN_STACK_MARGIN: u64 = 64 * 1024;
+
+/// Offset of `sp` in x86-64's `struct pt_regs` (arch/x86/include/asm/ptrace.h), part of the
+/// kernel's user ABI (`user_regs_struct` has the same layout).
+const PT_REGS_SP: u64 = 19 * 8;
+
+/// Whether a discard ending at `end` is the calling thread freeing its own stack: it ends just
+/// below the thread's user stack pointer. A VMM's guest memory is a mapping of its own, never the
+/// stack the thread runs on.
+#[inline(always)]
+fn releases_own_stack(end: u64) -> bool {
+    // SAFETY: the helpers return the current task and its saved user registers; the read fails
+    // rather than faults.
+    let sp = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        bpf_probe_read_kernel((regs + PT_REGS_SP) as *const u64)
+    };
+    sp.is_ok_and(|sp| end <= sp && sp - end <= OWN_STACK_MARGIN)
 }
 
 /// `syscalls:sys_exit_madvise`: the thread's discard, if any, is over.

@@ -10,9 +10,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-    },
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use vmtrace_common::{
     ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, KVM_EXIT_MMIO,
@@ -23,14 +21,9 @@ use vmtrace_common::{
 
 use crate::maps::{
     DOORBELL_ADDRS, DOORBELLS, INFERRED_KICKS, KICKS, PENDING_KICKS, PENDING_WRITES,
-    REMOVED_DOORBELLS, count_drop, current_cgroup_id, increment, record_latency,
+    REMOVED_DOORBELLS, count_drop, current_cgroup_id, current_tgid, current_tid, increment,
+    record_latency,
 };
-
-/// The VMM process (thread group) of the current thread.
-#[inline(always)]
-fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
-}
 
 /// `ioctl(vm_fd, KVM_IOEVENTFD, arg)`: learn or forget a doorbell of the calling VMM.
 #[inline(always)]
@@ -138,6 +131,9 @@ fn forget_address(key: &DoorbellKey) {
 /// doorbell are tried only at addresses that have some.
 #[inline(always)]
 pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) -> bool {
+    if !doorbells_learnt() {
+        return false;
+    }
     let mut key = DoorbellKey {
         tgid: current_tgid(),
         space,
@@ -218,7 +214,7 @@ pub fn remember_unknown_write(gpa: u64, len: u32, data: u64) {
     if value > u64::from(u16::MAX) {
         return;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = current_tid();
     let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
         return;
     };
@@ -243,7 +239,7 @@ pub fn remember_unknown_write(gpa: u64, len: u32, data: u64) {
 /// is a `KVM_EXIT_MMIO`, else the kernel completed it, and it is counted as an inferred kick.
 #[inline(always)]
 pub fn settle_pending_write(exit: Option<u32>) {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = current_tid();
     let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
         return;
     };
@@ -266,6 +262,10 @@ pub fn settle_pending_write(exit: Option<u32>) {
 /// write too, as inferred kicks are).
 #[inline(always)]
 pub fn on_fast_mmio_write(gpa: u64) -> bool {
+    if !doorbells_learnt() {
+        count_inferred_kick(current_cgroup_id(), gpa, ANY_QUEUE);
+        return false;
+    }
     let key = DoorbellKey {
         tgid: current_tgid(),
         space: SPACE_MMIO,
@@ -288,6 +288,18 @@ const LAPIC_AND_MSI: u64 = 0xfee0_0000;
 const LAPIC_AND_MSI_END: u64 = 0xfef0_0000;
 const IOAPIC: u64 = 0xfec0_0000;
 const IOAPIC_END: u64 = 0xfec0_1000;
+
+/// Set to 1 by the agent when doorbells are learnt from `KVM_IOEVENTFD` (`--vm-ioctls`). Without
+/// that no doorbell is ever known, so a guest write skips the lookups and goes straight to
+/// inference.
+#[unsafe(no_mangle)]
+static DOORBELLS_LEARNT: u32 = 0;
+
+#[inline(always)]
+fn doorbells_learnt() -> bool {
+    // SAFETY: a volatile read of a constant the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&raw const DOORBELLS_LEARNT) != 0 }
+}
 
 /// Set to 1 by the agent when kick service latency is wanted; it needs `sys_enter_read`, which costs
 /// every read() on the host, so it is off by default.

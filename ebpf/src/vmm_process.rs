@@ -3,20 +3,14 @@
 //! here). Host page faults and TLB flushes happen in every process of the host; they are counted
 //! for VMMs only, so that tenants are the VMs, not every cgroup that takes a page fault.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::HashMap};
+use aya_ebpf::{macros::map, maps::HashMap};
 use vmtrace_common::{Drop, VMM_PROCESSES_CAPACITY};
 
-use crate::maps::{count_drop, current_cgroup_id};
+use crate::maps::{count_drop, current_cgroup_id, current_tgid};
 
 /// VMM processes: tgid to the cgroup id it had when first seen.
 #[map]
 static VMM_PROCESSES: HashMap<u32, u64> = HashMap::with_max_entries(VMM_PROCESSES_CAPACITY, 0);
-
-/// The current process id (the high half of pid_tgid).
-#[inline(always)]
-pub fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
-}
 
 /// Whether the current task belongs to a VMM process.
 #[inline(always)]

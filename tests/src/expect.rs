@@ -179,11 +179,15 @@ impl Expectation {
         );
 
         // Host page faults, while each process was a VMM.
+        // The agent knows a VMM from its first KVM_RUN (with --vm-ioctls, from its first memory
+        // slot): at least its faults since then, at most those since its first slot.
+        let running = sum_usage(reports, |r| r.process.running);
         e.within(
             &["fault.user", "fault.kernel"],
-            as_vmm.faults(),
+            running.faults(),
             as_vmm.faults() + vmms * EXIT_FAULTS,
-            "the VMMs' own page faults (getrusage) since their first memory slot",
+            "the VMMs' own page faults (getrusage) since their first KVM_RUN, at most since \
+             their first memory slot",
         );
         let touched = memory(&|m| m.pages_touched + m.pages_retouched);
         match kvm {
@@ -356,6 +360,13 @@ impl Expectation {
         }
         self.exact = exact;
         self
+    }
+
+    /// The same, for an agent that learns doorbells from their registration (`--vm-ioctls`):
+    /// see [`crate::expected_agent_counts_learnt`].
+    #[must_use]
+    pub fn with_learnt_doorbells(self, reports: &[Report]) -> Self {
+        self.with_exact(crate::expected_agent_counts_learnt(reports))
     }
 
     /// The same, for VMMs that became VMMs before the agent started: what the probes count of

@@ -254,10 +254,31 @@ impl Drop for Agent {
     }
 }
 
-/// The counts the agent must report for a tenant whose guests produced `reports`, by kind, derived
-/// from the VMM's ground truth: the exits it saw, the guests' own operation counters and the
-/// doorbell eventfd.
+/// The counts the agent must report, with its default probes, for a tenant whose guests produced
+/// `reports`, by kind, derived from the VMM's ground truth: the exits it saw, the guests' own
+/// operation counters and the doorbell eventfd. The doorbells are not learnt: a doorbell without
+/// datamatch has its kicks inferred as kicks of the queue whose index the guest writes (0).
 pub fn expected_agent_counts(reports: &[Report]) -> BTreeMap<String, u64> {
+    expected_counts(reports, Doorbells::Inferred)
+}
+
+/// [`expected_agent_counts`] for an agent that learns doorbells from their registration
+/// (`--vm-ioctls`, or `--kick-latency`, which implies it): a doorbell without datamatch has its
+/// kicks counted as `kick.any`.
+pub fn expected_agent_counts_learnt(reports: &[Report]) -> BTreeMap<String, u64> {
+    expected_counts(reports, Doorbells::Learnt)
+}
+
+/// How the agent knows the VMMs' doorbells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Doorbells {
+    /// Default probes: kicks are inferred from the writes the kernel completes.
+    Inferred,
+    /// `--vm-ioctls`: doorbells are learnt from `KVM_IOEVENTFD`.
+    Learnt,
+}
+
+fn expected_counts(reports: &[Report], doorbells: Doorbells) -> BTreeMap<String, u64> {
     let mut expected = BTreeMap::new();
     let mut add = |kind: &str, n: u64| {
         if n > 0 {
@@ -289,8 +310,12 @@ pub fn expected_agent_counts(reports: &[Report]) -> BTreeMap<String, u64> {
                 let signals = report.doorbell_signals.expect("doorbell signals");
                 add("mmio.write", signals);
                 add("mmio.write.kernel", signals);
-                // The doorbell has no datamatch: its kicks are of no particular queue.
-                add("kick.any", signals);
+                // The doorbell has no datamatch: learnt, its kicks are of no particular queue;
+                // inferred, of the queue index written, which is the guest's AL, 0.
+                match doorbells {
+                    Doorbells::Learnt => add("kick.any", signals),
+                    Doorbells::Inferred => add("kick.q0", signals),
+                }
             }
             Scenario::Cpuid => add("cpuid", report.total.guest_ops),
             Scenario::Virtio => {

@@ -284,8 +284,8 @@ pub fn counts_a_pio_and_a_doorbell_vmm(
         wrong.join("\n  "),
         output()
     );
-    // The classic tracepoint (sys_enter_ioctl, read through tracefs) works under these
-    // privileges: VMM service times are measured.
+    // The raw tracepoints that bound a VMM's service (kvm_userspace_exit to kvm_fpu) work under
+    // these privileges: VMM service times are measured.
     let served = sample(
         &last,
         "vmtrace_vmm_service_duration_seconds_count",

@@ -1,6 +1,7 @@
 //! An agent killed with SIGKILL and started again under running VMMs goes on counting their kicks,
-//! exactly, per queue: the doorbells the first agent learnt are kept in its state directory and
-//! put back by the second (docs/virtio-kicks.md).
+//! exactly, per queue (docs/virtio-kicks.md). With `--vm-ioctls`, the doorbells the first agent
+//! learnt are kept in its state directory and put back by the second; with the default probes,
+//! the second infers them from the writes the kernel completes.
 //!
 //! Two VMMs (a virtio-blk device with a doorbell per queue, datamatch = queue index; and a plain
 //! doorbell without datamatch) register their doorbells while the first agent runs, then wait
@@ -17,7 +18,8 @@ use std::{
 };
 
 use vmtrace_tests::{
-    TenantCgroup, binary, expected_agent_counts, free_port, http_get, privileged_host,
+    TenantCgroup, binary, expected_agent_counts, expected_agent_counts_learnt, free_port, http_get,
+    privileged_host,
     process::Proc,
     prometheus::count_of,
     temp::TempDir,
@@ -28,11 +30,13 @@ use vmtrace_tests::{
 /// kill one agent and start the next on a loaded 2-core machine.
 const SETUP_DELAY_MS: u64 = 12_000;
 
-fn agent(port: u16, state: &Path) -> Proc {
+fn agent(port: u16, state: &Path, extra: &[&str]) -> Proc {
     let mut agent = Proc::spawn(
         "vmtrace agent",
         Command::new(binary("vmtrace"))
-            .args(["agent", "--interval", "200ms", "--listen"])
+            .args(["agent", "--interval", "200ms"])
+            .args(extra)
+            .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")
             .arg(state)
@@ -92,15 +96,42 @@ fn kicks_of_running_vms_are_exact_after_the_agent_is_killed_and_restarted() {
     if !privileged_host("kicks_of_running_vms_are_exact_after_the_agent_is_killed_and_restarted") {
         return;
     }
-    let base = format!("vmtrace-test-restart-{}", std::process::id());
+    killed_and_restarted(Doorbells::Learnt);
+}
+
+#[test]
+fn kicks_of_running_vms_are_inferred_exactly_after_the_agent_is_killed_and_restarted() {
+    if !privileged_host(
+        "kicks_of_running_vms_are_inferred_exactly_after_the_agent_is_killed_and_restarted",
+    ) {
+        return;
+    }
+    killed_and_restarted(Doorbells::Inferred);
+}
+
+/// How the agents know the doorbells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Doorbells {
+    /// `--vm-ioctls`: learnt by the first agent, kept in its state and put back by the second.
+    Learnt,
+    /// Default probes: inferred by the second agent.
+    Inferred,
+}
+
+fn killed_and_restarted(doorbells: Doorbells) {
+    let extra: &[&str] = match doorbells {
+        Doorbells::Learnt => &["--vm-ioctls"],
+        Doorbells::Inferred => &[],
+    };
+    let base = format!("vmtrace-test-restart-{}-{doorbells:?}", std::process::id());
     let _base = TenantCgroup::new(&base);
     let virtio_tenant = TenantCgroup::new(&format!("{base}/virtio"));
     let doorbell_tenant = TenantCgroup::new(&format!("{base}/doorbell"));
-    let dir = TempDir::new("agent-restart");
+    let dir = TempDir::new(&format!("agent-restart-{doorbells:?}"));
     let state = dir.path().join("state");
     let port = free_port();
 
-    let mut first = agent(port, &state);
+    let mut first = agent(port, &state, extra);
     let (mut virtio, virtio_set_up) = waiting_vmm(
         &[
             "--scenario",
@@ -127,15 +158,22 @@ fn kicks_of_running_vms_are_exact_after_the_agent_is_killed_and_restarted() {
     }
     let guests_start = Instant::now() + Duration::from_millis(SETUP_DELAY_MS);
     let pids: BTreeSet<u64> = [virtio.id(), doorbell.id()].map(u64::from).into();
-    wait_for(
-        "the first agent to save both VMMs' doorbells",
-        Duration::from_secs(5),
-        || saved_pids(&state).is_superset(&pids).then_some(()),
-    );
+    match doorbells {
+        Doorbells::Learnt => wait_for(
+            "the first agent to save both VMMs' doorbells",
+            Duration::from_secs(5),
+            || saved_pids(&state).is_superset(&pids).then_some(()),
+        ),
+        // Without the ioctl probe there is nothing to learn, so nothing is saved.
+        Doorbells::Inferred => {
+            std::thread::sleep(Duration::from_millis(600));
+            assert!(saved_pids(&state).is_empty(), "doorbells saved unlearnt");
+        }
+    }
 
     first.child.kill().expect("SIGKILL to the first agent");
     first.child.wait().expect("the first agent's end");
-    let second = agent(port, &state);
+    let second = agent(port, &state, extra);
     assert!(
         Instant::now() < guests_start,
         "the second agent was ready only after the guests had started: raise SETUP_DELAY_MS"
@@ -158,7 +196,11 @@ fn kicks_of_running_vms_are_exact_after_the_agent_is_killed_and_restarted() {
         let (_, metrics) = http_get(port, "/metrics").ok()?;
         mismatches.clear();
         for (tenant, report) in &reports {
-            for (kind, &n) in &expected_agent_counts(std::slice::from_ref(report)) {
+            let expected = match doorbells {
+                Doorbells::Learnt => expected_agent_counts_learnt(std::slice::from_ref(report)),
+                Doorbells::Inferred => expected_agent_counts(std::slice::from_ref(report)),
+            };
+            for (kind, &n) in &expected {
                 let expected = Some(n);
                 let got = count_of(&metrics, tenant, kind);
                 if got != expected {
@@ -175,8 +217,8 @@ fn kicks_of_running_vms_are_exact_after_the_agent_is_killed_and_restarted() {
         .as_ref()
         .map_or(0, |v| v.queues.iter().map(|q| q.kicks).sum());
     eprintln!(
-        "after a SIGKILL and a restart: {kicks} virtio kicks on 2 queues and {} doorbell kicks \
-         counted exactly",
+        "{doorbells:?}: after a SIGKILL and a restart: {kicks} virtio kicks on 2 queues and {} \
+         doorbell kicks counted exactly",
         reports[1].1.doorbell_signals.unwrap_or(0)
     );
     assert!(kicks > 0, "the virtio guest kicked");

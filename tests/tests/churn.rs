@@ -1,7 +1,7 @@
 //! A host that makes 10,000 tenant cgroups, each with counts of its own, and removes them, while
 //! the agent samples every 200 ms with a cap of 50 tenants by name.
 //!
-//! A helper process (a VMM to the probes: it registers a doorbell) moves itself into each cgroup,
+//! A helper process (a VMM to the probes: it registers a doorbell, which `--vm-ioctls` sees) moves itself into each cgroup,
 //! takes exactly [`PAGES`] page faults there and moves back. Afterwards:
 //! - the tenants beyond the cap are summed into `overflow`, whose fault count is exactly
 //!   [`PAGES`] times the cgroups it took, and never went down meanwhile;
@@ -130,7 +130,14 @@ fn ten_thousand_tenant_cgroups_leave_the_agent_bounded_and_its_totals_exact() {
     let mut agent = Proc::spawn(
         "vmtrace agent",
         Command::new(binary("vmtrace"))
-            .args(["agent", "--interval", "200ms", "--window", "10s"])
+            .args([
+                "agent",
+                "--vm-ioctls",
+                "--interval",
+                "200ms",
+                "--window",
+                "10s",
+            ])
             .args(["--max-tenants", &MAX_TENANTS.to_string()])
             .args(["--state-dir", "off", "--listen"])
             .arg(format!("127.0.0.1:{port}"))

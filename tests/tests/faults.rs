@@ -21,7 +21,8 @@ use vmtrace_common::{DOORBELLS_CAPACITY, DoorbellKey};
 use vmtrace_tests::{
     TenantCgroup, agent_counts, all_agent_counts, binary,
     expect::{Expectation, HostKvm},
-    expected_agent_counts, free_port, have, http_get, on_path, privileged_host,
+    expected_agent_counts, expected_agent_counts_learnt, free_port, have, http_get, on_path,
+    privileged_host,
     process::Proc,
     prometheus::sample,
     run_vmm,
@@ -294,7 +295,7 @@ fn doorbell_and_pio(tenant: &TenantCgroup) -> [vmtrace_vmm::Report; 2] {
         ]),
     ];
     assert!(
-        expected_agent_counts(&reports).contains_key("kick.any"),
+        expected_agent_counts(&reports).contains_key("kick.q0"),
         "{reports:?}"
     );
     reports
@@ -373,8 +374,8 @@ fn tracefs_unmounted_while_the_agent_runs_leaves_the_classic_probes_counting() {
     watch.next();
     watch.assert_running("after tracefs was unmounted under it");
 
-    // A perf event holds its tracepoint, not the filesystem: kicks (sys_enter_ioctl) and the
-    // tenant's name (cgroup_mkdir, cgroup_attach_task) still come through the classic probes.
+    // A perf event holds its tracepoint, not the filesystem: the tenant's name (cgroup_mkdir,
+    // cgroup_attach_task) still comes through the classic probes.
     let reports = doorbell_and_pio(&tenant);
     let skipped = watch.skipped_samples();
     let last = counts_become_exact(watch, &tenant, &reports);
@@ -697,7 +698,14 @@ fn a_vmm_killed_mid_run_keeps_its_counts_and_leaves_no_doorbell() {
     let _base = TenantCgroup::new(&base);
     let killed = TenantCgroup::new(&format!("{base}/killed"));
     let survivor = TenantCgroup::new(&format!("{base}/survivor"));
-    let mut watch = Watch::start(vmtrace(&["watch", "--json", "--interval", "200ms"]));
+    // Doorbells learnt from their registration, so that the killed VMM's can be seen to go.
+    let mut watch = Watch::start(vmtrace(&[
+        "watch",
+        "--json",
+        "--vm-ioctls",
+        "--interval",
+        "200ms",
+    ]));
 
     // A doorbell guest far from done...
     let mut vmm = Proc::spawn(
@@ -746,7 +754,7 @@ fn a_vmm_killed_mid_run_keeps_its_counts_and_leaves_no_doorbell() {
         "--cgroup",
         &survivor.relative,
     ]);
-    let expected = expected_agent_counts(std::slice::from_ref(&report));
+    let expected = expected_agent_counts_learnt(std::slice::from_ref(&report));
     let survivor_path = survivor.agent_path();
     watch.until("the survivor's exact counts", Duration::from_mins(1), |r| {
         (agent_counts(r, &survivor_path).as_ref() == Some(&expected)).then_some(())
@@ -784,10 +792,12 @@ fn a_vmm_killed_mid_run_keeps_its_counts_and_leaves_no_doorbell() {
         Some(&expected),
         "survivor: agent (left) vs VMM (right)"
     );
-    Expectation::of_vmms(std::slice::from_ref(&report), HostKvm::of_this_host()).assert_matches(
-        &survivor_path,
-        &all_agent_counts(last, &survivor_path).unwrap_or_default(),
-    );
+    Expectation::of_vmms(std::slice::from_ref(&report), HostKvm::of_this_host())
+        .with_learnt_doorbells(std::slice::from_ref(&report))
+        .assert_matches(
+            &survivor_path,
+            &all_agent_counts(last, &survivor_path).unwrap_or_default(),
+        );
     eprintln!(
         "killed after {final_kicks} of {PLANNED} kicks ({previous:?}); survivor exact; \
          {test} took {:?}",
@@ -919,7 +929,7 @@ fn a_full_doorbell_map_counts_every_doorbell_it_refuses() {
     }
     let _one = one_at_a_time();
     let started = Instant::now();
-    let daemon = Daemon::start(vmtrace(&["agent", "--interval", "200ms"]));
+    let daemon = Daemon::start(vmtrace(&["agent", "--vm-ioctls", "--interval", "200ms"]));
     let before = daemon.metrics().unwrap();
     let capacity = value(
         &before,

@@ -40,7 +40,15 @@ fn the_agent_survives_doorbell_and_cgroup_churn_and_counts_its_sample_errors() {
     let mut agent = Proc::spawn(
         "vmtrace agent",
         Command::new(binary("vmtrace"))
-            .args(["agent", "--interval", "10ms", "--window", "2s", "--listen"])
+            .args([
+                "agent",
+                "--vm-ioctls",
+                "--interval",
+                "10ms",
+                "--window",
+                "2s",
+                "--listen",
+            ])
             .arg(format!("127.0.0.1:{port}"))
             .env("VMTRACE_LOG", "warn")
             .stdout(Stdio::null())

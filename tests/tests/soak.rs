@@ -219,7 +219,14 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
     let mut agent = Proc::spawn(
         "vmtrace agent",
         Command::new(binary("vmtrace"))
-            .args(["agent", "--interval", "100ms", "--window", WINDOW])
+            .args([
+                "agent",
+                "--vm-ioctls",
+                "--interval",
+                "100ms",
+                "--window",
+                WINDOW,
+            ])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),

@@ -71,8 +71,13 @@ pub struct ProcessReport {
     /// accounts of it.
     pub in_cgroup: Usage,
     /// Since just before its first `KVM_SET_USER_MEMORY_REGION`, the first ioctl of the three
-    /// (memory slot, ioeventfd, KVM_RUN) that make a process a VMM to a tracer.
+    /// (memory slot, ioeventfd, KVM_RUN) that make a process a VMM to a tracer of them all.
     pub as_vmm: Usage,
+    /// Since just after the first return of its vCPUs' first `KVM_RUN`: a tracer that sees
+    /// `KVM_RUN` alone has known it as a VMM for at least this span (all of it, if no vCPU ran).
+    /// Absent from reports written before it existed.
+    #[serde(default)]
+    pub running: Usage,
 }
 
 /// The touch region of the `touch` and `balloon` scenarios.

@@ -1,7 +1,7 @@
 //! One vCPU: its initial real-mode state and the run loop its host thread executes.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kvm_bindings::kvm_regs;
@@ -18,6 +18,7 @@ use crate::layout::{
 use crate::pace::Pacer;
 use crate::region::{Balloon, Returned};
 use crate::usage;
+use crate::usage::Usage;
 use crate::virtio::MmioHandle;
 
 /// RFLAGS with only the always-one bit 1 set (interrupts disabled).
@@ -113,6 +114,8 @@ pub struct VcpuRunner {
     pub exit_delay: Option<Duration>,
     /// What the BALLOON exit returns to the host (balloon scenario).
     pub balloon: Option<Balloon>,
+    /// The process's accounting just after the first return of any vCPU's first `KVM_RUN`.
+    pub first_return: Arc<OnceLock<Usage>>,
 }
 
 /// What to do after one exit, decided while the exit still borrows the vCPU.
@@ -175,7 +178,12 @@ impl VcpuRunner {
             if self.abort.load(Ordering::Relaxed) {
                 return Err(Error::Aborted(self.index));
             }
-            let step = match self.vcpu.run() {
+            let ran = self.vcpu.run();
+            if self.first_return.get().is_none() {
+                // A tracer that knows VMMs by KVM_RUN alone has known this one since at least now.
+                let _ = self.first_return.set(Usage::of_process()?);
+            }
+            let step = match ran {
                 Ok(exit) => {
                     *outcome
                         .exits

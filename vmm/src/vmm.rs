@@ -3,9 +3,9 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,8 @@ struct Ran {
     /// The touch region's resident pages before the vCPUs started.
     resident_before: Option<u64>,
     write_protect: Option<WriteProtectReport>,
+    /// The process's accounting just after the first vCPU's first `KVM_RUN` returned.
+    first_return: Option<Usage>,
 }
 
 /// A VM ready to run: KVM checked, cgroup joined, memory loaded, devices initialised, vCPUs
@@ -288,6 +290,7 @@ impl Vmm {
             None => None,
         };
         let device = self.virtio.as_ref().map(VirtioBlk::handle);
+        let first_return = Arc::new(OnceLock::new());
         let start = Instant::now();
         for (index, vcpu) in (0u32..).zip(vcpus) {
             let runner = VcpuRunner {
@@ -299,6 +302,7 @@ impl Vmm {
                 device: device.clone(),
                 exit_delay: self.config.exit_delay(),
                 balloon,
+                first_return: Arc::clone(&first_return),
             };
             let tx = tx.clone();
             let spawned = thread::Builder::new()
@@ -403,6 +407,7 @@ impl Vmm {
             worker_output,
             resident_before,
             write_protect,
+            first_return: first_return.get().copied(),
         })
     }
 
@@ -434,6 +439,7 @@ impl Vmm {
             worker_output,
             resident_before,
             write_protect,
+            first_return,
         } = ran;
         let count = self.config.ops_per_vcpu();
         let returned: Vec<_> = outcomes.iter().filter_map(|o| o.returned).collect();
@@ -528,6 +534,7 @@ impl Vmm {
                 lifetime: usage,
                 in_cgroup: usage.since(self.accounted_at_join),
                 as_vmm: usage.since(self.accounted_before_first_slot),
+                running: usage.since(first_return.unwrap_or(usage)),
             },
         })
     }

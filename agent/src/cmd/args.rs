@@ -80,9 +80,17 @@ pub fn check_range(
 pub struct ProbeArgs {
     /// Also measure kick service latency (a queue's first kick to its VMM's read of the doorbell
     /// eventfd), reported under `kick.q<N>`. Attaches syscalls:sys_enter_read, which runs on every
-    /// read() of the host, so it is off by default.
+    /// read() of the host, so it is off by default. Implies --vm-ioctls.
     #[arg(long, env = "VMTRACE_KICK_LATENCY")]
     pub kick_latency: bool,
+    /// Also follow the VMMs' setup ioctls (KVM_IOEVENTFD, KVM_SET_USER_MEMORY_REGION) to learn
+    /// doorbells and guest memory exactly: port doorbells' kicks, `kick.any` for doorbells without
+    /// datamatch, their VM fds, and returned memory clipped to guest memory. Attaches
+    /// syscalls:sys_enter_ioctl, which runs on every ioctl of the host (KVM_RUN included), so it is
+    /// off by default; without it, kicks of MMIO doorbells are inferred per queue from the writes
+    /// the kernel completes (docs/virtio-kicks.md).
+    #[arg(long, env = "VMTRACE_VM_IOCTLS")]
+    pub vm_ioctls: bool,
     /// How many tenants are reported by name; the counts of any more are summed into one tenant
     /// labelled `overflow`, so totals stay exact [default: 1000].
     #[arg(long, env = "VMTRACE_MAX_TENANTS", value_parser = parse_max_tenants)]
@@ -101,6 +109,7 @@ impl From<ProbeArgs> for ProbeOptions {
         // Exits per thread are top's alone; it turns them on.
         Self {
             kick_latency: args.kick_latency,
+            vm_ioctls: args.vm_ioctls,
             thread_exits: false,
         }
     }

@@ -160,6 +160,9 @@ pub struct ProbeOptions {
     /// Kick service latency: attaches the probe table's read() tracepoint, which runs on every
     /// read() of the host, to see VMMs read their doorbell eventfds.
     pub kick_latency: bool,
+    /// VM setup ioctls (doorbells, memory slots): attaches the probe table's ioctl() tracepoint,
+    /// which runs on every ioctl of the host. Kick latency needs it (the doorbells' eventfds).
+    pub vm_ioctls: bool,
     /// Exits per VMM thread (`vmtrace top`'s per-vCPU view): one more map update per exit event.
     pub thread_exits: bool,
 }
@@ -168,6 +171,7 @@ impl ProbeOptions {
     pub fn is_on(&self, option: ProbeOption) -> bool {
         match option {
             ProbeOption::KickLatency => self.kick_latency,
+            ProbeOption::VmIoctls => self.vm_ioctls || self.kick_latency,
         }
     }
 }
@@ -443,7 +447,11 @@ fn prepare(
         && !options.is_on(option)
     {
         return Prepared {
-            globals: Err(format!("off (enable with {})", option.flag())),
+            globals: Err(format!(
+                "off (enable with {}: {})",
+                option.flag(),
+                option.trade()
+            )),
             btf_args: None,
         };
     }
@@ -736,10 +744,13 @@ mod tests {
         // Optional: expected while off, degraded once asked for.
         assert!(!failed("sys_enter_read", Pvm, &off).degraded());
         assert!(failed("sys_enter_read", Pvm, &on).degraded());
+        // The ioctl probe is off by default, and on with its flag or kick latency.
+        assert!(!failed("sys_enter_ioctl", Pvm, &off).degraded());
+        assert!(failed("sys_enter_ioctl", Pvm, &on).degraded());
         // Required, raw or classic.
         assert!(failed("kvm_mmio", Pvm, &off).degraded());
         assert!(failed("cgroup_rmdir", Pvm, &off).degraded());
-        assert!(failed("sys_enter_ioctl", Pvm, &off).degraded());
+        assert!(failed("sys_enter_madvise", Pvm, &off).degraded());
         // A silent probe whose arguments differ from the kernel's is not excused.
         let mismatch = ProbeStatus {
             btf_args: Some(BtfArgs::Mismatch),

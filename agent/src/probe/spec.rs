@@ -66,12 +66,26 @@ pub enum When {
 pub enum ProbeOption {
     /// `--kick-latency`.
     KickLatency,
+    /// `--vm-ioctls`.
+    VmIoctls,
 }
 
 impl ProbeOption {
     pub fn flag(self) -> &'static str {
         match self {
             Self::KickLatency => "--kick-latency",
+            Self::VmIoctls => "--vm-ioctls",
+        }
+    }
+
+    /// What the option gives and what it costs the host, for `doctor`.
+    pub fn trade(self) -> &'static str {
+        match self {
+            Self::KickLatency => "kick service latency; runs on every read() of the host",
+            Self::VmIoctls => {
+                "doorbells and guest memory learnt from VM setup (port doorbells, kick.any, VM \
+                 fds); runs on every ioctl of the host"
+            }
         }
     }
 }
@@ -234,6 +248,7 @@ const CGROUP_FIELDS: &[FieldRead] = &[
 /// lifetime; then the classic ones.
 #[rustfmt::skip]
 pub static PROBES: &[ProbeSpec] = &[
+    raw("kvm_fpu", "kvm", "kvm_fpu", &[(0, "load")], Required),
     raw("kvm_userspace_exit", "kvm", "kvm_userspace_exit", &[(0, "reason"), (1, "errno")], Required),
     raw("kvm_pio", "kvm", "kvm_pio", &[(0, "rw"), (1, "port"), (2, "size"), (4, "data")], Required),
     raw("kvm_mmio", "kvm", "kvm_mmio", &[(0, "type"), (1, "len"), (2, "gpa"), (3, "val")], Required),
@@ -257,6 +272,8 @@ pub static PROBES: &[ProbeSpec] = &[
     raw("iommu_map", "iommu", "map", &[(2, "size")], Silent(Silence::WithoutIommu)),
     raw("iommu_unmap", "iommu", "unmap", &[(2, "unmapped_size")], Silent(Silence::WithoutIommu)),
     KVM_EXIT,
+    // VM setup (doorbells, memory slots): runs on every ioctl of the host, KVM_RUN included, so it
+    // is off unless asked for; KVM_RUN itself is seen at kvm_fpu.
     classic(
         "syscalls",
         "sys_enter_ioctl",
@@ -265,7 +282,7 @@ pub static PROBES: &[ProbeSpec] = &[
             field("cmd", 8, "IOCTL_CMD_OFFSET"),
             field("arg", 8, "IOCTL_ARG_OFFSET"),
         ],
-        Required,
+        When::Optional { option: ProbeOption::VmIoctls, switch: "DOORBELLS_LEARNT" },
     ),
     // Kick service latency: runs on every read() of the host, to see VMMs read their doorbell
     // eventfds, so it is off unless asked for.
@@ -290,7 +307,16 @@ pub static PROBES: &[ProbeSpec] = &[
     classic("syscalls", "sys_exit_madvise", &[], Required),
     // After its exit probe: an entry without its exit would count that thread's later unmaps as
     // returned memory, while an exit without its entry is harmless.
-    classic("syscalls", "sys_enter_madvise", &[field("behavior", 8, "MADVISE_BEHAVIOR_OFFSET")], Required)
+    classic(
+        "syscalls",
+        "sys_enter_madvise",
+        &[
+            field("start", 8, "MADVISE_START_OFFSET"),
+            field("len_in", 8, "MADVISE_LEN_OFFSET"),
+            field("behavior", 8, "MADVISE_BEHAVIOR_OFFSET"),
+        ],
+        Required,
+    )
         .after("sys_exit_madvise"),
     // `device` is a `__data_loc` (4 bytes).
     classic(

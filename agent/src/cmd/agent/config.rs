@@ -22,7 +22,7 @@ use crate::{
 /// Flags of `vmtrace agent`; each also reads the environment variable shown.
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
-    /// TOML configuration file (keys: interval, window, listen, kick_latency, max_tenants,
+    /// TOML configuration file (keys: interval, window, listen, kick_latency, vm_ioctls, max_tenants,
     /// node_name, state_dir, web_config, prometheus_bucket_factor, and an
     /// `[otlp]` table with endpoint, protocol, headers, compression, timeout_ms, interval_ms,
     /// certificate, client_certificate, client_key, max_request_bytes,
@@ -90,6 +90,7 @@ pub struct FileConfig {
     pub window: Option<Duration>,
     pub listen: Option<String>,
     pub kick_latency: Option<bool>,
+    pub vm_ioctls: Option<bool>,
     pub max_tenants: Option<usize>,
     pub node_name: Option<String>,
     pub state_dir: Option<String>,
@@ -197,6 +198,8 @@ pub struct AgentConfig {
     /// `None` when the Prometheus endpoint is off.
     pub listen: Option<SocketAddr>,
     pub kick_latency: bool,
+    /// Whether VMMs' setup ioctls are followed (`--vm-ioctls`).
+    pub vm_ioctls: bool,
     /// Tenants reported by name; the others are summed into the `overflow` tenant.
     pub max_tenants: usize,
     pub node_name: Option<String>,
@@ -342,6 +345,7 @@ impl AgentConfig {
             window,
             listen,
             kick_latency: args.probes.kick_latency || file.kick_latency.unwrap_or(false),
+            vm_ioctls: args.probes.vm_ioctls || file.vm_ioctls.unwrap_or(false),
             max_tenants,
             node_name,
             state_dir,

@@ -21,7 +21,7 @@ use crate::{
     export::metrics::{AgentHealth, families},
     export::{otlp, prometheus, web},
     host::{agent_usage, capabilities},
-    probe::load::ProbeOptions,
+    probe::{load::ProbeOptions, spec::ProbeOption},
     sample::errors::SampleErrors,
     sample::sampler::{Sample, Sampler},
     sample::ticks::Ticks,
@@ -79,6 +79,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     let options = ProbeOptions {
         kick_latency: config.kick_latency,
+        vm_ioctls: config.vm_ioctls,
         thread_exits: false,
     };
     let state_dir = config.state_dir.clone();
@@ -86,7 +87,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let (sampling, watching) = SamplingThread::start(move || {
         let mut sampler = Sampler::start(&options)?;
         sampler.limit_tenants(max_tenants);
-        if let Some(dir) = &state_dir {
+        // Without --vm-ioctls no doorbell is learnt, so there is none to keep: kicks are inferred.
+        if let Some(dir) = state_dir
+            .as_ref()
+            .filter(|_| options.is_on(ProbeOption::VmIoctls))
+        {
             let restored = sampler.keep_doorbells(dir);
             log::status(&format!(
                 "vmtrace agent: learnt doorbells kept in {}; {restored} put back from before",
