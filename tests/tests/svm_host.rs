@@ -323,6 +323,39 @@ fn exit_to_entry_histograms_hold_every_exit_that_reentered() {
     }
 }
 
+/// On SVM too, `KVM_RUN` is seen at `kvm:kvm_fpu` (docs/latency.md): every return to the VMM that
+/// the VMM followed with another `KVM_RUN` has its service time, by reason.
+#[test]
+fn vmm_service_times_hold_every_exit_the_vmm_served() {
+    if !can_boot("vmm_service_times_hold_every_exit_the_vmm_served") {
+        return;
+    }
+    for run in runs() {
+        let kernel = &run.kernel.0;
+        let last = last_report(run);
+        let mut served_total = 0;
+        for (name, reports) in vmm_reports(run) {
+            let vcpus: u64 = reports.iter().map(|r| r.vcpus.len() as u64).sum();
+            let tenant = vmtrace_tests::agent_report(&last, &format!("/{name}")).unwrap();
+            let counts = vmtrace_tests::all_agent_counts(&last, &format!("/{name}")).unwrap();
+            for (kind, &n) in counts.iter().filter(|(k, _)| k.starts_with("exit.")) {
+                let served = tenant["latency"][kind]["count"].as_u64().unwrap_or(0);
+                // Each vCPU's last exit, the guest's DONE port write, ends its run instead.
+                let unserved = if kind == "exit.io" { vcpus } else { 0 };
+                assert_eq!(
+                    served,
+                    n - unserved,
+                    "{kernel} /{name}: {kind}'s service times: {}",
+                    tenant["latency"][kind]
+                );
+                served_total += served;
+            }
+        }
+        assert!(served_total > 0, "{kernel}: no service time at all");
+        eprintln!("{kernel}: {served_total} VMM service times, one per exit the VMM served");
+    }
+}
+
 /// The labels the example scrape job gives the recorded agent's target.
 const JOB: &str = "vmtrace";
 const NODE: &str = "svm-host";
