@@ -151,8 +151,9 @@ pub fn kvm_pio(ctx: RawTracePointContext) -> i32 {
 }
 
 /// `kvm_mmio(int type, int len, u64 gpa, void *val)`.
-/// A write that hits a doorbell is counted as a kick on it alone; the agent adds kicks back into
-/// `mmio.write`.
+/// A write that hits a doorbell is counted as a kick on it alone, and one that may be a kick of an
+/// unknown doorbell is counted once it is settled, as a kick or as a plain write; the agent adds
+/// kicks back into `mmio.write`.
 #[raw_tracepoint(tracepoint = "kvm_mmio")]
 pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     let mmio_type: u64 = ctx.arg(0);
@@ -160,16 +161,18 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     count_current_thread(ExitKind::Mmio, mmio_type);
     // The thread's previous MMIO write did not exit: this event would not be here if it had.
     settle_pending_write(None);
+    let cgroup_id = current_cgroup_id();
     if mmio_type == MmioType::Write as u32 {
         let len: u64 = ctx.arg(1);
         let gpa: u64 = ctx.arg(2);
         let data: u64 = ctx.arg(3);
-        if on_guest_write(SPACE_MMIO, gpa, len as u32, data) {
+        if on_guest_write(SPACE_MMIO, gpa, len as u32, data)
+            || remember_unknown_write(cgroup_id, gpa, len as u32, data)
+        {
             return 0;
         }
-        remember_unknown_write(gpa, len as u32, data);
     }
-    count(ExitKind::Mmio, mmio_type);
+    count_for(cgroup_id, ExitKind::Mmio, mmio_type);
     0
 }
 
@@ -180,9 +183,7 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
 pub fn kvm_fast_mmio(ctx: RawTracePointContext) -> i32 {
     let gpa: u64 = ctx.arg(0);
     count_current_thread(ExitKind::Mmio, MmioType::Write as u32);
-    if !on_fast_mmio_write(gpa) {
-        count(ExitKind::Mmio, MmioType::Write as u32);
-    }
+    on_fast_mmio_write(gpa);
     0
 }
 

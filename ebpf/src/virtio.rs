@@ -13,16 +13,16 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use vmtrace_common::{
-    ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, KVM_EXIT_MMIO,
+    ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, ExitKind, KVM_EXIT_MMIO,
     KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KickKey,
-    KvmIoeventfd, LatencyKey, LatencyKind, PendingKick, PendingWrite, SPACE_MMIO, SPACE_PIO,
-    THREAD_SLOTS,
+    KvmIoeventfd, LatencyKey, LatencyKind, MmioType, PendingKick, PendingWrite, SPACE_MMIO,
+    SPACE_PIO, THREAD_SLOTS,
 };
 
 use crate::maps::{
     DOORBELL_ADDRS, DOORBELLS, INFERRED_KICKS, KICKS, PENDING_KICKS, PENDING_WRITES,
-    REMOVED_DOORBELLS, count_drop, current_cgroup_id, current_tgid, current_tid, increment,
-    record_latency,
+    REMOVED_DOORBELLS, count_drop, count_for, current_cgroup_id, current_tgid, current_tid,
+    increment, record_latency,
 };
 
 /// `ioctl(vm_fd, KVM_IOEVENTFD, arg)`: learn or forget a doorbell of the calling VMM.
@@ -199,44 +199,57 @@ fn count_inferred_kick(cgroup_id: u64, gpa: u64, queue: u32) {
     increment(&INFERRED_KICKS, key, Drop::InferredKickLost, 1);
 }
 
-/// An MMIO write of `len` bytes at `gpa` (value at the kernel address `data`) that hit no known
-/// doorbell: kept in the thread's slot until [`settle_pending_write`] learns where it went. Writes
-/// to the interrupt controllers KVM emulates, and values too large for a queue index, are no
-/// doorbell's and are not kept.
+/// An MMIO write of `len` bytes at `gpa` (value at the kernel address `data`) by a task of
+/// `cgroup_id` that hit no known doorbell: kept in the thread's slot until
+/// [`settle_pending_write`] learns where it went, and counted then, as a kick or as a plain MMIO
+/// write (true). Writes to the interrupt controllers KVM emulates, and values too large for a
+/// queue index, are no doorbell's: they are not kept (false), and the caller counts them.
 #[inline(always)]
-pub fn remember_unknown_write(gpa: u64, len: u32, data: u64) {
+pub fn remember_unknown_write(cgroup_id: u64, gpa: u64, len: u32, data: u64) -> bool {
     if (LAPIC_AND_MSI..LAPIC_AND_MSI_END).contains(&gpa) || (IOAPIC..IOAPIC_END).contains(&gpa) {
-        return;
+        return false;
     }
     let Some(value) = read_value(data, len) else {
-        return;
+        return false;
     };
     if value > u64::from(u16::MAX) {
-        return;
+        return false;
     }
     let tid = current_tid();
     let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
-        return;
+        return false;
     };
     // SAFETY: an array slot of this map; only the thread whose id maps to it writes it, except
     // when two live threads' ids collide, which is detected (the other thread's pending write).
-    unsafe {
-        if (*slot).tid != 0 && (*slot).tid != tid {
-            count_drop(Drop::InferredKickLost);
-        }
+    let taken = unsafe {
+        let taken = *slot;
         *slot = PendingWrite {
             addr: gpa,
             value,
-            cgroup_id: current_cgroup_id(),
+            cgroup_id,
             tid,
             reserved: 0,
         };
+        taken
+    };
+    if taken.tid != 0 && taken.tid != tid {
+        // The other thread's write is still a write; whether it was a kick is lost.
+        count_drop(Drop::InferredKickLost);
+        count_mmio_write(taken.cgroup_id);
     }
+    true
+}
+
+/// One guest MMIO write, counted for `cgroup_id`.
+#[inline(always)]
+fn count_mmio_write(cgroup_id: u64) {
+    count_for(cgroup_id, ExitKind::Mmio, MmioType::Write as u32);
 }
 
 /// The current thread's next MMIO event (`exit` = None) or return to the VMM (`exit` = its
 /// `KVM_EXIT_*` reason, or None for an error): its pending write, if any, went to the VMM if this
-/// is a `KVM_EXIT_MMIO`, else the kernel completed it, and it is counted as an inferred kick.
+/// is a `KVM_EXIT_MMIO`, and is counted as an MMIO write; else the kernel completed it, and it is
+/// counted as an inferred kick alone (the agent adds inferred kicks back into the MMIO writes).
 #[inline(always)]
 pub fn settle_pending_write(exit: Option<u32>) {
     let tid = current_tid();
@@ -251,20 +264,22 @@ pub fn settle_pending_write(exit: Option<u32>) {
         (*slot).tid = 0;
         *slot
     };
-    if exit != Some(KVM_EXIT_MMIO) {
+    if exit == Some(KVM_EXIT_MMIO) {
+        count_mmio_write(pending.cgroup_id);
+    } else {
         count_inferred_kick(pending.cgroup_id, pending.addr, pending.value as u32);
     }
 }
 
 /// A write KVM completed on its fast MMIO bus, which holds only doorbells of length 0 without
-/// datamatch: a kick of the known one at `gpa` (true: counted as a kick alone), else of one
-/// registered before the probes were attached, of an unknown queue (false: counted as an MMIO
-/// write too, as inferred kicks are).
+/// datamatch: a kick of the known one at `gpa`, else of one the probes did not see registered, of
+/// an unknown queue. Either is counted as a kick alone; the agent adds kicks back into the MMIO
+/// writes.
 #[inline(always)]
-pub fn on_fast_mmio_write(gpa: u64) -> bool {
+pub fn on_fast_mmio_write(gpa: u64) {
     if !doorbells_learnt() {
         count_inferred_kick(current_cgroup_id(), gpa, ANY_QUEUE);
-        return false;
+        return;
     }
     let key = DoorbellKey {
         tgid: current_tgid(),
@@ -276,10 +291,9 @@ pub fn on_fast_mmio_write(gpa: u64) -> bool {
     };
     if let Some(kicks) = KICKS.get_ptr_mut(key) {
         count_kick(kicks, &key);
-        return true;
+        return;
     }
     count_inferred_kick(current_cgroup_id(), gpa, ANY_QUEUE);
-    false
 }
 
 /// The local APICs' page and the MSI window above it (0xFEE00000, 1 MiB), and the I/O APIC's

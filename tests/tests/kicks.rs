@@ -362,4 +362,12 @@ fn fast_mmio_writes_are_kicks_of_their_doorbell_or_inferred() {
         (inferred[0].vm_fd, inferred[0].queue, inferred[0].kicks),
         (0, None, 13)
     );
+    // And as the MMIO writes they are, which the probe counted as kicks alone.
+    let own = snapshot
+        .kicks_by_cgroup
+        .iter()
+        .find(|(_, doorbells)| doorbells.iter().any(|d| d.addr == unknown))
+        .map(|(cgroup, _)| *cgroup)
+        .unwrap();
+    assert_eq!(count(own, "mmio.write"), Some(13));
 }

@@ -140,8 +140,7 @@ impl Counters {
             };
             raw.push((write, count));
         }
-        // Inferred kicks were counted as MMIO writes too: nothing to add back.
-        let inferred_entries = self.read_inferred_kicks(&mut kicks)?;
+        let inferred_entries = self.read_inferred_kicks(&mut kicks, &mut raw)?;
         let mut snapshot = Snapshot {
             by_cgroup: aggregate(&raw, names),
             ..Snapshot::default()
@@ -386,14 +385,16 @@ impl Counters {
         Ok(kicks)
     }
 
-    /// Adds the kicks inferred for doorbells registered before the probes were attached to `kicks`;
-    /// those of exited VMMs are collected here once and deleted from the kernel's map. An address
+    /// Adds the kicks inferred for doorbells the probes did not see registered to `kicks`; those of
+    /// exited VMMs are collected here once and deleted from the kernel's map. Each is an MMIO
+    /// write too, which the probes counted as the kick alone: it is added to `raw`. An address
     /// written with more distinct values than a device has queues is not a doorbell (a coalesced
     /// MMIO zone, say): its writes stay in-kernel MMIO writes only. Returns the entries the map
     /// held.
     fn read_inferred_kicks(
         &mut self,
         kicks: &mut BTreeMap<KickKey, u64>,
+        raw: &mut Vec<(ExitKey, u64)>,
     ) -> Result<usize, CountsError> {
         let entries = batch::per_cpu_entries(&self.inferred_kicks)
             .map_err(|e| CountsError::Map(INFERRED_KICKS_MAP, e))?;
@@ -418,6 +419,14 @@ impl Counters {
                 .or_default() += 1;
         }
         for (key, count) in inferred {
+            let write = ExitKey {
+                cgroup_id: key.cgroup_id,
+                kind: ExitKind::Mmio as u32,
+                detail: MmioType::Write as u32,
+                isa: 0,
+                reserved: 0,
+            };
+            raw.push((write, count));
             if values[&(key.cgroup_id, key.tgid, key.addr)] <= MAX_INFERRED_QUEUES {
                 *kicks.entry(key).or_default() += count;
             }
