@@ -107,13 +107,32 @@ pub fn vm_test() -> Result<()> {
     Ok(())
 }
 
-/// Runs one named step and says how long it took.
+/// Runs one named step and says how long it took and how much disk is left after it: a full run
+/// fills about 20 GB, and a disk that fills up shows as a compiler or linker error far from its cause.
 fn step(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
     eprintln!("test: {name}");
     let started = Instant::now();
     let result = run();
-    eprintln!("test: {name}: {:.1}s", started.elapsed().as_secs_f64());
+    let free = free_gigabytes(&workspace_root())
+        .map_or_else(String::new, |gb| format!("; {gb:.1} GB free"));
+    eprintln!(
+        "test: {name}: {:.1}s{free}",
+        started.elapsed().as_secs_f64()
+    );
     result
+}
+
+/// Free space, in GB, on the filesystem that holds `path`; `None` where statvfs fails.
+fn free_gigabytes(path: &Path) -> Option<f64> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `stat` is a writable statvfs that the call fills.
+    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `stat`.
+    let stat = unsafe { stat.assume_init() };
+    Some((stat.f_bavail as f64) * (stat.f_frsize as f64) / 1e9)
 }
 
 /// The vendored advisory database (deny.toml's `db-path`) and the file that says which commit it is.
