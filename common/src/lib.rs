@@ -491,7 +491,8 @@ pub struct PendingWrite {
     pub cgroup_id: u64,
     /// The thread the slot holds a write of; 0 when it holds none.
     pub tid: u32,
-    pub reserved: u32,
+    /// Its process, the VMM an inferred kick is counted for.
+    pub tgid: u32,
 }
 
 // 8 + 8 + 8 + 4 + 4 bytes, no padding.

@@ -17,7 +17,7 @@ use crate::{
         SERVICE_STARTS, count, count_current_thread, count_drop, count_for, current_cgroup_id,
         current_tid, record_latency,
     },
-    virtio::{on_fast_mmio_write, on_guest_write, remember_unknown_write, settle_pending_write},
+    virtio::{keep_unknown_write, on_fast_mmio_write, on_guest_write, settle_pending_write},
     vmm_process::note_vmm,
 };
 
@@ -111,10 +111,12 @@ fn on_kvm_run() {
     record_latency(key, now.saturating_sub(start.time_ns));
 }
 
-/// The thread `tid` exited: a service it left pending (a vCPU's last exit) never ends, and must
-/// not be taken for the service of a later thread with the same id.
+/// The thread `tid` (the current one) exits: a service it left pending (a vCPU's last exit) never
+/// ends, and must not be taken for the service of a later thread with the same id; nor may such a
+/// thread settle its pending MMIO write, which did not exit and is settled now.
 #[inline(always)]
 pub fn forget_thread(tid: u32) {
+    settle_pending_write(None);
     if let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) {
         // SAFETY: an array slot of this map; only this thread's own start is cleared.
         unsafe {
@@ -159,20 +161,26 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     let mmio_type: u64 = ctx.arg(0);
     let mmio_type = mmio_type as u32;
     count_current_thread(ExitKind::Mmio, mmio_type);
-    // The thread's previous MMIO write did not exit: this event would not be here if it had.
-    settle_pending_write(None);
-    let cgroup_id = current_cgroup_id();
+    // The thread's previous MMIO write, if one is pending, did not exit: this event would not be
+    // here if it had. It is settled below, or by `keep_unknown_write` in the same slot access.
     if mmio_type == MmioType::Write as u32 {
         let len: u64 = ctx.arg(1);
         let gpa: u64 = ctx.arg(2);
         let data: u64 = ctx.arg(3);
-        if on_guest_write(SPACE_MMIO, gpa, len as u32, data)
-            || remember_unknown_write(cgroup_id, gpa, len as u32, data)
-        {
+        if on_guest_write(SPACE_MMIO, gpa, len as u32, data) {
+            settle_pending_write(None);
             return 0;
         }
+        let cgroup_id = current_cgroup_id();
+        if keep_unknown_write(cgroup_id, gpa, len as u32, data) {
+            return 0;
+        }
+        settle_pending_write(None);
+        count_for(cgroup_id, ExitKind::Mmio, mmio_type);
+        return 0;
     }
-    count_for(cgroup_id, ExitKind::Mmio, mmio_type);
+    settle_pending_write(None);
+    count(ExitKind::Mmio, mmio_type);
     0
 }
 

@@ -10,7 +10,9 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
 };
 use vmtrace_common::{
     ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, ExitKind, KVM_EXIT_MMIO,
@@ -185,12 +187,13 @@ fn count_kick(kicks: *mut u64, key: &DoorbellKey) {
     }
 }
 
-/// One more kick inferred for a doorbell registered before the probes were attached.
+/// One more kick inferred for a doorbell registered before the probes were attached, by the VMM
+/// `tgid`.
 #[inline(always)]
-fn count_inferred_kick(cgroup_id: u64, gpa: u64, queue: u32) {
+fn count_inferred_kick(cgroup_id: u64, tgid: u32, gpa: u64, queue: u32) {
     let key = KickKey {
         cgroup_id,
-        tgid: current_tgid(),
+        tgid,
         space: SPACE_MMIO,
         addr: gpa,
         queue,
@@ -200,12 +203,14 @@ fn count_inferred_kick(cgroup_id: u64, gpa: u64, queue: u32) {
 }
 
 /// An MMIO write of `len` bytes at `gpa` (value at the kernel address `data`) by a task of
-/// `cgroup_id` that hit no known doorbell: kept in the thread's slot until
-/// [`settle_pending_write`] learns where it went, and counted then, as a kick or as a plain MMIO
-/// write (true). Writes to the interrupt controllers KVM emulates, and values too large for a
-/// queue index, are no doorbell's: they are not kept (false), and the caller counts them.
+/// `cgroup_id` that hit no known doorbell: kept in the thread's slot until the thread's next event
+/// learns where it went, and counted then, as a kick or as a plain MMIO write (true). The write the
+/// slot held before, if it is this thread's, is settled in the same access: it did not exit, or this
+/// event would not be here. Writes to the interrupt controllers KVM emulates, and values too large
+/// for a queue index, are no doorbell's: they are not kept (false), and the caller counts them and
+/// settles the thread's pending write.
 #[inline(always)]
-pub fn remember_unknown_write(cgroup_id: u64, gpa: u64, len: u32, data: u64) -> bool {
+pub fn keep_unknown_write(cgroup_id: u64, gpa: u64, len: u32, data: u64) -> bool {
     if (LAPIC_AND_MSI..LAPIC_AND_MSI_END).contains(&gpa) || (IOAPIC..IOAPIC_END).contains(&gpa) {
         return false;
     }
@@ -215,7 +220,8 @@ pub fn remember_unknown_write(cgroup_id: u64, gpa: u64, len: u32, data: u64) -> 
     if value > u64::from(u16::MAX) {
         return false;
     }
-    let tid = current_tid();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
     let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
         return false;
     };
@@ -228,11 +234,13 @@ pub fn remember_unknown_write(cgroup_id: u64, gpa: u64, len: u32, data: u64) -> 
             value,
             cgroup_id,
             tid,
-            reserved: 0,
+            tgid,
         };
         taken
     };
-    if taken.tid != 0 && taken.tid != tid {
+    if taken.tid == tid {
+        count_inferred_kick(taken.cgroup_id, taken.tgid, taken.addr, taken.value as u32);
+    } else if taken.tid != 0 {
         // The other thread's write is still a write; whether it was a kick is lost.
         count_drop(Drop::InferredKickLost);
         count_mmio_write(taken.cgroup_id);
@@ -246,8 +254,8 @@ fn count_mmio_write(cgroup_id: u64) {
     count_for(cgroup_id, ExitKind::Mmio, MmioType::Write as u32);
 }
 
-/// The current thread's next MMIO event (`exit` = None) or return to the VMM (`exit` = its
-/// `KVM_EXIT_*` reason, or None for an error): its pending write, if any, went to the VMM if this
+/// The current thread's next MMIO event (`exit` = None), return to the VMM (`exit` = its
+/// `KVM_EXIT_*` reason, or None for an error) or end (None): its pending write, if any, went to the VMM if this
 /// is a `KVM_EXIT_MMIO`, and is counted as an MMIO write; else the kernel completed it, and it is
 /// counted as an inferred kick alone (the agent adds inferred kicks back into the MMIO writes).
 #[inline(always)]
@@ -256,7 +264,7 @@ pub fn settle_pending_write(exit: Option<u32>) {
     let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
         return;
     };
-    // SAFETY: as in `remember_unknown_write`; the write is copied out and the slot freed at once.
+    // SAFETY: as in `keep_unknown_write`; the write is copied out and the slot freed at once.
     let pending = unsafe {
         if (*slot).tid != tid {
             return;
@@ -267,7 +275,12 @@ pub fn settle_pending_write(exit: Option<u32>) {
     if exit == Some(KVM_EXIT_MMIO) {
         count_mmio_write(pending.cgroup_id);
     } else {
-        count_inferred_kick(pending.cgroup_id, pending.addr, pending.value as u32);
+        count_inferred_kick(
+            pending.cgroup_id,
+            pending.tgid,
+            pending.addr,
+            pending.value as u32,
+        );
     }
 }
 
@@ -278,7 +291,7 @@ pub fn settle_pending_write(exit: Option<u32>) {
 #[inline(always)]
 pub fn on_fast_mmio_write(gpa: u64) {
     if !doorbells_learnt() {
-        count_inferred_kick(current_cgroup_id(), gpa, ANY_QUEUE);
+        count_inferred_kick(current_cgroup_id(), current_tgid(), gpa, ANY_QUEUE);
         return;
     }
     let key = DoorbellKey {
@@ -293,7 +306,7 @@ pub fn on_fast_mmio_write(gpa: u64) {
         count_kick(kicks, &key);
         return;
     }
-    count_inferred_kick(current_cgroup_id(), gpa, ANY_QUEUE);
+    count_inferred_kick(current_cgroup_id(), key.tgid, gpa, ANY_QUEUE);
 }
 
 /// The local APICs' page and the MSI window above it (0xFEE00000, 1 MiB), and the I/O APIC's

@@ -127,6 +127,8 @@ fn replay_reproduces_the_recorded_per_tenant_counts_exactly() {
     assert_eq!(header["kvm"], "pvm");
     assert!(header["host"].as_str().is_some_and(|h| !h.is_empty()));
     assert_eq!(header["interval_secs"], 0.2);
+    // The default probes: kicks inferred, not learnt from the VMMs' ioctls.
+    assert_eq!(header["vm_ioctls"], false);
     let recorded: Vec<Value> = lines
         .map(|l| serde_json::from_str(l).expect("sample JSON"))
         .collect();

@@ -10,6 +10,7 @@ use std::{
 
 use crate::{
     cmd::args::{ProbeArgs, parse_interval},
+    probe::{load::ProbeOptions, spec::ProbeOption},
     sample::recording::{Header, RecordingWriter},
     sample::sampler::{Sample, Sampler},
     sample::ticks::Ticks,
@@ -49,6 +50,7 @@ pub async fn run(args: &RecordArgs) -> Result<()> {
     sampler.limit_tenants(args.probes.max_tenants());
     let header = Header {
         probes_not_attached: sampler.probes_not_attached(),
+        vm_ioctls: ProbeOptions::from(args.probes).is_on(ProbeOption::VmIoctls),
         ..Header::new(
             sampler.kvm().flavour,
             sampler.probes().exit_source,

@@ -62,6 +62,11 @@ pub struct Header {
     /// Whether kick service latency was measured (`--kick-latency`).
     #[serde(default)]
     pub kick_latency: bool,
+    /// Whether doorbells were learnt from the VMMs' setup ioctls (`--vm-ioctls`, which
+    /// `--kick-latency` implies); if not, MMIO kicks were inferred per queue and there is no
+    /// `kick.any` (docs/virtio-kicks.md).
+    #[serde(default)]
+    pub vm_ioctls: bool,
     /// Probes that should have been attached and were not when the recording started, with why:
     /// its figures are incomplete. Absent when every probe was attached (and in older recordings).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -86,6 +91,7 @@ impl Header {
                 .map_or(0.0, |d| d.as_secs_f64()),
             interval_secs: interval.as_secs_f64(),
             kick_latency: kick,
+            vm_ioctls: kick,
             probes_not_attached: Vec::new(),
         }
     }
