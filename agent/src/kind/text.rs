@@ -361,8 +361,38 @@ impl Ord for Kind {
     fn cmp(&self, other: &Self) -> Ordering {
         let (family, rest) = self.parts();
         let (other_family, other_rest) = other.parts();
-        let bytes = family.bytes().chain(rest.bytes());
-        bytes.cmp(other_family.bytes().chain(other_rest.bytes()))
+        compare_joined(
+            [family.as_bytes(), rest.as_bytes()],
+            [other_family.as_bytes(), other_rest.as_bytes()],
+        )
+    }
+}
+
+/// Orders `a[0] ++ a[1]` against `b[0] ++ b[1]` as byte strings, a slice at a time: the maps the
+/// agent aggregates into are keyed by kind, and a byte-by-byte chain made this the tick's hottest
+/// function.
+fn compare_joined(a: [&[u8]; 2], b: [&[u8]; 2]) -> Ordering {
+    let total = |parts: [&[u8]; 2]| parts[0].len() + parts[1].len();
+    let (mut a_parts, mut b_parts) = (a.into_iter(), b.into_iter());
+    let (mut x, mut y): (&[u8], &[u8]) = (&[], &[]);
+    loop {
+        while x.is_empty() {
+            match a_parts.next() {
+                Some(part) => x = part,
+                None => return total(a).cmp(&total(b)),
+            }
+        }
+        while y.is_empty() {
+            match b_parts.next() {
+                Some(part) => y = part,
+                None => return total(a).cmp(&total(b)),
+            }
+        }
+        let n = x.len().min(y.len());
+        match x[..n].cmp(&y[..n]) {
+            Ordering::Equal => (x, y) = (&x[n..], &y[n..]),
+            unequal => return unequal,
+        }
     }
 }
 
@@ -523,3 +553,33 @@ const TLB_FLUSH_REASONS: [&str; 5] = [
     "local_mm_shootdown",
     "remote_send_ipi",
 ];
+
+#[cfg(test)]
+mod compare_joined_tests {
+    use super::compare_joined;
+
+    #[test]
+    fn joined_parts_order_as_the_joined_string_wherever_they_are_split() {
+        let words = [
+            "", "a", "ab", "abc", "b", "exit.", "exit.io", "kick.q1", "kick.q10",
+        ];
+        for a in words {
+            for b in words {
+                for i in 0..=a.len() {
+                    for j in 0..=b.len() {
+                        let (a0, a1) = a.split_at(i);
+                        let (b0, b1) = b.split_at(j);
+                        assert_eq!(
+                            compare_joined(
+                                [a0.as_bytes(), a1.as_bytes()],
+                                [b0.as_bytes(), b1.as_bytes()]
+                            ),
+                            a.cmp(b),
+                            "{a0:?}+{a1:?} against {b0:?}+{b1:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
