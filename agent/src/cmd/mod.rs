@@ -102,6 +102,12 @@ struct ConfigError(anyhow::Error);
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     log::init(cli.log_format);
+    // Any process may raise its soft limit to the hard one. The usual soft limit, 1024, is too few
+    // for a host of a thousand tenants, each with a cgroup.events file kept open; where raising
+    // fails, fewer files are kept open and the rest are read by path.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::debug!("open-file limit not raised: {e}");
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

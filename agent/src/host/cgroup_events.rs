@@ -8,14 +8,21 @@ use std::{collections::HashMap, fs::File, os::unix::fs::FileExt};
 
 use super::cgroupfs::{CgroupFs, populated_in};
 
-/// Files kept open at most, well under the usual 1024 open files of a process: beyond, cgroups are
-/// asked for by path.
-const OPEN_FILES: usize = 512;
-
-/// Open `cgroup.events` files by cgroup path.
-#[derive(Default)]
+/// Open `cgroup.events` files by cgroup path, at most half the process's open-file limit (which
+/// the agent raises to its hard value at start): beyond, cgroups are asked for by path.
 pub struct CgroupEvents {
     open: HashMap<String, File>,
+    most: usize,
+}
+
+impl Default for CgroupEvents {
+    fn default() -> Self {
+        let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+        Self {
+            open: HashMap::new(),
+            most: usize::try_from(limit / 2).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 impl CgroupEvents {
@@ -29,7 +36,7 @@ impl CgroupEvents {
                 }
             }
         }
-        if self.open.len() < OPEN_FILES
+        if self.open.len() < self.most
             && let Ok(file) = File::open(cgroups.events_file(path))
         {
             let populated = read(&file);

@@ -314,44 +314,44 @@ impl CpuMode {
 impl Kind {
     /// The kind's name, e.g. `exit.io`; borrowed wherever the name is fixed.
     pub fn text(&self) -> Cow<'_, str> {
-        match self.parts() {
-            (whole, Cow::Borrowed("")) => Cow::Borrowed(whole),
+        let mut digits = itoa::Buffer::new();
+        match self.parts(&mut digits) {
+            (whole, "") => Cow::Borrowed(whole),
             (family, rest) => Cow::Owned(format!("{family}{rest}")),
         }
     }
 
     /// The name in two parts, a fixed one and the rest, so that names compare without being
-    /// built: only numbers of unnamed reasons, errnos and queues are formatted.
-    fn parts(&self) -> (&'static str, Cow<'_, str>) {
-        let rest = |name: &'static str| Cow::Borrowed(name);
+    /// built: only numbers of unnamed reasons, errnos and queues are formatted, into `digits`.
+    fn parts<'a>(&'a self, digits: &'a mut itoa::Buffer) -> (&'static str, &'a str) {
         match self {
             Self::Exit(reason) => match reason.known_name() {
-                Some(name) => ("exit.", rest(name)),
-                None => ("exit.reason_", Cow::Owned(reason.0.to_string())),
+                Some(name) => ("exit.", name),
+                None => ("exit.reason_", digits.format(reason.0)),
             },
-            Self::KvmExit(KvmExitReason(name)) => ("kvm_exit.", Cow::Borrowed(name.as_str())),
+            Self::KvmExit(KvmExitReason(name)) => ("kvm_exit.", name.as_str()),
             Self::RunError(errno) => match errno.known_name() {
-                Some(name) => ("run_error.", rest(name)),
-                None => ("run_error.errno_", Cow::Owned(errno.0.to_string())),
+                Some(name) => ("run_error.", name),
+                None => ("run_error.errno_", digits.format(errno.0)),
             },
-            Self::Pio(direction) => (direction.name(), rest("")),
-            Self::Mmio(MmioAccess::Other(code)) => ("mmio.type_", Cow::Owned(code.to_string())),
-            Self::Mmio(access) => ("mmio.", rest(access.name().unwrap_or_default())),
-            Self::Cpuid => ("cpuid", rest("")),
-            Self::Kick(Queue::Any) => ("kick.any", rest("")),
-            Self::Kick(Queue::Index(queue)) => ("kick.q", Cow::Owned(queue.to_string())),
+            Self::Pio(direction) => (direction.name(), ""),
+            Self::Mmio(MmioAccess::Other(code)) => ("mmio.type_", digits.format(*code)),
+            Self::Mmio(access) => ("mmio.", access.name().unwrap_or_default()),
+            Self::Cpuid => ("cpuid", ""),
+            Self::Kick(Queue::Any) => ("kick.any", ""),
+            Self::Kick(Queue::Index(queue)) => ("kick.q", digits.format(*queue)),
             Self::Tlb(TlbEvent::Flush(reason)) => match reason.known_name() {
-                Some(name) => ("tlb.flush.", rest(name)),
-                None => ("tlb.flush.reason_", Cow::Owned(reason.0.to_string())),
+                Some(name) => ("tlb.flush.", name),
+                None => ("tlb.flush.reason_", digits.format(reason.0)),
             },
-            Self::Tlb(event) => ("tlb.", rest(event.name().unwrap_or_default())),
-            Self::Fault(fault) => (fault.name(), rest("")),
-            Self::MmuPage(event) => (event.name(), rest("")),
-            Self::Mem(event) => (event.name(), rest("")),
-            Self::Memcg(event) => (event.name(), rest("")),
-            Self::Iommu(op) => (op.name(), rest("")),
-            Self::Cpu(mode) => (mode.name(), rest("")),
-            Self::Unknown(UnknownKind(text)) => ("", Cow::Borrowed(text.as_str())),
+            Self::Tlb(event) => ("tlb.", event.name().unwrap_or_default()),
+            Self::Fault(fault) => (fault.name(), ""),
+            Self::MmuPage(event) => (event.name(), ""),
+            Self::Mem(event) => (event.name(), ""),
+            Self::Memcg(event) => (event.name(), ""),
+            Self::Iommu(op) => (op.name(), ""),
+            Self::Cpu(mode) => (mode.name(), ""),
+            Self::Unknown(UnknownKind(text)) => ("", text.as_str()),
         }
     }
 }
@@ -359,8 +359,12 @@ impl Kind {
 impl Ord for Kind {
     /// The order of the names (byte by byte, as `str` orders), without building them.
     fn cmp(&self, other: &Self) -> Ordering {
-        let (family, rest) = self.parts();
-        let (other_family, other_rest) = other.parts();
+        if self == other {
+            return Ordering::Equal;
+        }
+        let (mut digits, mut other_digits) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (family, rest) = self.parts(&mut digits);
+        let (other_family, other_rest) = other.parts(&mut other_digits);
         compare_joined(
             [family.as_bytes(), rest.as_bytes()],
             [other_family.as_bytes(), other_rest.as_bytes()],

@@ -102,8 +102,15 @@ pub fn by_tenant(snapshot: &Snapshot, index: &mut CgroupIndex) -> Vec<TenantCoun
             .entry(label.clone())
             .or_insert_with(|| empty_tenant(label, identity));
         entry.cgroups.push(CgroupRef { id, path });
-        for (kind, count) in snapshot.by_cgroup.get(&id).into_iter().flatten() {
-            *entry.counts.entry(kind.clone()).or_default() += count;
+        match snapshot.by_cgroup.get(&id) {
+            // Most tenants are one cgroup: a copy of its map, which compares no kinds.
+            Some(counts) if entry.counts.is_empty() => entry.counts.clone_from(counts),
+            Some(counts) => {
+                for (kind, count) in counts {
+                    *entry.counts.entry(kind.clone()).or_default() += count;
+                }
+            }
+            None => {}
         }
         if let Some(kicks) = snapshot.kicks_by_cgroup.get(&id) {
             entry.doorbells.extend(kicks.iter().cloned());
@@ -278,16 +285,29 @@ pub fn add_rates(
     guest_time_known: bool,
 ) {
     for tenant in tenants.iter_mut() {
-        let before = previous.get(&tenant.tenant);
-        for (kind, &count) in &tenant.counts {
-            let prior = before.and_then(|b| b.get(kind)).copied().unwrap_or(0);
-            let rate = if interval_secs > 0.0 {
-                count.saturating_sub(prior) as f64 / interval_secs
-            } else {
-                0.0
-            };
-            tenant.rates.insert(kind.clone(), rate);
-        }
+        // Both maps are in kind order, and mostly of the same kinds: the previous one is walked
+        // alongside (an equality test per kind, where a lookup would compare names), and the
+        // rates come out in order, which builds their map without a search per kind.
+        let mut before = previous
+            .get(&tenant.tenant)
+            .into_iter()
+            .flatten()
+            .peekable();
+        let mut rates: BTreeMap<Kind, f64> = tenant
+            .counts
+            .iter()
+            .map(|(kind, &count)| {
+                while before.next_if(|(k, _)| *k != kind && *k < kind).is_some() {}
+                let prior = before.next_if(|(k, _)| *k == kind).map_or(0, |(_, c)| *c);
+                let rate = if interval_secs > 0.0 {
+                    count.saturating_sub(prior) as f64 / interval_secs
+                } else {
+                    0.0
+                };
+                (kind.clone(), rate)
+            })
+            .collect();
+        tenant.rates.append(&mut rates);
         // Without guest time every CPU second would look like tax: 100%, which the host cannot
         // know.
         if guest_time_known && let Some(ratio) = tax_ratio(&tenant.rates) {
