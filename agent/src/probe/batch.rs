@@ -6,6 +6,7 @@ use std::{
     io,
     mem::size_of,
     os::fd::{AsFd, AsRawFd},
+    sync::OnceLock,
 };
 
 use aya::{
@@ -39,8 +40,28 @@ struct BatchAttr {
 pub fn per_cpu_entries<K: Pod, V: Pod>(
     map: &PerCpuHashMap<MapData, K, V>,
 ) -> Result<Vec<(K, Vec<V>)>, MapError> {
-    let cpus = aya::util::nr_cpus().map_err(|(call, io_error)| SyscallError { call, io_error })?;
-    read(map.map().fd().as_fd().as_raw_fd(), cpus, FIRST_CHUNK).map_err(|io_error| {
+    read_map(map, |values| values.collect())
+}
+
+/// Every key of a per-CPU counter map with its total over the CPUs: no vector per entry, for
+/// maps of a few entries per tenant.
+pub fn per_cpu_sums<K: Pod>(
+    map: &PerCpuHashMap<MapData, K, u64>,
+) -> Result<Vec<(K, u64)>, MapError> {
+    read_map(map, |values| values.fold(0, u64::wrapping_add))
+}
+
+fn read_map<K: Pod, V: Pod, T>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    per_entry: impl Fn(&mut dyn Iterator<Item = V>) -> T,
+) -> Result<Vec<(K, T)>, MapError> {
+    read(
+        map.map().fd().as_fd().as_raw_fd(),
+        possible_cpus()?,
+        FIRST_CHUNK,
+        per_entry,
+    )
+    .map_err(|io_error| {
         SyscallError {
             call: "bpf_map_lookup_batch",
             io_error,
@@ -49,7 +70,22 @@ pub fn per_cpu_entries<K: Pod, V: Pod>(
     })
 }
 
-fn read<K: Pod, V: Pod>(fd: i32, cpus: usize, first_chunk: usize) -> io::Result<Vec<(K, Vec<V>)>> {
+/// The number of possible CPUs, read once: the kernel fixes it at boot.
+fn possible_cpus() -> Result<usize, MapError> {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    if let Some(cpus) = CPUS.get() {
+        return Ok(*cpus);
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(call, io_error)| SyscallError { call, io_error })?;
+    Ok(*CPUS.get_or_init(|| cpus))
+}
+
+fn read<K: Pod, V: Pod, T>(
+    fd: i32,
+    cpus: usize,
+    first_chunk: usize,
+    per_entry: impl Fn(&mut dyn Iterator<Item = V>) -> T,
+) -> io::Result<Vec<(K, T)>> {
     // The kernel lays each CPU's value out 8-byte aligned (bpf_long_memcpy of round_up(size, 8)).
     let stride = size_of::<V>().next_multiple_of(8);
     // The position token: a bucket index (u32) for hash maps.
@@ -98,14 +134,12 @@ fn read<K: Pod, V: Pod>(fd: i32, cpus: usize, first_chunk: usize) -> io::Result<
                     .cast::<K>()
                     .read_unaligned()
             };
-            let per_cpu = (0..cpus)
-                .map(|cpu| {
-                    let at = (i * cpus + cpu) * stride;
-                    // SAFETY: as above.
-                    unsafe { values.as_ptr().add(at).cast::<V>().read_unaligned() }
-                })
-                .collect();
-            entries.push((key, per_cpu));
+            let mut per_cpu = (0..cpus).map(|cpu| {
+                let at = (i * cpus + cpu) * stride;
+                // SAFETY: as above.
+                unsafe { values.as_ptr().add(at).cast::<V>().read_unaligned() }
+            });
+            entries.push((key, per_entry(&mut per_cpu)));
         }
         // ENOENT: the last bucket was read.
         if ret < 0 {
@@ -205,11 +239,20 @@ mod tests {
             };
             bpf(BPF_MAP_UPDATE_ELEM, &mut elem).unwrap();
         }
-        let mut read_back: Vec<([u32; 3], Vec<u64>)> = read(fd, cpus, 1).unwrap();
+        let mut read_back: Vec<([u32; 3], Vec<u64>)> =
+            read(fd, cpus, 1, |values| values.collect()).unwrap();
+        let mut sums: Vec<([u32; 3], u64)> =
+            read(fd, cpus, 1, |values| values.fold(0, u64::wrapping_add)).unwrap();
         // SAFETY: the test owns the descriptor.
         unsafe { libc::close(fd) };
         read_back.sort();
+        sums.sort_unstable();
         assert_eq!(read_back.len(), entries as usize);
+        let summed: Vec<([u32; 3], u64)> = read_back
+            .iter()
+            .map(|(key, per_cpu)| (*key, per_cpu.iter().sum()))
+            .collect();
+        assert_eq!(sums, summed);
         for (n, (key, per_cpu)) in read_back.iter().enumerate() {
             let n = n as u32;
             assert_eq!(*key, [n, n.wrapping_mul(7), 0xabcd]);
@@ -226,7 +269,8 @@ mod tests {
         let Some(fd) = create(4, 16) else {
             return;
         };
-        let read_back: Vec<(u32, Vec<u64>)> = read(fd, cpus, FIRST_CHUNK).unwrap();
+        let read_back: Vec<(u32, Vec<u64>)> =
+            read(fd, cpus, FIRST_CHUNK, |values| values.collect()).unwrap();
         // SAFETY: the test owns the descriptor.
         unsafe { libc::close(fd) };
         assert!(read_back.is_empty());

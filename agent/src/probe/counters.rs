@@ -117,12 +117,8 @@ impl Counters {
 
     pub fn read(&mut self, names: &ExitReasonNames) -> Result<Snapshot, CountsError> {
         let map_error = |name| move |e| CountsError::Map(name, e);
-        let mut raw = Vec::new();
-        let exits = batch::per_cpu_entries(&self.exits).map_err(map_error(EXIT_COUNTS_MAP))?;
-        let exit_entries = exits.len();
-        for (key, per_cpu) in exits {
-            raw.push((key, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
-        }
+        let mut raw = batch::per_cpu_sums(&self.exits).map_err(map_error(EXIT_COUNTS_MAP))?;
+        let exit_entries = raw.len();
         let mut kicks = self.read_kicks()?;
         // A kick is counted on its doorbell only, not also as the port or MMIO write it is.
         for (key, &count) in &kicks {
@@ -183,9 +179,9 @@ impl Counters {
             doorbells.sort();
         }
         let iommu_faults =
-            batch::per_cpu_entries(&self.iommu_faults).map_err(map_error(IOMMU_FAULTS_MAP))?;
+            batch::per_cpu_sums(&self.iommu_faults).map_err(map_error(IOMMU_FAULTS_MAP))?;
         let iommu_entries = iommu_faults.len();
-        for (key, per_cpu) in iommu_faults {
+        for (key, faults) in iommu_faults {
             let length = key
                 .device
                 .iter()
@@ -194,7 +190,7 @@ impl Counters {
             snapshot.iommu_faults.push(IommuFaults {
                 device: String::from_utf8_lossy(&key.device[..length]).into_owned(),
                 flags: key.flags,
-                faults: per_cpu.iter().sum(),
+                faults,
             });
         }
         snapshot.iommu_faults.sort();
@@ -346,8 +342,7 @@ impl Counters {
         let mut kicks = self.collected_kicks.clone();
         let mut collected = Vec::new();
         let mut seen_kicks = std::collections::BTreeSet::new();
-        for (key, per_cpu) in batch::per_cpu_entries(&self.kicks).map_err(map_error(KICKS_MAP))? {
-            let total: u64 = per_cpu.iter().sum();
+        for (key, total) in batch::per_cpu_sums(&self.kicks).map_err(map_error(KICKS_MAP))? {
             if let Some(doorbell) = live.get(&key) {
                 *kicks.entry(kick_key(&key, doorbell)).or_default() += total;
             } else if let Some(doorbell) = removed.get(&key) {
@@ -396,14 +391,13 @@ impl Counters {
         kicks: &mut BTreeMap<KickKey, u64>,
         raw: &mut Vec<(ExitKey, u64)>,
     ) -> Result<usize, CountsError> {
-        let entries = batch::per_cpu_entries(&self.inferred_kicks)
+        let entries = batch::per_cpu_sums(&self.inferred_kicks)
             .map_err(|e| CountsError::Map(INFERRED_KICKS_MAP, e))?;
         let held = entries.len();
         let mut inferred = self.collected_inferred.clone();
         // Read after the counters: a VMM noted live here had made every kick read above.
         let vmms = self.read_vmm_processes()?;
-        for (key, per_cpu) in entries {
-            let total: u64 = per_cpu.iter().sum();
+        for (key, total) in entries {
             *inferred.entry(key).or_default() += total;
             if !vmms.contains_key(&key.tgid) {
                 // A thread of the VMM may still make a kick after its main thread is gone: the

@@ -81,10 +81,9 @@ impl ThreadCounters {
         let mut raw: BTreeMap<(u64, u32), Vec<(ExitKey, u64)>> = BTreeMap::new();
         let mut keys: BTreeMap<(u64, u32), Vec<ThreadExitKey>> = BTreeMap::new();
         let entries =
-            batch::per_cpu_entries(&self.map).map_err(|e| CountsError::Map(THREAD_EXITS_MAP, e))?;
+            batch::per_cpu_sums(&self.map).map_err(|e| CountsError::Map(THREAD_EXITS_MAP, e))?;
         self.entries = entries.len();
-        for (key, per_cpu) in entries {
-            let total = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
+        for (key, total) in entries {
             // The per-cgroup logic turns raw events into kinds (in-kernel MMIO writes are the
             // writes that did not exit): here the "cgroup" is the thread.
             let exit = ExitKey {
