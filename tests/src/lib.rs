@@ -141,14 +141,28 @@ impl TenantCgroup {
 
 impl Drop for TenantCgroup {
     fn drop(&mut self) {
-        // The VMMs in it have exited by now; a cgroup can be removed once it has no tasks.
-        let _ = std::fs::remove_dir(&self.path);
+        // The VMMs in it have exited by now; a cgroup can be removed once it has no tasks, and
+        // after its children (such as the parents `new` made for a nested path).
+        remove_cgroup_tree(&self.path);
         // On hybrid hosts `vmtrace-vmm --cgroup` also created the same path in the cgroup v1
         // memory hierarchy.
         if let Ok(Some(memory)) = vmtrace_vmm::cgroup::find_memory_v1_mount() {
-            let _ = std::fs::remove_dir(memory.mount_point.join(&self.relative));
+            remove_cgroup_tree(&memory.mount_point.join(&self.relative));
         }
     }
+}
+
+/// Removes the cgroup at `path` and every cgroup below it, deepest first; a cgroup directory holds
+/// only the kernel's files besides its children, and goes with `rmdir`.
+fn remove_cgroup_tree(path: &Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(path);
 }
 
 /// Runs a reference VMM to completion and returns its ground-truth report.
