@@ -57,7 +57,7 @@ impl DmarFaults {
     /// Reads every record logged since the last call and counts its DMAR faults.
     pub fn read(&mut self) {
         // One record per read(2), at most about 8 KiB (kernel/printk/printk.c, devkmsg_read).
-        let mut record = vec![0u8; 8192];
+        let mut record = [0u8; 8192];
         loop {
             match self.kmsg.read(&mut record) {
                 Ok(0) => return,

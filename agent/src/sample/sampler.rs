@@ -302,7 +302,7 @@ impl Sampler {
                 heap::return_freed_memory();
             }
         }
-        let snapshot = self.counters.read(&self.probes.reason_names)?;
+        let mut snapshot = self.counters.read(&self.probes.reason_names)?;
         if let Some(state) = &mut self.doorbell_state {
             // A failed write leaves the previous file, which is still right but for the latest
             // changes; the next sample tries again.
@@ -340,7 +340,7 @@ impl Sampler {
             interval_secs,
             guest_time_unknown.is_none(),
         );
-        let mut iommu_faults = snapshot.iommu_faults.clone();
+        let mut iommu_faults = std::mem::take(&mut snapshot.iommu_faults);
         if let Some(dmar) = &mut self.dmar_faults {
             dmar.read();
             iommu_faults.extend(dmar.faults());
@@ -381,7 +381,7 @@ impl Sampler {
                 .filter(|s| s.error.is_none())
                 .map(|s| s.tracepoint.clone())
                 .collect(),
-            maps: snapshot.maps.clone(),
+            maps: std::mem::take(&mut snapshot.maps),
             state: StateSizes::default(),
         };
         let counts = sample
