@@ -6,7 +6,10 @@
 //! checked, linted and documented on a machine without that toolchain; such an agent refuses to load
 //! its probes.
 
-use std::{env, path::PathBuf};
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
 
 use vmtrace_ebpf_toolchain as ebpf_toolchain;
 
@@ -46,7 +49,7 @@ fn main() {
         );
     }
 
-    let target_dir = out_dir.join("ebpf-target");
+    let target_dir = ebpf_target_dir(&out_dir);
     let mut cargo =
         ebpf_toolchain::cargo("build", &workspace_root).unwrap_or_else(|e| fail(&e.to_string()));
     cargo.arg("--target-dir").arg(&target_dir);
@@ -62,6 +65,21 @@ fn main() {
     let built = ebpf_toolchain::object_path(&target_dir);
     std::fs::copy(&built, &object)
         .unwrap_or_else(|e| fail(&format!("cannot copy {}: {e}", built.display())));
+}
+
+/// Where the eBPF crate is built: `ebpf/` in the outer build's target directory, so that every
+/// build of the agent (check, test, doc, another toolchain) shares one BPF build instead of each
+/// keeping its own 400 MB copy (`core` built from source) in its `OUT_DIR`. `OUT_DIR` is
+/// `<target>/[<triple>/]<profile>/build/vmtrace-<hash>/out`; a layout other than that keeps the build
+/// in `OUT_DIR`. The inner cargo locks its own directory, so concurrent builds wait for each other.
+fn ebpf_target_dir(out_dir: &Path) -> PathBuf {
+    let mut ancestors = out_dir.ancestors();
+    match (ancestors.nth(2), ancestors.nth(1)) {
+        (Some(build), Some(target)) if build.file_name().is_some_and(|n| n == "build") => {
+            target.join("ebpf")
+        }
+        _ => out_dir.join("ebpf-target"),
+    }
 }
 
 /// `VMTRACE_VERSION`, what `vmtrace --version` prints: the crate's version and, when the build was

@@ -103,9 +103,11 @@ pub fn binary(name: &str) -> PathBuf {
             .expect("target dir")
             .to_owned();
         let release = dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "vmtrace", "-p", "vmtrace-vmm"]);
+        // `--workspace --all-targets` resolves features as `cargo test --workspace` does, so the
+        // binaries link the libraries that command built; `-p vmtrace -p vmtrace-vmm` would unify
+        // fewer features (no dev-dependencies) and build the agent and its dependencies again.
+        let mut build = workspace_cargo();
+        build.args(["build", "--workspace", "--all-targets"]);
         if release {
             build.arg("--release");
         }
@@ -114,6 +116,31 @@ pub fn binary(name: &str) -> PathBuf {
         dir
     });
     dir.join(name)
+}
+
+/// The cargo that runs these tests, without the variables it sets for a test process
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...): build scripts that track one of them (ring's does)
+/// would otherwise see it changed and rebuild their crate and everything above it.
+pub fn workspace_cargo() -> Command {
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_for_tests = [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ]
+        .contains(&key)
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_");
+        if set_for_tests {
+            cargo.env_remove(key);
+        }
+    }
+    cargo
 }
 
 /// A cgroup v2 directory for one test tenant, removed (with its children) on drop.

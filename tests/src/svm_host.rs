@@ -4,7 +4,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     sync::OnceLock,
 };
 
@@ -48,8 +47,7 @@ fn target_dir() -> PathBuf {
 pub fn release_binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
+        let status = crate::workspace_cargo()
             .args(["build", "--release", "-p", "vmtrace", "-p", "vmtrace-vmm"])
             .status()
             .expect("running cargo build --release");

@@ -108,7 +108,8 @@ pub fn vm_test() -> Result<()> {
 }
 
 /// Runs one named step and says how long it took and how much disk is left after it: a full run
-/// fills about 20 GB, and a disk that fills up shows as a compiler or linker error far from its cause.
+/// fills about 12 GB (docs/building.md), and a disk that fills up shows as a compiler or linker error
+/// far from its cause.
 fn step(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
     eprintln!("test: {name}");
     let started = Instant::now();
