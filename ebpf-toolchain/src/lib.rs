@@ -6,6 +6,8 @@
 //! with `RUSTC_BOOTSTRAP=1`, as a stable compiler takes no `-Z` flags otherwise) and a rustup nightly
 //! with its rust-src component. `$VMTRACE_EBPF_CARGO` overrides both.
 
+pub mod package_variables;
+
 use std::{
     env,
     ffi::OsString,

@@ -118,28 +118,11 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// The cargo that runs these tests, without the variables it sets for a test process
-/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...): build scripts that track one of them (ring's does)
-/// would otherwise see it changed and rebuild their crate and everything above it.
+/// The cargo that runs these tests, without the variables it set for this test process
+/// (`CARGO_MANIFEST_DIR`, ...), which would make build scripts rerun.
 pub fn workspace_cargo() -> Command {
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        let set_for_tests = [
-            "CARGO_MANIFEST_DIR",
-            "CARGO_MANIFEST_PATH",
-            "CARGO_CRATE_NAME",
-            "CARGO_PRIMARY_PACKAGE",
-            "CARGO_TARGET_TMPDIR",
-            "OUT_DIR",
-        ]
-        .contains(&key)
-            || key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_");
-        if set_for_tests {
-            cargo.env_remove(key);
-        }
-    }
+    vmtrace_ebpf_toolchain::package_variables::remove(&mut cargo);
     cargo
 }
 

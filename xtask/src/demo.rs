@@ -20,14 +20,16 @@ const TENANTS: [(&str, &str, u32, u32); 3] = [
 pub fn run(seconds: u64) -> Result<()> {
     setup::run()?;
     eprintln!("demo: building vmtrace and vmtrace-vmm (release)");
-    setup::exec(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "vmtrace",
-        "-p",
-        "vmtrace-vmm",
-    ]))?;
+    setup::exec(
+        crate::workspace::cargo(&crate::workspace::workspace_root()).args([
+            "build",
+            "--release",
+            "-p",
+            "vmtrace",
+            "-p",
+            "vmtrace-vmm",
+        ]),
+    )?;
     let bin = crate::workspace::target_dir().join("release");
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut agent = Command::new(bin.join("vmtrace"));

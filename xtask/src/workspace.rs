@@ -11,6 +11,9 @@ use anyhow::{Context, Result};
 /// `cargo`, run in the workspace at `root`.
 pub fn cargo(root: &Path) -> Command {
     let mut cargo = Command::new("cargo");
+    // Without xtask's own package variables, which `cargo run` set: the builds here then match
+    // those run from a shell and from the tests' harness, and share their artifacts.
+    vmtrace_ebpf_toolchain::package_variables::remove(&mut cargo);
     cargo.current_dir(root);
     cargo
 }

@@ -28,14 +28,16 @@ pub fn prepare(build: bool) -> Result<Tools> {
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
     if build {
         eprintln!("bench: building vmtrace and vmtrace-vmm (release)");
-        setup::exec(Command::new("cargo").args([
-            "build",
-            "--release",
-            "-p",
-            "vmtrace",
-            "-p",
-            "vmtrace-vmm",
-        ]))?;
+        setup::exec(
+            crate::workspace::cargo(&crate::workspace::workspace_root()).args([
+                "build",
+                "--release",
+                "-p",
+                "vmtrace",
+                "-p",
+                "vmtrace-vmm",
+            ]),
+        )?;
     }
     let logs = target.join("bench");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
