@@ -103,11 +103,10 @@ pub fn binary(name: &str) -> PathBuf {
             .expect("target dir")
             .to_owned();
         let release = dir.file_name().is_some_and(|n| n == "release");
-        // `--workspace --all-targets` resolves features as `cargo test --workspace` does, so the
-        // binaries link the libraries that command built; `-p vmtrace -p vmtrace-vmm` would unify
-        // fewer features (no dev-dependencies) and build the agent and its dependencies again.
+        // Not `--workspace --all-targets`, which would match `cargo test --workspace`'s features:
+        // the eBPF crate's host build has a `vmtrace` binary too, which would overwrite the agent's.
         let mut build = workspace_cargo();
-        build.args(["build", "--workspace", "--all-targets"]);
+        build.args(["build", "-p", "vmtrace", "-p", "vmtrace-vmm"]);
         if release {
             build.arg("--release");
         }
