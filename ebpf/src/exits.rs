@@ -1,6 +1,6 @@
 //! Exits seen through the events that fire on every host, including those where `kvm:kvm_exit` is
-//! silent (PVM): the entry into `KVM_RUN` (`kvm_fpu`), the return to the VMM (`kvm_userspace_exit`)
-//! and the port, MMIO and CPUID handlers.
+//! silent (PVM): the return to the VMM (`kvm_userspace_exit`), the port, MMIO and CPUID handlers,
+//! and, with `--service-time`, the entry into `KVM_RUN` (`kvm_fpu`) that ends the VMM's service.
 //! `kvm_exit.rs` has the `kvm:kvm_exit` probes of VMX and SVM hosts.
 //!
 //! Raw tracepoints are used where the arguments suffice: they hand the tracepoint's arguments over
@@ -45,26 +45,49 @@ fn on_userspace_exit(reason: u32, errno: i32) {
     let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) else {
         return;
     };
+    let timed = service_time_on();
     // SAFETY: an array slot of this map; only the thread whose id maps to it writes it, except
     // when two live threads' ids collide, which is detected (the other thread's pending start).
     let owned = unsafe {
         let owned = (*slot).tid == tid;
-        if (*slot).time_ns != 0 && !owned {
-            count_drop(Drop::ServiceSlotTaken);
+        if timed {
+            if (*slot).time_ns != 0 && !owned {
+                count_drop(Drop::ServiceSlotTaken);
+            }
+            *slot = ServiceStart {
+                time_ns: bpf_ktime_get_ns(),
+                cgroup_id,
+                reason,
+                tid,
+            };
+        } else if !owned {
+            // Without service times the slot only says that this thread's process is noted, so
+            // that the lookup in `note_vmm` is made once per thread, not once per exit.
+            *slot = ServiceStart {
+                time_ns: 0,
+                cgroup_id,
+                reason,
+                tid,
+            };
         }
-        *slot = ServiceStart {
-            time_ns: bpf_ktime_get_ns(),
-            cgroup_id,
-            reason,
-            tid,
-        };
         owned
     };
     if !owned {
-        // The thread's first return seen; it may have entered KVM_RUN before the probes were
-        // attached, so `on_kvm_run` may never have noted its process.
+        // The thread's first return seen: it may have entered KVM_RUN, and its VM made its MMU
+        // root, before the probes were attached, so nothing else may have noted its process.
         note_vmm();
     }
+}
+
+/// Set to 1 by the agent when the VMMs' service time is wanted (`--service-time`, which attaches
+/// `kvm_fpu`); without it a return to the VMM reads no clock.
+#[unsafe(no_mangle)]
+static SERVICE_TIME: u32 = 0;
+
+#[inline(always)]
+fn service_time_on() -> bool {
+    // SAFETY: a volatile read of a constant the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&raw const SERVICE_TIME) != 0 }
 }
 
 /// `kvm_fpu(int load)`: with `load` = 1, KVM loads the guest's FPU state, which it does once early in

@@ -2,8 +2,8 @@
 //! setup ioctls vmtrace follows: `KVM_IOEVENTFD` (a doorbell is registered or removed) and
 //! `KVM_SET_USER_MEMORY_REGION(2)` (guest memory is mapped). It runs, and the kernel builds its
 //! record, on every ioctl of the host, `KVM_RUN` included, which is why it is not attached by
-//! default: `KVM_RUN` itself is seen at `kvm_fpu` (exits.rs), and doorbells registered unseen are
-//! inferred (virtio.rs). A raw `sys_enter` probe would run on every system call of the host.
+//! default: a VMM is known from its returns (`kvm_userspace_exit`, exits.rs), and doorbells
+//! registered unseen are inferred (virtio.rs). A raw `sys_enter` probe would run on every system call of the host.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use vmtrace_common::{KVM_IOEVENTFD, KVM_SET_USER_MEMORY_REGION, KVM_SET_USER_MEMORY_REGION2};

@@ -35,6 +35,7 @@ pub static EXIT_STARTS: Array<ExitStart> = Array::with_max_entries(THREAD_SLOTS,
 
 /// Each thread's return to the VMM in progress (until its next KVM_RUN), in the slot of its thread id
 /// modulo [`THREAD_SLOTS`]: an array lookup is far cheaper on this hot path than a hash map's.
+/// Without `--service-time` only the thread id is kept: its process is known to be a VMM.
 #[map]
 pub static SERVICE_STARTS: Array<ServiceStart> = Array::with_max_entries(THREAD_SLOTS, 0);
 

@@ -19,7 +19,7 @@ use vmtrace_common::{
 
 use crate::{
     maps::{add_for, count, count_drop, count_for, current_cgroup_id, current_tgid, current_tid},
-    vmm_process::in_vmm,
+    vmm_process::{in_vmm, note_vmm},
 };
 
 /// Threads of VMMs inside a `madvise` that discards memory: tid to the advice.
@@ -75,9 +75,13 @@ fn on_fault(address: u64, mode: FaultMode) {
     }
 }
 
-/// `kvm_mmu_get_page(struct kvm_mmu_page *sp, bool created)`.
+/// `kvm_mmu_get_page(struct kvm_mmu_page *sp, bool created)`. A vCPU's first `KVM_RUN` makes its
+/// root page (shadow paging: `mmu_alloc_shadow_roots()`; TDP: `tdp_mmu_alloc_sp()`), before the
+/// guest runs: the process is noted as a VMM here, so that its faults and flushes count from the
+/// start, without a probe on every `KVM_RUN`. The event is rare (dozens per VM), so the lookup is.
 #[raw_tracepoint(tracepoint = "kvm_mmu_get_page")]
 pub fn kvm_mmu_get_page(ctx: RawTracePointContext) -> i32 {
+    note_vmm();
     let created: u64 = ctx.arg(1);
     let event = if created & 1 == 1 {
         MmuPageEvent::Created

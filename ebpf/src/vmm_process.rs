@@ -1,6 +1,10 @@
-//! Which processes are VMMs. A process becomes one at its first `KVM_RUN`, memory slot or doorbell,
-//! and stops being one when it exits (the agent also forgets the doorbells of processes no longer
-//! here). Host page faults and TLB flushes happen in every process of the host; they are counted
+//! Which processes are VMMs. A process becomes one at its vCPUs' first `KVM_RUN`, where KVM makes
+//! the root page of the guest's MMU (`kvm_mmu_get_page`, before the guest runs); at its first
+//! return from `KVM_RUN` (a VM already running when the probes were attached); with
+//! `--service-time`, at any `KVM_RUN`; and at its first memory slot or doorbell with
+//! `--vm-ioctls`. It stops being one when it exits (the agent also forgets the doorbells and
+//! collects the inferred kicks of processes no longer here, so a VMM must be noted before its
+//! first kick). Host page faults and TLB flushes happen in every process of the host; they are counted
 //! for VMMs only, so that tenants are the VMs, not every cgroup that takes a page fault.
 
 use aya_ebpf::{macros::map, maps::HashMap};
@@ -19,7 +23,8 @@ pub fn in_vmm() -> bool {
     unsafe { VMM_PROCESSES.get(current_tgid()) }.is_some()
 }
 
-/// The current thread enters `KVM_RUN` or sets up a VM (memory, doorbells): its process is a VMM.
+/// The current thread runs a vCPU (`KVM_RUN`) or sets up a VM (memory, doorbells): its process is
+/// a VMM.
 #[inline(always)]
 pub fn note_vmm() {
     let tgid = current_tgid();

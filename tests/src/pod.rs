@@ -235,8 +235,8 @@ pub fn start_pod(
 }
 
 /// Runs a pio and a doorbell reference VMM in `tenant` while an agent runs, and waits until its
-/// /metrics (`metrics()`) counts them exactly (exits, PIO and MMIO events, kicks), with VMM service
-/// times and no probe left unattached (`output()`: the agent's log). Returns the last /metrics.
+/// /metrics (`metrics()`) counts them exactly (exits, PIO and MMIO events, kicks), without VMM service
+/// times (off as shipped) and with no probe left unattached (`output()`: the agent's log). Returns the last /metrics.
 pub fn counts_a_pio_and_a_doorbell_vmm(
     label: &str,
     tenant: &TenantCgroup,
@@ -284,16 +284,16 @@ pub fn counts_a_pio_and_a_doorbell_vmm(
         wrong.join("\n  "),
         output()
     );
-    // The raw tracepoints that bound a VMM's service (kvm_userspace_exit to kvm_fpu) work under
-    // these privileges: VMM service times are measured.
+    // The DaemonSet as shipped leaves the VMM service time off (`--service-time` costs every exit
+    // to the VMM, docs/latency.md): no service time series.
     let served = sample(
         &last,
         "vmtrace_vmm_service_duration_seconds_count",
         &[("tenant", &path), ("exit_reason", "io")],
     );
     assert!(
-        served.is_some_and(|n| n > 0.0),
-        "{label}: no VMM service time for {path}"
+        served.is_none(),
+        "{label}: a VMM service time for {path} from the agent as shipped, which should not measure it"
     );
     let log = output();
     assert!(

@@ -459,8 +459,9 @@ fn on_a_node_without_tracefs_the_init_container_mounts_it() {
         mount_namespace: Some(namespace.pid()),
         ..deployment.node.clone()
     };
-    // The agent's classic tracepoints (VMM service times, kicks) need tracefs: counting exactly
-    // with service times shows it was there for the agent.
+    // The agent's classic tracepoints (cgroup lifecycle, returned memory) need tracefs: counting
+    // exactly with no probe left unattached (its log names any that is not) shows it was there
+    // for the agent.
     counts_exactly(&deployment, &node, &deployment.daemonset, "no-tracefs");
     assert!(
         namespace.has_tracefs(),

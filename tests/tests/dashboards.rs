@@ -479,7 +479,14 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     let mut agent = Proc::spawn(
         "vmtrace agent",
         Command::new(&vmtrace)
-            .args(["agent", "--interval", "1s", "--kick-latency", "--listen"])
+            .args([
+                "agent",
+                "--interval",
+                "1s",
+                "--kick-latency",
+                "--service-time",
+            ])
+            .arg("--listen")
             .arg(format!("127.0.0.1:{agent_port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),

@@ -87,6 +87,7 @@ fn the_exposition_follows_accept_and_each_format_is_clean() {
                 "--state-dir",
                 "off",
                 "--kick-latency",
+                "--service-time",
             ])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -235,7 +236,7 @@ fn a_coarser_bucket_factor_costs_a_tenant_fewer_series_and_keeps_every_kept_buck
             "vmtrace agent",
             Command::new(binary("vmtrace"))
                 .args(["agent", "--interval", "200ms", "--state-dir", "off"])
-                .args(["--prometheus-bucket-factor", factor])
+                .args(["--service-time", "--prometheus-bucket-factor", factor])
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .stdout(Stdio::null())

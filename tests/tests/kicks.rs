@@ -242,7 +242,7 @@ fn a_slow_vmm_shows_in_its_service_time_percentiles() {
         TenantCgroup::new(&format!("{base}/fast")),
         TenantCgroup::new(&format!("{base}/slow")),
     );
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(&["--service-time"]);
     let reports = run_tenants(&[
         (&fast, vec!["--scenario", "pio", "--count", "3000"]),
         (

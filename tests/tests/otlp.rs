@@ -43,6 +43,7 @@ impl AgentProcess {
             Command::new(binary("vmtrace"))
                 .envs(env.iter().copied())
                 .args(["agent", "--listen", "off", "--interval", "200ms"])
+                .arg("--service-time")
                 .env("OTEL_EXPORTER_OTLP_COMPRESSION", compression)
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
                 .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)

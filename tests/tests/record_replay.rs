@@ -12,8 +12,8 @@ use std::{
 
 use serde_json::{Value, json};
 use vmtrace_tests::{
-    TenantCgroup, agent_counts, binary, expect, expected_agent_counts, privileged_host,
-    process::Proc, run_vmm, temp::TempDir,
+    TenantCgroup, agent_counts, agent_report, binary, expect, expected_agent_counts,
+    privileged_host, process::Proc, run_vmm, temp::TempDir,
 };
 
 /// A running `vmtrace record`, stopped with SIGINT by [`Recorder::stop`], killed on drop.
@@ -127,8 +127,9 @@ fn replay_reproduces_the_recorded_per_tenant_counts_exactly() {
     assert_eq!(header["kvm"], "pvm");
     assert!(header["host"].as_str().is_some_and(|h| !h.is_empty()));
     assert_eq!(header["interval_secs"], 0.2);
-    // The default probes: kicks inferred, not learnt from the VMMs' ioctls.
+    // The default probes: kicks inferred, not learnt from the VMMs' ioctls, and no VMM service time.
     assert_eq!(header["vm_ioctls"], false);
+    assert_eq!(header["service_time"], false);
     let recorded: Vec<Value> = lines
         .map(|l| serde_json::from_str(l).expect("sample JSON"))
         .collect();
@@ -139,6 +140,17 @@ fn replay_reproduces_the_recorded_per_tenant_counts_exactly() {
         "the sample taken on SIGINT is marked last"
     );
     for (cgroup, report) in [(&a, &ra), (&b, &rb)] {
+        let tenant = agent_report(last, &cgroup.agent_path()).expect("tenant in the recording");
+        let service_times: Vec<&String> = tenant["latency"]
+            .as_object()
+            .into_iter()
+            .flat_map(|latency| latency.keys())
+            .filter(|kind| kind.starts_with("exit."))
+            .collect();
+        assert!(
+            service_times.is_empty(),
+            "service times without --service-time: {service_times:?}"
+        );
         let expected = expected_agent_counts(std::slice::from_ref(report));
         assert_eq!(
             agent_counts(last, &cgroup.agent_path()).expect("tenant in the recording"),

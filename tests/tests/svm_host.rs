@@ -46,9 +46,9 @@ fn job() -> String {
     let mut job = format!(
         r#"emit doctor vmtrace doctor
 echo "+cpu +memory" > /sys/fs/cgroup/cgroup.subtree_control
-vmtrace watch --json --interval 200ms > /tmp/watch.json 2> /tmp/watch.err &
+vmtrace watch --json --interval 200ms --service-time > /tmp/watch.json 2> /tmp/watch.err &
 watch=$!
-vmtrace agent --interval 200ms --state-dir off --listen {AGENT_ADDRESS} > /tmp/agent.err 2>&1 &
+vmtrace agent --interval 200ms --state-dir off --service-time --listen {AGENT_ADDRESS} > /tmp/agent.err 2>&1 &
 agent=$!
 tries=0
 until grep -q "vmtrace: watching" /tmp/watch.err && wget -q -O /dev/null http://{AGENT_ADDRESS}/readyz; do
@@ -323,8 +323,8 @@ fn exit_to_entry_histograms_hold_every_exit_that_reentered() {
     }
 }
 
-/// On SVM too, `KVM_RUN` is seen at `kvm:kvm_fpu` (docs/latency.md): every return to the VMM that
-/// the VMM followed with another `KVM_RUN` has its service time, by reason.
+/// On SVM too, with `--service-time`, `KVM_RUN` is seen at `kvm:kvm_fpu` (docs/latency.md): every
+/// return to the VMM that the VMM followed with another `KVM_RUN` has its service time, by reason.
 #[test]
 fn vmm_service_times_hold_every_exit_the_vmm_served() {
     if !can_boot("vmm_service_times_hold_every_exit_the_vmm_served") {

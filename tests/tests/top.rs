@@ -263,7 +263,7 @@ fn top_in_a_terminal_shows_sorts_drills_down_and_restores_the_terminal() {
     tmux.keys(&["Enter"]);
     // The filter keeps other tests' tenants (on a shared host) off the screen.
     tmux.type_text(&format!(
-        "{} top --interval {INTERVAL_SECS}s --filter {base}",
+        "{} top --interval {INTERVAL_SECS}s --service-time --filter {base}",
         vmtrace.display()
     ));
     tmux.keys(&["Enter"]);

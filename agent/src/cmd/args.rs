@@ -91,6 +91,12 @@ pub struct ProbeArgs {
     /// the kernel completes (docs/virtio-kicks.md).
     #[arg(long, env = "VMTRACE_VM_IOCTLS")]
     pub vm_ioctls: bool,
+    /// Also measure the VMMs' service time per exit (a return to the VMM to the same thread's next
+    /// KVM_RUN), reported as the latency of `exit.<reason>`. Attaches kvm:kvm_fpu, which runs on
+    /// every KVM_RUN and costs an exit-heavy guest about 300 ns per exit it takes to its VMM, so it
+    /// is off by default (docs/latency.md).
+    #[arg(long, env = "VMTRACE_SERVICE_TIME")]
+    pub service_time: bool,
     /// How many tenants are reported by name; the counts of any more are summed into one tenant
     /// labelled `overflow`, so totals stay exact [default: 1000].
     #[arg(long, env = "VMTRACE_MAX_TENANTS", value_parser = parse_max_tenants)]
@@ -110,6 +116,7 @@ impl From<ProbeArgs> for ProbeOptions {
         Self {
             kick_latency: args.kick_latency,
             vm_ioctls: args.vm_ioctls,
+            service_time: args.service_time,
             thread_exits: false,
         }
     }

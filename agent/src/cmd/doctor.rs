@@ -6,7 +6,7 @@ use crate::{
     host::cgroup_index::find_v2_mount,
     host::{self, KvmDetection, KvmFlavour, Privileges},
     probe::load::{BtfArgs, ExitSource, ProbeOptions, ProbeStatus, Probes},
-    probe::spec::{HostTraits, KVM_EXIT, PROBES, Reads, Silence, When},
+    probe::spec::{HostTraits, KVM_EXIT, PROBES, Silence, When},
     probe::tracefs,
 };
 
@@ -145,9 +145,10 @@ fn or_list(items: &[&str]) -> String {
 
 /// How the raw tracepoints' arguments compare with the kernel's BTF, in one line.
 fn btf_arguments(btf_read: Option<&Result<(), String>>, probes: &[ProbeStatus]) -> String {
-    let raw = PROBES
+    // An optional probe that is off is neither checked nor attached: it is not counted.
+    let raw = probes
         .iter()
-        .filter(|p| matches!(p.reads, Reads::Raw { .. }))
+        .filter(|p| p.attach_type == "raw_tracepoint" && p.off_until.is_none())
         .count();
     let count = |wanted: fn(&BtfArgs) -> bool| {
         probes
@@ -313,6 +314,7 @@ fn probe_state(probe: &ProbeStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::spec::Reads;
 
     fn status(error: Option<&str>) -> ProbeStatus {
         ProbeStatus {
@@ -400,6 +402,16 @@ mod tests {
                 "arguments of {} of {raw} raw tracepoints checked, 1 mismatched (not attached), 1 unchecked (see probes)",
                 raw - 2
             )
+        );
+        let mut one_off = all_checked.clone();
+        one_off[0] = ProbeStatus {
+            off_until: Some("--service-time"),
+            btf_args: None,
+            ..status(Some("off (enable with --service-time)"))
+        };
+        assert_eq!(
+            btf_arguments(Some(&Ok(())), &one_off),
+            format!("arguments of {0} of {0} raw tracepoints checked", raw - 1)
         );
         let unreadable = btf_arguments(Some(&Err("cannot read BTF".to_owned())), &[]);
         assert!(unreadable.starts_with("arguments NOT checked (cannot read BTF)"));

@@ -51,6 +51,7 @@ pub async fn run(args: &RecordArgs) -> Result<()> {
     let header = Header {
         probes_not_attached: sampler.probes_not_attached(),
         vm_ioctls: ProbeOptions::from(args.probes).is_on(ProbeOption::VmIoctls),
+        service_time: args.probes.service_time,
         ..Header::new(
             sampler.kvm().flavour,
             sampler.probes().exit_source,

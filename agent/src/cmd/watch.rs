@@ -19,8 +19,8 @@ use crate::{
 /// Kinds: `exit.<reason>` are KVM_RUN returns to the VMM (io, mmio, hlt, ...); `pio.in`/`pio.out`
 /// port accesses; `mmio.write`/`mmio.read` MMIO accesses; `mmio.write.kernel` MMIO writes the kernel
 /// completed itself (ioeventfd doorbells); `cpuid`; `kick.q<N>` virtio queue kicks; `kvm_exit.<reason>`
-/// on VMX/SVM hosts. Latency percentiles are shown for `exit.*` (the VMM's service time),
-/// `kvm_exit.*` (exit to entry) and, with --kick-latency, `kick.*`. Under each tenant a `host:` line
+/// on VMX/SVM hosts. Latency percentiles are shown for `kvm_exit.*` (exit to entry), and with
+/// --service-time for `exit.*` (the VMM's service time), with --kick-latency for `kick.*`. Under each tenant a `host:` line
 /// sums up what the host spends on it: the virtualisation tax in CPUs (and its share of the
 /// tenant's CPU), memory charged, page faults and TLB flushes per second, memory returned by a
 /// balloon and taken back (refaults). `--json` has every kind: `tlb.*`, `fault.*`, `mem.*`,

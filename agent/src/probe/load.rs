@@ -163,6 +163,9 @@ pub struct ProbeOptions {
     /// VM setup ioctls (doorbells, memory slots): attaches the probe table's ioctl() tracepoint,
     /// which runs on every ioctl of the host. Kick latency needs it (the doorbells' eventfds).
     pub vm_ioctls: bool,
+    /// The VMMs' service time per exit: attaches the probe table's `kvm_fpu` raw tracepoint, which
+    /// runs on every KVM_RUN, and a clock read at every return to the VMM.
+    pub service_time: bool,
     /// Exits per VMM thread (`vmtrace top`'s per-vCPU view): one more map update per exit event.
     pub thread_exits: bool,
 }
@@ -172,6 +175,7 @@ impl ProbeOptions {
         match option {
             ProbeOption::KickLatency => self.kick_latency,
             ProbeOption::VmIoctls => self.vm_ioctls || self.kick_latency,
+            ProbeOption::ServiceTime => self.service_time,
         }
     }
 }
@@ -747,6 +751,13 @@ mod tests {
         // The ioctl probe is off by default, and on with its flag or kick latency.
         assert!(!failed("sys_enter_ioctl", Pvm, &off).degraded());
         assert!(failed("sys_enter_ioctl", Pvm, &on).degraded());
+        // The service time's probe is off by default, and on with its flag.
+        let timed = ProbeOptions {
+            service_time: true,
+            ..ProbeOptions::default()
+        };
+        assert!(!failed("kvm_fpu", Pvm, &off).degraded());
+        assert!(failed("kvm_fpu", Pvm, &timed).degraded());
         // Required, raw or classic.
         assert!(failed("kvm_mmio", Pvm, &off).degraded());
         assert!(failed("cgroup_rmdir", Pvm, &off).degraded());

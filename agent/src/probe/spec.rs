@@ -68,6 +68,8 @@ pub enum ProbeOption {
     KickLatency,
     /// `--vm-ioctls`.
     VmIoctls,
+    /// `--service-time`.
+    ServiceTime,
 }
 
 impl ProbeOption {
@@ -75,6 +77,7 @@ impl ProbeOption {
         match self {
             Self::KickLatency => "--kick-latency",
             Self::VmIoctls => "--vm-ioctls",
+            Self::ServiceTime => "--service-time",
         }
     }
 
@@ -85,6 +88,10 @@ impl ProbeOption {
             Self::VmIoctls => {
                 "doorbells and guest memory learnt from VM setup (port doorbells, kick.any, VM \
                  fds); runs on every ioctl of the host"
+            }
+            Self::ServiceTime => {
+                "the VMMs' service time per exit (exit.<reason> latency); runs on every KVM_RUN, \
+                 about 300 ns per exit an exit-heavy guest takes to its VMM (docs/latency.md)"
             }
         }
     }
@@ -248,7 +255,10 @@ const CGROUP_FIELDS: &[FieldRead] = &[
 /// lifetime; then the classic ones.
 #[rustfmt::skip]
 pub static PROBES: &[ProbeSpec] = &[
-    raw("kvm_fpu", "kvm", "kvm_fpu", &[(0, "load")], Required),
+    // The end of a VMM's service of an exit (the next KVM_RUN): its cost falls on every exit that
+    // returns to the VMM, so it is off unless asked for. Without it a VMM is known from its
+    // first return, at kvm_userspace_exit.
+    raw("kvm_fpu", "kvm", "kvm_fpu", &[(0, "load")], When::Optional { option: ProbeOption::ServiceTime, switch: "SERVICE_TIME" }),
     raw("kvm_userspace_exit", "kvm", "kvm_userspace_exit", &[(0, "reason"), (1, "errno")], Required),
     raw("kvm_pio", "kvm", "kvm_pio", &[(0, "rw"), (1, "port"), (2, "size"), (4, "data")], Required),
     raw("kvm_mmio", "kvm", "kvm_mmio", &[(0, "type"), (1, "len"), (2, "gpa"), (3, "val")], Required),
@@ -273,7 +283,7 @@ pub static PROBES: &[ProbeSpec] = &[
     raw("iommu_unmap", "iommu", "unmap", &[(2, "unmapped_size")], Silent(Silence::WithoutIommu)),
     KVM_EXIT,
     // VM setup (doorbells, memory slots): runs on every ioctl of the host, KVM_RUN included, so it
-    // is off unless asked for; KVM_RUN itself is seen at kvm_fpu.
+    // is off unless asked for; a VMM is known from its returns, at kvm_userspace_exit.
     classic(
         "syscalls",
         "sys_enter_ioctl",

@@ -67,6 +67,10 @@ pub struct Header {
     /// `kick.any` (docs/virtio-kicks.md).
     #[serde(default)]
     pub vm_ioctls: bool,
+    /// Whether the VMMs' service time was measured (`--service-time`): without it there are no
+    /// `exit.*` latencies on hosts where `kvm:kvm_exit` is silent.
+    #[serde(default)]
+    pub service_time: bool,
     /// Probes that should have been attached and were not when the recording started, with why:
     /// its figures are incomplete. Absent when every probe was attached (and in older recordings).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -92,6 +96,7 @@ impl Header {
             interval_secs: interval.as_secs_f64(),
             kick_latency: kick,
             vm_ioctls: kick,
+            service_time: false,
             probes_not_attached: Vec::new(),
         }
     }

@@ -31,7 +31,7 @@ impl Agent {
             .stdout(File::create(&stdout).context("creating the agent's output file")?)
             .stderr(File::create(&stderr).context("creating the agent's log file")?);
         if every_probe {
-            command.arg("--kick-latency");
+            command.args(["--kick-latency", "--service-time"]);
         }
         let mut agent = Self {
             process: Process::spawn(&mut command, "vmtrace watch")?,

@@ -319,7 +319,7 @@ fn how_measured(out: &mut String, plan: &Plan) {
          CPUs meanwhile (host busy time from /proc/stat less the benchmark's own and its \
          children's CPU time).\n\
          - The tracers count the same events per tenant: {}. vmtrace counts more per event (exit \
-         reason, access kind, doorbell kicks, service time); that is its job.\n\
+         reason, access kind, doorbell kicks; with every probe, service time); that is its job.\n\
          - BPF run time and the agent's cost are measured with `kernel.bpf_stats_enabled=1` (restored \
          afterwards), which adds a little to every program run; the guest cost is measured with it \
          off.\n\

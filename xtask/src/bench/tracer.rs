@@ -58,8 +58,8 @@ impl Tracer {
             Tracer::None => "no tracer attached",
             Tracer::VmtraceDefault => "`vmtrace watch --json --interval 1s`",
             Tracer::VmtraceAll => {
-                "`vmtrace watch --json --interval 1s --kick-latency` (adds `syscalls:sys_enter_ioctl` \
-                 and `syscalls:sys_enter_read`)"
+                "`vmtrace watch --json --interval 1s --kick-latency --service-time` (adds \
+                 `kvm:kvm_fpu`, `syscalls:sys_enter_ioctl` and `syscalls:sys_enter_read`)"
             }
             Tracer::BpftraceClassic => {
                 "bpftrace: `tracepoint:kvm:<event> { @<event>[cgroup] = count(); }` for the 4 events"

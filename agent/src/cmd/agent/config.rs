@@ -22,8 +22,8 @@ use crate::{
 /// Flags of `vmtrace agent`; each also reads the environment variable shown.
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
-    /// TOML configuration file (keys: interval, window, listen, kick_latency, vm_ioctls, max_tenants,
-    /// node_name, state_dir, web_config, prometheus_bucket_factor, and an
+    /// TOML configuration file (keys: interval, window, listen, kick_latency, vm_ioctls,
+    /// service_time, max_tenants, node_name, state_dir, web_config, prometheus_bucket_factor, and an
     /// `[otlp]` table with endpoint, protocol, headers, compression, timeout_ms, interval_ms,
     /// certificate, client_certificate, client_key, max_request_bytes,
     /// default_histogram_aggregation; see docs/configuration.md).
@@ -91,6 +91,7 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub kick_latency: Option<bool>,
     pub vm_ioctls: Option<bool>,
+    pub service_time: Option<bool>,
     pub max_tenants: Option<usize>,
     pub node_name: Option<String>,
     pub state_dir: Option<String>,
@@ -200,6 +201,8 @@ pub struct AgentConfig {
     pub kick_latency: bool,
     /// Whether VMMs' setup ioctls are followed (`--vm-ioctls`).
     pub vm_ioctls: bool,
+    /// Whether the VMMs' service time is measured (`--service-time`).
+    pub service_time: bool,
     /// Tenants reported by name; the others are summed into the `overflow` tenant.
     pub max_tenants: usize,
     pub node_name: Option<String>,
@@ -346,6 +349,7 @@ impl AgentConfig {
             listen,
             kick_latency: args.probes.kick_latency || file.kick_latency.unwrap_or(false),
             vm_ioctls: args.probes.vm_ioctls || file.vm_ioctls.unwrap_or(false),
+            service_time: args.probes.service_time || file.service_time.unwrap_or(false),
             max_tenants,
             node_name,
             state_dir,

@@ -80,6 +80,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let options = ProbeOptions {
         kick_latency: config.kick_latency,
         vm_ioctls: config.vm_ioctls,
+        service_time: config.service_time,
         thread_exits: false,
     };
     let state_dir = config.state_dir.clone();
