@@ -4,8 +4,9 @@
 //! hammering the endpoint, while two long-lived tenants run guests at a steady rate.
 //!
 //! Afterwards the agent is alive, its memory stopped growing once its timeline window was full,
-//! it holds the same file descriptors and BPF objects as at the start (but the `cgroup.events` files
-//! it keeps open for live tenants' cgroups, none of them of a cgroup that is gone), and the
+//! it holds the same file descriptors and BPF objects as at the start (but the cgroup files and VMM
+//! threads' `stat` files it keeps open for live tenants, none of them of a cgroup or thread that is
+//! gone), and the
 //! long-lived tenants' counts equal their VMMs' ground truth exactly.
 
 use std::{
@@ -57,16 +58,16 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The process's open file descriptors: all of them but the `cgroup.events` files the agent keeps
-/// open for its tenants' cgroups, and those that hold BPF objects or perf events (programs, maps,
-/// links, the tracepoints' perf events).
+/// The process's open file descriptors: all of them but the files the agent keeps open for its
+/// tenants (their cgroups' files, their VMM threads' `stat`), and those that hold BPF objects or
+/// perf events (programs, maps, links, the tracepoints' perf events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 struct Descriptors {
     others: usize,
     bpf: usize,
 }
 
-/// The descriptors of `pid`, and the cgroups whose `cgroup.events` it holds open.
+/// The descriptors of `pid`, and the tenants' files it holds open.
 fn descriptors(pid: u32) -> (Descriptors, Vec<String>) {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return (Descriptors::default(), Vec::new());
@@ -80,17 +81,24 @@ fn descriptors(pid: u32) -> (Descriptors, Vec<String>) {
         .iter()
         .filter(|t| t.starts_with("anon_inode:bpf") || t.starts_with("anon_inode:[perf_event]"))
         .count();
-    let events: Vec<String> = targets
+    let kept: Vec<String> = targets
         .iter()
-        .filter_map(|t| t.strip_suffix("/cgroup.events"))
-        .map(str::to_owned)
+        .filter(|t| t.starts_with("/sys/fs/cgroup/") || is_thread_stat(t))
+        .cloned()
         .collect();
-    let others = targets.len() - events.len();
-    (Descriptors { others, bpf }, events)
+    let others = targets.len() - kept.len();
+    (Descriptors { others, bpf }, kept)
+}
+
+/// Whether `path` is a `/proc/<pid>/task/<tid>/stat` file.
+fn is_thread_stat(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    matches!(parts[..], ["", "proc", pid, "task", tid, "stat"]
+        if pid.parse::<u32>().is_ok() && tid.parse::<u32>().is_ok())
 }
 
 /// The fewest descriptors seen over a few reads (a sample in progress holds a cgroup file or two
-/// for a moment), with the `cgroup.events` files held then.
+/// for a moment), with the tenants' files held then.
 fn settled_descriptors(pid: u32) -> (Descriptors, Vec<String>) {
     (0..10)
         .map(|_| {
@@ -330,7 +338,7 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
     });
     assert!(mismatches.is_empty(), "counts differ: {mismatches:#?}");
 
-    let (end_fds, events_open) = settled_descriptors(pid);
+    let (end_fds, kept_open) = settled_descriptors(pid);
     let (_, metrics) = http_get(port, "/metrics").expect("GET /metrics");
     let sample_errors = metrics.lines().find_map(|line| {
         line.strip_prefix("vmtrace_agent_sample_errors_total ")
@@ -362,12 +370,12 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
          ioctls each); requests: {ok} ok, {shed} shed (503), {failed} failed; agent RSS: {} KiB \
          at the start, {settled} KiB in the second quarter, {last} KiB in the last, {peak} KiB at \
          most (allowed growth {allowed} KiB); descriptors: {start_fds:?} at the start, {end_fds:?} \
-         and {} cgroup.events at the end; sample errors: {sample_errors:?}",
+         and {} tenants' files at the end; sample errors: {sample_errors:?}",
         cycles[0],
         cycles[1],
         cycles[2],
         rss.first().map_or(0, |r| r.1),
-        events_open.len(),
+        kept_open.len(),
     );
 
     assert!(
@@ -378,13 +386,13 @@ fn the_agent_stays_exact_and_bounded_through_load_and_churn() {
         end_fds, start_fds,
         "file descriptors at the end vs the start"
     );
-    let gone: Vec<&String> = events_open
+    let gone: Vec<&String> = kept_open
         .iter()
-        .filter(|cgroup| !Path::new(cgroup).exists())
+        .filter(|file| !Path::new(file).exists())
         .collect();
     assert!(
         gone.is_empty(),
-        "cgroup.events held open for cgroups that are gone: {gone:?}"
+        "files held open for cgroups or threads that are gone: {gone:?}"
     );
     assert_eq!(failed, 0, "requests that failed");
     assert!(ok > shed, "{ok} requests answered, {shed} shed");

@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Tenant counts of the scale measurement [default: 1,10,100,1000; quick: 1,10,100].
     #[arg(long, value_delimiter = ',')]
     tenants: Option<Vec<usize>>,
+    /// Live tenant counts (each with a guest running) of the scale measurement [default: 2,50;
+    /// quick: 2,20].
+    #[arg(long, value_delimiter = ',')]
+    live_tenants: Option<Vec<usize>>,
     /// Where to write the report [default: docs/benchmarks.md].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -71,6 +75,7 @@ pub struct Plan {
     pub ops_scale: f64,
     pub window: Duration,
     pub tenants: Vec<usize>,
+    pub live_tenants: Vec<usize>,
     pub out: PathBuf,
 }
 
@@ -90,6 +95,10 @@ impl Plan {
                     vec![1, 10, 100, 1000]
                 }
             }),
+            live_tenants: args
+                .live_tenants
+                .clone()
+                .unwrap_or_else(|| if quick { vec![2, 20] } else { vec![2, 50] }),
             out: args.out.clone().unwrap_or_else(|| {
                 if quick {
                     root.join("target/bench/benchmarks-quick.md")
@@ -116,6 +125,7 @@ pub struct Results {
     pub host: hostswitch::HostSwitch,
     pub agent: Vec<agentcost::CostRow>,
     pub scale: Vec<scale::ScaleRow>,
+    pub live: Vec<scale::ScaleRow>,
     pub elapsed: Duration,
 }
 
@@ -181,6 +191,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let host = hostswitch::run(&env)?;
     let agent = agentcost::run(&env)?;
     let scale = scale::run(&env)?;
+    let live = scale::run_live(&env)?;
     let results = Results {
         machine,
         overhead,
@@ -188,6 +199,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         host,
         agent,
         scale,
+        live,
         elapsed: started.elapsed(),
     };
     let mut text = report::render(&env.plan, &results);

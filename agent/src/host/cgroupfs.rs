@@ -1,7 +1,8 @@
 //! What the kernel accounts per cgroup, read from cgroupfs for a tenant's cgroups: CPU time (cgroup
 //! v2 `cpu.stat`, present on every v2 cgroup whether or not the cpu controller is enabled) and memory
 //! (v2 `memory.current` / `memory.stat` / `memory.events` where the memory controller is on v2, else
-//! the v1 memory controller's cgroup at the same path, as on hybrid hosts).
+//! the v1 memory controller's cgroup at the same path, as on hybrid hosts). The files are kept
+//! open between ticks ([`KeptFiles`]).
 
 use std::{
     fs,
@@ -9,6 +10,8 @@ use std::{
 };
 
 use vmtrace_common::mounts::MountTable;
+
+use super::kept_files::KeptFiles;
 
 /// One cgroup's CPU time since it was created, in µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,15 +51,16 @@ impl std::ops::AddAssign for MemoryStat {
     }
 }
 
-/// Where a host keeps its cgroup files.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a host keeps its cgroup files, and those read so far, kept open.
+#[derive(Debug)]
 pub struct CgroupFs {
     /// The cgroup v2 mount.
-    pub v2: PathBuf,
+    v2: PathBuf,
     /// Whether the v2 hierarchy has the memory controller (else no v2 cgroup has memory files).
-    pub v2_memory: bool,
+    v2_memory: bool,
     /// The cgroup v1 mount of the memory controller, on hybrid hosts.
-    pub v1_memory: Option<PathBuf>,
+    v1_memory: Option<PathBuf>,
+    files: KeptFiles,
 }
 
 impl CgroupFs {
@@ -67,16 +71,24 @@ impl CgroupFs {
             .and_then(|table| v1_memory_mount(&table));
         let v2_memory = fs::read_to_string(v2.join("cgroup.controllers"))
             .is_ok_and(|text| text.split_whitespace().any(|c| c == "memory"));
+        Self::at(v2, v2_memory, v1_memory)
+    }
+
+    /// The cgroup files under `v2` (with memory files if `v2_memory`) and `v1_memory`.
+    pub fn at(v2: PathBuf, v2_memory: bool, v1_memory: Option<PathBuf>) -> Self {
         Self {
             v2,
             v2_memory,
             v1_memory,
+            files: KeptFiles::default(),
         }
     }
 
     /// CPU time of the cgroup at `path` (relative to the v2 root, e.g. `/machine.slice/x`).
-    pub fn cpu(&self, path: &str) -> Option<CpuStat> {
-        let text = fs::read_to_string(self.v2.join(relative(path)).join("cpu.stat")).ok()?;
+    pub fn cpu(&mut self, path: &str) -> Option<CpuStat> {
+        let text = self
+            .files
+            .read(&self.v2.join(relative(path)).join("cpu.stat"))?;
         Some(CpuStat {
             user_usec: field(&text, "user_usec")?,
             system_usec: field(&text, "system_usec")?,
@@ -84,27 +96,27 @@ impl CgroupFs {
     }
 
     /// Whether the cgroup at `path` has tasks, from v2 `cgroup.events`; `None` if unknown.
-    pub fn populated(&self, path: &str) -> Option<bool> {
-        let text = fs::read_to_string(self.events_file(path)).ok()?;
+    pub fn populated(&mut self, path: &str) -> Option<bool> {
+        let text = self
+            .files
+            .read(&self.v2.join(relative(path)).join("cgroup.events"))?;
         populated_in(&text)
-    }
-
-    /// The v2 `cgroup.events` file of the cgroup at `path`.
-    pub fn events_file(&self, path: &str) -> PathBuf {
-        self.v2.join(relative(path)).join("cgroup.events")
     }
 
     /// Memory of the cgroup at `path`: from v2 if the memory controller is enabled there, else from
     /// the v1 memory controller's cgroup of the same path; `None` if neither has it.
-    pub fn memory(&self, path: &str) -> Option<MemoryStat> {
+    pub fn memory(&mut self, path: &str) -> Option<MemoryStat> {
         let v2 = self.v2.join(relative(path));
         if let Some(current) = self
             .v2_memory
-            .then(|| fs::read_to_string(v2.join("memory.current")).ok())
+            .then(|| self.files.read(&v2.join("memory.current")))
             .flatten()
         {
-            let stat = fs::read_to_string(v2.join("memory.stat")).unwrap_or_default();
-            let events = fs::read_to_string(v2.join("memory.events")).unwrap_or_default();
+            let stat = self.files.read(&v2.join("memory.stat")).unwrap_or_default();
+            let events = self
+                .files
+                .read(&v2.join("memory.events"))
+                .unwrap_or_default();
             return Some(MemoryStat {
                 usage_bytes: current.trim().parse().ok()?,
                 pgfault: field(&stat, "pgfault").unwrap_or(0),
@@ -114,10 +126,16 @@ impl CgroupFs {
             });
         }
         let v1 = self.v1_memory.as_ref()?.join(relative(path));
-        let usage = fs::read_to_string(v1.join("memory.usage_in_bytes")).ok()?;
-        let stat = fs::read_to_string(v1.join("memory.stat")).unwrap_or_default();
-        let failcnt = fs::read_to_string(v1.join("memory.failcnt")).unwrap_or_default();
-        let oom = fs::read_to_string(v1.join("memory.oom_control")).unwrap_or_default();
+        let usage = self.files.read(&v1.join("memory.usage_in_bytes"))?;
+        let stat = self.files.read(&v1.join("memory.stat")).unwrap_or_default();
+        let failcnt = self
+            .files
+            .read(&v1.join("memory.failcnt"))
+            .unwrap_or_default();
+        let oom = self
+            .files
+            .read(&v1.join("memory.oom_control"))
+            .unwrap_or_default();
         Some(MemoryStat {
             usage_bytes: usage.trim().parse().ok()?,
             // The `total_` fields include child cgroups, as v2's do.
@@ -130,6 +148,11 @@ impl CgroupFs {
             limit_hits: failcnt.trim().parse().unwrap_or(0),
             oom_kills: field(&oom, "oom_kill").unwrap_or(0),
         })
+    }
+
+    /// Closes the files of cgroups not read since the last call: called once per tick.
+    pub fn close_unread(&mut self) {
+        self.files.close_unread();
     }
 }
 
@@ -243,11 +266,7 @@ mod tests {
             "oom_kill_disable 0\noom_kill 2\n",
         )
         .unwrap();
-        let cgroups = CgroupFs {
-            v2: dir.join("v2"),
-            v2_memory: true,
-            v1_memory: Some(dir.join("v1")),
-        };
+        let mut cgroups = CgroupFs::at(dir.join("v2"), true, Some(dir.join("v1")));
         assert_eq!(
             cgroups.cpu("/tenant"),
             Some(CpuStat {

@@ -2,9 +2,12 @@
 //! accounts per thread (`guest_time`, field 43 of `/proc/<pid>/task/<tid>/stat`, in clock ticks).
 //! Kept per cgroup and monotonic: a thread that ends keeps what it was last seen with.
 
-use std::{collections::HashMap, fs};
+use std::{collections::HashMap, path::Path};
 
-use crate::host::procfs::{VmmThread, clock_ticks_per_second, stat_field};
+use crate::host::{
+    kept_files::KeptFiles,
+    procfs::{VmmThread, clock_ticks_per_second, stat_field},
+};
 
 /// Guest time per cgroup of the VMM processes the probes found.
 #[derive(Debug, Default)]
@@ -13,6 +16,8 @@ pub struct GuestTime {
     threads: HashMap<(u32, u32), (u64, u64)>,
     /// Guest ticks of threads that have ended, per cgroup.
     ended: HashMap<u64, u64>,
+    /// The threads' `stat` files.
+    files: KeptFiles,
 }
 
 impl GuestTime {
@@ -22,7 +27,7 @@ impl GuestTime {
         let mut seen = HashMap::new();
         for thread in threads {
             let path = format!("/proc/{}/task/{}/stat", thread.tgid, thread.tid);
-            let stat = fs::read_to_string(path).unwrap_or_default();
+            let stat = self.files.read(Path::new(&path)).unwrap_or_default();
             if let Some(ticks) = guest_ticks(&stat) {
                 seen.insert((thread.tgid, thread.tid), (thread.cgroup_id, ticks));
             }
@@ -33,6 +38,7 @@ impl GuestTime {
             }
         }
         self.threads = seen;
+        self.files.close_unread();
         let mut by_cgroup = self.ended.clone();
         for (cgroup_id, ticks) in self.threads.values() {
             *by_cgroup.entry(*cgroup_id).or_default() += ticks;

@@ -3,13 +3,13 @@
 
 pub(crate) mod agent_usage;
 pub(crate) mod capabilities;
-pub(crate) mod cgroup_events;
 pub mod cgroup_index;
 pub(crate) mod cgroupfs;
 pub(crate) mod dtlb;
 pub(crate) mod figures;
 pub(crate) mod guest_time;
 pub(crate) mod heap;
+pub(crate) mod kept_files;
 pub(crate) mod kernel_log;
 pub(crate) mod procfs;
 pub(crate) mod vfio;

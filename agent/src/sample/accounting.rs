@@ -13,7 +13,6 @@ use std::{
 };
 
 use crate::{
-    host::cgroup_events::CgroupEvents,
     host::cgroupfs::{CgroupFs, CpuStat, MemoryStat, outermost},
     host::guest_time::GuestTime,
     host::procfs::vmm_threads,
@@ -43,8 +42,6 @@ const SETTLE: Duration = Duration::from_secs(4);
 /// Reads cgroup files, VMM threads' guest time and dTLB counters for the tenants of each sample.
 pub struct Accounting {
     cgroups: CgroupFs,
-    /// Whether each cgroup has tasks, asked every tick of every tenant's cgroups.
-    events: CgroupEvents,
     guest: GuestTime,
     /// `Err` with the reason where the host cannot count dTLB misses.
     dtlb: Result<DtlbCounters, String>,
@@ -62,7 +59,6 @@ impl Accounting {
     pub fn new(cgroups: CgroupFs, pid_namespace: Option<&str>) -> Self {
         Self {
             cgroups,
-            events: CgroupEvents::default(),
             guest: GuestTime::default(),
             dtlb: figures::dtlb_availability(pid_namespace).map(|()| DtlbCounters::default()),
             last: HashMap::new(),
@@ -72,7 +68,7 @@ impl Accounting {
     /// CPU and memory figures of the cgroup at `path`.
     fn read(&mut self, path: &str) -> Figures {
         let now = Instant::now();
-        let empty = self.events.populated(&self.cgroups, path) == Some(false);
+        let empty = self.cgroups.populated(path) == Some(false);
         let empty_since = match self.last.get(path) {
             Some((figures, Some(since))) if empty => {
                 if now.duration_since(*since) >= SETTLE {
@@ -190,7 +186,7 @@ impl Accounting {
             }
         }
         self.last.retain(|path, _| seen.contains(path));
-        self.events.retain(|path| seen.contains(path));
+        self.cgroups.close_unread();
     }
 
     /// Cgroup paths whose figures are kept.

@@ -288,13 +288,45 @@ fn scale(out: &mut String, plan: &Plan, r: &Results) {
             row.populate_secs
         );
     }
-    if let Some((per_tenant, small, large)) = targets::tick_us_per_tenant(r) {
+    if let Some((per_tenant, small, large)) = targets::tick_us_per_tenant(&r.scale) {
         let _ = writeln!(
             out,
             "\nEach tick costs about {per_tenant:.1} µs of agent CPU per tenant with counts \
              (from {small} to {large} tenants). Peak RSS is set by the agent's start (loading its BPF \
              object), so it hardly moves; the RSS at the end of the window shows the tenants' \
              own memory."
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n### Live tenants\n\n\
+         Every tenant has a guest running through the window (port writes, each an exit to the \
+         VMM, {} a second): the agent reads its cgroups' CPU and memory files and its VMM \
+         threads' `stat` every tick, which it does not for a tenant whose guests have finished \
+         (their figures are final once the cgroup has been empty for 4 s). A fresh agent per \
+         size, as above.\n\n\
+         | tenants, all live | tenants reported | series reported | CPU per tick (ms) | CPU, % of one core | peak RSS (MiB) | RSS (MiB) |\n\
+         |---|---|---|---|---|---|---|",
+        super::scale::LIVE_RATE
+    );
+    for row in &r.live {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2} | {:.3} | {:.1} | {:.1} |",
+            row.tenants,
+            row.reported,
+            row.series,
+            row.cpu_secs * 1000.0 / row.ticks.max(1) as f64,
+            row.cpu_secs / row.secs * 100.0,
+            row.hwm_kib as f64 / 1024.0,
+            row.rss_kib as f64 / 1024.0,
+        );
+    }
+    if let Some((per_tenant, small, large)) = targets::tick_us_per_tenant(&r.live) {
+        let _ = writeln!(
+            out,
+            "\nEach tick costs about {per_tenant:.1} µs of agent CPU per live tenant (from \
+             {small} to {large} tenants)."
         );
     }
     out.push('\n');
