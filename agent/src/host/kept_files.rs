@@ -83,17 +83,20 @@ fn most_kept() -> usize {
     usize::try_from(limit / 2).unwrap_or(usize::MAX)
 }
 
-/// The whole file from offset 0 (cgroup files are a few dozen bytes to a few KiB).
+/// The whole file from offset 0, in one `pread` for a file of up to 4 KiB (cgroup and `stat` files
+/// are a few dozen bytes to a few KiB). A read shorter than asked is the end: a `seq_file` fills
+/// the buffer while it has more to print (`seq_read_iter()`), and so does a regular file.
 fn read_from_start(file: &File) -> io::Result<String> {
-    let mut bytes = Vec::with_capacity(512);
-    let mut chunk = [0u8; 4096];
+    let mut bytes = vec![0u8; 4096];
+    let mut len = 0;
     loop {
-        let len = file.read_at(&mut chunk, bytes.len() as u64)?;
-        if len == 0 {
+        len += file.read_at(&mut bytes[len..], len as u64)?;
+        if len < bytes.len() {
             break;
         }
-        bytes.extend_from_slice(&chunk[..len]);
+        bytes.resize(bytes.len() * 2, 0);
     }
+    bytes.truncate(len);
     String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
