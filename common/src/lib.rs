@@ -479,7 +479,7 @@ pub struct KickKey {
 // 8 + 4 + 4 + 8 + 4 + 4 bytes, no padding.
 assert_layout!(KickKey, size 32, align 8);
 
-/// A guest MMIO write that hit no known doorbell, kept in its thread's slot until the thread's
+/// A guest MMIO write that hit no known doorbell, kept in its [`ThreadSlot`] until the thread's
 /// next MMIO event or return to the VMM tells whether the VMM served it (a `KVM_EXIT_MMIO`
 /// follows at once) or the kernel completed it (anything else follows).
 #[repr(C)]
@@ -501,7 +501,7 @@ assert_layout!(PendingWrite, size 32, align 8);
 /// `KVM_EXIT_MMIO`: the VMM is to serve an MMIO access.
 pub const KVM_EXIT_MMIO: u32 = 6;
 
-/// A thread's return to the VMM that has not seen its next `KVM_RUN` yet.
+/// A thread's return to the VMM that has not seen its next `KVM_RUN` yet; part of its [`ThreadSlot`].
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct ServiceStart {
@@ -516,7 +516,37 @@ pub struct ServiceStart {
 // 8 + 8 + 4 + 4 bytes, no padding.
 assert_layout!(ServiceStart, size 24, align 8);
 
-/// Slots of the per-thread service-start array. A thread's slot is its id modulo this; two live
+/// What a thread left pending between its events, in the slot of its id modulo [`THREAD_SLOTS`]:
+/// its return to the VMM and its MMIO write that hit no known doorbell. The two are one cache line
+/// (the array is page-aligned, `BPF_F_MMAPABLE`), read once by each event of the hot path.
+#[repr(C, align(64))]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ThreadSlot {
+    pub service: ServiceStart,
+    pub write: PendingWrite,
+}
+
+// 24 + 32 bytes, padded to the cache line.
+assert_layout!(ThreadSlot, size 64, align 64);
+
+/// Bits of the probes' `SWITCHES` global, which the agent sets at load. They are one word so that
+/// a hot probe reads one cache line for all of them; the verifier knows the loaded value (the
+/// global is read-only) and drops the branches it rules out.
+pub mod switches {
+    /// Count every VMM thread's exits in [`crate::names::maps::THREAD_EXITS`] (the per-vCPU view
+    /// of `vmtrace top`).
+    pub const THREAD_EXITS: u32 = 1;
+    /// Doorbells are learnt from `KVM_IOEVENTFD` (`--vm-ioctls`). Without that none is ever
+    /// known, so a guest write skips the lookups and goes straight to inference.
+    pub const DOORBELLS_LEARNT: u32 = 1 << 1;
+    /// Kick service latency (`--kick-latency`), which needs `sys_enter_read`.
+    pub const KICK_LATENCY: u32 = 1 << 2;
+    /// The VMMs' service time (`--service-time`), which attaches `kvm_fpu`; without it a return
+    /// to the VMM reads no clock.
+    pub const SERVICE_TIME: u32 = 1 << 3;
+}
+
+/// Slots of the per-thread arrays ([`ThreadSlot`], and the exit and entry starts of VMX and SVM). A thread's slot is its id modulo this; two live
 /// vCPU threads whose ids collide share one, and the loser's service time is counted as lost.
 pub const THREAD_SLOTS: u32 = 65536;
 
@@ -696,8 +726,8 @@ pub enum Drop {
     /// Another thread's exit held the thread's exit-start slot (their ids are equal modulo
     /// [`THREAD_SLOTS`]), so that exit's latency is unknown.
     ExitStartsFull = 3,
-    /// Another thread's return to the VMM held the thread's service-start slot (their ids are equal
-    /// modulo [`THREAD_SLOTS`]), so one service time is unknown.
+    /// Another thread's return to the VMM held the thread's slot (their ids are equal modulo
+    /// [`THREAD_SLOTS`]), so one service time is unknown.
     ServiceSlotTaken = 4,
     /// The doorbell map was full, so a doorbell was not learnt and its kicks will not be counted.
     DoorbellsFull = 5,

@@ -50,15 +50,13 @@ pub mod maps {
 
     /// LRU hash map of exits in progress, thread id to [`crate::ExitStart`].
     pub const EXIT_STARTS: &str = "EXIT_STARTS";
-    /// Array of returns to the VMM in progress, by thread slot, of [`crate::ServiceStart`].
-    pub const SERVICE_STARTS: &str = "SERVICE_STARTS";
+    /// Array of what each thread left pending (its return to the VMM, its MMIO write of unknown
+    /// fate), by thread slot, of [`crate::ThreadSlot`].
+    pub const THREAD_STATE: &str = "THREAD_STATE";
     /// Array of guest entries in progress, by thread slot, of [`crate::GuestEntry`].
     pub const GUEST_ENTRIES: &str = "GUEST_ENTRIES";
     /// LRU hash map of unserved kicks, [`crate::EventfdKey`] to [`crate::PendingKick`].
     pub const PENDING_KICKS: &str = "PENDING_KICKS";
-    /// Array of MMIO writes whose fate is not known yet, by thread slot, of
-    /// [`crate::PendingWrite`].
-    pub const PENDING_WRITES: &str = "PENDING_WRITES";
     /// Hash map of `madvise` calls in progress, thread id to advice.
     pub const MADVISE_CALLS: &str = "MADVISE_CALLS";
     /// Hash map of memory each VMM returned to the host, tgid to [`crate::ReturnedRanges`].
@@ -79,7 +77,6 @@ pub mod programs {
 
 /// Globals the agent sets at load beyond the probe table's field offsets and probe switches.
 pub mod globals {
-    /// `u32`: 1 to count every VMM thread's exits in [`super::maps::THREAD_EXITS`] (the per-vCPU
-    /// view of `vmtrace top`); 0, the default, costs the exit probes one load and branch.
-    pub const THREAD_EXITS_ON: &str = "THREAD_EXITS_ON";
+    /// `u32`: the bits of [`crate::switches`] that are on.
+    pub const SWITCHES: &str = "SWITCHES";
 }

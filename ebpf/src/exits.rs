@@ -9,14 +9,15 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
 use vmtrace_common::{
     Drop, ExitKind, LatencyKey, LatencyKind, MmioType, SPACE_MMIO, SPACE_PIO, ServiceStart,
-    THREAD_SLOTS,
+    switches,
 };
 
 use crate::{
     maps::{
-        SERVICE_STARTS, count, count_current_thread, count_drop, count_for, current_cgroup_id,
-        current_tid, record_latency,
+        count, count_current_thread, count_drop, count_for, current_cgroup_id, record_latency,
+        switch_on,
     },
+    thread_slot::Thread,
     virtio::{keep_unknown_write, on_fast_mmio_write, on_guest_write, settle_pending_write},
     vmm_process::note_vmm,
 };
@@ -32,7 +33,10 @@ pub fn kvm_userspace_exit(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_userspace_exit(reason: u32, errno: i32) {
-    settle_pending_write((errno >= 0).then_some(reason));
+    let thread = Thread::current();
+    if let Some(thread) = &thread {
+        settle_pending_write(thread, (errno >= 0).then_some(reason));
+    }
     if errno < 0 {
         count(ExitKind::UserspaceError, errno.unsigned_abs());
         count_current_thread(ExitKind::UserspaceError, errno.unsigned_abs());
@@ -41,20 +45,20 @@ fn on_userspace_exit(reason: u32, errno: i32) {
     count_current_thread(ExitKind::Userspace, reason);
     let cgroup_id = current_cgroup_id();
     count_for(cgroup_id, ExitKind::Userspace, reason);
-    let tid = current_tid();
-    let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) else {
+    let Some(Thread { tid, slot, .. }) = thread else {
         return;
     };
-    let timed = service_time_on();
+    let timed = switch_on(switches::SERVICE_TIME);
     // SAFETY: an array slot of this map; only the thread whose id maps to it writes it, except
     // when two live threads' ids collide, which is detected (the other thread's pending start).
     let owned = unsafe {
-        let owned = (*slot).tid == tid;
+        let service = &raw mut (*slot).service;
+        let owned = (*service).tid == tid;
         if timed {
-            if (*slot).time_ns != 0 && !owned {
+            if (*service).time_ns != 0 && !owned {
                 count_drop(Drop::ServiceSlotTaken);
             }
-            *slot = ServiceStart {
+            *service = ServiceStart {
                 time_ns: bpf_ktime_get_ns(),
                 cgroup_id,
                 reason,
@@ -63,7 +67,7 @@ fn on_userspace_exit(reason: u32, errno: i32) {
         } else if !owned {
             // Without service times the slot only says that this thread's process is noted, so
             // that the lookup in `note_vmm` is made once per thread, not once per exit.
-            *slot = ServiceStart {
+            *service = ServiceStart {
                 time_ns: 0,
                 cgroup_id,
                 reason,
@@ -77,17 +81,6 @@ fn on_userspace_exit(reason: u32, errno: i32) {
         // root, before the probes were attached, so nothing else may have noted its process.
         note_vmm();
     }
-}
-
-/// Set to 1 by the agent when the VMMs' service time is wanted (`--service-time`, which attaches
-/// `kvm_fpu`); without it a return to the VMM reads no clock.
-#[unsafe(no_mangle)]
-static SERVICE_TIME: u32 = 0;
-
-#[inline(always)]
-fn service_time_on() -> bool {
-    // SAFETY: a volatile read of a constant the loader may have rewritten.
-    unsafe { core::ptr::read_volatile(&raw const SERVICE_TIME) != 0 }
 }
 
 /// `kvm_fpu(int load)`: with `load` = 1, KVM loads the guest's FPU state, which it does once early in
@@ -107,19 +100,19 @@ pub fn kvm_fpu(ctx: RawTracePointContext) -> i32 {
 /// to the VMM before is already known to be a VMM's; any other is noted as one.
 #[inline(always)]
 fn on_kvm_run() {
-    let tid = current_tid();
-    let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) else {
+    let Some(Thread { tid, slot, .. }) = Thread::current() else {
         return;
     };
     // SAFETY: an array slot of this map, copied out and marked consumed at once.
     let start = unsafe {
-        let start = *slot;
+        let service = &raw mut (*slot).service;
+        let start = *service;
         if start.time_ns == 0 || start.tid != tid {
             // The vCPU's first KVM_RUN, or one after an exit the probes did not see.
             note_vmm();
             return;
         }
-        (*slot).time_ns = 0;
+        (*service).time_ns = 0;
         start
     };
     let key = LatencyKey {
@@ -134,23 +127,22 @@ fn on_kvm_run() {
     record_latency(key, now.saturating_sub(start.time_ns));
 }
 
-/// The thread `tid` (the current one) exits: a service it left pending (a vCPU's last exit) never
-/// ends, and must not be taken for the service of a later thread with the same id; nor may such a
-/// thread settle its pending MMIO write, which did not exit and is settled now.
+/// The current thread exits: a service it left pending (a vCPU's last exit) never ends, and must
+/// not be taken for the service of a later thread with the same id; nor may such a thread settle
+/// its pending MMIO write, which did not exit and is settled now.
 #[inline(always)]
-pub fn forget_thread(tid: u32) {
-    settle_pending_write(None);
-    if let Some(slot) = SERVICE_STARTS.get_ptr_mut(tid % THREAD_SLOTS) {
-        // SAFETY: an array slot of this map; only this thread's own start is cleared.
-        unsafe {
-            if (*slot).tid == tid {
-                *slot = ServiceStart {
-                    time_ns: 0,
-                    cgroup_id: 0,
-                    reason: 0,
-                    tid: 0,
-                };
-            }
+pub fn forget_thread(thread: &Thread) {
+    settle_pending_write(thread, None);
+    // SAFETY: an array slot of this map; only this thread's own start is cleared.
+    unsafe {
+        let service = &raw mut (*thread.slot).service;
+        if (*service).tid == thread.tid {
+            *service = ServiceStart {
+                time_ns: 0,
+                cgroup_id: 0,
+                reason: 0,
+                tid: 0,
+            };
         }
     }
 }
@@ -184,6 +176,7 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
     let mmio_type: u64 = ctx.arg(0);
     let mmio_type = mmio_type as u32;
     count_current_thread(ExitKind::Mmio, mmio_type);
+    let thread = Thread::current();
     // The thread's previous MMIO write, if one is pending, did not exit: this event would not be
     // here if it had. It is settled below, or by `keep_unknown_write` in the same slot access.
     if mmio_type == MmioType::Write as u32 {
@@ -191,18 +184,24 @@ pub fn kvm_mmio(ctx: RawTracePointContext) -> i32 {
         let gpa: u64 = ctx.arg(2);
         let data: u64 = ctx.arg(3);
         if on_guest_write(SPACE_MMIO, gpa, len as u32, data) {
-            settle_pending_write(None);
+            if let Some(thread) = &thread {
+                settle_pending_write(thread, None);
+            }
             return 0;
         }
         let cgroup_id = current_cgroup_id();
-        if keep_unknown_write(cgroup_id, gpa, len as u32, data) {
-            return 0;
+        if let Some(thread) = &thread {
+            if keep_unknown_write(thread, cgroup_id, gpa, len as u32, data) {
+                return 0;
+            }
+            settle_pending_write(thread, None);
         }
-        settle_pending_write(None);
         count_for(cgroup_id, ExitKind::Mmio, mmio_type);
         return 0;
     }
-    settle_pending_write(None);
+    if let Some(thread) = &thread {
+        settle_pending_write(thread, None);
+    }
     count(ExitKind::Mmio, mmio_type);
     0
 }

@@ -17,6 +17,7 @@ mod kvm_exit;
 mod maps;
 mod memory;
 mod process_exit;
+mod thread_slot;
 mod tlb;
 mod virtio;
 mod vmm_process;

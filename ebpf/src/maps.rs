@@ -9,8 +9,7 @@ use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, Drop,
     EXIT_COUNTS_CAPACITY, EXIT_LATENCY_CAPACITY, EventfdKey, ExitKey, ExitKind, ExitStart,
     GuestEntry, KickKey, LatencyHistogram, LatencyKey, PENDING_KICKS_CAPACITY, PendingKick,
-    PendingWrite, REMOVED_DOORBELLS_CAPACITY, ServiceStart, THREAD_EXITS_CAPACITY, THREAD_SLOTS,
-    ThreadExitKey,
+    REMOVED_DOORBELLS_CAPACITY, THREAD_EXITS_CAPACITY, THREAD_SLOTS, ThreadExitKey, switches,
 };
 
 /// Hot counters, aggregated in the kernel per (cgroup, kind, detail) and per CPU so that the hot
@@ -32,12 +31,6 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
 /// the slot of its thread id modulo [`THREAD_SLOTS`], as the others: this runs on every exit.
 #[map]
 pub static EXIT_STARTS: Array<ExitStart> = Array::with_max_entries(THREAD_SLOTS, 0);
-
-/// Each thread's return to the VMM in progress (until its next KVM_RUN), in the slot of its thread id
-/// modulo [`THREAD_SLOTS`]: an array lookup is far cheaper on this hot path than a hash map's.
-/// Without `--service-time` only the thread id is kept: its process is known to be a VMM.
-#[map]
-pub static SERVICE_STARTS: Array<ServiceStart> = Array::with_max_entries(THREAD_SLOTS, 0);
 
 /// Each vCPU thread's entry into the guest (VMX, SVM), until its next exit: the guest time.
 #[map]
@@ -69,11 +62,6 @@ pub static DOORBELL_ADDRS: HashMap<DoorbellAddr, u32> =
 pub static REMOVED_DOORBELLS: HashMap<DoorbellKey, Doorbell> =
     HashMap::with_max_entries(REMOVED_DOORBELLS_CAPACITY, 0);
 
-/// Each thread's MMIO write that hit no known doorbell, until its next MMIO event or return to
-/// the VMM says whether the kernel completed it; by thread slot, as the others.
-#[map]
-pub static PENDING_WRITES: Array<PendingWrite> = Array::with_max_entries(THREAD_SLOTS, 0);
-
 /// Kicks to doorbells registered before the probes were attached, per CPU: in-kernel MMIO writes
 /// by (tenant, VMM, address, value written).
 #[map]
@@ -81,7 +69,7 @@ pub static INFERRED_KICKS: PerCpuHashMap<KickKey, u64> =
     PerCpuHashMap::with_max_entries(DOORBELLS_CAPACITY, 0);
 
 /// Exits per VMM thread, for `vmtrace top`'s per-vCPU view; written only when the agent sets
-/// [`THREAD_EXITS_ON`].
+/// the switch [`switches::THREAD_EXITS`].
 #[map]
 static THREAD_EXITS: PerCpuHashMap<ThreadExitKey, u64> =
     PerCpuHashMap::with_max_entries(THREAD_EXITS_CAPACITY, 0);
@@ -91,17 +79,22 @@ static THREAD_EXITS: PerCpuHashMap<ThreadExitKey, u64> =
 #[map]
 static THREAD_NAMES: HashMap<u32, [u8; 16]> = HashMap::with_max_entries(THREAD_EXITS_CAPACITY, 0);
 
-/// Set to 1 by the agent while the per-vCPU view is wanted (`vmtrace top`); the agent and
-/// `watch` leave it 0, so the exit probes pay one load and branch for it.
+/// The [`switches`] the agent turned on at load.
 #[unsafe(no_mangle)]
-static THREAD_EXITS_ON: u32 = 0;
+static SWITCHES: u32 = 0;
 
-/// Whether per-thread exit counts are wanted; callers check it before gathering a thread's key,
-/// so that the helpers' cost is only paid while they are.
+/// Whether the switch `bit` of [`switches`] is on.
+#[inline(always)]
+pub fn switch_on(bit: u32) -> bool {
+    // SAFETY: a volatile read of a constant the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&raw const SWITCHES) & bit != 0 }
+}
+
+/// Whether per-thread exit counts are wanted (`vmtrace top`); callers check it before gathering
+/// a thread's key, so that the helpers' cost is only paid while they are.
 #[inline(always)]
 pub fn thread_exits_on() -> bool {
-    // SAFETY: a volatile read of a constant the loader may have rewritten.
-    unsafe { core::ptr::read_volatile(&raw const THREAD_EXITS_ON) != 0 }
+    switch_on(switches::THREAD_EXITS)
 }
 
 /// Adds one to thread `tid`'s counter for `kind` and `detail`.

@@ -10,21 +10,22 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-    },
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
 };
 use vmtrace_common::{
     ANY_QUEUE, Doorbell, DoorbellKey, Drop, EventfdKey, ExitKind, KVM_EXIT_MMIO,
     KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DEASSIGN, KVM_IOEVENTFD_FLAG_PIO, KickKey,
     KvmIoeventfd, LatencyKey, LatencyKind, MmioType, PendingKick, PendingWrite, SPACE_MMIO,
-    SPACE_PIO, THREAD_SLOTS,
+    SPACE_PIO, switches,
 };
 
-use crate::maps::{
-    DOORBELL_ADDRS, DOORBELLS, INFERRED_KICKS, KICKS, PENDING_KICKS, PENDING_WRITES,
-    REMOVED_DOORBELLS, count_drop, count_for, current_cgroup_id, current_tgid, current_tid,
-    increment, record_latency,
+use crate::{
+    maps::{
+        DOORBELL_ADDRS, DOORBELLS, INFERRED_KICKS, KICKS, PENDING_KICKS, REMOVED_DOORBELLS,
+        count_drop, count_for, current_cgroup_id, current_tgid, increment, record_latency,
+        switch_on,
+    },
+    thread_slot::Thread,
 };
 
 /// `ioctl(vm_fd, KVM_IOEVENTFD, arg)`: learn or forget a doorbell of the calling VMM.
@@ -178,8 +179,7 @@ pub fn on_guest_write(space: u32, addr: u64, len: u32, data: u64) -> bool {
 fn count_kick(kicks: *mut u64, key: &DoorbellKey) {
     // SAFETY: this CPU's value of the entry; tracepoint programs run with preemption disabled.
     unsafe { *kicks += 1 };
-    // SAFETY: a volatile read of a constant the loader may have rewritten.
-    if unsafe { core::ptr::read_volatile(&raw const KICK_LATENCY) } != 0 {
+    if switch_on(switches::KICK_LATENCY) {
         // SAFETY: the value is copied out at once.
         if let Some(doorbell) = unsafe { DOORBELLS.get(key) }.copied() {
             remember_kick(key.tgid, doorbell);
@@ -210,7 +210,7 @@ fn count_inferred_kick(cgroup_id: u64, tgid: u32, gpa: u64, queue: u32) {
 /// for a queue index, are no doorbell's: they are not kept (false), and the caller counts them and
 /// settles the thread's pending write.
 #[inline(always)]
-pub fn keep_unknown_write(cgroup_id: u64, gpa: u64, len: u32, data: u64) -> bool {
+pub fn keep_unknown_write(thread: &Thread, cgroup_id: u64, gpa: u64, len: u32, data: u64) -> bool {
     if (LAPIC_AND_MSI..LAPIC_AND_MSI_END).contains(&gpa) || (IOAPIC..IOAPIC_END).contains(&gpa) {
         return false;
     }
@@ -220,21 +220,18 @@ pub fn keep_unknown_write(cgroup_id: u64, gpa: u64, len: u32, data: u64) -> bool
     if value > u64::from(u16::MAX) {
         return false;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
-        return false;
-    };
-    // SAFETY: an array slot of this map; only the thread whose id maps to it writes it, except
-    // when two live threads' ids collide, which is detected (the other thread's pending write).
+    let tid = thread.tid;
+    // SAFETY: the thread's slot; only the thread whose id maps to it writes it, except when two
+    // live threads' ids collide, which is detected (the other thread's pending write).
     let taken = unsafe {
-        let taken = *slot;
-        *slot = PendingWrite {
+        let write = &raw mut (*thread.slot).write;
+        let taken = *write;
+        *write = PendingWrite {
             addr: gpa,
             value,
             cgroup_id,
             tid,
-            tgid,
+            tgid: thread.tgid,
         };
         taken
     };
@@ -259,18 +256,15 @@ fn count_mmio_write(cgroup_id: u64) {
 /// is a `KVM_EXIT_MMIO`, and is counted as an MMIO write; else the kernel completed it, and it is
 /// counted as an inferred kick alone (the agent adds inferred kicks back into the MMIO writes).
 #[inline(always)]
-pub fn settle_pending_write(exit: Option<u32>) {
-    let tid = current_tid();
-    let Some(slot) = PENDING_WRITES.get_ptr_mut(tid % THREAD_SLOTS) else {
-        return;
-    };
+pub fn settle_pending_write(thread: &Thread, exit: Option<u32>) {
     // SAFETY: as in `keep_unknown_write`; the write is copied out and the slot freed at once.
     let pending = unsafe {
-        if (*slot).tid != tid {
+        let write = &raw mut (*thread.slot).write;
+        if (*write).tid != thread.tid {
             return;
         }
-        (*slot).tid = 0;
-        *slot
+        (*write).tid = 0;
+        *write
     };
     if exit == Some(KVM_EXIT_MMIO) {
         count_mmio_write(pending.cgroup_id);
@@ -316,22 +310,10 @@ const LAPIC_AND_MSI_END: u64 = 0xfef0_0000;
 const IOAPIC: u64 = 0xfec0_0000;
 const IOAPIC_END: u64 = 0xfec0_1000;
 
-/// Set to 1 by the agent when doorbells are learnt from `KVM_IOEVENTFD` (`--vm-ioctls`). Without
-/// that no doorbell is ever known, so a guest write skips the lookups and goes straight to
-/// inference.
-#[unsafe(no_mangle)]
-static DOORBELLS_LEARNT: u32 = 0;
-
 #[inline(always)]
 fn doorbells_learnt() -> bool {
-    // SAFETY: a volatile read of a constant the loader may have rewritten.
-    unsafe { core::ptr::read_volatile(&raw const DOORBELLS_LEARNT) != 0 }
+    switch_on(switches::DOORBELLS_LEARNT)
 }
-
-/// Set to 1 by the agent when kick service latency is wanted; it needs `sys_enter_read`, which costs
-/// every read() on the host, so it is off by default.
-#[unsafe(no_mangle)]
-static KICK_LATENCY: u32 = 0;
 
 /// Keeps the time of a queue's first kick that its VMM has not read yet.
 #[inline(always)]

@@ -1,4 +1,4 @@
-//! Reading a whole per-CPU hash map in a few syscalls with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6),
+//! Reading a whole hash map, per-CPU or not, in a few syscalls with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6),
 //! which aya has no API for. Iterating with aya costs two syscalls per entry (the next key, then
 //! its values), so the agent's tick grew with its tenants' entries.
 
@@ -11,7 +11,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{IterableMap, MapData, MapError, PerCpuHashMap},
+    maps::{HashMap, IterableMap, MapData, MapError, PerCpuHashMap},
     sys::SyscallError,
 };
 
@@ -51,17 +51,35 @@ pub fn per_cpu_sums<K: Pod>(
     read_map(map, |values| values.fold(0, u64::wrapping_add))
 }
 
+/// Every key of a hash map that is not per CPU, with its value.
+pub fn entries<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>, MapError> {
+    read_fd(map.map(), Layout::Shared, |values| {
+        values.next().expect("one value per entry")
+    })
+}
+
 fn read_map<K: Pod, V: Pod, T>(
     map: &PerCpuHashMap<MapData, K, V>,
     per_entry: impl Fn(&mut dyn Iterator<Item = V>) -> T,
 ) -> Result<Vec<(K, T)>, MapError> {
-    read(
-        map.map().fd().as_fd().as_raw_fd(),
-        possible_cpus()?,
-        FIRST_CHUNK,
-        per_entry,
-    )
-    .map_err(|io_error| {
+    read_fd(map.map(), Layout::PerCpu(possible_cpus()?), per_entry)
+}
+
+/// How the kernel lays out a batch's values.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// One value per entry, of the map's value size (`htab_map_lookup_batch()`'s `value_size`).
+    Shared,
+    /// A value per possible CPU, each 8-byte aligned (bpf_long_memcpy of round_up(size, 8)).
+    PerCpu(usize),
+}
+
+fn read_fd<K: Pod, V: Pod, T>(
+    map: &MapData,
+    layout: Layout,
+    per_entry: impl Fn(&mut dyn Iterator<Item = V>) -> T,
+) -> Result<Vec<(K, T)>, MapError> {
+    read(map.fd().as_fd().as_raw_fd(), layout, FIRST_CHUNK, per_entry).map_err(|io_error| {
         SyscallError {
             call: "bpf_map_lookup_batch",
             io_error,
@@ -82,12 +100,14 @@ fn possible_cpus() -> Result<usize, MapError> {
 
 fn read<K: Pod, V: Pod, T>(
     fd: i32,
-    cpus: usize,
+    layout: Layout,
     first_chunk: usize,
     per_entry: impl Fn(&mut dyn Iterator<Item = V>) -> T,
 ) -> io::Result<Vec<(K, T)>> {
-    // The kernel lays each CPU's value out 8-byte aligned (bpf_long_memcpy of round_up(size, 8)).
-    let stride = size_of::<V>().next_multiple_of(8);
+    let (cpus, stride) = match layout {
+        Layout::Shared => (1, size_of::<V>()),
+        Layout::PerCpu(cpus) => (cpus, size_of::<V>().next_multiple_of(8)),
+    };
     // The position token: a bucket index (u32) for hash maps.
     let mut token = [0u64; 1];
     let mut chunk = first_chunk.max(1);
@@ -176,6 +196,7 @@ mod tests {
 
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 
     fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
@@ -195,10 +216,10 @@ mod tests {
         }
     }
 
-    /// A per-CPU hash map made in the kernel, or `None` (said) where BPF is refused.
-    fn create(key_size: u32, max_entries: u32) -> Option<i32> {
+    /// A hash map of u64 values made in the kernel, or `None` (said) where BPF is refused.
+    fn create(map_type: u32, key_size: u32, max_entries: u32) -> Option<i32> {
         let mut create = CreateAttr {
-            map_type: BPF_MAP_TYPE_PERCPU_HASH,
+            map_type,
             key_size,
             value_size: 8,
             max_entries,
@@ -222,7 +243,7 @@ mod tests {
     #[test]
     fn batches_read_every_entry_of_a_real_per_cpu_map_on_every_cpu() {
         let cpus = aya::util::nr_cpus().unwrap();
-        let Some(fd) = create(12, 4096) else {
+        let Some(fd) = create(BPF_MAP_TYPE_PERCPU_HASH, 12, 4096) else {
             return;
         };
         let entries = 3000u32;
@@ -240,9 +261,11 @@ mod tests {
             bpf(BPF_MAP_UPDATE_ELEM, &mut elem).unwrap();
         }
         let mut read_back: Vec<([u32; 3], Vec<u64>)> =
-            read(fd, cpus, 1, |values| values.collect()).unwrap();
-        let mut sums: Vec<([u32; 3], u64)> =
-            read(fd, cpus, 1, |values| values.fold(0, u64::wrapping_add)).unwrap();
+            read(fd, Layout::PerCpu(cpus), 1, |values| values.collect()).unwrap();
+        let mut sums: Vec<([u32; 3], u64)> = read(fd, Layout::PerCpu(cpus), 1, |values| {
+            values.fold(0, u64::wrapping_add)
+        })
+        .unwrap();
         // SAFETY: the test owns the descriptor.
         unsafe { libc::close(fd) };
         read_back.sort();
@@ -263,14 +286,43 @@ mod tests {
         }
     }
 
+    /// A real hash map that is not per CPU, as the VMM processes' (u32 keys, u64 values).
+    #[test]
+    fn batches_read_every_entry_of_a_real_shared_map() {
+        let Some(fd) = create(BPF_MAP_TYPE_HASH, 4, 1024) else {
+            return;
+        };
+        let entries = 700u32;
+        for n in 0..entries {
+            let value = u64::from(n) << 33 | 5;
+            let mut elem = ElemAttr {
+                map_fd: fd as u32,
+                key: (&raw const n) as u64,
+                value: (&raw const value) as u64,
+                ..ElemAttr::default()
+            };
+            bpf(BPF_MAP_UPDATE_ELEM, &mut elem).unwrap();
+        }
+        let mut read_back: Vec<(u32, u64)> =
+            read(fd, Layout::Shared, 1, |values| values.next().unwrap()).unwrap();
+        // SAFETY: the test owns the descriptor.
+        unsafe { libc::close(fd) };
+        read_back.sort_unstable();
+        let want: Vec<(u32, u64)> = (0..entries).map(|n| (n, u64::from(n) << 33 | 5)).collect();
+        assert_eq!(read_back, want);
+    }
+
     #[test]
     fn an_empty_map_reads_as_nothing() {
         let cpus = aya::util::nr_cpus().unwrap();
-        let Some(fd) = create(4, 16) else {
+        let Some(fd) = create(BPF_MAP_TYPE_PERCPU_HASH, 4, 16) else {
             return;
         };
         let read_back: Vec<(u32, Vec<u64>)> =
-            read(fd, cpus, FIRST_CHUNK, |values| values.collect()).unwrap();
+            read(fd, Layout::PerCpu(cpus), FIRST_CHUNK, |values| {
+                values.collect()
+            })
+            .unwrap();
         // SAFETY: the test owns the descriptor.
         unsafe { libc::close(fd) };
         assert!(read_back.is_empty());

@@ -119,7 +119,18 @@ impl Counters {
         let map_error = |name| move |e| CountsError::Map(name, e);
         let mut raw = batch::per_cpu_sums(&self.exits).map_err(map_error(EXIT_COUNTS_MAP))?;
         let exit_entries = raw.len();
-        let mut kicks = self.read_kicks()?;
+        let mut live = BTreeMap::new();
+        for entry in &self.doorbells {
+            let (key, doorbell) = entry.map_err(map_error(DOORBELLS_MAP))?;
+            live.insert(key, doorbell);
+        }
+        let inferred =
+            batch::per_cpu_sums(&self.inferred_kicks).map_err(map_error(INFERRED_KICKS_MAP))?;
+        // Read after the doorbells and the inferred kicks: the kernel side notes a VMM before it
+        // stores its first doorbell or makes its first kick, and forgets it when it exits, so a
+        // VMM noted live here owns every live doorbell and kick read above.
+        let vmms = self.read_vmm_processes()?;
+        let mut kicks = self.read_kicks(live, &vmms)?;
         // A kick is counted on its doorbell only, not also as the port or MMIO write it is.
         for (key, &count) in &kicks {
             let (kind, detail) = if key.space == SPACE_PIO {
@@ -136,7 +147,7 @@ impl Counters {
             };
             raw.push((write, count));
         }
-        let inferred_entries = self.read_inferred_kicks(&mut kicks, &mut raw)?;
+        let inferred_entries = self.add_inferred_kicks(inferred, &vmms, &mut kicks, &mut raw)?;
         let mut snapshot = Snapshot {
             by_cgroup: aggregate(&raw, names),
             ..Snapshot::default()
@@ -194,7 +205,8 @@ impl Counters {
             });
         }
         snapshot.iommu_faults.sort();
-        snapshot.vmm_processes = self.read_vmm_processes()?;
+        let vmm_entries = vmms.len();
+        snapshot.vmm_processes = vmms;
         snapshot.threads_by_cgroup = self.threads.read(names)?;
         for &reason in Drop::ALL {
             let per_cpu = self
@@ -203,14 +215,24 @@ impl Counters {
                 .map_err(map_error(DROPS_MAP))?;
             snapshot.drops.insert(reason.name(), per_cpu.iter().sum());
         }
-        snapshot.maps = self.fill(
-            exit_entries,
-            latency_entries,
-            iommu_entries,
-            inferred_entries,
-        );
+        snapshot.maps = self.fill(MapEntries {
+            exits: exit_entries,
+            latency: latency_entries,
+            iommu_faults: iommu_entries,
+            inferred_kicks: inferred_entries,
+            vmm_processes: vmm_entries,
+        });
         Ok(snapshot)
     }
+}
+
+/// How many entries the tick's batch reads found, by map.
+struct MapEntries {
+    exits: usize,
+    latency: usize,
+    iommu_faults: usize,
+    inferred_kicks: usize,
+    vmm_processes: usize,
 }
 
 impl Counters {
@@ -261,22 +283,16 @@ impl Counters {
     }
 
     /// How full each hash map is; the maps read whole this tick by the entries the read found.
-    fn fill(
-        &self,
-        exits: usize,
-        latency: usize,
-        iommu_faults: usize,
-        inferred_kicks: usize,
-    ) -> Vec<MapFill> {
+    fn fill(&self, read: MapEntries) -> Vec<MapFill> {
         vec![
-            map_fill::of(EXIT_COUNTS_MAP, self.exits.map(), exits),
-            map_fill::of(EXIT_LATENCY_MAP, self.latency.map(), latency),
+            map_fill::of(EXIT_COUNTS_MAP, self.exits.map(), read.exits),
+            map_fill::of(EXIT_LATENCY_MAP, self.latency.map(), read.latency),
             map_fill::of_keys(DOORBELLS_MAP, self.doorbells.map(), self.doorbells.keys()),
             map_fill::of_keys(KICKS_MAP, self.kicks.map(), self.kicks.keys()),
             map_fill::of(
                 INFERRED_KICKS_MAP,
                 self.inferred_kicks.map(),
-                inferred_kicks,
+                read.inferred_kicks,
             ),
             map_fill::of_keys(
                 DOORBELL_ADDRS_MAP,
@@ -288,38 +304,34 @@ impl Counters {
                 self.removed_doorbells.map(),
                 self.removed_doorbells.keys(),
             ),
-            map_fill::of_keys(
+            map_fill::of(
                 VMM_PROCESSES_MAP,
                 self.vmm_processes.map(),
-                self.vmm_processes.keys(),
+                read.vmm_processes,
             ),
-            map_fill::of(IOMMU_FAULTS_MAP, self.iommu_faults.map(), iommu_faults),
+            map_fill::of(IOMMU_FAULTS_MAP, self.iommu_faults.map(), read.iommu_faults),
             self.threads.fill(),
         ]
     }
 
     /// Live VMM processes: tgid to cgroup id.
     fn read_vmm_processes(&self) -> Result<BTreeMap<u32, u64>, CountsError> {
-        self.vmm_processes
-            .iter()
-            .map(|entry| entry.map_err(|e| CountsError::Map(VMM_PROCESSES_MAP, e)))
-            .collect()
+        let entries = batch::entries(&self.vmm_processes)
+            .map_err(|e| CountsError::Map(VMM_PROCESSES_MAP, e))?;
+        Ok(entries.into_iter().collect())
     }
 
     /// Kicks per tenant, VM, doorbell and queue: those of live doorbells, and those of removed
     /// doorbells (deassigned, or of a VMM that has exited), which are collected here once and then
     /// deleted from the kernel's maps.
-    fn read_kicks(&mut self) -> Result<BTreeMap<KickKey, u64>, CountsError> {
+    /// `live`: the doorbells the probes know, read before `vmms`, the VMM processes.
+    fn read_kicks(
+        &mut self,
+        mut live: BTreeMap<DoorbellKey, Doorbell>,
+        vmms: &BTreeMap<u32, u64>,
+    ) -> Result<BTreeMap<KickKey, u64>, CountsError> {
         let map_error = |name| move |e| CountsError::Map(name, e);
-        let mut live = BTreeMap::new();
-        for entry in &self.doorbells {
-            let (key, doorbell) = entry.map_err(map_error(DOORBELLS_MAP))?;
-            live.insert(key, doorbell);
-        }
-        // A VMM that exited without removing its doorbells: they go the same way. The kernel side
-        // notes a VMM before it stores its first doorbell and forgets it when it exits, so reading
-        // the VMMs after the doorbells finds every live doorbell's owner.
-        let vmms = self.read_vmm_processes()?;
+        // A VMM that exited without removing its doorbells: they go the same way.
         let exited: Vec<(DoorbellKey, Doorbell)> = live
             .iter()
             .filter(|(key, _)| !vmms.contains_key(&key.tgid))
@@ -386,17 +398,16 @@ impl Counters {
     /// written with more distinct values than a device has queues is not a doorbell (a coalesced
     /// MMIO zone, say): its writes stay in-kernel MMIO writes only. Returns the entries the map
     /// held.
-    fn read_inferred_kicks(
+    /// `entries`: the inferred kicks the kernel's map held, read before `vmms`.
+    fn add_inferred_kicks(
         &mut self,
+        entries: Vec<(KickKey, u64)>,
+        vmms: &BTreeMap<u32, u64>,
         kicks: &mut BTreeMap<KickKey, u64>,
         raw: &mut Vec<(ExitKey, u64)>,
     ) -> Result<usize, CountsError> {
-        let entries = batch::per_cpu_sums(&self.inferred_kicks)
-            .map_err(|e| CountsError::Map(INFERRED_KICKS_MAP, e))?;
         let held = entries.len();
         let mut inferred = self.collected_inferred.clone();
-        // Read after the counters: a VMM noted live here had made every kick read above.
-        let vmms = self.read_vmm_processes()?;
         for (key, total) in entries {
             *inferred.entry(key).or_default() += total;
             if !vmms.contains_key(&key.tgid) {

@@ -245,32 +245,27 @@ impl Probes {
             .map(|spec| prepare(spec, *options, &tracefs, &btf))
             .collect();
         agree_on_shared_globals(PROBES, &mut prepared);
-        // Optional probes' switches: 1 where the probe is to be attached.
-        let switches: Vec<(&str, u32)> = PROBES
+        // Optional probes' switches: on where the probe is to be attached.
+        let probe_switches = PROBES
             .iter()
             .zip(&prepared)
             .filter_map(|(spec, prepared)| match spec.when {
-                When::Optional { switch, .. } => {
-                    Some((switch, u32::from(prepared.globals.is_ok())))
-                }
+                When::Optional { switch, .. } if prepared.globals.is_ok() => Some(switch),
                 _ => None,
-            })
-            .collect();
+            });
+        let thread_exits = if options.thread_exits {
+            vmtrace_common::switches::THREAD_EXITS
+        } else {
+            0
+        };
+        let switches = probe_switches.fold(thread_exits, |all, switch| all | switch);
         // The loader parses the kernel's BTF again (`EbpfLoader::new`, some 18 MiB): the checks'
         // mapping goes first, so that the two are never held at once.
         let btf = btf.map(drop);
         // Parsing the kernel's BTF takes some 20 MiB in many small allocations, freed by now.
         heap::return_freed_memory();
         let mut loader = EbpfLoader::new();
-        for (switch, on) in &switches {
-            loader.override_global(switch, on, true);
-        }
-        let thread_exits = u32::from(options.thread_exits);
-        loader.override_global(
-            vmtrace_common::names::globals::THREAD_EXITS_ON,
-            &thread_exits,
-            true,
-        );
+        loader.override_global(vmtrace_common::names::globals::SWITCHES, &switches, true);
         for (global, offset) in prepared.iter().flat_map(|p| p.globals.iter().flatten()) {
             loader.override_global(global, offset, true);
         }

@@ -17,15 +17,15 @@ use vmtrace_common::{
     DOORBELLS_CAPACITY, DROP_REASONS, Doorbell, DoorbellAddr, DoorbellKey, EXIT_COUNTS_CAPACITY,
     EXIT_LATENCY_CAPACITY, EventfdKey, ExitKey, ExitStart, GuestEntry, GuestMemory,
     IOMMU_FAULTS_CAPACITY, IommuFaultKey, KickKey, LatencyHistogram, LatencyKey,
-    PENDING_KICKS_CAPACITY, PendingKick, PendingWrite, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges,
-    ServiceStart, THREAD_EXITS_CAPACITY, THREAD_SLOTS, ThreadExitKey, VMM_MEMORY_CAPACITY,
+    PENDING_KICKS_CAPACITY, PendingKick, REMOVED_DOORBELLS_CAPACITY, ReturnedRanges,
+    THREAD_EXITS_CAPACITY, THREAD_SLOTS, ThreadExitKey, ThreadSlot, VMM_MEMORY_CAPACITY,
     VMM_PROCESSES_CAPACITY,
     names::{maps, programs},
 };
 
 use super::{
     load::OBJECT,
-    spec::{PROBES, Reads, When},
+    spec::{PROBES, Reads},
 };
 
 /// A map as the agent and the kernel side must both see it.
@@ -110,9 +110,8 @@ const MAPS: &[MapSpec] = &[
         Some(THREAD_EXITS_CAPACITY),
     ),
     map::<u32, ExitStart>(maps::EXIT_STARTS, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
-    map::<u32, ServiceStart>(maps::SERVICE_STARTS, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
+    map::<u32, ThreadSlot>(maps::THREAD_STATE, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<u32, GuestEntry>(maps::GUEST_ENTRIES, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
-    map::<u32, PendingWrite>(maps::PENDING_WRITES, BPF_MAP_TYPE_ARRAY, Some(THREAD_SLOTS)),
     map::<KickKey, u64>(
         maps::INFERRED_KICKS,
         BPF_MAP_TYPE_PERCPU_HASH,
@@ -157,15 +156,12 @@ fn programs() -> Vec<(&'static str, Attach)> {
 }
 
 /// The globals the agent overrides at load, all `u32`: the probe table's field offsets and the
-/// switches of its optional probes.
+/// switches.
 fn globals() -> BTreeSet<&'static str> {
-    let mut globals = BTreeSet::from([vmtrace_common::names::globals::THREAD_EXITS_ON]);
+    let mut globals = BTreeSet::from([vmtrace_common::names::globals::SWITCHES]);
     for spec in PROBES {
         if let Reads::Classic { fields } = spec.reads {
             globals.extend(fields.iter().map(|field| field.global));
-        }
-        if let When::Optional { switch, .. } = spec.when {
-            globals.insert(switch);
         }
     }
     globals

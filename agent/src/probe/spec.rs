@@ -7,6 +7,8 @@
 //! the format-file fields its program reads, their widths and the program globals their offsets set
 //! (checked against the format file, `probe::tracefs`).
 
+use vmtrace_common::switches;
+
 use crate::host::{IommuHost, KvmFlavour};
 
 /// One probe: an eBPF program and the tracepoint it attaches to.
@@ -52,11 +54,9 @@ pub struct FieldRead {
 pub enum When {
     /// Always attached; a failure is worth a warning.
     Required,
-    /// Attached only when `option` is on; `switch` is a program global set to 1 when it is.
-    Optional {
-        option: ProbeOption,
-        switch: &'static str,
-    },
+    /// Attached only when `option` is on; `switch` is the bit of the program's switches
+    /// ([`vmtrace_common::switches`]) set when it is.
+    Optional { option: ProbeOption, switch: u32 },
     /// Always attached, but on some hosts it never fires (and may not attach): no warning there.
     Silent(Silence),
 }
@@ -258,7 +258,7 @@ pub static PROBES: &[ProbeSpec] = &[
     // The end of a VMM's service of an exit (the next KVM_RUN): its cost falls on every exit that
     // returns to the VMM, so it is off unless asked for. Without it a VMM is known from its
     // first return, at kvm_userspace_exit.
-    raw("kvm_fpu", "kvm", "kvm_fpu", &[(0, "load")], When::Optional { option: ProbeOption::ServiceTime, switch: "SERVICE_TIME" }),
+    raw("kvm_fpu", "kvm", "kvm_fpu", &[(0, "load")], When::Optional { option: ProbeOption::ServiceTime, switch: switches::SERVICE_TIME }),
     raw("kvm_userspace_exit", "kvm", "kvm_userspace_exit", &[(0, "reason"), (1, "errno")], Required),
     raw("kvm_pio", "kvm", "kvm_pio", &[(0, "rw"), (1, "port"), (2, "size"), (4, "data")], Required),
     raw("kvm_mmio", "kvm", "kvm_mmio", &[(0, "type"), (1, "len"), (2, "gpa"), (3, "val")], Required),
@@ -292,7 +292,7 @@ pub static PROBES: &[ProbeSpec] = &[
             field("cmd", 8, "IOCTL_CMD_OFFSET"),
             field("arg", 8, "IOCTL_ARG_OFFSET"),
         ],
-        When::Optional { option: ProbeOption::VmIoctls, switch: "DOORBELLS_LEARNT" },
+        When::Optional { option: ProbeOption::VmIoctls, switch: switches::DOORBELLS_LEARNT },
     ),
     // Kick service latency: runs on every read() of the host, to see VMMs read their doorbell
     // eventfds, so it is off unless asked for.
@@ -300,7 +300,7 @@ pub static PROBES: &[ProbeSpec] = &[
         "syscalls",
         "sys_enter_read",
         &[field("fd", 8, "READ_FD_OFFSET")],
-        When::Optional { option: ProbeOption::KickLatency, switch: "KICK_LATENCY" },
+        When::Optional { option: ProbeOption::KickLatency, switch: switches::KICK_LATENCY },
     ),
     classic("cgroup", "cgroup_mkdir", CGROUP_FIELDS, Required),
     classic("cgroup", "cgroup_rmdir", CGROUP_FIELDS, Required),

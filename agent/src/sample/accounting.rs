@@ -16,7 +16,7 @@ use crate::{
     host::cgroupfs::{CgroupFs, CpuStat, MemoryStat, outermost},
     host::guest_time::GuestTime,
     host::procfs::vmm_threads,
-    host::{dtlb::DtlbCounters, figures},
+    host::{KvmFlavour, dtlb::DtlbCounters, figures},
     kind::{CpuMode, Gauge, Kind, MemcgEvent},
     probe::exit_counts::KindCounts,
     tenant::aggregate::TenantCounts,
@@ -42,7 +42,10 @@ const SETTLE: Duration = Duration::from_secs(4);
 /// Reads cgroup files, VMM threads' guest time and dTLB counters for the tenants of each sample.
 pub struct Accounting {
     cgroups: CgroupFs,
-    guest: GuestTime,
+    /// The VMM threads' guest time, where the kernel accounts it (not on PVM, nor from a PID
+    /// namespace of the agent's own): elsewhere reading their `stat` files every tick would
+    /// be a third of a live tenant's tick for nothing.
+    guest: Option<GuestTime>,
     /// `Err` with the reason where the host cannot count dTLB misses.
     dtlb: Result<DtlbCounters, String>,
     /// Last figures of each cgroup path, and since when the cgroup has been empty: a cgroup
@@ -56,10 +59,12 @@ pub struct Accounting {
 impl Accounting {
     /// `pid_namespace`: why the VMMs' threads are not in this agent's /proc, when they are not;
     /// then no thread can be counted.
-    pub fn new(cgroups: CgroupFs, pid_namespace: Option<&str>) -> Self {
+    pub fn new(cgroups: CgroupFs, flavour: KvmFlavour, pid_namespace: Option<&str>) -> Self {
         Self {
             cgroups,
-            guest: GuestTime::default(),
+            guest: figures::guest_time_unknown(flavour, pid_namespace)
+                .is_none()
+                .then(GuestTime::default),
             dtlb: figures::dtlb_availability(pid_namespace).map(|()| DtlbCounters::default()),
             last: HashMap::new(),
         }
@@ -105,8 +110,15 @@ impl Accounting {
     /// their last figures. `vmm_processes` maps the VMM processes the probes know to their cgroup
     /// ids.
     pub fn add_to(&mut self, tenants: &mut [TenantCounts], vmm_processes: &BTreeMap<u32, u64>) {
-        let threads = vmm_threads(vmm_processes);
-        let guest_by_cgroup = self.guest.update(&threads);
+        let threads = if self.guest.is_some() || self.dtlb.is_ok() {
+            vmm_threads(vmm_processes)
+        } else {
+            Vec::new()
+        };
+        let guest_by_cgroup = match &mut self.guest {
+            Some(guest) => guest.update(&threads),
+            None => HashMap::default(),
+        };
         let dtlb_misses = match &mut self.dtlb {
             Ok(counters) => counters.update(&threads),
             Err(_) => HashMap::default(),
@@ -117,7 +129,9 @@ impl Accounting {
             .flat_map(|t| t.cgroups.iter().map(|c| c.id))
             .chain(vmm_processes.values().copied())
             .collect();
-        self.guest.retain_cgroups(|id| referenced.contains(&id));
+        if let Some(guest) = &mut self.guest {
+            guest.retain_cgroups(|id| referenced.contains(&id));
+        }
         if let Ok(counters) = &mut self.dtlb {
             counters.retain_cgroups(|id| referenced.contains(&id));
         }

@@ -201,7 +201,11 @@ impl Sampler {
             })
             .flatten();
         let pid_namespace = figures::foreign_pid_namespace();
-        let accounting = Accounting::new(CgroupFs::new(root.clone()), pid_namespace.as_deref());
+        let accounting = Accounting::new(
+            CgroupFs::new(root.clone()),
+            kvm.flavour,
+            pid_namespace.as_deref(),
+        );
         for figure in figures::on_host(
             kvm.flavour,
             pid_namespace.as_deref(),
