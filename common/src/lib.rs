@@ -741,23 +741,21 @@ pub enum Drop {
     CgroupEventsFull = 9,
     /// The VMM process map was full, so a VMM's faults and TLB flushes are not counted.
     VmmProcessesFull = 10,
-    /// The in-progress madvise map was full, so a balloon return is counted as a plain unmap.
-    MadviseCallsFull = 11,
     /// The returned-range map was full, so refaults of one VMM are not counted.
-    ReturnedRangesFull = 12,
+    ReturnedRangesFull = 11,
     /// An IOMMU fault record could not be read, or the fault map was full.
-    IommuFaultLost = 13,
+    IommuFaultLost = 12,
     /// A memory slot could not be read or remembered, so memory returned from it counts whole.
-    GuestMemoryLost = 14,
+    GuestMemoryLost = 13,
     /// [`REMOVED_DOORBELLS_MAP`] was full, so a removed doorbell's last kicks are not reported.
-    RemovedDoorbellsFull = 15,
+    RemovedDoorbellsFull = 14,
     /// [`THREAD_EXITS_MAP`] was full, so a thread's exit is missing from the per-vCPU view (the
     /// tenant's own counts have it).
-    ThreadExitsFull = 16,
+    ThreadExitsFull = 15,
     /// [`INFERRED_KICKS_MAP`] was full, or another thread held the thread's pending-write slot,
     /// so a kick to a doorbell registered before the probes were attached was not counted (it
     /// still counts as an in-kernel MMIO write).
-    InferredKickLost = 17,
+    InferredKickLost = 16,
 }
 
 impl Drop {
@@ -774,7 +772,6 @@ impl Drop {
         Self::PendingKicksFull,
         Self::CgroupEventsFull,
         Self::VmmProcessesFull,
-        Self::MadviseCallsFull,
         Self::ReturnedRangesFull,
         Self::IommuFaultLost,
         Self::GuestMemoryLost,
@@ -797,7 +794,6 @@ impl Drop {
             Self::PendingKicksFull => "pending_kicks_full",
             Self::CgroupEventsFull => "cgroup_events_full",
             Self::VmmProcessesFull => "vmm_processes_full",
-            Self::MadviseCallsFull => "madvise_calls_full",
             Self::ReturnedRangesFull => "returned_ranges_full",
             Self::IommuFaultLost => "iommu_fault_lost",
             Self::GuestMemoryLost => "guest_memory_lost",
@@ -883,7 +879,6 @@ mod tests {
             PendingKicksFull,
             CgroupEventsFull,
             VmmProcessesFull,
-            MadviseCallsFull,
             ReturnedRangesFull,
             IommuFaultLost,
             GuestMemoryLost,
@@ -900,7 +895,7 @@ mod tests {
         }
         assert_eq!(DROP_REASONS as usize, every.len());
         // The names are exported (metric labels, recordings): they never change.
-        let names: [&str; 18] = core::array::from_fn(|i| Drop::ALL[i].name());
+        let names: [&str; 17] = core::array::from_fn(|i| Drop::ALL[i].name());
         assert_eq!(
             names,
             [
@@ -915,7 +910,6 @@ mod tests {
                 "pending_kicks_full",
                 "cgroup_events_full",
                 "vmm_processes_full",
-                "madvise_calls_full",
                 "returned_ranges_full",
                 "iommu_fault_lost",
                 "guest_memory_lost",

@@ -57,8 +57,6 @@ pub mod maps {
     pub const GUEST_ENTRIES: &str = "GUEST_ENTRIES";
     /// LRU hash map of unserved kicks, [`crate::EventfdKey`] to [`crate::PendingKick`].
     pub const PENDING_KICKS: &str = "PENDING_KICKS";
-    /// Hash map of `madvise` calls in progress, thread id to advice.
-    pub const MADVISE_CALLS: &str = "MADVISE_CALLS";
     /// Hash map of memory each VMM returned to the host, tgid to [`crate::ReturnedRanges`].
     pub const RETURNED: &str = "RETURNED";
     /// Hash map of each VMM's guest memory, tgid to [`crate::GuestMemory`].

@@ -7,9 +7,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::HashMap,
-    programs::{RawTracePointContext, TracePointContext},
+    programs::RawTracePointContext,
 };
 use vmtrace_common::{
     Drop, ExitKind, FaultMode, GUEST_SLOTS, GuestMemory, HvaDetail, KvmUserspaceMemoryRegion,
@@ -18,13 +18,9 @@ use vmtrace_common::{
 };
 
 use crate::{
-    maps::{add_for, count, count_drop, count_for, current_cgroup_id, current_tgid, current_tid},
+    maps::{add_for, count, count_drop, count_for, current_cgroup_id, current_tgid},
     vmm_process::{in_vmm, note_vmm},
 };
-
-/// Threads of VMMs inside a `madvise` that discards memory: tid to the advice.
-#[map]
-static MADVISE_CALLS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Each VMM's most recently returned ranges, by tgid.
 #[map]
@@ -135,8 +131,7 @@ pub fn kvm_unmap_hva_range(ctx: RawTracePointContext) -> i32 {
         HvaDetail::Bytes as u32,
         bytes,
     );
-    // SAFETY: only the presence of the entry is used.
-    if unsafe { MADVISE_CALLS.get(current_tid()) }.is_some() {
+    if discarding_madvise() && in_vmm() {
         on_returned(cgroup_id, start, end);
     }
     0
@@ -254,84 +249,64 @@ pub fn forget_process(tgid: u32) {
     let _ = GUEST_MEMORY.remove(tgid);
 }
 
-/// Offsets of `start`, `len_in` and `behavior` in the `syscalls:sys_enter_madvise` record; set by
-/// the agent from the format file.
-#[unsafe(no_mangle)]
-static MADVISE_START_OFFSET: u32 = 16;
-#[unsafe(no_mangle)]
-static MADVISE_LEN_OFFSET: u32 = 24;
-#[unsafe(no_mangle)]
-static MADVISE_BEHAVIOR_OFFSET: u32 = 32;
-
-/// `syscalls:sys_enter_madvise`: a VMM thread starting to discard memory is noted, so that the
-/// invalidations it causes count as memory returned to the host, unless it is discarding its own
-/// stack on its way out.
-#[tracepoint(category = "syscalls", name = "sys_enter_madvise")]
-pub fn sys_enter_madvise(ctx: TracePointContext) -> i32 {
-    // SAFETY: volatile reads of constants the loader may have rewritten.
-    let (start_offset, len_offset, behavior_offset) = unsafe {
-        (
-            core::ptr::read_volatile(&raw const MADVISE_START_OFFSET),
-            core::ptr::read_volatile(&raw const MADVISE_LEN_OFFSET),
-            core::ptr::read_volatile(&raw const MADVISE_BEHAVIOR_OFFSET),
-        )
-    };
-    // SAFETY: offsets checked against the format file; read_at fails rather than faults.
-    let Ok(behavior) = (unsafe { ctx.read_at::<u64>(behavior_offset as usize) }) else {
-        return 0;
-    };
-    let behavior = behavior as u32;
-    let discards = matches!(
-        behavior,
-        MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED
-    );
-    if !discards || !in_vmm() {
-        return 0;
-    }
-    // SAFETY: as above.
-    let range = unsafe {
-        (
-            ctx.read_at::<u64>(start_offset as usize),
-            ctx.read_at::<u64>(len_offset as usize),
-        )
-    };
-    if let (Ok(start), Ok(len)) = range
-        && releases_own_stack(start.saturating_add(len))
-    {
-        return 0;
-    }
-    if MADVISE_CALLS.insert(current_tid(), behavior, 0).is_err() {
-        count_drop(Drop::MadviseCallsFull);
-    }
-    0
-}
+/// `madvise`'s number in x86-64's system call table (arch/x86/entry/syscalls/syscall_64.tbl), part
+/// of the kernel's user ABI.
+const NR_MADVISE: u64 = 28;
 
 /// How far below a thread's stack pointer a release of its own stack ends: glibc's
 /// `advise_stack_range()` (nptl/nptl-stack.c), called by every exiting thread, discards its stack
 /// up to `PTHREAD_STACK_MIN` (16 KiB) and a page below the stack pointer.
 const OWN_STACK_MARGIN: u64 = 64 * 1024;
 
-/// Offset of `sp` in x86-64's `struct pt_regs` (arch/x86/include/asm/ptrace.h), part of the
-/// kernel's user ABI (`user_regs_struct` has the same layout).
-const PT_REGS_SP: u64 = 19 * 8;
-
-/// Whether a discard ending at `end` is the calling thread freeing its own stack: it ends just
-/// below the thread's user stack pointer. A VMM's guest memory is a mapping of its own, never the
-/// stack the thread runs on.
-#[inline(always)]
-fn releases_own_stack(end: u64) -> bool {
-    // SAFETY: the helpers return the current task and its saved user registers; the read fails
-    // rather than faults.
-    let sp = unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
-        bpf_probe_read_kernel((regs + PT_REGS_SP) as *const u64)
-    };
-    sp.is_ok_and(|sp| end <= sp && sp - end <= OWN_STACK_MARGIN)
+/// The registers a system call leaves in x86-64's `struct pt_regs` (arch/x86/include/asm/ptrace.h,
+/// the same layout as the user ABI's `user_regs_struct`), from `dx` (index 12) to `sp` (19): the
+/// first three arguments, the system call's number and the user stack pointer.
+#[repr(C)]
+struct SyscallRegs {
+    dx: u64,
+    si: u64,
+    di: u64,
+    orig_ax: u64,
+    _ip: u64,
+    _cs: u64,
+    _flags: u64,
+    sp: u64,
 }
 
-/// `syscalls:sys_exit_madvise`: the thread's discard, if any, is over.
-#[tracepoint(category = "syscalls", name = "sys_exit_madvise")]
-pub fn sys_exit_madvise(_ctx: TracePointContext) -> i32 {
-    let _ = MADVISE_CALLS.remove(current_tid());
-    0
+/// Offset of `dx` in `struct pt_regs`.
+const PT_REGS_DX: u64 = 12 * 8;
+
+/// Whether the current thread is inside a `madvise` that gives memory back to the host, read from
+/// the registers its system call saved on entry (they stay as the user left them until it
+/// returns), unless it is discarding its own stack on its way out. No tracepoint on `madvise`
+/// is needed: a syscall tracepoint, once enabled, puts every system call of the host on the traced
+/// slow path (docs/probes.md).
+#[inline(always)]
+fn discarding_madvise() -> bool {
+    // SAFETY: the helpers return the current task and its saved user registers; the read fails
+    // rather than faults.
+    let Ok(regs) = (unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        bpf_probe_read_kernel((regs + PT_REGS_DX) as *const SyscallRegs)
+    }) else {
+        return false;
+    };
+    // Outside a system call `orig_ax` holds an exception's error code or -1.
+    if regs.orig_ax != NR_MADVISE {
+        return false;
+    }
+    // The advice is an `int`: only the register's low half is the argument.
+    let discards = matches!(
+        regs.dx as u32,
+        MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED
+    );
+    discards && !releases_own_stack(regs.di.saturating_add(regs.si), regs.sp)
+}
+
+/// Whether a discard ending at `end` is the calling thread freeing its own stack: it ends just
+/// below the thread's user stack pointer `sp`. A VMM's guest memory is a mapping of its own, never
+/// the stack the thread runs on.
+#[inline(always)]
+fn releases_own_stack(end: u64, sp: u64) -> bool {
+    end <= sp && sp - end <= OWN_STACK_MARGIN
 }

@@ -459,7 +459,7 @@ fn on_a_node_without_tracefs_the_init_container_mounts_it() {
         mount_namespace: Some(namespace.pid()),
         ..deployment.node.clone()
     };
-    // The agent's classic tracepoints (cgroup lifecycle, returned memory) need tracefs: counting
+    // The agent's classic tracepoints (cgroup lifecycle) need tracefs: counting
     // exactly with no probe left unattached (its log names any that is not) shows it was there
     // for the agent.
     counts_exactly(&deployment, &node, &deployment.daemonset, "no-tracefs");

@@ -392,17 +392,17 @@ fn tracefs_unmounted_while_the_agent_runs_leaves_the_classic_probes_counting() {
 }
 
 /// The classic tracepoint hidden in [`a_missing_tracepoint_degrades_the_agent_naming_exactly_that_probe`]:
-/// the balloon's madvise entry, which no other probe waits for.
-const HIDDEN: &str = "syscalls:sys_enter_madvise";
+/// the removal of cgroups, which the counts of a live tenant do not need.
+const HIDDEN: &str = "cgroup:cgroup_rmdir";
 
-/// Script: the host's tracefs with `events/syscalls/sys_enter_madvise` replaced by an empty
-/// directory, as on a kernel built without that event.
+/// Script: the host's tracefs with `events/cgroup/cgroup_rmdir` replaced by an empty directory,
+/// as on a kernel built without that event.
 fn hide_one_event(empty: &Path) -> String {
     format!(
         "{ENSURE_TRACEFS}\n\
          tracefs=$(awk '$3 == \"tracefs\" {{ print $2; exit }}' /proc/self/mounts)\n\
-         mount --bind '{}' \"$tracefs/events/syscalls/sys_enter_madvise\"\n\
-         test ! -e \"$tracefs/events/syscalls/sys_enter_madvise/id\"",
+         mount --bind '{}' \"$tracefs/events/cgroup/cgroup_rmdir\"\n\
+         test ! -e \"$tracefs/events/cgroup/cgroup_rmdir/id\"",
         empty.display()
     )
 }

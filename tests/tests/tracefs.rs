@@ -32,12 +32,10 @@ done
 /// The classic tracepoints the probe table requires, written out here: with no tracefs, exactly
 /// these cannot attach on this host (kvm_exit is silent on PVM, io_page_fault without an IOMMU,
 /// sys_enter_ioctl and sys_enter_read optional and off).
-const REQUIRED_CLASSIC: [&str; 5] = [
+const REQUIRED_CLASSIC: [&str; 3] = [
     "cgroup:cgroup_mkdir",
     "cgroup:cgroup_rmdir",
     "cgroup:cgroup_attach_task",
-    "syscalls:sys_exit_madvise",
-    "syscalls:sys_enter_madvise",
 ];
 
 /// `vmtrace ARGS` in a private mount namespace prepared by `script` (run by `sh` before the agent).

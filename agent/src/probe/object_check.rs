@@ -122,7 +122,6 @@ const MAPS: &[MapSpec] = &[
         BPF_MAP_TYPE_LRU_HASH,
         Some(PENDING_KICKS_CAPACITY),
     ),
-    map::<u32, u32>(maps::MADVISE_CALLS, BPF_MAP_TYPE_HASH, None),
     map::<u32, ReturnedRanges>(maps::RETURNED, BPF_MAP_TYPE_HASH, Some(VMM_MEMORY_CAPACITY)),
     map::<u32, GuestMemory>(
         maps::GUEST_MEMORY,

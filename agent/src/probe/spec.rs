@@ -22,8 +22,6 @@ pub struct ProbeSpec {
     pub event: &'static str,
     pub reads: Reads,
     pub when: When,
-    /// Attach only once this program (an earlier entry) is attached.
-    pub after: Option<&'static str>,
 }
 
 /// What the program reads of its tracepoint.
@@ -178,7 +176,6 @@ const fn raw(
         event,
         reads: Reads::Raw { args, classes: &[] },
         when,
-        after: None,
     }
 }
 
@@ -194,7 +191,6 @@ const fn classic(
         event,
         reads: Reads::Classic { fields },
         when,
-        after: None,
     }
 }
 
@@ -205,12 +201,6 @@ impl ProbeSpec {
         if let Reads::Raw { args, .. } = self.reads {
             self.reads = Reads::Raw { args, classes };
         }
-        self
-    }
-
-    /// Attached only once `program` is.
-    const fn after(mut self, program: &'static str) -> Self {
-        self.after = Some(program);
         self
     }
 }
@@ -314,20 +304,6 @@ pub static PROBES: &[ProbeSpec] = &[
         ],
         Required,
     ),
-    classic("syscalls", "sys_exit_madvise", &[], Required),
-    // After its exit probe: an entry without its exit would count that thread's later unmaps as
-    // returned memory, while an exit without its entry is harmless.
-    classic(
-        "syscalls",
-        "sys_enter_madvise",
-        &[
-            field("start", 8, "MADVISE_START_OFFSET"),
-            field("len_in", 8, "MADVISE_LEN_OFFSET"),
-            field("behavior", 8, "MADVISE_BEHAVIOR_OFFSET"),
-        ],
-        Required,
-    )
-        .after("sys_exit_madvise"),
     // `device` is a `__data_loc` (4 bytes).
     classic(
         "iommu",
@@ -351,20 +327,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn programs_are_unique_and_orderings_point_backwards() {
+    fn programs_are_unique() {
         for (i, probe) in PROBES.iter().enumerate() {
             assert!(
                 PROBES[..i].iter().all(|p| p.program != probe.program),
                 "{} twice",
                 probe.program
             );
-            if let Some(after) = probe.after {
-                assert!(
-                    PROBES[..i].iter().any(|p| p.program == after),
-                    "{} must come after {after}, which is not an earlier entry",
-                    probe.program
-                );
-            }
         }
         assert!(find(KVM_EXIT.program).is_some());
     }

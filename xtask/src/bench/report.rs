@@ -222,7 +222,7 @@ fn agent_cost(out: &mut String, plan: &Plan, r: &Results) {
          10 ms ticks, too coarse for this); memory is `VmHWM` (peak) and `VmRSS` from \
          `/proc/<pid>/status`; events are the runs of the agent's programs in the kernel's BPF \
          statistics, which include `tlb:tlb_flush` for every context switch of the host and the \
-         `madvise` and cgroup probes of every process (hence events while no guest runs).\n\n\
+         cgroup probes of every process (hence events while no guest runs).\n\n\
          | load | events/s | CPU, % of one core | CPU per tick (ms) | peak RSS (MiB) | RSS (MiB) | doorbell writes counted / made | drops |\n\
          |---|---|---|---|---|---|---|---|",
         plan.window.as_secs()
